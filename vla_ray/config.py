@@ -1,0 +1,110 @@
+"""The VLA model configuration: which parts, their sizes, and what trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VISION_ENCODERS = ("cnn", "siglip", "clip", "dinov2")
+PROJECTORS = ("mlp", "attention", "perceiver")
+ACTION_HEADS = ("mlp", "gaussian", "tanh_gaussian", "diffusion", "transformer")
+VALUE_MODES = ("shared", "separate", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, what is allowed and what was given."""
+
+
+def check_choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(
+            f"{field_name}: unknown name {value!r}; valid names are {', '.join(allowed)}"
+        )
+
+
+@dataclass
+class VLAConfig:
+    """Everything needed to rebuild a VLA: component names, their configs and the I/O shapes.
+
+    ``vision_path`` / ``llm_path`` / ``tokenizer_path`` are ``from_pretrained`` paths or hub ids;
+    when None the parts are built from ``vision_config`` / ``llm_config`` (tiny defaults).
+    """
+
+    # I/O contract
+    image_size: tuple[int, int] = (64, 64)
+    state_dim: int = 4
+    action_dim: int = 2
+    chunk_size: int = 1
+    instruction_max_length: int = 16
+    action_low: float = -1.0
+    action_high: float = 1.0
+    # vision
+    vision: str = "cnn"
+    vision_path: str | None = None
+    vision_config: dict[str, Any] = field(default_factory=dict)
+    # projector
+    projector: str = "attention"
+    projector_tokens: int = 8
+    projector_config: dict[str, Any] = field(default_factory=dict)
+    # language model
+    llm_path: str | None = None
+    llm_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_path: str | None = None
+    lora: dict[str, Any] | None = None
+    # action head
+    head: str = "gaussian"
+    head_config: dict[str, Any] = field(default_factory=dict)
+    # what trains
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    # feed the (normalised) proprioceptive state to the head beside the trunk features
+    state_skip: bool = True
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        check_choice("vision", self.vision, VISION_ENCODERS)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_choice("head", self.head, ACTION_HEADS)
+        for name in ("state_dim", "action_dim", "chunk_size", "instruction_max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "state_dim" else 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise ConfigError(f"image_size: expected (H, W) with H, W >= 8, got {self.image_size}")
+        if self.projector_tokens < 1:
+            raise ConfigError(f"projector_tokens: expected >= 1, got {self.projector_tokens}")
+        if not self.action_low < self.action_high:
+            raise ConfigError(
+                f"action_low/action_high: expected low < high, got {self.action_low}, {self.action_high}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown VLA config key(s) {unknown}; valid keys are {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> VLAConfig:
+        """Read from JSON."""
+        return cls.from_dict(json.loads(Path(path).read_text()))

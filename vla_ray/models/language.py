@@ -1,0 +1,71 @@
+"""The language backbone: any transformers causal LM, with optional LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+# The default: a tiny Qwen2-style decoder built locally (no download), sized for CPU RL.
+TINY_QWEN2 = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+
+def build_language_model(
+    path: str | None, config: dict[str, Any] | None, vocab_size: int
+) -> nn.Module:
+    """A causal LM from ``path`` (from_pretrained) or from ``config`` (default: tiny Qwen2).
+
+    ``config`` may name any transformers ``model_type`` (``llama``, ``qwen2``, ...); its keys
+    override the tiny defaults when the type is qwen2.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path)
+    cfg = dict(config or {})
+    model_type = cfg.pop("model_type", "qwen2")
+    base = dict(TINY_QWEN2) if model_type == "qwen2" else {}
+    base.pop("model_type", None)
+    base.update(cfg)
+    base.setdefault("vocab_size", vocab_size)
+    for k in ("architectures", "transformers_version", "_name_or_path"):
+        base.pop(k, None)
+    lm_config = AutoConfig.for_model(model_type, **base)
+    return AutoModelForCausalLM.from_config(lm_config)
+
+
+def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """Inject peft LoRA adapters into ``lm`` in place; returns the peft wrapper.
+
+    Keys: ``r`` (8), ``alpha`` (16), ``dropout`` (0.0), ``target_modules`` (attention + MLP
+    projections).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=lora.get(
+            "target_modules",
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+        bias="none",
+    )
+    return get_peft_model(lm, cfg)
+
+
+def decoder_of(lm: nn.Module) -> nn.Module:
+    """The decoder stack (no LM head) of a causal LM or of its peft wrapper."""
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return inner.base_model if hasattr(inner, "base_model") else inner

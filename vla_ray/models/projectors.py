@@ -1,0 +1,100 @@
+"""Projectors: vision tokens (B, N, Dv) -> language-model embeddings (B, M, Dl)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vla_ray.config import PROJECTORS, check_choice
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5 style two-layer GELU MLP applied to every token (M = N)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, **_: object):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.num_tokens = num_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens)
+
+
+class AttentionPoolProjector(nn.Module):
+    """Learned-query attention pooling: M queries cross-attend to the vision tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, num_heads: int = 4, **_: object):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, num_tokens, out_dim) * 0.02)
+        self.kv = nn.Linear(in_dim, out_dim)
+        self.attn = nn.MultiheadAttention(out_dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(out_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(out_dim, 2 * out_dim), nn.GELU(), nn.Linear(2 * out_dim, out_dim)
+        )
+        self.num_tokens = num_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.kv(tokens)
+        q = self.queries.expand(tokens.shape[0], -1, -1)
+        x = q + self.attn(q, kv, kv, need_weights=False)[0]
+        return x + self.mlp(self.norm(x))
+
+
+class PerceiverResampler(nn.Module):
+    """Flamingo-style Perceiver resampler: latents attend to [vision tokens; latents], L layers."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        **_: object,
+    ):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, out_dim) * 0.02)
+        self.inp = nn.Linear(in_dim, out_dim)
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            self.layers.append(
+                nn.ModuleDict(
+                    dict(
+                        norm_x=nn.LayerNorm(out_dim),
+                        norm_l=nn.LayerNorm(out_dim),
+                        attn=nn.MultiheadAttention(out_dim, num_heads, batch_first=True),
+                        norm_ff=nn.LayerNorm(out_dim),
+                        ff=nn.Sequential(
+                            nn.Linear(out_dim, 4 * out_dim),
+                            nn.GELU(),
+                            nn.Linear(4 * out_dim, out_dim),
+                        ),
+                    )
+                )
+            )
+        self.out_norm = nn.LayerNorm(out_dim)
+        self.num_tokens = num_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.inp(tokens)
+        lat = self.latents.expand(tokens.shape[0], -1, -1)
+        for layer in self.layers:
+            q = layer["norm_l"](lat)
+            kv = torch.cat([layer["norm_x"](x), q], dim=1)
+            lat = lat + layer["attn"](q, kv, kv, need_weights=False)[0]
+            lat = lat + layer["ff"](layer["norm_ff"](lat))
+        return self.out_norm(lat)
+
+
+def build_projector(
+    name: str, in_dim: int, out_dim: int, in_tokens: int, num_tokens: int, **kwargs: object
+) -> nn.Module:
+    """Build a projector by name (see ``PROJECTORS``); ``mlp`` keeps all ``in_tokens`` tokens."""
+    check_choice("projector", name, PROJECTORS)
+    cls = {
+        "mlp": MLPProjector,
+        "attention": AttentionPoolProjector,
+        "perceiver": PerceiverResampler,
+    }
+    return cls[name](in_dim, out_dim, in_tokens if name == "mlp" else num_tokens, **kwargs)

@@ -1,0 +1,147 @@
+"""Vision encoders: uint8 images (B, H, W, 3) -> patch tokens (B, N, D)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vla_ray.config import VISION_ENCODERS, check_choice
+
+# Per-family pixel normalisation (mean, std) as in the families' image processors.
+_NORM = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cnn": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+# Tiny configs for building the transformers encoders locally (tests, CPU RL).
+TINY_HF_VISION = {
+    "siglip": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+    ),
+    "clip": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+    ),
+    "dinov2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+        mlp_ratio=2,
+    ),
+}
+
+
+def images_to_float(images: torch.Tensor, family: str) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = _NORM[family]
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class CNNEncoder(nn.Module):
+    """Small conv net for fast RL from pixels, with CoordConv inputs; 8x downsampled patch tokens."""
+
+    family = "cnn"
+
+    def __init__(self, image_size: tuple[int, int], channels: tuple[int, ...] = (32, 64, 64)):
+        super().__init__()
+        h, w = image_size
+        layers: list[nn.Module] = []
+        in_ch = 5  # RGB + (x, y) coordinates
+        for i, ch in enumerate(channels):
+            layers += [nn.Conv2d(in_ch, ch, 3, stride=2, padding=1), nn.GELU()]
+            if i == len(channels) - 1:
+                layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.GELU()]
+            in_ch = ch
+        self.net = nn.Sequential(*layers)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys])[None], persistent=False)
+        self.hidden_size = channels[-1]
+        n = 2 ** len(channels)
+        self.grid = (-(-h // n), -(-w // n))
+        # learned position embedding of each output patch
+        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], channels[-1]))
+        self.num_tokens = self.grid[0] * self.grid[1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images_to_float(images, "cnn")
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
+        x = self.net(x)  # (B, C, h, w)
+        return x.flatten(2).transpose(1, 2) + self.pos
+
+
+class HFVisionEncoder(nn.Module):
+    """A transformers vision tower (SigLIP, CLIP or DINOv2), built from config or from_pretrained."""
+
+    def __init__(
+        self,
+        family: str,
+        image_size: tuple[int, int],
+        path: str | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        import transformers as tf
+
+        self.family = family
+        model_cls = {
+            "siglip": tf.SiglipVisionModel,
+            "clip": tf.CLIPVisionModel,
+            "dinov2": tf.Dinov2Model,
+        }[family]
+        if path is not None:
+            self.model = model_cls.from_pretrained(path)
+        else:
+            cfg_cls = {
+                "siglip": tf.SiglipVisionConfig,
+                "clip": tf.CLIPVisionConfig,
+                "dinov2": tf.Dinov2Config,
+            }[family]
+            kwargs = {**TINY_HF_VISION[family], "image_size": max(image_size), **(config or {})}
+            self.model = model_cls(cfg_cls(**kwargs))
+        cfg = self.model.config
+        self.input_size = int(cfg.image_size)
+        self.hidden_size = int(cfg.hidden_size)
+        grid = self.input_size // int(cfg.patch_size)
+        self.num_tokens = grid * grid + (0 if family == "siglip" else 1)  # CLIP/DINOv2 add [CLS]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images_to_float(images, self.family)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear")
+        return self.model(pixel_values=x).last_hidden_state
+
+    def config_dict(self) -> dict[str, Any]:
+        """The full transformers config, so the encoder can be rebuilt without the source path."""
+        return self.model.config.to_dict()
+
+
+def build_vision_encoder(
+    name: str,
+    image_size: tuple[int, int],
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build a vision encoder by name (see ``VISION_ENCODERS``)."""
+    check_choice("vision", name, VISION_ENCODERS)
+    if name == "cnn":
+        if path is not None:
+            raise ValueError("vision_path: the 'cnn' encoder has no pretrained weights to load")
+        return CNNEncoder(image_size, **(config or {}))
+    return HFVisionEncoder(name, image_size, path=path, config=config)

@@ -1,0 +1,325 @@
+"""The VLA: vision encoder + projector + language model trunk, and an action head.
+
+Sequence fed to the language model::
+
+    [BOS] instruction tokens | projected vision tokens | state token | action query
+    '------- prefix -------'   '------------------ suffix ------------------'
+
+The instruction prefix is the same for every step of an episode, so its key/value cache is
+computed once per distinct instruction in a batch and reused for every sample that shares it;
+outside of autograd it is also memoised across calls until the language model's weights change.
+The trunk's features are the last hidden state of the action query (plus, optionally, the raw
+proprioceptive state), which every action head and value head reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vla_ray.config import VLAConfig
+from vla_ray.models.heads import ActionHead, build_head
+from vla_ray.models.language import apply_lora, build_language_model, decoder_of
+from vla_ray.models.projectors import build_projector
+from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
+from vla_ray.tokenizer import encode_instructions, load_tokenizer
+
+OBS_KEYS = ("image", "state", "instruction", "instruction_mask")
+CONFIG_NAME = "vla_config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class ObservationError(ValueError):
+    """An observation does not match the model's observation contract."""
+
+
+def expected_obs_shapes(config: VLAConfig) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of each observation field."""
+    h, w = config.image_size
+    shapes = {
+        "image": (h, w, 3),
+        "instruction": (config.instruction_max_length,),
+        "instruction_mask": (config.instruction_max_length,),
+    }
+    if config.state_dim > 0:
+        shapes["state"] = (config.state_dim,)
+    return shapes
+
+
+def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
+    """Raise ObservationError naming the field, the expected and the given shape on a mismatch."""
+    if not isinstance(obs, Mapping):
+        raise ObservationError(
+            f"observation: expected a dict with keys {sorted(expected_obs_shapes(config))}, "
+            f"got {type(obs).__name__}"
+        )
+    batch_shape = None
+    for key, shape in expected_obs_shapes(config).items():
+        if key not in obs:
+            raise ObservationError(
+                f"observation field {key!r} is missing: expected per-sample shape {shape}; "
+                f"given fields: {sorted(obs)}"
+            )
+        given = tuple(obs[key].shape)
+        if len(given) != len(shape) + 1 or given[1:] != shape:
+            raise ObservationError(
+                f"observation field {key!r}: expected shape (B, {', '.join(map(str, shape))}), "
+                f"got {given}"
+            )
+        if batch_shape is None:
+            batch_shape = given[0]
+        elif given[0] != batch_shape:
+            raise ObservationError(
+                f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
+            )
+    if obs["image"].dtype not in (torch.uint8, np.uint8):
+        raise ObservationError(
+            f"observation field 'image': expected dtype uint8, got {obs['image'].dtype}"
+        )
+
+
+class VLATrunk(nn.Module):
+    """Vision encoder, projector and language model: observation dict -> features (B, F)."""
+
+    def __init__(self, config: VLAConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vision = build_vision_encoder(
+            config.vision, config.image_size, config.vision_path, config.vision_config
+        )
+        self.lm = build_language_model(config.llm_path, config.llm_config, vocab_size)
+        if config.lora:
+            self.lm = apply_lora(self.lm, config.lora)
+        d = int(self.lm.config.hidden_size)
+        self.hidden_size = d
+        self.projector = build_projector(
+            config.projector,
+            self.vision.hidden_size,
+            d,
+            self.vision.num_tokens,
+            config.projector_tokens,
+            **config.projector_config,
+        )
+        self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
+        self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.feature_dim = d + (config.state_dim if config.state_skip else 0)
+        self.vision.requires_grad_(not config.freeze_vision)
+        self.projector.requires_grad_(not config.freeze_projector)
+        if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
+            self.lm.requires_grad_(not config.freeze_llm)
+        self._prefix_cache: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._cache_key: tuple[int, ...] | None = None
+
+    # ---- instruction prefix -------------------------------------------------------------------
+    def _lm_version(self) -> tuple[int, ...]:
+        """Changes whenever any language-model (or BOS) weight is modified or moved."""
+        params = [self.bos, *self.lm.parameters()]
+        return (sum(p._version for p in params), params[-1].data_ptr(), self.bos.data_ptr())
+
+    def _encode_prefix(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Key/value tensors of [BOS] + instruction for each row of ``ids`` (U, L)."""
+        decoder = decoder_of(self.lm)
+        emb = decoder.get_input_embeddings()(ids)
+        emb = torch.cat([self.bos.expand(ids.shape[0], -1, -1).to(emb.dtype), emb], dim=1)
+        full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+        out = decoder(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos, use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def prefix_kv(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per-sample prefix key/values, computing each distinct instruction once."""
+        ids = ids.long() * mask.long()
+        rows = torch.cat([ids, mask.long()], dim=1)
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        L = ids.shape[1]
+        if torch.is_grad_enabled():
+            kv = self._encode_prefix(uniq[:, :L], uniq[:, L:])
+        else:
+            key = self._lm_version()
+            if key != self._cache_key:
+                self._prefix_cache.clear()
+                self._cache_key = key
+            row_keys = [r.cpu().numpy().tobytes() for r in uniq]
+            missing = [i for i, k in enumerate(row_keys) if k not in self._prefix_cache]
+            if missing:
+                if len(self._prefix_cache) + len(missing) > 4096:  # bound memory
+                    self._prefix_cache.clear()
+                    missing = list(range(len(row_keys)))
+                sel = uniq[missing]
+                new = self._encode_prefix(sel[:, :L], sel[:, L:])
+                for j, i in enumerate(missing):
+                    self._prefix_cache[row_keys[i]] = [(k[j], v[j]) for k, v in new]
+            per_row = [self._prefix_cache[k] for k in row_keys]
+            kv = [
+                (torch.stack([r[li][0] for r in per_row]), torch.stack([r[li][1] for r in per_row]))
+                for li in range(len(per_row[0]))
+            ]
+        return [(k[inverse], v[inverse]) for k, v in kv]
+
+    # ---- full trunk ---------------------------------------------------------------------------
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        validate_observation(obs, self.config)
+        image = obs["image"]
+        ids, mask = obs["instruction"], obs["instruction_mask"].long()
+        B = image.shape[0]
+        vis = self.projector(self.vision(image))
+        parts = [vis]
+        state = None
+        if self.state_proj is not None:
+            state = obs["state"].float()
+            parts.append(self.state_proj(state)[:, None])
+        parts.append(self.query.expand(B, -1, -1))
+        suffix = torch.cat(parts, dim=1)
+
+        kv = self.prefix_kv(ids, mask)
+        cache = DynamicCache()
+        for li, (k, v) in enumerate(kv):
+            cache.update(k, v, li)
+        S = suffix.shape[1]
+        prefix_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        full_mask = torch.cat(
+            [prefix_mask, torch.ones(B, S, dtype=mask.dtype, device=mask.device)], 1
+        )
+        start = prefix_mask.sum(1, keepdim=True)
+        pos = start + torch.arange(S, device=mask.device)[None]
+        out = decoder_of(self.lm)(
+            inputs_embeds=suffix.to(kv[0][0].dtype),
+            attention_mask=full_mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        feats = out.last_hidden_state[:, -1].float()
+        if self.config.state_skip and state is not None:
+            feats = torch.cat([feats, state], dim=-1)
+        return feats
+
+
+class VLA(nn.Module):
+    """A complete vision-language-action policy, usable without RLlib.
+
+    ``save_pretrained(dir)`` writes ``vla_config.json``, ``model.safetensors`` and the tokenizer;
+    ``VLA.from_pretrained(dir)`` rebuilds it without the original weight sources.
+    """
+
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer_path)
+        self.trunk = VLATrunk(config, vocab_size=len(self.tokenizer))
+        self.head: ActionHead = build_head(
+            config.head,
+            self.trunk.feature_dim,
+            config.action_dim,
+            config.chunk_size,
+            config.action_low,
+            config.action_high,
+            **config.head_config,
+        )
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Trunk features (B, F)."""
+        return self.trunk(obs)
+
+    @torch.no_grad()
+    def predict(self, obs: Mapping[str, Any], deterministic: bool = True) -> torch.Tensor:
+        """Action chunks (B, K, A) for a batch of observations (tensors or numpy arrays)."""
+        obs_t = {
+            k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+            for k, v in obs.items()
+        }
+        return self.head.predict(self.trunk(obs_t), deterministic=deterministic)
+
+    def act(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        state: np.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> np.ndarray:
+        """One observation -> action chunk (K, A): image uint8 (H, W, 3), instruction text."""
+        ids, mask = encode_instructions(
+            [instruction], self.config.instruction_max_length, self.tokenizer
+        )
+        obs = {"image": np.asarray(image)[None], "instruction": ids, "instruction_mask": mask}
+        if self.config.state_dim > 0:
+            obs["state"] = np.asarray(state, dtype=np.float32)[None]
+        return self.predict(obs, deterministic=deterministic)[0].cpu().numpy()
+
+    # ---- persistence --------------------------------------------------------------------------
+    def portable_config(self) -> VLAConfig:
+        """This model's config with every part described inline (no external paths)."""
+        data = self.config.to_dict()
+        if isinstance(self.trunk.vision, HFVisionEncoder):
+            data["vision_config"] = self.trunk.vision.config_dict()
+        data["vision_path"] = None
+        lm = self.trunk.lm
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        data["llm_config"] = base.config.to_dict()
+        data["llm_path"] = None
+        data["tokenizer_path"] = None  # the tokenizer is saved beside the weights
+        return VLAConfig.from_dict(data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config, safetensors weights and tokenizer to ``directory`` atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.portable_config().save(tmp / CONFIG_NAME)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(_untie(state), str(tmp / WEIGHTS_NAME))
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> VLA:
+        """Load a ``save_pretrained`` directory; ``overrides`` replace config fields."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{directory}: not a VLA directory (no {CONFIG_NAME}); "
+                "expected the output of VLA.save_pretrained"
+            )
+        data = VLAConfig.load(directory / CONFIG_NAME).to_dict()
+        if (directory / TOKENIZER_DIR).is_dir():
+            data["tokenizer_path"] = str(directory / TOKENIZER_DIR)
+        data.update(overrides)
+        model = cls(VLAConfig.from_dict(data))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        return model
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that share storage (tied embeddings) so safetensors can store them."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out

@@ -1,0 +1,75 @@
+"""Named training presets: algorithm + env + model + runner settings that are known to work."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+# The tiny VLA used for CPU RL: CoordConv CNN -> attention pooling -> 2-layer Qwen2-style LM.
+TINY_VLA: dict[str, Any] = dict(
+    vision="cnn",
+    projector="attention",
+    projector_tokens=8,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A runnable training recipe; every section can be overridden with ``--set section.key=v``."""
+
+    name: str
+    algorithm: str
+    env: str
+    description: str
+    env_config: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    env_runners: dict[str, Any] = field(default_factory=dict)
+    learners: dict[str, Any] = field(default_factory=dict)
+    stop: dict[str, Any] = field(default_factory=dict)
+    eval_episodes: int = 50
+
+    def sections(self) -> dict[str, Any]:
+        """A deep copy of the overridable settings as one nested dict."""
+        return copy.deepcopy(
+            dict(
+                env_config=self.env_config,
+                model=self.model,
+                training=self.training,
+                env_runners=self.env_runners,
+                learners=self.learners,
+                stop=self.stop,
+            )
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="langreach-ppo",
+            algorithm="ppo",
+            env="vla_ray/LangReach-v0",
+            description="PPO from 64x64 pixels + instruction on LangReach (tiny CNN/Qwen2 VLA)",
+            model=dict(TINY_VLA, head="gaussian", value="shared"),
+            training=dict(
+                lr=3e-4,
+                train_batch_size_per_learner=2048,
+                minibatch_size=256,
+                num_epochs=4,
+                entropy_coeff=0.0,
+                gamma=0.95,
+            ),
+            env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+            stop=dict(timesteps=1_000_000),
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ValueError listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown name {name!r}; valid names are {', '.join(PRESETS)}")
+    return PRESETS[name]

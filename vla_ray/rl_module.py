@@ -1,0 +1,186 @@
+"""``VLAModule``: the VLA packaged as an RLlib (new API stack) TorchRLModule.
+
+Plug it into any RLlib algorithm config::
+
+    PPOConfig().rl_module(rl_module_spec=RLModuleSpec(module_class=VLAModule,
+                                                       model_config={"head": "gaussian"}))
+
+``model_config`` takes the ``VLAConfig`` fields except the I/O ones, which come from the spaces
+(``image_size``, ``state_dim``, ``instruction_max_length``, ``action_dim``, bounds), plus:
+
+- ``value``: ``"shared"`` (value head on the policy trunk, default), ``"separate"`` (its own trunk)
+  or ``"none"`` (no value function, e.g. GRPO);
+- ``vf_hidden``: hidden width of the value MLP (256);
+- ``pretrained_path``: a ``VLA.save_pretrained`` directory to initialise the policy from.
+
+The observation space is a Dict with ``image`` (uint8 HxWx3), ``instruction`` and
+``instruction_mask`` (int token ids + mask of a fixed length) and optionally ``state``.
+The action space is a Box of shape ``(chunk_size * action_dim,)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.models.torch.torch_distributions import TorchDiagGaussian, TorchSquashedGaussian
+from ray.rllib.utils.annotations import override
+
+from vla_ray.config import ConfigError, VLAConfig, check_choice
+from vla_ray.models.heads import mlp
+from vla_ray.models.vla import VLA, VLATrunk
+
+MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path")
+SPACE_DERIVED_KEYS = (
+    "image_size",
+    "state_dim",
+    "instruction_max_length",
+    "action_dim",
+    "action_low",
+    "action_high",
+)
+REQUIRED_OBS_KEYS = ("image", "instruction", "instruction_mask")
+# Keys RLlib's algorithm configs merge into every model_config (e.g. PPO's vf_share_layers).
+_RLLIB_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(DefaultModelConfig))
+
+
+def vla_config_from_spaces(
+    model_config: dict[str, Any], observation_space: gym.Space, action_space: gym.Space
+) -> VLAConfig:
+    """Combine the user's ``model_config`` with the shapes implied by the env's spaces."""
+    if not isinstance(observation_space, gym.spaces.Dict):
+        raise ConfigError(
+            f"observation_space: VLAModule expects a gymnasium Dict space with keys "
+            f"{list(REQUIRED_OBS_KEYS)} (+ optional 'state'), got {observation_space}"
+        )
+    missing = [k for k in REQUIRED_OBS_KEYS if k not in observation_space.spaces]
+    if missing:
+        raise ConfigError(
+            f"observation_space: missing key(s) {missing}; expected {list(REQUIRED_OBS_KEYS)} "
+            f"(+ optional 'state'), got {list(observation_space.spaces)}"
+        )
+    img = observation_space["image"]
+    if len(img.shape) != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ConfigError(
+            f"observation_space['image']: expected uint8 (H, W, 3), got {img.dtype} {img.shape}"
+        )
+    if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
+        raise ConfigError(
+            f"action_space: VLAModule expects a 1-D Box (chunk_size * action_dim,), got {action_space}"
+        )
+    user = {
+        k: v
+        for k, v in model_config.items()
+        if k not in MODULE_ONLY_KEYS and k not in _RLLIB_MODEL_KEYS
+    }
+    clash = [k for k in SPACE_DERIVED_KEYS if k in user]
+    if clash:
+        raise ConfigError(f"model_config: {clash} are derived from the env's spaces; remove them")
+    chunk = int(user.get("chunk_size", 1))
+    n = int(action_space.shape[0])
+    if n % chunk:
+        raise ConfigError(
+            f"chunk_size: the action space has {n} dims, not a multiple of chunk_size={chunk}"
+        )
+    state = observation_space.spaces.get("state")
+    return VLAConfig.from_dict(
+        {
+            **user,
+            "image_size": tuple(img.shape[:2]),
+            "state_dim": int(state.shape[0]) if state is not None else 0,
+            "instruction_max_length": int(observation_space["instruction"].shape[0]),
+            "action_dim": n // chunk,
+            "action_low": float(np.min(action_space.low)),
+            "action_high": float(np.max(action_space.high)),
+        }
+    )
+
+
+class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
+    """Vision-language-action policy (+ optional value function) for RLlib's new API stack."""
+
+    @override(RLModule)
+    def setup(self) -> None:
+        mc = dict(self.model_config or {})
+        value = mc.get("value", "shared")
+        check_choice("value", value, ("shared", "separate", "none"))
+        config = vla_config_from_spaces(mc, self.observation_space, self.action_space)
+        if mc.get("pretrained_path"):
+            # the saved architecture wins; only the env-derived I/O fields must agree
+            io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
+            self.vla = VLA.from_pretrained(mc["pretrained_path"], **io)
+        else:
+            self.vla = VLA(config)
+        self.value_mode = value
+        if not self.inference_only and value == "separate":
+            self.vf_trunk = VLATrunk(config, vocab_size=len(self.vla.tokenizer))
+        if not self.inference_only and value != "none":
+            self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
+
+    # ---- forward passes ---------------------------------------------------------------------
+    def _policy_out(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        head = self.vla.head
+        if head.stochastic:
+            return {Columns.ACTION_DIST_INPUTS: head.dist_inputs(features)}
+        return {Columns.ACTIONS: head.predict(features, deterministic=True).flatten(1)}
+
+    @override(RLModule)
+    def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return self._policy_out(self.vla.trunk(batch[Columns.OBS]))
+
+    @override(RLModule)
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        features = self.vla.trunk(batch[Columns.OBS])
+        out = self._policy_out(features)
+        out[Columns.EMBEDDINGS] = features
+        return out
+
+    @override(ValueFunctionAPI)
+    def compute_values(self, batch: dict[str, Any], embeddings: Any | None = None) -> torch.Tensor:
+        if self.value_mode == "none":
+            raise ConfigError(
+                "value: this VLAModule was built with value='none' and has no value function; "
+                "use value='shared' or 'separate' for PPO/APPO/MARWIL"
+            )
+        if self.value_mode == "separate":
+            embeddings = self.vf_trunk(batch[Columns.OBS])
+        elif embeddings is None:
+            embeddings = self.vla.trunk(batch[Columns.OBS])
+        return self.vf(embeddings).squeeze(-1)
+
+    @override(InferenceOnlyAPI)
+    def get_non_inference_attributes(self) -> list[str]:
+        return [a for a in ("vf", "vf_trunk") if hasattr(self, a) or self.inference_only]
+
+    # ---- action distributions -----------------------------------------------------------------
+    def _dist_cls(self):
+        head = self.vla.config.head
+        if head == "gaussian":
+            return TorchDiagGaussian
+        if head == "tanh_gaussian":
+            return TorchSquashedGaussian
+        raise ConfigError(
+            f"head: {head!r} is deterministic and defines no action distribution; algorithms "
+            "that sample actions or need log-probabilities (PPO, APPO, GRPO, SAC) need "
+            "head='gaussian' (or 'tanh_gaussian' for SAC)"
+        )
+
+    @override(TorchRLModule)
+    def get_inference_action_dist_cls(self):
+        return self._dist_cls()
+
+    @override(TorchRLModule)
+    def get_exploration_action_dist_cls(self):
+        return self._dist_cls()
+
+    @override(TorchRLModule)
+    def get_train_action_dist_cls(self):
+        return self._dist_cls()

@@ -1,0 +1,330 @@
+"""Training glue: preset + overrides -> RLlib AlgorithmConfig -> training loop with checkpoints.
+
+Each run's output directory holds ``config.json`` (the resolved settings), ``metrics.jsonl``
+(one JSON line per iteration), and ``checkpoints/last`` + ``checkpoints/best`` (RLlib checkpoints,
+each with a ``vla_ray_meta.json`` naming the env, and a ``vla/`` ``save_pretrained`` export).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vla_ray.presets import Preset, get_preset
+
+SECTIONS = ("env_config", "model", "training", "env_runners", "learners", "stop")
+TOP_LEVEL_KEYS = ("seed", "checkpoint_every", "checkpoint_metric")
+META_NAME = "vla_ray_meta.json"
+MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true/false/null, lists, dicts), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["training.lr=1e-4", "seed=3"]`` -> nested dict; ValueError naming a malformed item."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. training.lr=1e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] == "env":
+            parts[0] = "env_config"
+        if parts[0] in SECTIONS and len(parts) >= 2:
+            node = out.setdefault(parts[0], {})
+            for p in parts[1:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = parse_value(value)
+        elif len(parts) == 1 and parts[0] in TOP_LEVEL_KEYS:
+            out[parts[0]] = parse_value(value)
+        else:
+            raise ValueError(
+                f"--set {item!r}: unknown key {key!r}; use one of "
+                f"{', '.join(s + '.KEY' for s in ('env', *SECTIONS[1:]))} or {', '.join(TOP_LEVEL_KEYS)}"
+            )
+    return out
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, fully resolved and JSON-serialisable."""
+
+    preset: str
+    algorithm: str
+    env: str
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(preset=self.preset, algorithm=self.algorithm, env=self.env, **self.settings)
+
+
+def resolve(
+    preset: str | Preset,
+    overrides: dict[str, Any] | None = None,
+    *,
+    num_env_runners: int | None = None,
+    num_envs_per_env_runner: int | None = None,
+    local: bool = False,
+) -> RunSpec:
+    """Preset + algorithm defaults + overrides + CLI flags -> RunSpec."""
+    from vla_ray.algorithms import get_algorithm
+
+    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    algo = get_algorithm(p.algorithm)
+    settings = p.sections()
+    settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
+    settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
+    settings.update(seed=0, checkpoint_every=10, checkpoint_metric="success_rate")
+    _merge(settings, copy.deepcopy(overrides or {}))
+    runners = settings["env_runners"]
+    if num_env_runners is not None:
+        runners["num_env_runners"] = num_env_runners
+    if num_envs_per_env_runner is not None:
+        runners["num_envs_per_env_runner"] = num_envs_per_env_runner
+    if local:
+        runners["num_env_runners"] = 0
+        settings["learners"]["num_learners"] = 0
+    return RunSpec(p.name, p.algorithm, p.env, settings)
+
+
+def register_envs() -> None:
+    """Register every vla-ray env id with Tune so EnvRunner processes can build them."""
+    from ray.tune.registry import register_env
+
+    from vla_ray.envs import ENV_IDS
+
+    for env_id in ENV_IDS:
+        register_env(env_id, _EnvCreator(env_id))
+
+
+class _EnvCreator:
+    """Picklable env factory run inside EnvRunners."""
+
+    def __init__(self, env_id: str):
+        self.env_id = env_id
+
+    def __call__(self, env_config: dict[str, Any]):
+        import gymnasium as gym
+
+        import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
+
+        return gym.make(self.env_id, **dict(env_config or {}))
+
+
+def build_algorithm_config(spec: RunSpec):
+    """The RLlib AlgorithmConfig for ``spec`` (VLAModule, runners, fault tolerance, metrics)."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from vla_ray.algorithms import get_algorithm
+    from vla_ray.callbacks import SuccessRateCallback
+    from vla_ray.rl_module import VLAModule
+
+    s = spec.settings
+    register_envs()
+    runners = dict(s["env_runners"])
+    runners.setdefault("rollout_fragment_length", "auto")
+    runners.setdefault("num_cpus_per_env_runner", 1)
+    cfg = (
+        get_algorithm(spec.algorithm)
+        .make_config()
+        .environment(spec.env, env_config=s["env_config"])
+        .framework("torch")
+        .env_runners(**runners)
+        .learners(**s["learners"])
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=VLAModule, model_config=s["model"]))
+        .training(**s["training"])
+        .callbacks(SuccessRateCallback)
+        .fault_tolerance(
+            restart_failed_env_runners=True,
+            restart_failed_sub_environments=True,
+        )
+        .debugging(seed=s["seed"])
+        .reporting(metrics_num_episodes_for_smoothing=100)
+    )
+    return cfg
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray once, with single-threaded torch in workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    kwargs: dict[str, Any] = dict(include_dashboard=False, runtime_env={"env_vars": env_vars})
+    if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a person watches, from an RLlib result dict."""
+    runners = result.get("env_runners", {}) or {}
+    return dict(
+        iteration=int(result.get("training_iteration", 0)),
+        env_steps=int(
+            result.get("num_env_steps_sampled_lifetime")
+            or runners.get("num_env_steps_sampled_lifetime", 0)
+        ),
+        episode_return_mean=_num(runners.get("episode_return_mean")),
+        episode_len_mean=_num(runners.get("episode_len_mean")),
+        success_rate=_num(runners.get("success_rate")),
+    )
+
+
+def _num(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> Path:
+    """Write an RLlib checkpoint + meta + ``vla/`` export to ``target``, replacing it atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp.resolve()))
+    meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+    module = algo.get_module()
+    module.vla.save_pretrained(tmp / "vla")
+    (tmp / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def train(
+    spec: RunSpec,
+    output: str | os.PathLike,
+    *,
+    stop_iters: int | None = None,
+    stop_timesteps: int | None = None,
+    stop_seconds: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Train until a stop criterion; returns the final summary with the checkpoint paths."""
+    from tqdm import tqdm
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    stop = dict(spec.settings.get("stop", {}))
+    stop_iters = stop_iters if stop_iters is not None else stop.get("iters")
+    stop_timesteps = stop_timesteps if stop_timesteps is not None else stop.get("timesteps")
+    stop_seconds = stop_seconds if stop_seconds is not None else stop.get("seconds")
+    if stop_iters is None and stop_timesteps is None and stop_seconds is None:
+        raise ValueError("stop: give --stop-iters, --stop-timesteps or a preset stop criterion")
+    (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=2, default=str))
+
+    init_ray(num_cpus)
+    algo = build_algorithm_config(spec).build_algo()
+    ckpt_dir = out / "checkpoints"
+    metric = spec.settings["checkpoint_metric"]
+    best_value = -math.inf
+    start_iter, t_offset = 0, 0.0
+    if resume and (ckpt_dir / "last").exists():
+        algo.restore_from_path(str((ckpt_dir / "last").resolve()))
+        meta = json.loads((ckpt_dir / "last" / META_NAME).read_text())
+        start_iter, t_offset = meta["iteration"], meta.get("time_s", 0.0)
+        best_value = meta.get("best_value", -math.inf)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    total = stop_timesteps or stop_iters
+    bar = tqdm(total=total, disable=not progress, unit="steps" if stop_timesteps else "it")
+    t0 = time.time() - t_offset
+    last_steps, last_t = None, time.time()
+    row = {}
+    try:
+        it = start_iter
+        while True:
+            result = algo.train()
+            it += 1
+            row = summarize(result)
+            now = time.time()
+            steps = row["env_steps"]
+            row["time_s"] = round(now - t0, 2)
+            row["steps_per_s"] = (
+                round((steps - last_steps) / max(now - last_t, 1e-9), 1)
+                if last_steps is not None
+                else None
+            )
+            last_steps, last_t = steps, now
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if progress:
+                bar.n = min(steps if stop_timesteps else it, total)
+                bar.set_postfix(
+                    ret=_fmt(row["episode_return_mean"]),
+                    success=_fmt(row["success_rate"]),
+                    sps=row["steps_per_s"],
+                    refresh=False,
+                )
+                bar.refresh()
+                tqdm.write(_format_row(row))
+            value = row.get(metric)
+            if value is None and metric == "success_rate":
+                value = row.get("episode_return_mean")
+            done = (
+                (stop_iters is not None and it >= stop_iters)
+                or (stop_timesteps is not None and steps >= stop_timesteps)
+                or (stop_seconds is not None and now - t0 >= stop_seconds)
+            )
+            info = dict(iteration=it, env_steps=steps, time_s=row["time_s"], metric=metric)
+            if value is not None and value > best_value:
+                best_value = value
+                save_checkpoint(algo, spec, ckpt_dir / "best", {**info, "best_value": best_value})
+            if done or it % int(spec.settings["checkpoint_every"]) == 0:
+                save_checkpoint(algo, spec, ckpt_dir / "last", {**info, "best_value": best_value})
+            if done:
+                break
+    finally:
+        bar.close()
+        metrics_file.close()
+        algo.stop()
+    summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / "last"))
+    if (ckpt_dir / "best").exists():
+        summary["best_checkpoint"] = str(ckpt_dir / "best")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    return (
+        f"iter {row['iteration']:>4}  steps {row['env_steps']:>8}  "
+        f"return {_fmt(row['episode_return_mean']):>7}  success {_fmt(row['success_rate']):>5}  "
+        f"len {_fmt(row['episode_len_mean']):>5}  steps/s {_fmt(row['steps_per_s']):>6}  "
+        f"t {row['time_s']:.0f}s"
+    )
