@@ -6,9 +6,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-# The tiny VLA used for CPU RL: CoordConv CNN -> attention pooling -> 2-layer Qwen2-style LM.
+# The tiny VLA used for CPU RL: CoordConv CNN with spatial-softmax keypoint tokens ->
+# instruction-conditioned attention pooling -> 2-layer Qwen2-style LM (hidden 64).
 TINY_VLA: dict[str, Any] = dict(
     vision="cnn",
+    vision_config={"tokens": "keypoints"},
     projector="attention",
     projector_tokens=8,
 )

@@ -27,11 +27,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import (
+    TorchDiagGaussian,
+    TorchSquashedGaussian,
+)
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.core.rl_module.torch import TorchRLModule
-from ray.rllib.models.torch.torch_distributions import TorchDiagGaussian, TorchSquashedGaussian
 from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice

@@ -1,4 +1,10 @@
-"""Projectors: vision tokens (B, N, Dv) -> language-model embeddings (B, M, Dl)."""
+"""Projectors: vision tokens (B, N, Dv) -> language-model embeddings (B, M, Dl).
+
+Every projector takes an optional ``context`` (B, Dl): the encoded instruction. The query-based
+projectors (``attention``, ``perceiver``) add it to their queries, so what they pool from the
+image depends on the instruction (as in InstructBLIP's instruction-aware Q-Former); set
+``projector_config={"conditioned": False}`` for instruction-agnostic pooling.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +22,25 @@ class MLPProjector(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         self.num_tokens = num_tokens
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(tokens)
 
 
 class AttentionPoolProjector(nn.Module):
     """Learned-query attention pooling: M queries cross-attend to the vision tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, num_heads: int = 4, **_: object):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        num_heads: int = 4,
+        conditioned: bool = True,
+        **_: object,
+    ):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(1, num_tokens, out_dim) * 0.02)
+        self.context = nn.Linear(out_dim, out_dim) if conditioned else None
         self.kv = nn.Linear(in_dim, out_dim)
         self.attn = nn.MultiheadAttention(out_dim, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(out_dim)
@@ -34,9 +49,11 @@ class AttentionPoolProjector(nn.Module):
         )
         self.num_tokens = num_tokens
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         kv = self.kv(tokens)
         q = self.queries.expand(tokens.shape[0], -1, -1)
+        if self.context is not None and context is not None:
+            q = q + self.context(context)[:, None]
         x = q + self.attn(q, kv, kv, need_weights=False)[0]
         return x + self.mlp(self.norm(x))
 
@@ -51,10 +68,12 @@ class PerceiverResampler(nn.Module):
         num_tokens: int,
         num_layers: int = 2,
         num_heads: int = 4,
+        conditioned: bool = True,
         **_: object,
     ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, num_tokens, out_dim) * 0.02)
+        self.context = nn.Linear(out_dim, out_dim) if conditioned else None
         self.inp = nn.Linear(in_dim, out_dim)
         self.layers = nn.ModuleList()
         for _ in range(num_layers):
@@ -76,9 +95,11 @@ class PerceiverResampler(nn.Module):
         self.out_norm = nn.LayerNorm(out_dim)
         self.num_tokens = num_tokens
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inp(tokens)
         lat = self.latents.expand(tokens.shape[0], -1, -1)
+        if self.context is not None and context is not None:
+            lat = lat + self.context(context)[:, None]
         for layer in self.layers:
             q = layer["norm_l"](lat)
             kv = torch.cat([layer["norm_x"](x), q], dim=1)

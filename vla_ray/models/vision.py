@@ -55,35 +55,65 @@ def images_to_float(images: torch.Tensor, family: str) -> torch.Tensor:
 
 
 class CNNEncoder(nn.Module):
-    """Small conv net for fast RL from pixels, with CoordConv inputs; 8x downsampled patch tokens."""
+    """Small conv net for fast RL from pixels: CoordConv input and a patchify stem.
+
+    ``layers`` lists ``(out_channels, kernel, stride)``; the default maps 64x64 images to an 8x8
+    feature grid with about 1.3M multiply-adds per image. ``tokens="patches"`` returns one token
+    per grid cell (+ learned position embedding); ``tokens="keypoints"`` returns one token per
+    channel, the spatial-softmax expected (x, y) of that channel's activation (Levine et al. 2016,
+    as in Diffusion Policy's vision encoder) plus a learned channel embedding.
+    """
 
     family = "cnn"
 
-    def __init__(self, image_size: tuple[int, int], channels: tuple[int, ...] = (32, 64, 64)):
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        layers: tuple[tuple[int, int, int], ...] = ((32, 4, 4), (32, 3, 2), (32, 3, 1)),
+        tokens: str = "patches",
+    ):
         super().__init__()
+        check_choice("vision_config.tokens", tokens, ("patches", "keypoints"))
+        self.tokens = tokens
         h, w = image_size
-        layers: list[nn.Module] = []
+        mods: list[nn.Module] = []
         in_ch = 5  # RGB + (x, y) coordinates
-        for i, ch in enumerate(channels):
-            layers += [nn.Conv2d(in_ch, ch, 3, stride=2, padding=1), nn.GELU()]
-            if i == len(channels) - 1:
-                layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.GELU()]
-            in_ch = ch
-        self.net = nn.Sequential(*layers)
+        for out_ch, kernel, stride in layers:
+            pad = (kernel - stride + 1) // 2 if kernel > stride else 0
+            mods += [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad), nn.GELU()]
+            in_ch = out_ch
+        self.net = nn.Sequential(*mods)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         self.register_buffer("coords", torch.stack([xs, ys])[None], persistent=False)
-        self.hidden_size = channels[-1]
-        n = 2 ** len(channels)
-        self.grid = (-(-h // n), -(-w // n))
-        # learned position embedding of each output patch
-        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], channels[-1]))
-        self.num_tokens = self.grid[0] * self.grid[1]
+        with torch.no_grad():
+            grid = self.net(torch.zeros(1, 5, h, w)).shape[-2:]
+        self.hidden_size = in_ch
+        if tokens == "patches":
+            self.num_tokens = int(grid[0] * grid[1])
+            # learned position embedding of each output patch
+            self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, in_ch))
+        else:
+            self.num_tokens = in_ch
+            gy, gx = torch.meshgrid(
+                torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij"
+            )
+            self.register_buffer(
+                "grid_xy", torch.stack([gx.flatten(), gy.flatten()], -1), persistent=False
+            )
+            self.kp_proj = nn.Linear(3, in_ch)  # (x, y, peak activation) -> token
+            self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.02)  # channel identity
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images_to_float(images, "cnn")
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         x = self.net(x)  # (B, C, h, w)
-        return x.flatten(2).transpose(1, 2) + self.pos
+        if self.tokens == "patches":
+            return x.flatten(2).transpose(1, 2) + self.pos
+        flat = x.flatten(2)  # (B, C, h*w)
+        attn = flat.softmax(-1)
+        xy = attn @ self.grid_xy  # (B, C, 2) expected coordinates per channel
+        peak = flat.amax(-1, keepdim=True)
+        return self.kp_proj(torch.cat([xy, peak], -1)) + self.pos
 
 
 class HFVisionEncoder(nn.Module):

@@ -8,6 +8,8 @@ Sequence fed to the language model::
 The instruction prefix is the same for every step of an episode, so its key/value cache is
 computed once per distinct instruction in a batch and reused for every sample that shares it;
 outside of autograd it is also memoised across calls until the language model's weights change.
+The instruction is also pooled (mean of the prefix's last hidden states) into a context vector
+that conditions the projector's queries, so the vision tokens are instruction-aware.
 The trunk's features are the last hidden state of the action query (plus, optionally, the raw
 proprioceptive state), which every action head and value head reads.
 """
@@ -18,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,27 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
         )
 
 
+@dataclass
+class Prefix:
+    """Encoded instruction prefixes: per-layer (keys, values) and a pooled context vector."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    context: torch.Tensor
+
+    def select(self, index: int | torch.Tensor) -> Prefix:
+        """Rows ``index`` of every tensor."""
+        return Prefix([(k[index], v[index]) for k, v in self.kv], self.context[index])
+
+    @staticmethod
+    def stack(rows: list[Prefix]) -> Prefix:
+        """Stack single-row prefixes (as returned by ``select(int)``) into a batch."""
+        kv = [
+            (torch.stack([r.kv[i][0] for r in rows]), torch.stack([r.kv[i][1] for r in rows]))
+            for i in range(len(rows[0].kv))
+        ]
+        return Prefix(kv, torch.stack([r.context for r in rows]))
+
+
 class VLATrunk(nn.Module):
     """Vision encoder, projector and language model: observation dict -> features (B, F)."""
 
@@ -117,7 +141,7 @@ class VLATrunk(nn.Module):
         self.projector.requires_grad_(not config.freeze_projector)
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
             self.lm.requires_grad_(not config.freeze_llm)
-        self._prefix_cache: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._prefix_cache: dict[bytes, Prefix] = {}
         self._cache_key: tuple[int, ...] | None = None
 
     # ---- instruction prefix -------------------------------------------------------------------
@@ -136,10 +160,12 @@ class VLATrunk(nn.Module):
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         pos = (full_mask.cumsum(1) - 1).clamp(min=0)
         out = decoder(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos, use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        m = full_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        context = (out.last_hidden_state * m).sum(1) / m.sum(1)
+        return Prefix([(layer.keys, layer.values) for layer in out.past_key_values.layers], context)
 
-    def prefix_kv(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Per-sample prefix key/values, computing each distinct instruction once."""
+    def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
+        """Per-sample prefix key/values and context, computing each distinct instruction once."""
         ids = ids.long() * mask.long()
         rows = torch.cat([ids, mask.long()], dim=1)
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
@@ -160,13 +186,9 @@ class VLATrunk(nn.Module):
                 sel = uniq[missing]
                 new = self._encode_prefix(sel[:, :L], sel[:, L:])
                 for j, i in enumerate(missing):
-                    self._prefix_cache[row_keys[i]] = [(k[j], v[j]) for k, v in new]
-            per_row = [self._prefix_cache[k] for k in row_keys]
-            kv = [
-                (torch.stack([r[li][0] for r in per_row]), torch.stack([r[li][1] for r in per_row]))
-                for li in range(len(per_row[0]))
-            ]
-        return [(k[inverse], v[inverse]) for k, v in kv]
+                    self._prefix_cache[row_keys[i]] = new.select(j)
+            kv = Prefix.stack([self._prefix_cache[k] for k in row_keys])
+        return kv.select(inverse)
 
     # ---- full trunk ---------------------------------------------------------------------------
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -176,7 +198,8 @@ class VLATrunk(nn.Module):
         image = obs["image"]
         ids, mask = obs["instruction"], obs["instruction_mask"].long()
         B = image.shape[0]
-        vis = self.projector(self.vision(image))
+        prefix = self.prefix(ids, mask)
+        vis = self.projector(self.vision(image), prefix.context.to(image.device))
         parts = [vis]
         state = None
         if self.state_proj is not None:
@@ -185,7 +208,7 @@ class VLATrunk(nn.Module):
         parts.append(self.query.expand(B, -1, -1))
         suffix = torch.cat(parts, dim=1)
 
-        kv = self.prefix_kv(ids, mask)
+        kv = prefix.kv
         cache = DynamicCache()
         for li, (k, v) in enumerate(kv):
             cache.update(k, v, li)

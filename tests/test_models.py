@@ -1,0 +1,235 @@
+"""The VLA model parts: shapes of every combination, errors, caching, persistence, freezing."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from vla_ray.config import ACTION_HEADS, PROJECTORS, VISION_ENCODERS, ConfigError, VLAConfig
+from vla_ray.models.heads import DiffusionHead, TransformerHead
+from vla_ray.models.vla import VLA, ObservationError
+from vla_ray.tokenizer import encode_instructions
+
+B, K, A = 3, 2, 2
+
+
+def make_obs(batch: int = B, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = encode_instructions(
+        ["reach the red target", "go to the blue ball", "reach the red target"][:batch]
+        + ["stand up"] * max(0, batch - 3),
+        16,
+    )
+    return dict(
+        image=torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g),
+        state=torch.randn(batch, 4, generator=g),
+        instruction=torch.as_tensor(ids),
+        instruction_mask=torch.as_tensor(mask),
+    )
+
+
+@pytest.mark.parametrize("vision,projector", list(itertools.product(VISION_ENCODERS, PROJECTORS)))
+def test_forward_shapes_every_combination(vision, projector):
+    obs = make_obs()
+    torch.manual_seed(0)
+    for head in ACTION_HEADS:
+        cfg = VLAConfig(vision=vision, projector=projector, head=head, chunk_size=K, action_dim=A)
+        model = VLA(cfg)
+        features = model(obs)
+        assert features.shape == (B, model.trunk.feature_dim), (vision, projector, head)
+        assert torch.isfinite(features).all()
+        actions = model.predict(obs)
+        assert actions.shape == (B, K, A), (vision, projector, head)
+        assert torch.isfinite(actions).all()
+        target = torch.rand(B, K, A) * 2 - 1
+        loss = model.head.loss(model(obs), target)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for p in model.head.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), head
+        if model.head.stochastic:
+            assert model.head.dist_inputs(features).shape == (B, 2 * K * A)
+
+
+@pytest.mark.parametrize(
+    "field,value,valid",
+    [
+        ("vision", "resnet", "cnn, siglip, clip, dinov2"),
+        ("projector", "qformer", "mlp, attention, perceiver"),
+        ("head", "flow", "mlp, gaussian"),
+    ],
+)
+def test_wrong_component_name_lists_valid_names(field, value, valid):
+    with pytest.raises(ConfigError) as err:
+        VLAConfig(**{field: value})
+    msg = str(err.value)
+    assert field in msg and repr(value) in msg and valid in msg
+
+
+def test_unknown_config_key_rejected():
+    with pytest.raises(ConfigError, match="unknown VLA config key.*visoin"):
+        VLAConfig.from_dict({"visoin": "cnn"})
+
+
+def test_observation_mismatch_names_field_and_shapes():
+    model = VLA(VLAConfig())
+    obs = make_obs()
+    bad = dict(obs, image=obs["image"][:, :32, :32])
+    with pytest.raises(ObservationError) as err:
+        model(bad)
+    msg = str(err.value)
+    assert "'image'" in msg and "(B, 64, 64, 3)" in msg and "(3, 32, 32, 3)" in msg
+    with pytest.raises(ObservationError, match=r"'state'.*\(B, 4\).*\(3, 7\)"):
+        model(dict(obs, state=torch.zeros(3, 7)))
+    missing = {k: v for k, v in obs.items() if k != "instruction"}
+    with pytest.raises(ObservationError, match="'instruction' is missing"):
+        model(missing)
+    with pytest.raises(ObservationError, match="dtype uint8"):
+        model(dict(obs, image=obs["image"].float()))
+
+
+def test_instruction_prefix_encoded_once_and_cache_tracks_weights():
+    torch.manual_seed(0)
+    model = VLA(VLAConfig())
+    obs = make_obs(batch=6)  # 3 distinct instructions among 6 rows
+    with torch.no_grad():
+        cached = model(obs)
+    assert len(model.trunk._prefix_cache) == 3
+    with torch.enable_grad():
+        uncached = model(obs)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-6)
+    # every row equals a single-sample forward (no leakage between rows)
+    with torch.no_grad():
+        rows = torch.cat([model({k: v[i : i + 1] for k, v in obs.items()}) for i in range(6)])
+    torch.testing.assert_close(cached, rows, rtol=1e-5, atol=1e-5)
+    # after an optimizer step on the language model, the memo is invalidated
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.head.loss(model(obs), torch.zeros(6, 1, 2)).backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(obs)
+    with torch.enable_grad():
+        fresh = model(obs)
+    assert not torch.allclose(after, cached)
+    torch.testing.assert_close(after, fresh.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("vision,head", [("cnn", "gaussian"), ("siglip", "diffusion")])
+def test_save_pretrained_roundtrip(tmp_path, vision, head):
+    torch.manual_seed(0)
+    model = VLA(VLAConfig(vision=vision, head=head, chunk_size=K, lora={"r": 4}))
+    obs = make_obs()
+    out = model.save_pretrained(tmp_path / "vla")
+    assert {p.name for p in out.iterdir()} >= {"vla_config.json", "model.safetensors", "tokenizer"}
+    loaded = VLA.from_pretrained(out)
+    torch.testing.assert_close(loaded.predict(obs), model.predict(obs), rtol=0, atol=0)
+
+
+def test_from_pretrained_paths_load_transformers_parts(tmp_path):
+    """The real from_pretrained(path) code, on tiny models saved locally."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Qwen2Config,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    vis = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    vis.save_pretrained(tmp_path / "vision")
+    lm = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    lm.save_pretrained(tmp_path / "llm")
+    model = VLA(
+        VLAConfig(
+            vision="siglip", vision_path=str(tmp_path / "vision"), llm_path=str(tmp_path / "llm")
+        )
+    )
+    torch.testing.assert_close(
+        model.trunk.vision.model.get_input_embeddings().weight,
+        vis.get_input_embeddings().weight,
+    )
+    assert model.trunk.hidden_size == 32
+    assert model.predict(make_obs()).shape == (B, 1, 2)  # 64x64 input resized to 32x32
+    # the saved directory no longer needs the source paths
+    out = model.save_pretrained(tmp_path / "vla")
+    cfg = VLAConfig.load(out / "vla_config.json")
+    assert cfg.vision_path is None and cfg.llm_path is None
+    torch.testing.assert_close(
+        VLA.from_pretrained(out).predict(make_obs()), model.predict(make_obs())
+    )
+
+
+def test_freeze_switches_and_lora():
+    model = VLA(VLAConfig(freeze_vision=True, freeze_llm=True))
+    assert not any(p.requires_grad for p in model.trunk.vision.parameters())
+    assert not any(p.requires_grad for p in model.trunk.lm.parameters())
+    assert all(p.requires_grad for p in model.trunk.projector.parameters())
+    lora = VLA(VLAConfig(lora={"r": 4, "alpha": 8}))
+    trainable = [n for n, p in lora.trunk.lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_diffusion_ddim_is_deterministic_given_noise_and_learns():
+    torch.manual_seed(0)
+    head = DiffusionHead(8, action_dim=2, chunk_size=3, low=-1, high=1, inference_steps=5)
+    feats = torch.randn(16, 8)
+    noise = torch.randn(16, 6)
+    torch.testing.assert_close(head.sample(feats, noise), head.sample(feats, noise))
+    target = torch.tanh(feats[:, :6]).view(16, 3, 2) * 0.8
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    before = float(torch.nn.functional.mse_loss(head.predict(feats), target))
+    for _ in range(400):
+        opt.zero_grad()
+        head.loss(feats, target).backward()
+        opt.step()
+    after = float(torch.nn.functional.mse_loss(head.predict(feats), target))
+    assert after < 0.5 * before
+
+
+def test_transformer_head_bins_and_teacher_forcing():
+    head = TransformerHead(8, action_dim=2, chunk_size=2, low=-1, high=1)
+    assert head.bins == 256
+    a = torch.tensor([[-1.0, -0.999], [0.0, 0.5], [0.999, 1.0]])
+    tokens = head.tokenize(a)
+    assert tokens.min() >= 0 and tokens.max() <= 255
+    assert (head.detokenize(tokens) - a).abs().max() <= 2.0 / 256
+    torch.manual_seed(0)
+    feats = torch.randn(8, 8)
+    target = torch.rand(8, 2, 2) * 2 - 1
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        head.loss(feats, target).backward()
+        opt.step()
+    assert (head.predict(feats) - target).abs().max() < 0.05
+
+
+def test_shipped_tokenizer_is_the_trained_one():
+    from vla_ray.tokenizer import build_task_tokenizer, load_tokenizer
+
+    shipped = load_tokenizer()
+    assert shipped.get_vocab() == build_task_tokenizer().get_vocab()
+    ids, mask = encode_instructions(["Reach the RED target."], 8, shipped)
+    assert ids.shape == (1, 8) and mask.sum() == 5
+    assert shipped.decode(ids[0][mask[0] == 1]) == "reach the red target ."
+    assert np.all(ids[0][mask[0] == 0] == shipped.pad_token_id)
