@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -66,11 +67,10 @@ def load_policy(path: str | Path) -> Policy:
 
     module = RLModule.from_checkpoint(str(module_dir.resolve()))
     module.eval()
+    # deterministic heads define no distribution: the module returns actions directly
     dist_cls = None
-    try:
+    with contextlib.suppress(ValueError):
         dist_cls = module.get_inference_action_dist_cls()
-    except ValueError:  # deterministic head: the module returns actions directly
-        pass
 
     @torch.no_grad()
     def act_module(obs: ObsDict) -> np.ndarray:
