@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -264,16 +263,3 @@ def test_render_and_close():
     env.close()
     env.close()  # idempotent
     assert LangReachEnv().render() is None
-
-
-def test_step_speed(env):
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    n = 1000
-    start = time.perf_counter()
-    for _ in range(n):
-        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            env.reset()
-    sps = n / (time.perf_counter() - start)
-    print(f"\nLangReach 64x64 image observations: {sps:.0f} steps/s")

@@ -62,8 +62,10 @@ class VLAConfig:
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_llm: bool = False
-    # feed the (normalised) proprioceptive state to the head beside the trunk features
+    # feed the proprioceptive state to the head beside the trunk features
     state_skip: bool = True
+    # feed the projector's (instruction-conditioned) vision tokens to the head as well
+    vision_skip: bool = False
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]

@@ -54,14 +54,23 @@ PRESETS: dict[str, Preset] = {
             algorithm="ppo",
             env="vla_ray/LangReach-v0",
             description="PPO from 64x64 pixels + instruction on LangReach (tiny CNN/Qwen2 VLA)",
-            model=dict(TINY_VLA, head="gaussian", value="shared"),
+            model=dict(
+                TINY_VLA,
+                vision_skip=True,
+                head="gaussian",
+                head_config={"init_log_std": -1.0},
+                value="shared",
+            ),
+            # The shaped reward scores each step's progress: a short credit horizon
+            # (gamma 0.9, lambda 0.8) keeps advantage noise low.
             training=dict(
-                lr=3e-4,
+                lr=5e-4,
+                gamma=0.9,
+                lambda_=0.8,
                 train_batch_size_per_learner=2048,
                 minibatch_size=256,
                 num_epochs=4,
                 entropy_coeff=0.0,
-                gamma=0.95,
             ),
             env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
             stop=dict(timesteps=1_000_000),

@@ -101,7 +101,9 @@ class CNNEncoder(nn.Module):
                 "grid_xy", torch.stack([gx.flatten(), gy.flatten()], -1), persistent=False
             )
             self.kp_proj = nn.Linear(3, in_ch)  # (x, y, peak activation) -> token
-            self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.02)  # channel identity
+            # channel identity, at the scale of the projected coordinates so the pooling attention
+            # can tell channels apart from the start
+            self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images_to_float(images, "cnn")

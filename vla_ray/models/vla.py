@@ -136,7 +136,11 @@ class VLATrunk(nn.Module):
         self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.feature_dim = d + (config.state_dim if config.state_skip else 0)
+        self.feature_dim = (
+            d
+            + (config.state_dim if config.state_skip else 0)
+            + (d * self.projector.num_tokens if config.vision_skip else 0)
+        )
         self.vision.requires_grad_(not config.freeze_vision)
         self.projector.requires_grad_(not config.freeze_projector)
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
@@ -226,10 +230,12 @@ class VLATrunk(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-        feats = out.last_hidden_state[:, -1].float()
+        feats = [out.last_hidden_state[:, -1].float()]
+        if self.config.vision_skip:
+            feats.append(vis.flatten(1).float())
         if self.config.state_skip and state is not None:
-            feats = torch.cat([feats, state], dim=-1)
-        return feats
+            feats.append(state)
+        return torch.cat(feats, dim=-1)
 
 
 class VLA(nn.Module):
