@@ -20,15 +20,21 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
-def run_variant(name: str, overrides: dict, minutes: float, out: Path, eval_episodes: int) -> dict:
+def run_variant(
+    name: str, overrides: dict, minutes: float, out: Path, eval_episodes: int, reuse: bool
+) -> dict:
     from vla_ray.evaluate import evaluate, load_policy
     from vla_ray.train import resolve, train
 
     run_dir = out / "runs" / name
-    spec = resolve("langreach-ppo", overrides)
-    t0 = time.time()
-    summary = train(spec, run_dir, stop_seconds=minutes * 60.0, progress=False)
-    wall = time.time() - t0
+    if reuse and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        wall = summary["time_s"]
+    else:
+        spec = resolve("langreach-ppo", overrides)
+        t0 = time.time()
+        summary = train(spec, run_dir, stop_seconds=minutes * 60.0, progress=False)
+        wall = time.time() - t0
     curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ckpt = summary.get("best_checkpoint", summary["last_checkpoint"])
     final = evaluate(load_policy(ckpt), episodes=eval_episodes, progress=False)
@@ -76,6 +82,11 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--skip-blind", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="evaluate finished runs in OUT/runs instead of retraining",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +96,9 @@ def main() -> None:
         variants.append(("blind", {"env_config": {"instruction_mode": "blind"}}))
     results = []
     for name, overrides in variants:
-        results.append(run_variant(name, overrides, args.minutes, out, args.eval_episodes))
+        results.append(
+            run_variant(name, overrides, args.minutes, out, args.eval_episodes, args.reuse)
+        )
         print(f"{name}: done", flush=True)
 
     import ray
@@ -93,7 +106,10 @@ def main() -> None:
     ray.shutdown()
     record = dict(
         bench="langreach_ppo",
-        command=f"python bench/langreach_ppo.py --minutes {args.minutes:g} --out {args.out}",
+        command=(
+            f"python bench/langreach_ppo.py --minutes {args.minutes:g} --out {args.out}"
+            + (" --skip-blind" if args.skip_blind else "")
+        ),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         minutes_per_variant=args.minutes,
         results=results,

@@ -197,12 +197,12 @@ def test_diffusion_ddim_is_deterministic_given_noise_and_learns():
     torch.testing.assert_close(head.sample(feats, noise), head.sample(feats, noise))
     target = torch.tanh(feats[:, :6]).view(16, 3, 2) * 0.8
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
-    before = float(torch.nn.functional.mse_loss(head.predict(feats), target))
+    before = float(torch.nn.functional.mse_loss(head.predict(feats).detach(), target))
     for _ in range(400):
         opt.zero_grad()
         head.loss(feats, target).backward()
         opt.step()
-    after = float(torch.nn.functional.mse_loss(head.predict(feats), target))
+    after = float(torch.nn.functional.mse_loss(head.predict(feats).detach(), target))
     assert after < 0.5 * before
 
 
@@ -233,3 +233,56 @@ def test_shipped_tokenizer_is_the_trained_one():
     assert ids.shape == (1, 8) and mask.sum() == 5
     assert shipped.decode(ids[0][mask[0] == 1]) == "reach the red target ."
     assert np.all(ids[0][mask[0] == 0] == shipped.pad_token_id)
+
+
+class FixedFeatures(torch.nn.Module):
+    """Stands in for the conv stack: always returns ``fmap``."""
+
+    def __init__(self, fmap: torch.Tensor):
+        super().__init__()
+        self.fmap = fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmap
+
+
+def test_keypoint_tokens_are_spatial_softmax_coordinates():
+    from vla_ray.models.vision import CNNEncoder
+
+    enc = CNNEncoder((64, 64), tokens="keypoints")
+    assert enc.num_tokens == enc.hidden_size == 32
+    assert enc(torch.zeros(2, 64, 64, 3, dtype=torch.uint8)).shape == (2, 32, 32)
+    # a feature map peaked at grid cell (row 1, col 6) for every channel
+    fmap = torch.zeros(1, 32, 8, 8)
+    fmap[:, :, 1, 6] = 30.0
+    enc.net = FixedFeatures(fmap)
+    seen = {}
+    enc.kp_proj.register_forward_hook(lambda mod, inp, out: seen.update(xy=inp[0]))
+    enc(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+    xy_peak = seen["xy"][0, :, :3]
+    cell = torch.linspace(-1, 1, 8)
+    torch.testing.assert_close(xy_peak[:, 0], cell[6].expand(32), atol=1e-4, rtol=0)  # x: column
+    torch.testing.assert_close(xy_peak[:, 1], cell[1].expand(32), atol=1e-4, rtol=0)  # y: row
+    torch.testing.assert_close(xy_peak[:, 2], torch.full((32,), 30.0))  # peak activation
+
+
+@pytest.mark.parametrize("projector", ["attention", "perceiver"])
+def test_query_projectors_are_instruction_conditioned(projector):
+    torch.manual_seed(0)
+    obs = make_obs(batch=2)
+    obs["image"][1] = obs["image"][0]
+    obs["state"][1] = obs["state"][0]  # same scene, different instructions (red vs blue)
+    for conditioned, differ in ((True, True), (False, False)):
+        model = VLA(VLAConfig(projector=projector, projector_config={"conditioned": conditioned}))
+        with torch.no_grad():
+            prefix = model.trunk.prefix(obs["instruction"], obs["instruction_mask"])
+            vis = model.trunk.projector(model.trunk.vision(obs["image"]), prefix.context)
+        assert (not torch.allclose(vis[0], vis[1])) is differ, (projector, conditioned)
+
+
+def test_vision_skip_widens_features():
+    base = VLA(VLAConfig(projector_tokens=4))
+    skip = VLA(VLAConfig(projector_tokens=4, vision_skip=True))
+    d = base.trunk.hidden_size
+    assert skip.trunk.feature_dim == base.trunk.feature_dim + 4 * d
+    assert skip(make_obs()).shape == (B, skip.trunk.feature_dim)

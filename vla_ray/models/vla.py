@@ -154,10 +154,8 @@ class VLATrunk(nn.Module):
         params = [self.bos, *self.lm.parameters()]
         return (sum(p._version for p in params), params[-1].data_ptr(), self.bos.data_ptr())
 
-    def _encode_prefix(
-        self, ids: torch.Tensor, mask: torch.Tensor
-    ) -> list[tuple[torch.Tensor, ...]]:
-        """Key/value tensors of [BOS] + instruction for each row of ``ids`` (U, L)."""
+    def _encode_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
+        """Key/values and pooled context of [BOS] + instruction for each row of ``ids`` (U, L)."""
         decoder = decoder_of(self.lm)
         emb = decoder.get_input_embeddings()(ids)
         emb = torch.cat([self.bos.expand(ids.shape[0], -1, -1).to(emb.dtype), emb], dim=1)
@@ -175,7 +173,7 @@ class VLATrunk(nn.Module):
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
         L = ids.shape[1]
         if torch.is_grad_enabled():
-            kv = self._encode_prefix(uniq[:, :L], uniq[:, L:])
+            encoded = self._encode_prefix(uniq[:, :L], uniq[:, L:])
         else:
             key = self._lm_version()
             if key != self._cache_key:
@@ -191,8 +189,8 @@ class VLATrunk(nn.Module):
                 new = self._encode_prefix(sel[:, :L], sel[:, L:])
                 for j, i in enumerate(missing):
                     self._prefix_cache[row_keys[i]] = new.select(j)
-            kv = Prefix.stack([self._prefix_cache[k] for k in row_keys])
-        return kv.select(inverse)
+            encoded = Prefix.stack([self._prefix_cache[k] for k in row_keys])
+        return encoded.select(inverse)
 
     # ---- full trunk ---------------------------------------------------------------------------
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -212,9 +210,8 @@ class VLATrunk(nn.Module):
         parts.append(self.query.expand(B, -1, -1))
         suffix = torch.cat(parts, dim=1)
 
-        kv = prefix.kv
         cache = DynamicCache()
-        for li, (k, v) in enumerate(kv):
+        for li, (k, v) in enumerate(prefix.kv):
             cache.update(k, v, li)
         S = suffix.shape[1]
         prefix_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
@@ -224,7 +221,7 @@ class VLATrunk(nn.Module):
         start = prefix_mask.sum(1, keepdim=True)
         pos = start + torch.arange(S, device=mask.device)[None]
         out = decoder_of(self.lm)(
-            inputs_embeds=suffix.to(kv[0][0].dtype),
+            inputs_embeds=suffix.to(prefix.kv[0][0].dtype),
             attention_mask=full_mask,
             position_ids=pos,
             past_key_values=cache,
