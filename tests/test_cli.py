@@ -118,3 +118,25 @@ def test_eval_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--checkpoint", str(tmp_path / "empty")]) == 2
     assert "neither an RLlib checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_continues_from_last_checkpoint(ray_session, tmp_path):
+    out = tmp_path / "run"
+    base = [
+        "train",
+        "--preset",
+        "langreach-ppo",
+        "--local",
+        "--output",
+        str(out),
+        "--quiet",
+        *SMALL,
+    ]
+    assert main([*base, "--stop-iters", "1"]) == 0
+    assert main([*base, "--stop-iters", "2", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[1]["env_steps"] > rows[0]["env_steps"]  # env-step counter restored, not reset
+    meta = json.loads((out / "checkpoints" / "last" / "vla_ray_meta.json").read_text())
+    assert meta["iteration"] == 2

@@ -238,10 +238,14 @@ def train(
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    stop = dict(spec.settings.get("stop", {}))
-    stop_iters = stop_iters if stop_iters is not None else stop.get("iters")
-    stop_timesteps = stop_timesteps if stop_timesteps is not None else stop.get("timesteps")
-    stop_seconds = stop_seconds if stop_seconds is not None else stop.get("seconds")
+    if stop_iters is None and stop_timesteps is None and stop_seconds is None:
+        # no explicit criterion: the preset's (explicit ones replace it entirely)
+        stop = dict(spec.settings.get("stop", {}))
+        stop_iters, stop_timesteps, stop_seconds = (
+            stop.get("iters"),
+            stop.get("timesteps"),
+            stop.get("seconds"),
+        )
     if stop_iters is None and stop_timesteps is None and stop_seconds is None:
         raise ValueError("stop: give --stop-iters, --stop-timesteps or a preset stop criterion")
     (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=2, default=str))
@@ -258,8 +262,10 @@ def train(
         start_iter, t_offset = meta["iteration"], meta.get("time_s", 0.0)
         best_value = meta.get("best_value", -math.inf)
     metrics_file = (out / "metrics.jsonl").open("a")
-    total = stop_timesteps or stop_iters
-    bar = tqdm(total=total, disable=not progress, unit="steps" if stop_timesteps else "it")
+    # the bar follows one criterion: env steps, else iterations, else seconds
+    unit = "steps" if stop_timesteps else ("it" if stop_iters else "s")
+    total = stop_timesteps or stop_iters or stop_seconds
+    bar = tqdm(total=total, disable=not progress, unit=unit)
     t0 = time.time() - t_offset
     last_steps, last_t = None, time.time()
     row = {}
@@ -281,7 +287,7 @@ def train(
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             if progress:
-                bar.n = min(steps if stop_timesteps else it, total)
+                bar.n = min({"steps": steps, "it": it, "s": round(now - t0)}[unit], total)
                 bar.set_postfix(
                     ret=_fmt(row["episode_return_mean"]),
                     success=_fmt(row["success_rate"]),
