@@ -161,7 +161,7 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return [a for a in ("vf", "vf_trunk") if hasattr(self, a) or self.inference_only]
+        return ["vf", "vf_trunk"]  # RLlib skips the ones this value mode does not build
 
     # ---- action distributions -----------------------------------------------------------------
     def _dist_cls(self):
