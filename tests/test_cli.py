@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from vla_ray.cli import main
@@ -76,6 +77,11 @@ def test_train_local_then_eval_both_checkpoint_kinds(ray_session, tmp_path, caps
     config = json.loads((out / "config.json").read_text())
     assert config["env_runners"]["num_env_runners"] == 0  # --local: all in this process
     assert config["training"]["train_batch_size_per_learner"] == 128
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["iteration"] == 1
+    learner = rows[0]["learner"]  # PPO's learner statistics ride along with the env metrics
+    assert {"policy_loss", "vf_loss", "entropy", "mean_kl_loss"} <= set(learner)
+    assert all(np.isfinite(v) for v in learner.values())
     ckpt = out / "checkpoints" / "last"
     results = {}
     for name, path in (("rllib", ckpt), ("pretrained", ckpt / "vla")):

@@ -286,3 +286,27 @@ def test_vision_skip_widens_features():
     d = base.trunk.hidden_size
     assert skip.trunk.feature_dim == base.trunk.feature_dim + 4 * d
     assert skip(make_obs()).shape == (B, skip.trunk.feature_dim)
+
+
+def test_film_conditions_cnn_features_on_the_instruction():
+    torch.manual_seed(0)
+    obs = make_obs(batch=2)
+    obs["image"][1] = obs["image"][0]  # same image, different instructions (red vs blue)
+    cfg = VLAConfig(vision_config={"film": True}, projector="mlp")
+    model = VLA(cfg)
+    plain = VLA(VLAConfig(projector="mlp"))
+    enc = model.trunk.vision
+    with torch.no_grad():
+        ctx = model.trunk.prefix(obs["instruction"], obs["instruction_mask"]).context
+        # zero-initialised FiLM is the identity: both instructions see the same features
+        tokens = enc(obs["image"], ctx)
+        torch.testing.assert_close(tokens[0], tokens[1])
+        enc.film.weight.normal_(std=0.5)
+        tokens = enc(obs["image"], ctx)
+        assert not torch.allclose(tokens[0], tokens[1])
+        # the trunk routes the context into the encoder; the layout of the other parts is unchanged
+        assert model(obs).shape == plain(obs).shape
+    with pytest.raises(ValueError, match="context"):
+        enc(obs["image"])
+    with pytest.raises(ValueError, match="vision_config.film"):
+        VLA(VLAConfig(vision="siglip", vision_config={"film": True}))

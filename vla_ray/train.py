@@ -191,7 +191,26 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         episode_return_mean=_num(runners.get("episode_return_mean")),
         episode_len_mean=_num(runners.get("episode_len_mean")),
         success_rate=_num(runners.get("success_rate")),
+        learner=_learner_stats(result),
     )
+
+
+# Learner statistics worth watching (when the algorithm reports them), per module.
+LEARNER_KEYS = (
+    "total_loss",
+    "policy_loss",
+    "vf_loss",
+    "vf_explained_var",
+    "entropy",
+    "mean_kl_loss",
+)
+
+
+def _learner_stats(result: dict[str, Any]) -> dict[str, float]:
+    """The ``LEARNER_KEYS`` of the default module's learner results (empty when absent)."""
+    stats = (result.get("learners") or {}).get("default_policy") or {}
+    out = {k: _num(stats[k]) for k in LEARNER_KEYS if k in stats}
+    return {k: round(v, 5) for k, v in out.items() if v is not None}
 
 
 def _num(x: Any) -> float | None:

@@ -62,6 +62,12 @@ class CNNEncoder(nn.Module):
     per grid cell (+ learned position embedding); ``tokens="keypoints"`` returns one token per
     channel, the spatial-softmax expected (x, y) of that channel's activation (Levine et al. 2016,
     as in Diffusion Policy's vision encoder) plus a learned channel embedding.
+
+    ``film=True`` conditions the feature map that enters the last conv layer on the instruction
+    (FiLM, Perez et al. 2018; the gated attention of Chaplot et al. 2018): a per-channel scale
+    and shift computed from the ``context`` vector passed to ``forward``, initialised to the
+    identity. The last layer then sees only what the instruction asks about, so keypoints can
+    point at "the red target" directly.
     """
 
     family = "cnn"
@@ -71,9 +77,17 @@ class CNNEncoder(nn.Module):
         image_size: tuple[int, int],
         layers: tuple[tuple[int, int, int], ...] = ((32, 4, 4), (32, 3, 2), (32, 3, 1)),
         tokens: str = "patches",
+        film: bool = False,
+        context_dim: int | None = None,
     ):
         super().__init__()
         check_choice("vision_config.tokens", tokens, ("patches", "keypoints"))
+        if film and not context_dim:
+            raise ValueError("vision_config.film: needs the instruction context size (context_dim)")
+        if film and len(layers) < 2:
+            raise ValueError(
+                f"vision_config.film: needs at least 2 conv layers, got layers={layers!r}"
+            )
         self.tokens = tokens
         h, w = image_size
         mods: list[nn.Module] = []
@@ -83,6 +97,12 @@ class CNNEncoder(nn.Module):
             mods += [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad), nn.GELU()]
             in_ch = out_ch
         self.net = nn.Sequential(*mods)
+        self.film: nn.Linear | None = None
+        if film:
+            film_ch = layers[-2][0]
+            self.film = nn.Linear(int(context_dim), 2 * film_ch)  # -> (scale, shift)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         self.register_buffer("coords", torch.stack([xs, ys])[None], persistent=False)
         with torch.no_grad():
@@ -105,10 +125,18 @@ class CNNEncoder(nn.Module):
             # can tell channels apart from the start
             self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = images_to_float(images, "cnn")
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        x = self.net(x)  # (B, C, h, w)
+        if self.film is None:
+            x = self.net(x)  # (B, C, h, w)
+        else:
+            if context is None:
+                raise ValueError("CNNEncoder(film=True): forward needs the instruction `context`")
+            x = self.net[:-2](x)
+            scale, shift = self.film(context.to(x.dtype)).chunk(2, dim=-1)
+            x = x * (1.0 + scale[:, :, None, None]) + shift[:, :, None, None]
+            x = self.net[-2:](x)
         if self.tokens == "patches":
             return x.flatten(2).transpose(1, 2) + self.pos
         flat = x.flatten(2)  # (B, C, h*w)
@@ -169,11 +197,18 @@ def build_vision_encoder(
     image_size: tuple[int, int],
     path: str | None = None,
     config: dict[str, Any] | None = None,
+    context_dim: int | None = None,
 ) -> nn.Module:
-    """Build a vision encoder by name (see ``VISION_ENCODERS``)."""
+    """Build a vision encoder by name (see ``VISION_ENCODERS``).
+
+    ``context_dim`` is the instruction context size, used by encoders that condition on it
+    (``cnn`` with ``film=True``).
+    """
     check_choice("vision", name, VISION_ENCODERS)
     if name == "cnn":
         if path is not None:
             raise ValueError("vision_path: the 'cnn' encoder has no pretrained weights to load")
-        return CNNEncoder(image_size, **(config or {}))
+        return CNNEncoder(image_size, context_dim=context_dim, **(config or {}))
+    if (config or {}).get("film"):
+        raise ValueError(f"vision_config.film: only the 'cnn' encoder supports FiLM, not {name!r}")
     return HFVisionEncoder(name, image_size, path=path, config=config)

@@ -117,13 +117,14 @@ class VLATrunk(nn.Module):
     def __init__(self, config: VLAConfig, vocab_size: int):
         super().__init__()
         self.config = config
-        self.vision = build_vision_encoder(
-            config.vision, config.image_size, config.vision_path, config.vision_config
-        )
         self.lm = build_language_model(config.llm_path, config.llm_config, vocab_size)
         if config.lora:
             self.lm = apply_lora(self.lm, config.lora)
         d = int(self.lm.config.hidden_size)
+        self.vision = build_vision_encoder(
+            config.vision, config.image_size, config.vision_path, config.vision_config, d
+        )
+        self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
         self.hidden_size = d
         self.projector = build_projector(
             config.projector,
@@ -201,7 +202,9 @@ class VLATrunk(nn.Module):
         ids, mask = obs["instruction"], obs["instruction_mask"].long()
         B = image.shape[0]
         prefix = self.prefix(ids, mask)
-        vis = self.projector(self.vision(image), prefix.context.to(image.device))
+        context = prefix.context.to(image.device)
+        tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
+        vis = self.projector(tokens, context)
         parts = [vis]
         state = None
         if self.state_proj is not None:
