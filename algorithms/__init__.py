@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ALGORITHMS = ("ppo",)
+ALGORITHMS = ("ppo", "bc")
 
 
 def get_algorithm(name: str) -> ModuleType:

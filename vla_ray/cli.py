@@ -43,6 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_env_runners=args.num_env_runners,
         num_envs_per_env_runner=args.num_envs_per_env_runner,
         local=args.local,
+        data=args.data,
     )
     output = args.output or _default_output(args.preset)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
@@ -110,6 +111,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from vla_ray.data import collect
+
+    env_config = json.loads(args.env_config) if args.env_config else None
+    summary = collect(
+        args.env,
+        args.policy,
+        args.episodes,
+        args.output,
+        fmt=args.format,
+        noise=args.noise,
+        seed=args.seed,
+        env_config=env_config,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vla-ray", description="Train, evaluate and serve VLA policies on Ray."
@@ -136,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--local", action="store_true", help="one process: no remote EnvRunners (for a debugger)"
     )
+    t.add_argument("--data", help="offline dataset for offline algorithms (vla-ray collect)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     t.add_argument("--quiet", action="store_true", help="no progress display")
     t.set_defaults(fn=cmd_train)
@@ -149,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("collect", help="roll out a policy and write an offline dataset")
+    c.add_argument("--env", required=True, help="env id, e.g. vla_ray/LangReach-v0")
+    c.add_argument("--policy", default="expert", help="expert | random | CHECKPOINT path")
+    c.add_argument("--episodes", type=int, required=True)
+    c.add_argument("--format", default="rllib", help="dataset format (rllib)")
+    c.add_argument("--output", required=True)
+    c.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
+    c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    c.add_argument("--env-config", help="JSON env kwargs")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_collect)
 
     q = sub.add_parser("quickstart", help="train langreach-ppo for a few minutes and evaluate")
     q.add_argument("--minutes", type=float, default=10.0)

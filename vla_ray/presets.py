@@ -75,6 +75,19 @@ PRESETS: dict[str, Preset] = {
             env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
             stop=dict(timesteps=1_000_000),
         ),
+        Preset(
+            name="langreach-bc",
+            algorithm="bc",
+            env="vla_ray/LangReach-v0",
+            description="behaviour cloning of LangReach demos (vla-ray collect) with the tiny VLA",
+            model=dict(TINY_VLA, vision_skip=True, head="gaussian", value="none"),
+            training=dict(lr=1e-3, train_batch_size_per_learner=256),
+            # the driver's EnvRunner evaluates (every 25 updates, 20 episodes); no remote runners
+            # so that Ray Data's readers get the CPUs
+            env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+            stop=dict(iters=500),
+            eval_episodes=20,
+        ),
     ]
 }
 

@@ -17,11 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vla_ray.data.rllib_format import dataset_files
 from vla_ray.presets import Preset, get_preset
 
 SECTIONS = ("env_config", "model", "training", "env_runners", "learners", "stop")
-TOP_LEVEL_KEYS = ("seed", "checkpoint_every", "checkpoint_metric")
+TOP_LEVEL_KEYS = (
+    "seed",
+    "checkpoint_every",
+    "checkpoint_metric",
+    "data",
+    "eval_every",
+    "eval_episodes",
+)
 META_NAME = "vla_ray_meta.json"
+DEFAULT_MODULE_ID = "default_policy"
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 
 
@@ -87,8 +96,13 @@ def resolve(
     num_env_runners: int | None = None,
     num_envs_per_env_runner: int | None = None,
     local: bool = False,
+    data: str | os.PathLike | None = None,
 ) -> RunSpec:
-    """Preset + algorithm defaults + overrides + CLI flags -> RunSpec."""
+    """Preset + algorithm defaults + overrides + CLI flags -> RunSpec.
+
+    ``data`` is the offline dataset of offline algorithms (BC ...); required for them, refused
+    for online ones.
+    """
     from vla_ray.algorithms import get_algorithm
 
     p = preset if isinstance(preset, Preset) else get_preset(preset)
@@ -97,7 +111,19 @@ def resolve(
     settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
     settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
     settings.update(seed=0, checkpoint_every=10, checkpoint_metric="success_rate")
+    offline = bool(getattr(algo, "OFFLINE", False))
+    if offline:
+        settings.update(data=None, eval_every=25, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
+    if data is not None:
+        settings["data"] = str(data)
+    if offline and not settings.get("data"):
+        raise ValueError(
+            f"--data: {p.algorithm} trains from a dataset; give --data PATH "
+            "(e.g. one written by `vla-ray collect`)"
+        )
+    if not offline and settings.get("data"):
+        raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
     runners = settings["env_runners"]
     if num_env_runners is not None:
         runners["num_env_runners"] = num_env_runners
@@ -142,6 +168,7 @@ def build_algorithm_config(spec: RunSpec):
     from vla_ray.rl_module import VLAModule
 
     s = spec.settings
+    algo_mod = get_algorithm(spec.algorithm)
     register_envs()
     runners = dict(s["env_runners"])
     runners.setdefault("rollout_fragment_length", "auto")
@@ -163,7 +190,30 @@ def build_algorithm_config(spec: RunSpec):
         .debugging(seed=s["seed"])
         .reporting(metrics_num_episodes_for_smoothing=100)
     )
+    if getattr(algo_mod, "OFFLINE", False):
+        _check_offline_model(s["model"])
+        cfg.offline_data(
+            input_=dataset_files(s["data"]),
+            input_read_episodes=True,
+            dataset_num_iters_per_learner=1,
+            # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
+            map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
+        )
+        cfg.evaluation(
+            evaluation_interval=int(s["eval_every"]),
+            evaluation_duration=int(s["eval_episodes"]),
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=int(s["env_runners"].get("num_env_runners", 0)),
+        )
     return cfg
+
+
+def _check_offline_model(model: dict[str, Any]) -> None:
+    if int(model.get("chunk_size", 1)) != 1:
+        raise ValueError(
+            f"model.chunk_size: training from episodes supports chunk_size=1 for now, "
+            f"got {model['chunk_size']}"
+        )
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -179,9 +229,16 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a person watches, from an RLlib result dict."""
+def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]:
+    """The numbers a person watches, from an RLlib result dict.
+
+    With ``evaluated`` (an iteration that ran evaluation episodes), the episode numbers are the
+    evaluation's: offline algorithms sample no training episodes.
+    """
     runners = result.get("env_runners", {}) or {}
+    evaluation = (result.get("evaluation") or {}).get("env_runners") or {}
+    if evaluated and evaluation.get("episode_return_mean") is not None:
+        runners = {**evaluation, **{k: v for k, v in runners.items() if "lifetime" in k}}
     return dict(
         iteration=int(result.get("training_iteration", 0)),
         env_steps=int(
@@ -221,6 +278,17 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _export_vla(algo, directory: Path) -> None:
+    """``save_pretrained`` of the policy's VLA, from an EnvRunner or (offline) the learner."""
+    if algo.env_runner_group is not None:
+        algo.get_module().vla.save_pretrained(directory)
+        return
+    target = str(directory.resolve())
+    algo.learner_group.foreach_learner(
+        lambda learner: learner.module[DEFAULT_MODULE_ID].vla.save_pretrained(target)
+    )
+
+
 def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> Path:
     """Write an RLlib checkpoint + meta + ``vla/`` export to ``target``, replacing it atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -229,8 +297,7 @@ def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> 
     algo.save_to_path(str(tmp.resolve()))
     meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-    module = algo.get_module()
-    module.vla.save_pretrained(tmp / "vla")
+    _export_vla(algo, tmp / "vla")
     (tmp / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -255,6 +322,8 @@ def train(
     """Train until a stop criterion; returns the final summary with the checkpoint paths."""
     from tqdm import tqdm
 
+    from vla_ray.algorithms import get_algorithm
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if stop_iters is None and stop_timesteps is None and stop_seconds is None:
@@ -271,6 +340,7 @@ def train(
 
     init_ray(num_cpus)
     algo = build_algorithm_config(spec).build_algo()
+    offline = bool(getattr(get_algorithm(spec.algorithm), "OFFLINE", False))
     ckpt_dir = out / "checkpoints"
     metric = spec.settings["checkpoint_metric"]
     best_value = -math.inf
@@ -293,7 +363,9 @@ def train(
         while True:
             result = algo.train()
             it += 1
-            row = summarize(result)
+            row = summarize(
+                result, evaluated=offline and it % int(spec.settings["eval_every"]) == 0
+            )
             now = time.time()
             steps = row["env_steps"]
             row["time_s"] = round(now - t0, 2)

@@ -1,0 +1,22 @@
+"""Offline data: collecting episodes and reading/writing datasets for offline RL and imitation."""
+
+from vla_ray.data.collect import FORMATS, collect
+from vla_ray.data.rllib_format import (
+    DataError,
+    check_episodes,
+    dataset_files,
+    read_episodes,
+    read_meta,
+    write_episodes,
+)
+
+__all__ = [
+    "FORMATS",
+    "DataError",
+    "check_episodes",
+    "collect",
+    "dataset_files",
+    "read_episodes",
+    "read_meta",
+    "write_episodes",
+]

@@ -1,0 +1,146 @@
+"""RLlib's offline episode format: parquet files whose ``item`` column holds msgpack-packed
+``SingleAgentEpisode`` states, as RLlib writes with ``output_write_episodes=True`` and reads with
+``offline_data(input_read_episodes=True)``.
+
+A dataset directory holds ``part-NNNNNN.parquet`` files and a ``dataset.json`` describing where
+the episodes came from (env id and config, policy, counts); readers need only the parquet files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "rllib"
+META_NAME = "dataset.json"
+EPISODES_PER_FILE = 100
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read or does not match what the reader expects."""
+
+
+def _pack(episode: Any) -> bytes:
+    import msgpack
+    import msgpack_numpy as mnp
+
+    return msgpack.packb(episode.get_state(), default=mnp.encode)
+
+
+def _unpack(item: bytes) -> Any:
+    import msgpack
+    import msgpack_numpy as mnp
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    return SingleAgentEpisode.from_state(msgpack.unpackb(item, object_hook=mnp.decode))
+
+
+def write_episodes(
+    episodes: Iterable[Any], output: str | os.PathLike, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write finished ``SingleAgentEpisode``s to ``output`` (replaced atomically); returns it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(output)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    batch: list[bytes] = []
+    n_files = n_eps = n_steps = 0
+
+    def flush() -> None:
+        nonlocal n_files
+        if batch:
+            pq.write_table(pa.table({"item": batch}), tmp / f"part-{n_files:06d}.parquet")
+            n_files += 1
+            batch.clear()
+
+    for ep in episodes:
+        if not ep.is_done:
+            raise DataError(f"write_episodes: episode {ep.id_} is not finished (not done)")
+        batch.append(_pack(ep.to_numpy() if not ep.is_numpy else ep))
+        n_eps += 1
+        n_steps += len(ep)
+        if len(batch) == EPISODES_PER_FILE:
+            flush()
+    flush()
+    if n_eps == 0:
+        shutil.rmtree(tmp)
+        raise DataError("write_episodes: no episodes to write")
+    info = dict(format=FORMAT, episodes=n_eps, steps=n_steps, files=n_files, **(meta or {}))
+    (tmp / META_NAME).write_text(json.dumps(info, indent=2, default=str))
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def dataset_files(path: str | os.PathLike) -> list[str]:
+    """The parquet files of a dataset directory (or the single file given); DataError if none."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data: {p} does not exist")
+    files = [p] if p.is_file() else sorted(p.glob("*.parquet"))
+    if not files:
+        raise DataError(f"data: no .parquet files in {p} (expected an RLlib episode dataset)")
+    return [str(f.resolve()) for f in files]
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``dataset.json`` of a dataset directory ({} when absent)."""
+    f = Path(path) / META_NAME
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def read_episodes(path: str | os.PathLike) -> list[Any]:
+    """All episodes of a dataset, in file order; DataError naming the file on a bad one."""
+    import pyarrow.parquet as pq
+
+    episodes = []
+    for f in dataset_files(path):
+        try:
+            table = pq.read_table(f, columns=["item"])
+        except Exception as e:  # truncated / not parquet / no item column
+            raise DataError(f"data: cannot read {f} as RLlib episodes: {e}") from e
+        for i, item in enumerate(table.column("item").to_pylist()):
+            try:
+                episodes.append(_unpack(item))
+            except Exception as e:
+                raise DataError(f"data: {f} row {i}: not a packed episode ({e})") from e
+    return episodes
+
+
+def check_episodes(episodes: Iterable[Any], observation_space: Any, action_space: Any) -> None:
+    """Every observation/action fits the env's spaces and is finite; DataError naming the field."""
+    from gymnasium import spaces
+
+    for ep in episodes:
+        acts = np.asarray(ep.get_actions())
+        if acts.shape[1:] != action_space.shape:
+            raise DataError(
+                f"data: episode {ep.id_}: actions have shape {acts.shape[1:]}, "
+                f"the env's action space expects {action_space.shape}"
+            )
+        if not np.all(np.isfinite(acts)):
+            raise DataError(f"data: episode {ep.id_}: actions contain NaN or inf")
+        obs = ep.get_observations()
+        if isinstance(observation_space, spaces.Dict):
+            for key, sub in observation_space.spaces.items():
+                if key not in obs:
+                    raise DataError(f"data: episode {ep.id_}: observation key {key!r} missing")
+                shape = np.asarray(obs[key]).shape[1:]
+                if shape != sub.shape:
+                    raise DataError(
+                        f"data: episode {ep.id_}: observation {key!r} has shape {shape}, "
+                        f"the env's space expects {sub.shape}"
+                    )
