@@ -32,11 +32,13 @@ checkpoint metric and the last are kept; each is an RLlib checkpoint plus a ``vl
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from ray import tune
 from ray.tune.logger import LoggerCallback
 
 from vla_ray.train import (
+    META_NAME,
     TOP_LEVEL_KEYS,
     RunSpec,
     build_algorithm_config,
@@ -267,8 +270,10 @@ def _check_setting(where: str, key: str, known: dict[str, set[str] | None]) -> l
     if allowed is None or parts[1] in allowed:
         return []
     label = "env" if parts[0] == "env_config" else parts[0]
+    close = difflib.get_close_matches(parts[1], sorted(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     return [
-        f"{where}.{key}: {label} takes no key {parts[1]!r}; valid keys are "
+        f"{where}.{key}: {label} takes no key {parts[1]!r}; {hint}valid keys are "
         f"{', '.join(sorted(allowed))}"
     ]
 
@@ -863,6 +868,10 @@ def summarize_results(
         _link(path / "checkpoints" / "best", best_ckpt or last_ckpt)
         _link(path / "checkpoints" / "last", last_ckpt)
         m = result.metrics or {}
+        best_iter = None
+        meta = Path(best_ckpt or last_ckpt or "", META_NAME)
+        if (best_ckpt or last_ckpt) and meta.is_file():
+            best_iter = json.loads(meta.read_text()).get("iteration")
         row = dict(
             trial=path.name,
             status="ERROR" if result.error else "TERMINATED",
@@ -872,6 +881,7 @@ def summarize_results(
             last=_finite(m.get(metric)),
             best=best,
             best_checkpoint=best_ckpt or last_ckpt,
+            best_checkpoint_iteration=best_iter,
             last_checkpoint=last_ckpt,
             path=str(path),
             error=str(result.error) if result.error else None,
@@ -894,11 +904,14 @@ def summarize_results(
         best_checkpoint=best_trial["best_checkpoint"] if best_trial else None,
     )
     if best_trial and spec.preset:
-        sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in best_trial["params"].items())
-        fixed = " ".join(f"--set {k}={json.dumps(v)}" for k, v in spec.fixed.items())
-        summary["reproduce"] = f"vla-ray train --preset {spec.preset} {fixed} {sets}".replace(
-            "  ", " "
-        ).strip()
+        # the best trial's settings as one `vla-ray train` run (e.g. to debug it with --local)
+        settings = {f"{RESOURCE_KEYS[k][0]}.{k}": v for k, v in spec.resources.items()}
+        settings.update(spec.fixed)
+        settings.update(best_trial["params"])
+        summary["reproduce"] = " ".join(
+            ["vla-ray train --preset", spec.preset]
+            + [f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in settings.items()]
+        )
     return summary
 
 
@@ -915,7 +928,16 @@ def format_table(summary: dict[str, Any]) -> str:
     trials = summary["trials"]
     keys = list(trials[0]["params"]) if trials else []
     metric = summary["metric"]
-    header = ["trial", "status", *keys, "iter", "env_steps", f"{metric} (last)", f"{metric} (best)"]
+    header = [
+        "trial",
+        "status",
+        *keys,
+        "iter",
+        "env_steps",
+        f"{metric} (last)",
+        f"{metric} (best)",
+        "best ckpt iter",
+    ]
     rows = []
     for t in trials:
         mark = "*" if t["trial"] == summary["best_trial"] else " "
@@ -928,6 +950,7 @@ def format_table(summary: dict[str, Any]) -> str:
                 _cell(t["env_steps"]),
                 _cell(t["last"]),
                 _cell(t["best"]),
+                _cell(t.get("best_checkpoint_iteration")),
             ]
         )
     widths = [
