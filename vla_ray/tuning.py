@@ -528,6 +528,7 @@ def to_domain(spec: dict[str, Any]) -> Any:
 
 
 def base_of(spec: TuneSpec) -> dict[str, str]:
+    """What every trial starts from: ``{"preset": ...}`` or ``{"algorithm": ..., "env": ...}``."""
     return (
         {"preset": spec.preset} if spec.preset else {"algorithm": spec.algorithm, "env": spec.env}
     )
@@ -682,6 +683,7 @@ def _trial_dirname(trial: Any) -> str:
 
 # ---- running ------------------------------------------------------------------------------------
 def make_scheduler(spec: TuneSpec) -> Any:
+    """The Tune scheduler named by ``scheduler.type`` (FIFO, ASHA or PBT over ``overrides``)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     kind = spec.scheduler["type"]
@@ -701,6 +703,7 @@ def make_scheduler(spec: TuneSpec) -> Any:
 
 
 def make_search_alg(spec: TuneSpec) -> Any:
+    """OptunaSearch for ``search_alg.type: optuna``; None for Tune's random/grid generator."""
     if spec.search_alg["type"] != "optuna":
         return None
     try:
@@ -852,7 +855,8 @@ def summarize_results(
         keys += [k for k in spec.scheduler.get("hyperparam_mutations", {}) if k not in keys]
     trials = []
     best_value, best_trial = None, None
-    for result in grid:
+    # in trial-name order, so ties go to the same trial on every run (and after --resume)
+    for result in sorted(grid, key=lambda r: Path(r.path).name):
         path = Path(result.path)
         df = result.metrics_dataframe
         series = df[metric] if df is not None and metric in df else None
