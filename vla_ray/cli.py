@@ -150,7 +150,9 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
         help="log to Weights & Biases (WANDB_MODE=offline writes run files only)",
     )
     p.add_argument(
-        "--mlflow", metavar="URI", help="log to MLflow at this tracking URI (e.g. file:./mlruns)"
+        "--mlflow",
+        metavar="URI",
+        help="log to MLflow at this tracking URI (e.g. sqlite:///mlflow.db)",
     )
 
 

@@ -802,15 +802,18 @@ def run_tune(
     from vla_ray.train import init_ray
 
     check_available(spec)
+    for flag, value in (("--num-samples", num_samples), ("--stop-iters", stop_iters)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
     out = Path(output).resolve()
+    if resume and not tune.Tuner.can_restore(str(out)):
+        raise FileNotFoundError(f"--resume: {str(out)!r} holds no Tune experiment to resume")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"--output {str(out)!r} is not empty; use --resume or a new directory")
     init_ray(num_cpus)
     if resume:
-        if not tune.Tuner.can_restore(str(out)):
-            raise FileNotFoundError(f"--resume: {str(out)!r} holds no Tune experiment to resume")
         tuner = tune.Tuner.restore(str(out), trainable=VLATrainable, resume_errored=True)
     else:
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--output {str(out)!r} is not empty; use --resume or a new directory")
         out.mkdir(parents=True, exist_ok=True)
         (out / "tune_config.json").write_text(
             json.dumps({k: v for k, v in vars(spec).items()}, indent=2, default=str)
