@@ -84,6 +84,7 @@ def test_ray_job_submit_to_local_head_node(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"  # the job is done: nothing to drain
     # token auth with a token of this test's own (the default would read ~/.ray/auth_token)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
@@ -189,7 +190,7 @@ def test_ray_job_submit_to_local_head_node(tmp_path):
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
             try:
-                head.wait(timeout=90)  # the node drains for up to 30 s first
+                head.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
