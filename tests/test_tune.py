@@ -28,7 +28,7 @@ SMOKE = ROOT / "tune_configs" / "smoke_langreach.yaml"  # 2 trials x 1 tiny iter
 TINY = yaml.safe_load(SMOKE.read_text())
 
 
-def _errors(raw: dict) -> str:
+def _errors(raw: object) -> str:
     with pytest.raises(TuneConfigError) as info:
         validate_tune_config(raw, "x.yaml")
     return str(info.value)
@@ -113,6 +113,8 @@ def test_schema_errors_for_structure_and_search_combinations():
     )
     assert "metric: unknown name 'reward'" in _errors({**TINY, "metric": "reward"})
     assert "stop.minutes: unknown key" in _errors({**TINY, "stop": {"minutes": 3}})
+    assert "preset: expected a string, got ['a']" in _errors({**TINY, "preset": ["a"]})
+    assert "expected a mapping of settings" in _errors([1, 2])
 
 
 def test_cli_reports_schema_errors_before_starting(tmp_path, capsys):

@@ -290,8 +290,11 @@ def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
     for k in ("preset", "algorithm", "env", "data", "description", "metric"):
         if k in raw and not isinstance(raw[k], str):
             errors.append(f"{k}: expected a string, got {raw[k]!r}")
-    spec.preset, spec.algorithm, spec.env = raw.get("preset"), raw.get("algorithm"), raw.get("env")
-    spec.data, spec.description = raw.get("data"), raw.get("description", "")
+    strings = {
+        k: raw[k] for k in ("preset", "algorithm", "env", "data") if isinstance(raw.get(k), str)
+    }
+    spec.preset, spec.algorithm, spec.env = (strings.get(k) for k in ("preset", "algorithm", "env"))
+    spec.data, spec.description = strings.get("data"), raw.get("description", "")
     if spec.preset and (spec.algorithm or spec.env):
         errors.append("preset: give either a preset or algorithm + env, not both")
     elif not spec.preset and not (spec.algorithm and spec.env):
@@ -312,15 +315,13 @@ def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
     spec.num_samples = raw.get("num_samples", 1)
     spec.max_concurrent_trials = raw.get("max_concurrent_trials")
 
-    known = known_setting_keys(spec.algorithm, spec.env) if not spec.preset else None
-    if spec.preset:
-        from vla_ray.presets import PRESETS
+    from vla_ray.presets import PRESETS
 
-        if spec.preset in PRESETS:
-            p = PRESETS[spec.preset]
-            known = known_setting_keys(p.algorithm, p.env)
-        else:
-            known = known_setting_keys(None, None)
+    if spec.preset:
+        p = PRESETS.get(spec.preset)
+        known = known_setting_keys(p.algorithm if p else None, p.env if p else None)
+    else:
+        known = known_setting_keys(spec.algorithm, spec.env)
 
     sections = {
         k: raw.get(k) or {}
