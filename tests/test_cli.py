@@ -127,7 +127,9 @@ def test_eval_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_last_checkpoint(ray_session, tmp_path):
+def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     base = [
         "train",
@@ -139,7 +141,9 @@ def test_resume_continues_from_last_checkpoint(ray_session, tmp_path):
         "--quiet",
         *SMALL,
     ]
-    assert main([*base, "--stop-iters", "1"]) == 0
+    assert main([*base, "--stop-iters", "1", "--wandb", "vla-ray-test"]) == 0
+    # `vla-ray train --wandb` logs the run through the W&B API (offline: files in the run dir)
+    assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     assert main([*base, "--stop-iters", "2", "--resume"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]

@@ -1,4 +1,4 @@
-"""The ``vla-ray`` command line: list, train, eval, quickstart."""
+"""The ``vla-ray`` command line: list, train, tune, eval, quickstart."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     output = args.output or _default_output(args.preset)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
+    from vla_ray.tracking import open_trackers
+
+    trackers = open_trackers(
+        output, spec.to_dict(), wandb_project=args.wandb, mlflow_uri=args.mlflow
+    )
     summary = train(
         spec,
         output,
@@ -55,9 +60,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_seconds=args.stop_seconds,
         resume=args.resume,
         progress=not args.quiet,
+        trackers=trackers,
     )
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from vla_ray.tracking import tune_callbacks
+    from vla_ray.tuning import check_available, format_table, load_tune_config, run_tune
+
+    spec = load_tune_config(args.config)
+    check_available(spec)
+    output = args.output or _default_output(f"tune-{spec.name}")
+    if args.resume and not args.output:
+        raise ValueError("--resume needs --output DIR, the directory of the search to continue")
+    print(f"tune {args.config}: {spec.name} -> {output}")
+    summary = run_tune(
+        spec,
+        output,
+        num_samples=args.num_samples,
+        stop_iters=args.stop_iters,
+        resume=args.resume,
+        callbacks=tune_callbacks(
+            wandb_project=args.wandb, mlflow_uri=args.mlflow, experiment=spec.name
+        ),
+        verbose=0 if args.quiet else 1,
+    )
+    print()
+    print(format_table(summary))
+    print(f"summary: {Path(summary['output']) / 'summary.json'}")
+    return 0 if summary["best_trial"] else 1
 
 
 def _print_eval(result: dict[str, Any]) -> None:
@@ -130,6 +163,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        help="log to Weights & Biases (WANDB_MODE=offline writes run files only)",
+    )
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="log to MLflow at this tracking URI (e.g. sqlite:///mlflow.db)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vla-ray", description="Train, evaluate and serve VLA policies on Ray."
@@ -159,7 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="offline dataset for offline algorithms (vla-ray collect)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     t.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_tracking_flags(t)
     t.set_defaults(fn=cmd_train)
+
+    u = sub.add_parser("tune", help="hyperparameter search from a tune_configs/ YAML")
+    u.add_argument("config", help="tune YAML, e.g. tune_configs/ppo_langreach.yaml")
+    u.add_argument("--num-samples", type=int, help="trials to sample (replaces num_samples)")
+    u.add_argument("--stop-iters", type=int, help="iterations per trial (replaces stop)")
+    u.add_argument("--output", help="experiment directory (default runs/tune-NAME-TIME)")
+    u.add_argument("--resume", action="store_true", help="continue the search in --output")
+    u.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_tracking_flags(u)
+    u.set_defaults(fn=cmd_tune)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its env")
     e.add_argument("--checkpoint", required=True, help="RLlib checkpoint or save_pretrained dir")

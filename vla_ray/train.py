@@ -42,6 +42,34 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def override_path(key: str) -> list[str]:
+    """``"training.lr"`` -> ``["training", "lr"]`` (``env.`` means ``env_config.``).
+
+    ValueError naming the key and the valid forms when it is not a setting of a run.
+    """
+    parts = key.strip().split(".")
+    if parts[0] == "env":
+        parts[0] = "env_config"
+    if (parts[0] in SECTIONS and len(parts) >= 2 and all(parts)) or (
+        len(parts) == 1 and parts[0] in TOP_LEVEL_KEYS
+    ):
+        return parts
+    raise ValueError(
+        f"unknown key {key!r}; use one of "
+        f"{', '.join(s + '.KEY' for s in ('env', *SECTIONS[1:]))} or {', '.join(TOP_LEVEL_KEYS)}"
+    )
+
+
+def set_override(out: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Put ``value`` at the dotted ``key`` (see :func:`override_path`) of the nested ``out``."""
+    parts = override_path(key)
+    node = out
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["training.lr=1e-4", "seed=3"]`` -> nested dict; ValueError naming a malformed item."""
     out: dict[str, Any] = {}
@@ -49,21 +77,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. training.lr=1e-4")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] == "env":
-            parts[0] = "env_config"
-        if parts[0] in SECTIONS and len(parts) >= 2:
-            node = out.setdefault(parts[0], {})
-            for p in parts[1:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = parse_value(value)
-        elif len(parts) == 1 and parts[0] in TOP_LEVEL_KEYS:
-            out[parts[0]] = parse_value(value)
-        else:
-            raise ValueError(
-                f"--set {item!r}: unknown key {key!r}; use one of "
-                f"{', '.join(s + '.KEY' for s in ('env', *SECTIONS[1:]))} or {', '.join(TOP_LEVEL_KEYS)}"
-            )
+        try:
+            set_override(out, key, parse_value(value))
+        except ValueError as err:
+            raise ValueError(f"--set {item!r}: {err}") from None
     return out
 
 
@@ -289,16 +306,23 @@ def _export_vla(algo, directory: Path) -> None:
     )
 
 
+def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any]) -> Path:
+    """Write an RLlib checkpoint + ``vla_ray_meta.json`` + ``vla/`` export into ``directory``."""
+    directory = Path(directory)
+    algo.save_to_path(str(directory.resolve()))
+    meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
+    (directory / META_NAME).write_text(json.dumps(meta, indent=2))
+    _export_vla(algo, directory / "vla")
+    (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
 def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> Path:
     """Write an RLlib checkpoint + meta + ``vla/`` export to ``target``, replacing it atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    algo.save_to_path(str(tmp.resolve()))
-    meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-    _export_vla(algo, tmp / "vla")
-    (tmp / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
+    write_checkpoint(algo, spec, tmp, info)
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -318,8 +342,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     num_cpus: int | None = None,
+    trackers: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Train until a stop criterion; returns the final summary with the checkpoint paths."""
+    """Train until a stop criterion; returns the final summary with the checkpoint paths.
+
+    ``trackers`` (see :mod:`vla_ray.tracking`) get each iteration's row and the final summary.
+    """
     from tqdm import tqdm
 
     from vla_ray.algorithms import get_algorithm
@@ -357,7 +385,8 @@ def train(
     bar = tqdm(total=total, disable=not progress, unit=unit)
     t0 = time.time() - t_offset
     last_steps, last_t = None, time.time()
-    row = {}
+    row: dict[str, Any] = {}
+    summary: dict[str, Any] | None = None
     try:
         it = start_iter
         while True:
@@ -377,6 +406,8 @@ def train(
             last_steps, last_t = steps, now
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
+            for tracker in trackers or ():
+                tracker.log(row, step=it)
             if progress:
                 bar.n = min({"steps": steps, "it": it, "s": round(now - t0)}[unit], total)
                 bar.set_postfix(
@@ -403,14 +434,16 @@ def train(
                 save_checkpoint(algo, spec, ckpt_dir / "last", {**info, "best_value": best_value})
             if done:
                 break
+        summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / "last"))
+        if (ckpt_dir / "best").exists():
+            summary["best_checkpoint"] = str(ckpt_dir / "best")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         bar.close()
         metrics_file.close()
         algo.stop()
-    summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / "last"))
-    if (ckpt_dir / "best").exists():
-        summary["best_checkpoint"] = str(ckpt_dir / "best")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        for tracker in trackers or ():
+            tracker.finish(summary)
     return summary
 
 
