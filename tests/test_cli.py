@@ -150,3 +150,18 @@ def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatc
     assert rows[1]["env_steps"] > rows[0]["env_steps"]  # env-step counter restored, not reset
     meta = json.loads((out / "checkpoints" / "last" / "vla_ray_meta.json").read_text())
     assert meta["iteration"] == 2
+
+
+@pytest.mark.slow
+def test_quickstart_runs_demos_bc_then_ppo_from_the_bc_policy(ray_session, tmp_path):
+    out = tmp_path / "qs"
+    args = ["quickstart", "--minutes", "0.05", "--demos", "3", "--bc-iters", "2"]
+    assert main([*args, "--episodes", "2", "--output", str(out), "--quiet"]) == 0
+    assert json.loads((out / "demos" / "dataset.json").read_text())["episodes"] == 3
+    bc_rows = (out / "bc" / "metrics.jsonl").read_text().splitlines()
+    assert len(bc_rows) == 2
+    ppo_config = json.loads((out / "ppo" / "config.json").read_text())
+    pretrained = ppo_config["model"]["pretrained_path"]
+    assert pretrained.startswith(str(out / "bc" / "checkpoints")) and pretrained.endswith("vla")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0

@@ -124,16 +124,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from vla_ray.data import collect
     from vla_ray.evaluate import evaluate, load_policy
     from vla_ray.train import resolve, train
 
-    output = args.output or _default_output("quickstart")
-    spec = resolve("langreach-ppo", {})
+    output = Path(args.output or _default_output("quickstart"))
+    overrides: dict[str, Any] = {}
+    if args.demos > 0:
+        print(f"quickstart 1/3: {args.demos} expert demonstrations on LangReach -> {output}/demos")
+        collect(
+            "vla_ray/LangReach-v0",
+            "expert",
+            args.demos,
+            output / "demos",
+            progress=not args.quiet,
+        )
+        print(f"quickstart 2/3: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
+        bc_spec = resolve(
+            "langreach-bc",
+            {"eval_every": max(1, args.bc_iters // 4), "eval_episodes": 10},
+            data=output / "demos",
+        )
+        bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=not args.quiet)
+        bc_ckpt = Path(bc.get("best_checkpoint", bc["last_checkpoint"]))
+        overrides = {"model": {"pretrained_path": str(bc_ckpt / "vla")}}
     print(
-        f"quickstart: training langreach-ppo on an embedded local Ray for {args.minutes:g} min "
-        f"(CPU) -> {output}"
+        f"quickstart {'3/3' if args.demos > 0 else '1/1'}: PPO "
+        f"{'from the BC policy ' if overrides else ''}on an embedded local Ray for "
+        f"{args.minutes:g} min (CPU) -> {output}/ppo"
     )
-    summary = train(spec, output, stop_seconds=args.minutes * 60.0, progress=not args.quiet)
+    spec = resolve("langreach-ppo", overrides)
+    summary = train(spec, output / "ppo", stop_seconds=args.minutes * 60.0, progress=not args.quiet)
     ckpt = summary.get("best_checkpoint", summary["last_checkpoint"])
     result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=not args.quiet)
     _print_eval(result)
@@ -240,8 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    q = sub.add_parser("quickstart", help="train langreach-ppo for a few minutes and evaluate")
-    q.add_argument("--minutes", type=float, default=10.0)
+    q = sub.add_parser(
+        "quickstart", help="expert demos -> behaviour cloning -> PPO on LangReach, then evaluate"
+    )
+    q.add_argument("--minutes", type=float, default=8.0, help="PPO wall-clock minutes")
+    q.add_argument(
+        "--demos", type=int, default=300, help="expert demos to clone first (0: PPO from scratch)"
+    )
+    q.add_argument("--bc-iters", type=int, default=300, help="behaviour-cloning updates")
     q.add_argument("--episodes", type=int, default=50)
     q.add_argument("--output")
     q.add_argument("--quiet", action="store_true")
