@@ -310,3 +310,24 @@ def test_film_conditions_cnn_features_on_the_instruction():
         enc(obs["image"])
     with pytest.raises(ValueError, match="vision_config.film"):
         VLA(VLAConfig(vision="siglip", vision_config={"film": True}))
+
+
+def test_attention_context_pool_starts_as_the_mean_and_ignores_padding():
+    torch.manual_seed(0)
+    obs = make_obs(batch=2)
+    mean_model = VLA(VLAConfig())
+    att_model = VLA(VLAConfig(context_pool="attention"))
+    att_model.load_state_dict(mean_model.state_dict(), strict=False)  # same LM weights
+    ids, mask = obs["instruction"], obs["instruction_mask"]
+    with torch.no_grad():
+        mean_ctx = mean_model.trunk.prefix(ids, mask).context
+        torch.testing.assert_close(att_model.trunk.prefix(ids, mask).context, mean_ctx)
+        att_model.trunk.context_query.normal_(std=3.0)  # memoised prefixes are invalidated
+        ctx = att_model.trunk.prefix(ids, mask).context
+        assert not torch.allclose(ctx, mean_ctx)
+        # tokens behind the mask carry no weight: changing them changes nothing
+        ids2 = ids.clone()
+        ids2[mask == 0] = 7
+        torch.testing.assert_close(att_model.trunk.prefix(ids2, mask).context, ctx)
+    with pytest.raises(ConfigError, match="context_pool"):
+        VLAConfig(context_pool="max")

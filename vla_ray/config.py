@@ -11,6 +11,7 @@ from typing import Any
 VISION_ENCODERS = ("cnn", "siglip", "clip", "dinov2")
 PROJECTORS = ("mlp", "attention", "perceiver")
 ACTION_HEADS = ("mlp", "gaussian", "tanh_gaussian", "diffusion", "transformer")
+CONTEXT_POOLS = ("mean", "attention")
 VALUE_MODES = ("shared", "separate", "none")
 
 
@@ -66,12 +67,16 @@ class VLAConfig:
     state_skip: bool = True
     # feed the projector's (instruction-conditioned) vision tokens to the head as well
     vision_skip: bool = False
+    # how the instruction prefix is pooled into one context vector: masked "mean", or
+    # "attention" with a learned query (starts as the mean; can learn to weight the key words)
+    context_pool: str = "mean"
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
         check_choice("vision", self.vision, VISION_ENCODERS)
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("head", self.head, ACTION_HEADS)
+        check_choice("context_pool", self.context_pool, CONTEXT_POOLS)
         for name in ("state_dim", "action_dim", "chunk_size", "instruction_max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "state_dim" else 1):

@@ -16,6 +16,7 @@ proprioceptive state), which every action head and value head reads.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -137,6 +138,10 @@ class VLATrunk(nn.Module):
         self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        # attention pooling of the prefix; zero query = uniform weights = the masked mean at init
+        self.context_query = (
+            nn.Parameter(torch.zeros(d)) if config.context_pool == "attention" else None
+        )
         self.feature_dim = (
             d
             + (config.state_dim if config.state_skip else 0)
@@ -153,6 +158,8 @@ class VLATrunk(nn.Module):
     def _lm_version(self) -> tuple[int, ...]:
         """Changes whenever any language-model (or BOS) weight is modified or moved."""
         params = [self.bos, *self.lm.parameters()]
+        if self.context_query is not None:
+            params.append(self.context_query)
         return (sum(p._version for p in params), params[-1].data_ptr(), self.bos.data_ptr())
 
     def _encode_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
@@ -163,8 +170,14 @@ class VLATrunk(nn.Module):
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         pos = (full_mask.cumsum(1) - 1).clamp(min=0)
         out = decoder(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos, use_cache=True)
-        m = full_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-        context = (out.last_hidden_state * m).sum(1) / m.sum(1)
+        h = out.last_hidden_state
+        if self.context_query is None:
+            m = full_mask.unsqueeze(-1).to(h.dtype)
+            context = (h * m).sum(1) / m.sum(1)
+        else:
+            scores = (h @ self.context_query.to(h.dtype)) / math.sqrt(h.shape[-1])
+            scores = scores.masked_fill(full_mask == 0, float("-inf"))
+            context = (scores.softmax(-1).unsqueeze(-1) * h).sum(1)
         return Prefix([(layer.keys, layer.values) for layer in out.past_key_values.layers], context)
 
     def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
