@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ALGORITHMS = ("ppo", "bc")
+ALGORITHMS = ("ppo", "bc", "dagger")
 
 
 def get_algorithm(name: str) -> ModuleType:

@@ -27,6 +27,29 @@ class ScriptedExpert:
         return action
 
 
+class ExpertMixing(gym.Wrapper):
+    """Executes the env's expert action instead of the agent's with probability ``expert_beta``.
+
+    DAgger's beta schedule: the learner sets ``expert_beta`` on every sub-env between iterations
+    (``vector_env.set_attr("expert_beta", b)``). ``info["expert_acted"]`` says which one acted.
+    """
+
+    def __init__(self, env: gym.Env, expert_beta: float = 0.0, seed: int | None = None) -> None:
+        super().__init__(env)
+        if not 0.0 <= float(expert_beta) <= 1.0:
+            raise ValueError(f"ExpertMixing: `expert_beta` must be in [0, 1], got {expert_beta!r}")
+        self.expert_beta = float(expert_beta)
+        self._rng = np.random.default_rng(seed)
+
+    def step(self, action):
+        acted = bool(self.expert_beta > 0 and self._rng.random() < self.expert_beta)
+        if acted:
+            action = np.asarray(self.env.unwrapped.expert_action(), dtype=np.float32)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = dict(info, expert_acted=acted)
+        return obs, reward, terminated, truncated, info
+
+
 EXPERTS: dict[str, type[ScriptedExpert]] = {"vla_ray/LangReach-v0": ScriptedExpert}
 
 

@@ -302,6 +302,8 @@ class LangReachEnv(gym.Env):
             "distance": float(distance),
             "target_positions": self._target_pos.copy(),
             "agent_position": self.data.qpos[:2].copy(),
+            # the privileged expert's action in this state: the label for DAgger relabelling
+            "expert_action": self.expert_action(),
         }
 
     # ---------------------------------------------------------------- gym API

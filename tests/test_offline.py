@@ -94,3 +94,54 @@ def test_bc_trains_from_collected_demos_and_exports(ray_session, demos, tmp_path
     )
     assert json.loads(js.read_text())["mean_length"] >= 1
     assert summary["iteration"] == 4
+
+
+def test_expert_mixing_and_dagger_relabelling():
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from vla_ray.algorithms.dagger import beta_at, relabel
+    from vla_ray.envs.experts import ExpertMixing
+
+    assert [beta_at(i, 1.0, 0.5) for i in range(3)] == [1.0, 0.5, 0.25]
+    env = ExpertMixing(gym.make(LANGREACH), expert_beta=1.0, seed=0)
+    obs, info = env.reset(seed=3)
+    ep = SingleAgentEpisode(observation_space=env.observation_space, action_space=env.action_space)
+    ep.add_env_reset(observation=obs, infos=info)
+    labels = [info["expert_action"]]
+    for _ in range(4):  # the agent asks for (0, 0); the expert acts instead
+        obs, r, term, trunc, info = env.step(np.zeros(2, np.float32))
+        assert info["expert_acted"]
+        ep.add_env_step(
+            obs, np.zeros(2, np.float32), r, infos=info, terminated=term, truncated=trunc
+        )
+        labels.append(info["expert_action"])
+    assert np.linalg.norm(info["agent_position"] - ep.get_infos(0)["agent_position"]) > 0.1
+    env.set_wrapper_attr("expert_beta", 0.0)  # what DAgger's schedule does between iterations
+    assert not env.step(np.zeros(2, np.float32))[4]["expert_acted"]
+    ep.to_numpy()
+    out = relabel(ep)
+    assert len(out) == len(ep) == 4
+    np.testing.assert_allclose(out.get_actions(), np.stack(labels[:4]))  # expert label per state
+    np.testing.assert_array_equal(out.get_observations()["image"], ep.get_observations()["image"])
+    with pytest.raises(ValueError, match="expert_beta"):
+        ExpertMixing(gym.make(LANGREACH), expert_beta=2.0)
+    env.close()
+
+
+@pytest.mark.slow
+def test_dagger_two_iterations_with_two_env_runners(ray_session, tmp_path):
+    spec = resolve(
+        "langreach-dagger",
+        {
+            "training": {"rollout_steps": 200, "updates_per_iteration": 2},
+            "env_runners": {"num_envs_per_env_runner": 2},
+            "eval_episodes": 2,
+        },
+    )
+    assert spec.settings["env_runners"]["num_env_runners"] == 2
+    summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["success_rate"] is not None for r in rows)  # evaluation episodes every iteration
+    assert rows[1]["env_steps"] >= 400 and np.isfinite(rows[1]["learner"]["total_loss"])
+    assert summary["last_checkpoint"].endswith("last")

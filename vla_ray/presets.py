@@ -88,6 +88,18 @@ PRESETS: dict[str, Preset] = {
             stop=dict(iters=500),
             eval_episodes=20,
         ),
+        Preset(
+            name="langreach-dagger",
+            algorithm="dagger",
+            env="vla_ray/LangReach-v0",
+            description="DAgger with the scripted expert relabelling every visited state",
+            env_config=dict(expert_beta=1.0),
+            model=dict(TINY_VLA, vision_skip=True, head="gaussian", value="none"),
+            training=dict(lr=1e-3, rollout_steps=1000, updates_per_iteration=50),
+            env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+            stop=dict(iters=30),
+            eval_episodes=20,
+        ),
     ]
 }
 

@@ -130,7 +130,9 @@ def resolve(
     settings.update(seed=0, checkpoint_every=10, checkpoint_metric="success_rate")
     offline = bool(getattr(algo, "OFFLINE", False))
     if offline:
-        settings.update(data=None, eval_every=25, eval_episodes=p.eval_episodes)
+        settings["data"] = None
+    if _evaluates(algo):
+        settings.update(eval_every=25 if offline else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
     if data is not None:
         settings["data"] = str(data)
@@ -173,7 +175,15 @@ class _EnvCreator:
 
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
 
-        return gym.make(self.env_id, **dict(env_config or {}))
+        kwargs = dict(env_config or {})
+        # ``expert_beta`` (DAgger) is not an env argument: it wraps the env in ExpertMixing
+        beta = kwargs.pop("expert_beta", None)
+        env = gym.make(self.env_id, **kwargs)
+        if beta is not None:
+            from vla_ray.envs.experts import ExpertMixing
+
+            env = ExpertMixing(env, expert_beta=beta)
+        return env
 
 
 def build_algorithm_config(spec: RunSpec):
@@ -216,13 +226,23 @@ def build_algorithm_config(spec: RunSpec):
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
         )
+    if _evaluates(algo_mod):
+        eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
         cfg.evaluation(
             evaluation_interval=int(s["eval_every"]),
             evaluation_duration=int(s["eval_episodes"]),
             evaluation_duration_unit="episodes",
-            evaluation_num_env_runners=int(s["env_runners"].get("num_env_runners", 0)),
+            # the driver's EnvRunner evaluates: remote runners are busy sampling (or absent)
+            evaluation_num_env_runners=0,
+            evaluation_config={"env_config": eval_env, "explore": False},
         )
     return cfg
+
+
+def _evaluates(algo_mod) -> bool:
+    """Algorithms whose training episodes do not measure the policy (offline data, or DAgger's
+    expert mixing) report deterministic evaluation episodes instead."""
+    return bool(getattr(algo_mod, "OFFLINE", False) or getattr(algo_mod, "EVALUATE", False))
 
 
 def _check_offline_model(model: dict[str, Any]) -> None:
@@ -250,7 +270,7 @@ def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]
     """The numbers a person watches, from an RLlib result dict.
 
     With ``evaluated`` (an iteration that ran evaluation episodes), the episode numbers are the
-    evaluation's: offline algorithms sample no training episodes.
+    evaluation's (offline algorithms sample no training episodes; DAgger's mix in the expert).
     """
     runners = result.get("env_runners", {}) or {}
     evaluation = (result.get("evaluation") or {}).get("env_runners") or {}
@@ -368,7 +388,7 @@ def train(
 
     init_ray(num_cpus)
     algo = build_algorithm_config(spec).build_algo()
-    offline = bool(getattr(get_algorithm(spec.algorithm), "OFFLINE", False))
+    evaluates = _evaluates(get_algorithm(spec.algorithm))
     ckpt_dir = out / "checkpoints"
     metric = spec.settings["checkpoint_metric"]
     best_value = -math.inf
@@ -393,7 +413,7 @@ def train(
             result = algo.train()
             it += 1
             row = summarize(
-                result, evaluated=offline and it % int(spec.settings["eval_every"]) == 0
+                result, evaluated=evaluates and it % int(spec.settings["eval_every"]) == 0
             )
             now = time.time()
             steps = row["env_steps"]

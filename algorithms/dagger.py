@@ -1,0 +1,218 @@
+"""DAgger (Ross et al., 2011) as an RLlib algorithm with the VLA module.
+
+Each iteration: roll out on the EnvRunners, where every step is taken by the expert with
+probability ``beta`` (decaying by ``beta_decay`` per iteration) and by the current policy
+otherwise; relabel every visited state with the expert's action (the env reports it as
+``info["expert_action"]``); add the relabelled steps to the aggregate dataset; train the policy
+on samples of the whole aggregate with the head's behaviour-cloning loss; sync the weights.
+
+The expert is the env's privileged scripted expert (``vla_ray.envs.experts``); the env is
+wrapped in ``ExpertMixing`` through ``env_config["expert_beta"]``, set by the algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
+
+from vla_ray.algorithms.bc import VLABCLearner
+from vla_ray.config import ACTION_HEADS
+
+NAME = "dagger"
+HEADS = ACTION_HEADS
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    train_batch_size_per_learner=256,
+    grad_clip=1.0,
+    beta=1.0,
+    beta_decay=0.5,
+    rollout_steps=1000,
+    updates_per_iteration=50,
+    max_dataset_steps=200_000,
+)
+MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
+EXPERT_LABEL = "expert_action"
+# Training episodes mix in the expert: success is measured on evaluation episodes instead.
+EVALUATE = True
+
+
+def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation episodes are the policy's alone (no expert actions)."""
+    return {**env_config, "expert_beta": 0.0}
+
+
+# -- config -------------------------------------------------------------------------------------
+class DAggerConfig(AlgorithmConfig):
+    """DAgger settings: beta schedule, rollout size, updates per iteration, dataset cap."""
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or DAgger)
+        self.lr = 1e-3
+        self.train_batch_size_per_learner = 256
+        self.beta = 1.0
+        self.beta_decay = 0.5
+        self.rollout_steps = 1000
+        self.updates_per_iteration = 50
+        self.max_dataset_steps = 200_000
+
+    def training(
+        self,
+        *,
+        beta: float = NotProvided,
+        beta_decay: float = NotProvided,
+        rollout_steps: int = NotProvided,
+        updates_per_iteration: int = NotProvided,
+        max_dataset_steps: int = NotProvided,
+        **kwargs,
+    ) -> DAggerConfig:
+        super().training(**kwargs)
+        for name, value in dict(
+            beta=beta,
+            beta_decay=beta_decay,
+            rollout_steps=rollout_steps,
+            updates_per_iteration=updates_per_iteration,
+            max_dataset_steps=max_dataset_steps,
+        ).items():
+            if value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.beta <= 1.0:
+            self._value_error(f"beta: must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.beta_decay <= 1.0:
+            self._value_error(f"beta_decay: must be in [0, 1], got {self.beta_decay}")
+        for name in ("rollout_steps", "updates_per_iteration", "max_dataset_steps"):
+            if int(getattr(self, name)) < 1:
+                self._value_error(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def get_default_learner_class(self):
+        return VLABCLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from vla_ray.rl_module import VLAModule
+
+        return RLModuleSpec(module_class=VLAModule)
+
+
+def make_config() -> DAggerConfig:
+    """A fresh DAgger config; the caller adds env, module and runners."""
+    return DAggerConfig().environment(env_config={"expert_beta": 1.0})
+
+
+# -- relabelling and the aggregate dataset --------------------------------------------------------
+def relabel(episode: SingleAgentEpisode) -> SingleAgentEpisode:
+    """The episode's visited states with the expert's actions as the actions (for BC)."""
+    n = len(episode)
+    infos = episode.get_infos()  # n + 1: info of every observation
+    try:
+        labels = np.stack([np.asarray(infos[t][EXPERT_LABEL], np.float32) for t in range(n)])
+    except KeyError:
+        raise ValueError(
+            f"DAgger: the env must report info[{EXPERT_LABEL!r}] (the expert's action) at reset "
+            "and every step"
+        ) from None
+    obs = episode.get_observations()  # n + 1 observations (dict of arrays for Dict spaces)
+    if isinstance(obs, dict):
+        observations = [{k: np.asarray(v[t]) for k, v in obs.items()} for t in range(n + 1)]
+    else:
+        observations = list(obs)
+    out = SingleAgentEpisode(
+        observations=observations,
+        actions=list(labels),
+        rewards=list(episode.get_rewards()),
+        infos=[{} for _ in range(n + 1)],
+        terminated=episode.is_terminated,
+        truncated=episode.is_truncated,
+        len_lookback_buffer=0,
+        observation_space=episode.observation_space,
+        action_space=episode.action_space,
+    )
+    return out.to_numpy()
+
+
+def beta_at(iteration: int, beta: float, decay: float) -> float:
+    """The expert's share of the actions at ``iteration`` (0-based): ``beta * decay**i``."""
+    return float(beta * decay**iteration)
+
+
+# -- training step ------------------------------------------------------------------------------
+class DAgger(Algorithm):
+    """Dataset aggregation with an expert that labels every visited state."""
+
+    @classmethod
+    def get_default_config(cls) -> DAggerConfig:
+        return DAggerConfig()
+
+    def setup(self, config) -> None:
+        super().setup(config)
+        self._dataset: list[SingleAgentEpisode] = []
+        self._dataset_steps = 0
+        self._rng = np.random.default_rng(self.config.seed)
+
+    def _set_beta(self, beta: float) -> None:
+        def set_beta(runner):
+            if runner.env is not None:  # the local runner has no env when remote ones sample
+                runner.env.env.set_attr("expert_beta", beta)
+
+        self.env_runner_group.foreach_env_runner(set_beta, local_env_runner=True)
+
+    def training_step(self) -> None:
+        cfg = self.config
+        beta = beta_at(self.iteration, cfg.beta, cfg.beta_decay)
+        self._set_beta(beta)
+        episodes, runner_results = synchronous_parallel_sample(
+            worker_set=self.env_runner_group,
+            max_env_steps=cfg.rollout_steps,
+            sample_timeout_s=cfg.sample_timeout_s,
+            _uses_new_env_runners=True,
+            _return_metrics=True,
+        )
+        if not episodes:
+            return
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        self.metrics.log_value("expert_beta", beta, window=1)
+
+        # aggregate (oldest episodes dropped beyond the cap)
+        for ep in episodes:
+            if len(ep) > 0:
+                self._dataset.append(relabel(ep))
+                self._dataset_steps += len(ep)
+        while self._dataset_steps > cfg.max_dataset_steps and len(self._dataset) > 1:
+            self._dataset_steps -= len(self._dataset.pop(0))
+        self.metrics.log_value("dataset_steps", self._dataset_steps, window=1)
+
+        # train on random episodes of the whole aggregate, ~train_batch_size steps per update
+        batch_size = cfg.train_batch_size_per_learner
+        for _ in range(int(cfg.updates_per_iteration)):
+            picked, steps = [], 0
+            while steps < batch_size:
+                ep = self._dataset[int(self._rng.integers(len(self._dataset)))]
+                picked.append(ep)
+                steps += len(ep)
+            results = self.learner_group.update(
+                episodes=picked,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
+                    )
+                },
+                num_epochs=1,
+                minibatch_size=batch_size,
+            )
+            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        self.env_runner_group.sync_weights(
+            from_worker_or_learner_group=self.learner_group, inference_only=True
+        )
