@@ -108,6 +108,7 @@ class VLAPolicy:
         self.shield = Shield(self.settings.shield, self.spec)
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
         # warm-up: the first call of a runtime allocates its buffers
         warm = self.parser.parse(_example_body(self.spec))
         self.backend.predict(warm.inputs)
@@ -115,6 +116,9 @@ class VLAPolicy:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         batch = {k: np.concatenate([it[k] for it in items]) for k in items[0]}
+        self.stats["requests"] += len(items)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         out = await asyncio.to_thread(self.backend.predict, batch)
         return list(out)
 
@@ -172,12 +176,13 @@ class VLAPolicy:
             }
         )
 
-    @app.get("/v1/health", summary="Liveness and the model version")
+    @app.get("/v1/health", summary="Liveness, model version and this replica's batching counters")
     async def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "model_version": self.spec["model_version"],
             "backend": self.backend.name,
+            **self.stats,
         }
 
     @app.get("/v1/spec", responses={401: _ERRORS[401]}, summary="Model, shield and serving spec")

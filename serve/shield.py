@@ -106,7 +106,7 @@ class Shield:
         value = default if given is None else given
         if np.isscalar(value):
             value = [float(value)] * dim
-        arr = np.asarray(value, dtype=np.float32)
+        arr = np.asarray(value, dtype=np.float64)
         if arr.shape != (dim,):
             raise ShieldConfigError(f"shield.{name}: expected {dim} values, got {list(value)}")
         return arr
@@ -138,7 +138,7 @@ class Shield:
                     report["rate_limited"] |= bool(np.any(limited != x[k]))
                     x[k] = limited
                 prev = x[k]
-        clamped = np.clip(x, self.low, self.high)
+        clamped = np.clip(x, self.low, self.high).astype(np.float32)
         report["clamped"] = bool(np.any(clamped != x))
         x = clamped
         if self.workspace is not None and state is not None:
