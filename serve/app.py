@@ -218,9 +218,11 @@ def build_app(
     autoscaling: tuple[int, int] | None = None,
     replica_cpus: float = 1.0,
     max_ongoing_requests: int | None = None,
+    access_log: bool = True,
 ):
     """The bound Serve application for ``settings``; checks the model and shield here first,
-    so a bad setting is a clear error in the caller rather than a failing replica."""
+    so a bad setting is a clear error in the caller rather than a failing replica.
+    ``access_log=False`` drops Serve's per-request log line (costs CPU at high request rates)."""
     folder = resolve_model_dir(settings.model, settings.backend)
     settings = ServeSettings(**{**asdict(settings), "model": str(Path(settings.model).resolve())})
     if (folder / "spec.json").is_file():
@@ -233,6 +235,8 @@ def build_app(
         "ray_actor_options": {"num_cpus": float(replica_cpus)},
         "max_ongoing_requests": int(max_ongoing_requests or max(64, 4 * settings.max_batch_size)),
     }
+    if not access_log:
+        options["logging_config"] = {"enable_access_log": False}
     if autoscaling is not None:
         lo, hi = autoscaling
         if not 0 <= lo <= hi or hi < 1:

@@ -141,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_replicas=args.replicas,
         autoscaling=_parse_autoscale(args.autoscale),
         replica_cpus=args.replica_cpus,
+        access_log=not args.no_access_log,
     )
     import ray
     from ray import serve
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", help="require this X-API-Key header (default: $VLA_RAY_API_KEY)")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20)
     v.add_argument("--max-instruction-chars", type=int, default=512)
+    v.add_argument("--no-access-log", action="store_true", help="no log line per request")
     v.set_defaults(fn=cmd_serve)
 
     q = sub.add_parser("quickstart", help="train langreach-ppo, evaluate, export and serve")
