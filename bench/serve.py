@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--direct-batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--direct-seconds", type=float, default=3.0)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default="serve", help="results file: OUT/NAME.json")
     args = parser.parse_args()
 
     from vla_ray.export import export
@@ -328,14 +329,16 @@ def main() -> None:
             f"--replicas {args.replicas} --max-batch-size {args.max_batch_size} "
             f"--batch-wait-ms {args.batch_wait_ms:g} "
             f"--chunk-sizes {' '.join(map(str, args.chunk_sizes))} --out {args.out}"
+            + (f" --name {args.name}" if args.name != "serve" else "")
         ),
+        serve_env={k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         versions={"ray": ray.__version__, "torch": torch.__version__, **_versions()},
         model="langreach-ppo policy config, random init (timing does not depend on weights)",
         direct=direct,
         serve=served,
     )
-    (out / "serve.json").write_text(json.dumps(record, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
 
     print(f"\n{'runtime':<32} {'batch':>5} {'ms/call':>9} {'actions/s':>10} {'vs eager':>8}")
     for r in direct:
@@ -352,7 +355,7 @@ def main() -> None:
             f"{r['backend']:<7} {r['chunk_size']:>3} {r['concurrency']:>5} {r['p50_ms']:>8.2f} "
             f"{r['p99_ms']:>8.2f} {r['requests_per_s']:>8.1f} {r['actions_per_s']:>10.1f}"
         )
-    print(f"\nwrote {out / 'serve.json'}")
+    print(f"\nwrote {out / f'{args.name}.json'}")
 
 
 def _versions() -> dict[str, str]:

@@ -11,6 +11,7 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 import asyncio
 import hmac
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from vla_ray.serve.schema import (
 from vla_ray.serve.shield import Shield
 
 API_KEY_HEADER = "X-API-Key"
+logger = logging.getLogger("ray.serve")
 APP_NAME = "vla"
 
 app = FastAPI(
@@ -162,6 +164,10 @@ class VLAPolicy:
             parsed = self.parser.parse(await self._read_body(request))
         except RequestError as err:
             return JSONResponse(err.payload(), status_code=err.status)
+        except Exception as err:  # a parser gap must not become a 500: it is still bad input
+            logger.exception("unexpected error while parsing a /v1/act body")
+            payload = RequestError(422, "body", f"could not be read ({err})").payload()
+            return JSONResponse(payload, status_code=422)
         chunk = await self._batched(parsed.inputs)
         actions, report = self.shield.apply(chunk, parsed.state, parsed.previous_action)
         return JSONResponse(

@@ -210,6 +210,8 @@ class RequestParser:
             raise RequestError(
                 422, "image", "base64 decodes to bytes that are not a PNG or JPEG image"
             ) from None
+        except Exception as err:  # e.g. PIL's DecompressionBombError
+            raise RequestError(422, "image", f"unreadable image ({err})") from None
         if img.format not in ("PNG", "JPEG"):
             raise RequestError(422, "image", f"expected PNG or JPEG, got {img.format}")
         w, h = img.size
@@ -230,7 +232,7 @@ class RequestParser:
             )
         try:
             return np.asarray(img, dtype=np.uint8)
-        except OSError as err:
+        except Exception as err:
             raise RequestError(422, "image", f"truncated or corrupt image data ({err})") from None
 
     # ---- whole body ----------------------------------------------------------------------------
