@@ -270,6 +270,7 @@ def main() -> None:
     from vla_ray.export import export
     from vla_ray.train import init_ray
 
+    load_before = os.getloadavg()
     obs = observations()
     work = Path(tempfile.mkdtemp(prefix="vla-serve-bench-"))
     exports = {}
@@ -332,6 +333,8 @@ def main() -> None:
             + (f" --name {args.name}" if args.name != "serve" else "")
         ),
         serve_env={k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
+        # other work on the machine during the run (1-minute load average before and after)
+        loadavg_1min=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         versions={"ray": ray.__version__, "torch": torch.__version__, **_versions()},
         model="langreach-ppo policy config, random init (timing does not depend on weights)",
