@@ -8,7 +8,6 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
 # inside replicas that unpickle this class by value.
 
-import asyncio
 import hmac
 import json
 import logging
@@ -121,8 +120,9 @@ class VLAPolicy:
         self.stats["requests"] += len(items)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-        out = await asyncio.to_thread(self.backend.predict, batch)
-        return list(out)
+        # called inline: Serve already runs this code on its own event-loop thread, and a
+        # thread hand-off per batch costs more than the model (~0.3 ms for the default policy)
+        return list(self.backend.predict(batch))
 
     def _authorize(self, key: str | None) -> None:
         expected = self.settings.api_key
