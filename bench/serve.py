@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Ray starts its worker processes (Serve's proxy and replicas included) at niceness 15 by
+# default; a latency benchmark runs them at normal priority like the client.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 ENV = "vla_ray/LangReach-v0"
 

@@ -11,6 +11,7 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -274,6 +275,8 @@ def start(
     from vla_ray.train import init_ray
 
     application = build_app(settings, **app_options)
+    # a server's replicas run at normal priority (Ray's default worker niceness is 15)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray()
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(application, name=name, route_prefix="/")
