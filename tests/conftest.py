@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Serve gives its HTTP proxy 5-10 s to report ready; on a loaded 2-core machine that is not
+# always enough. Read by the Serve controller, which inherits this environment.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
