@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Serve gives its HTTP proxy 5-10 s to report ready; on a loaded 2-core machine that is not
+# always enough. Read by the Serve controller, which inherits this environment.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,3 +46,48 @@ def langreach_obs_batch():
     obs = [env.reset(seed=s)[0] for s in range(8)]
     env.close()
     return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+
+
+@pytest.fixture(scope="session")
+def tiny_vla(langreach_spaces):
+    """An untrained LangReach VLA of the langreach-ppo model config, built from the env's spaces
+    like RLlib builds it. The Gaussian head's output layer is re-drawn at unit scale so the
+    actions are O(1) (some beyond the [-1, 1] bounds): parity and clamping are then visible."""
+    import torch
+
+    from vla_ray.presets import get_preset
+    from vla_ray.rl_module import VLAModule
+
+    torch.manual_seed(0)
+    obs_space, act_space = langreach_spaces
+    module = VLAModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config=get_preset("langreach-ppo").model,
+        inference_only=True,
+    )
+    vla = module.vla.eval()
+    last = vla.head.net[-1]
+    with torch.no_grad():
+        last.weight.normal_(0.0, 8.0 / last.in_features**0.5)
+        last.bias.normal_(0.0, 0.5)
+    return vla
+
+
+@pytest.fixture(scope="session")
+def tiny_vla_dir(tiny_vla, tmp_path_factory):
+    """``tiny_vla`` as a save_pretrained directory."""
+    return tiny_vla.save_pretrained(tmp_path_factory.mktemp("tiny") / "vla")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_vla_dir, tmp_path_factory):
+    """``tiny_vla`` exported to every format (openvino when the package is installed)."""
+    import importlib.util
+
+    from vla_ray.export import EXPORT_FORMATS, export
+
+    formats = [f for f in EXPORT_FORMATS if f != "openvino" or importlib.util.find_spec("openvino")]
+    out = tmp_path_factory.mktemp("export") / "export"
+    export(tiny_vla_dir, formats, out, progress=None)
+    return out

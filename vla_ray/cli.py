@@ -1,4 +1,4 @@
-"""The ``vla-ray`` command line: list, train, tune, eval, quickstart."""
+"""The ``vla-ray`` command line: list, collect, train, tune, eval, export, serve, quickstart."""
 
 from __future__ import annotations
 
@@ -123,6 +123,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vla_ray.export import export
+
+    summary = export(
+        args.checkpoint,
+        args.format,
+        args.output,
+        triton_max_batch_size=args.triton_max_batch_size,
+        opset=args.opset,
+    )
+    print(f"model version {summary['model_version']} -> {summary['output']}")
+    for fmt, row in summary["formats"].items():
+        print(
+            f"  {fmt:<12} {row['model_file']:<28} max |diff| {row['max_abs_diff']:.2e} "
+            f"(tolerance {row['tolerance']:.0e})"
+        )
+    print(f"serve it: vla-ray serve --model {summary['output']}")
+    return 0
+
+
+def _parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"--autoscale {text!r}: expected MIN:MAX, e.g. 1:4")
+    return int(lo), int(hi)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vla_ray.serve.app import ServeSettings, start
+
+    shield: dict[str, Any] = json.loads(args.shield) if args.shield else {}
+    if args.max_delta is not None:
+        shield["max_delta"] = args.max_delta
+    if args.workspace:
+        shield["workspace"] = json.loads(args.workspace)
+    settings = ServeSettings(
+        model=args.model,
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        threads=args.threads,
+        shield=shield or None,
+        api_key=args.api_key or os.environ.get("VLA_RAY_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_instruction_chars=args.max_instruction_chars,
+    )
+    options = dict(
+        num_replicas=args.replicas,
+        autoscaling=_parse_autoscale(args.autoscale),
+        replica_cpus=args.replica_cpus,
+        access_log=not args.no_access_log,
+    )
+    import ray
+    from ray import serve
+
+    # start() checks the model and the settings before it starts Ray or Serve
+    url = start(settings, host=args.host, port=args.port, **options)
+    print(f"serving {args.model} ({args.backend}) at {url}")
+    print(f"  POST {url}/v1/act   GET {url}/v1/health   GET {url}/v1/spec   docs {url}/docs")
+    if settings.api_key:
+        print("  requests need the X-API-Key header")
+    print("Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
     from vla_ray.evaluate import evaluate, load_policy
@@ -131,7 +206,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     output = Path(args.output or _default_output("quickstart"))
     overrides: dict[str, Any] = {}
     if args.demos > 0:
-        print(f"quickstart 1/3: {args.demos} expert demonstrations on LangReach -> {output}/demos")
+        print(f"quickstart 1: {args.demos} expert demonstrations on LangReach -> {output}/demos")
         collect(
             "vla_ray/LangReach-v0",
             "expert",
@@ -139,7 +214,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             output / "demos",
             progress=not args.quiet,
         )
-        print(f"quickstart 2/3: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
+        print(f"quickstart 2: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
         bc_spec = resolve(
             "langreach-bc",
             {"eval_every": max(1, args.bc_iters // 4), "eval_episodes": 10},
@@ -149,7 +224,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         bc_ckpt = Path(bc.get("best_checkpoint", bc["last_checkpoint"]))
         overrides = {"model": {"pretrained_path": str(bc_ckpt / "vla")}}
     print(
-        f"quickstart {'3/3' if args.demos > 0 else '1/1'}: PPO "
+        f"quickstart {'3' if args.demos > 0 else '1'}: PPO "
         f"{'from the BC policy ' if overrides else ''}on an embedded local Ray for "
         f"{args.minutes:g} min (CPU) -> {output}/ppo"
     )
@@ -162,6 +237,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"checkpoint (RLlib): {ckpt}")
     print(f"policy (save_pretrained): {Path(ckpt) / 'vla'}")
     print(f"evaluate again: vla-ray eval --checkpoint {ckpt} --episodes 100 --video eval.mp4")
+    if not args.no_serve:
+        quickstart_serve_stage(ckpt, Path(output) / "export", progress=not args.quiet)
     return 0
 
 
@@ -195,6 +272,25 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="log to MLflow at this tracking URI (e.g. sqlite:///mlflow.db)",
     )
+
+
+def quickstart_serve_stage(
+    checkpoint: str | Path, export_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
+    """Quickstart's last stage: export to ONNX, start the endpoint, send one real request."""
+    from vla_ray.serve.client import serve_demo
+
+    print(f"quickstart: exporting {checkpoint} and serving it for one request")
+    result = serve_demo(checkpoint, export_dir, progress=progress)
+    answer = result["answer"]
+    print(
+        f"endpoint answered: action {[round(a, 4) for a in answer['action']]} for "
+        f"{result['instruction']!r} (model {answer['model_version']}, "
+        f"{answer['latency_ms']:.1f} ms server-side)"
+    )
+    print(f"export: {export_dir}")
+    print(f"serve it yourself: vla-ray serve --model {export_dir} --port 8000")
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,8 +357,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
+    x = sub.add_parser("export", help="export a policy (ONNX, TorchScript, OpenVINO, Triton)")
+    x.add_argument("--checkpoint", required=True, help="RLlib checkpoint or save_pretrained dir")
+    x.add_argument(
+        "--format",
+        default="onnx",
+        help="comma-separated: onnx, torchscript, onnx-int8, onnx-fp16, openvino, triton",
+    )
+    x.add_argument("--output", required=True, help="export folder (replaced atomically)")
+    x.add_argument("--triton-max-batch-size", type=int, default=64)
+    x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    x.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("serve", help="serve an exported policy over HTTP with Ray Serve")
+    v.add_argument("--model", required=True, help="export folder (or one format folder)")
+    v.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    scale = v.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1)
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX")
+    v.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
+    v.add_argument("--threads", type=int, default=1, help="intra-op threads per replica")
+    v.add_argument("--max-batch-size", type=int, default=32)
+    v.add_argument("--batch-wait-ms", type=float, default=2.0, help="batching window")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-delta", type=float, help="shield: max change per action dim per step")
+    v.add_argument(
+        "--workspace",
+        help='shield: JSON {"state_indices": [0, 1], "low": [-0.95, -0.95], "high": [0.95, 0.95]}',
+    )
+    v.add_argument("--shield", help='shield: JSON settings, e.g. {"low": -0.5, "high": 0.5}')
+    v.add_argument("--api-key", help="require this X-API-Key header (default: $VLA_RAY_API_KEY)")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    v.add_argument("--max-instruction-chars", type=int, default=512)
+    v.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    v.set_defaults(fn=cmd_serve)
+
     q = sub.add_parser(
-        "quickstart", help="expert demos -> behaviour cloning -> PPO on LangReach, then evaluate"
+        "quickstart",
+        help="expert demos -> behaviour cloning -> PPO on LangReach, evaluate, export and serve",
     )
     q.add_argument("--minutes", type=float, default=8.0, help="PPO wall-clock minutes")
     q.add_argument(
@@ -272,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--episodes", type=int, default=50)
     q.add_argument("--output")
     q.add_argument("--quiet", action="store_true")
+    q.add_argument(
+        "--no-serve", action="store_true", help="skip the last stage (export + one HTTP request)"
+    )
     q.set_defaults(fn=cmd_quickstart)
     return parser
 
@@ -281,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"vla-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,12 +17,22 @@ ObsDict = dict[str, np.ndarray]
 
 
 class Policy:
-    """Deterministic action computation for batched observation dicts, from either source."""
+    """Deterministic action computation for batched observation dicts, from either source.
 
-    def __init__(self, act_fn: Callable[[ObsDict], np.ndarray], meta: dict[str, Any], source: str):
+    ``model`` is the underlying ``VLA`` (for export and serving).
+    """
+
+    def __init__(
+        self,
+        act_fn: Callable[[ObsDict], np.ndarray],
+        meta: dict[str, Any],
+        source: str,
+        model: torch.nn.Module | None = None,
+    ):
         self._act = act_fn
         self.meta = meta
         self.source = source
+        self.model = model
 
     def __call__(self, obs: ObsDict) -> np.ndarray:
         """Batched observations -> actions (B, action space dims)."""
@@ -51,7 +61,7 @@ def load_policy(path: str | Path) -> Policy:
         def act_vla(obs: ObsDict) -> np.ndarray:
             return vla.predict(obs, deterministic=True).flatten(1).cpu().numpy()
 
-        return Policy(act_vla, meta, "save_pretrained")
+        return Policy(act_vla, meta, "save_pretrained", model=vla)
 
     module_dir = path / MODULE_SUBDIR if (path / MODULE_SUBDIR).is_dir() else path
     if (
@@ -81,7 +91,7 @@ def load_policy(path: str | Path) -> Policy:
         dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS]).to_deterministic()
         return dist.sample().cpu().numpy()
 
-    return Policy(act_module, meta, "rllib")
+    return Policy(act_module, meta, "rllib", model=module.vla)
 
 
 def evaluate(

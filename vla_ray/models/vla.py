@@ -208,13 +208,25 @@ class VLATrunk(nn.Module):
 
     # ---- full trunk ---------------------------------------------------------------------------
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Features (B, F); each distinct instruction prefix is encoded once (and memoised)."""
+        validate_observation(obs, self.config)
+        prefix = self.prefix(obs["instruction"], obs["instruction_mask"].long())
+        return self._suffix(obs, prefix)
+
+    def forward_functional(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The same features as ``forward`` as a plain function of the inputs: every row's
+        prefix is encoded in the graph, with no deduplication and no memo (for export)."""
+        mask = obs["instruction_mask"].long()
+        prefix = self._encode_prefix(obs["instruction"].long() * mask, mask)
+        return self._suffix(obs, prefix)
+
+    def _suffix(self, obs: Mapping[str, torch.Tensor], prefix: Prefix) -> torch.Tensor:
+        """Vision, state and action-query tokens run over the encoded prefix -> features."""
         from transformers import DynamicCache
 
-        validate_observation(obs, self.config)
         image = obs["image"]
-        ids, mask = obs["instruction"], obs["instruction_mask"].long()
+        mask = obs["instruction_mask"].long()
         B = image.shape[0]
-        prefix = self.prefix(ids, mask)
         context = prefix.context.to(image.device)
         tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
         vis = self.projector(tokens, context)

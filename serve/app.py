@@ -1,0 +1,288 @@
+"""The Ray Serve deployment: a FastAPI ingress over a batched policy backend.
+
+Routes: ``POST /v1/act`` (one observation -> shielded action chunk), ``GET /v1/health``,
+``GET /v1/spec`` (model spec, shield and serving settings), OpenAPI docs at ``/docs``.
+Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model call per batch.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
+# inside replicas that unpickle this class by value.
+
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from ray import serve
+
+from vla_ray.serve.backends import load_backend, resolve_model_dir
+from vla_ray.serve.schema import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INSTRUCTION_CHARS,
+    ActRequest,
+    ActResponse,
+    ErrorResponse,
+    RequestError,
+    RequestParser,
+)
+from vla_ray.serve.shield import Shield
+
+API_KEY_HEADER = "X-API-Key"
+logger = logging.getLogger("ray.serve")
+APP_NAME = "vla"
+
+app = FastAPI(
+    title="vla-ray policy endpoint",
+    description="Vision-language-action policy served with Ray Serve: POST an observation "
+    "(image, instruction, state) to /v1/act and get the shielded action chunk back.",
+    version="1",
+)
+_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "body is not JSON"),
+        (401, "missing or wrong API key"),
+        (413, "body too large"),
+        (422, "invalid field (named in the answer)"),
+    )
+}
+
+
+@dataclass
+class ServeSettings:
+    """What every replica needs (JSON-serialisable: it travels to the replicas)."""
+
+    model: str
+    backend: str = "onnx"
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002
+    threads: int = 1
+    shield: dict[str, Any] | None = None
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS
+
+
+def _example_body(spec: dict[str, Any]) -> bytes:
+    """A valid request body for ``spec`` (grey image, zero state): warm-up and health checks.
+
+    Defined above ``VLAPolicy``: Serve pickles the deployment class by value when it is declared.
+    """
+
+    shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
+    h, w = shapes["image"][1:3]
+    body: dict[str, Any] = {
+        "image": np.full((h, w, 3), 128, np.uint8).tolist(),
+        "instruction": "go",
+    }
+    if "state" in shapes:
+        body["state"] = [0.0] * int(shapes["state"][1])
+    return json.dumps(body).encode()
+
+
+@serve.deployment(name="VLAPolicy")
+@serve.ingress(app)
+class VLAPolicy:
+    """One replica: backend + request parser + shield, behind the FastAPI routes."""
+
+    def __init__(self, settings: dict[str, Any], scaling: dict[str, Any] | None = None):
+        self.settings = ServeSettings(**settings)
+        self.scaling = scaling or {}
+        self.backend = load_backend(
+            self.settings.model, self.settings.backend, self.settings.threads
+        )
+        self.spec = self.backend.spec
+        self.parser = RequestParser(
+            self.spec,
+            self.backend.tokenizer,
+            self.settings.max_body_bytes,
+            self.settings.max_instruction_chars,
+        )
+        self.shield = Shield(self.settings.shield, self.spec)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        # warm-up: the first call of a runtime allocates its buffers
+        warm = self.parser.parse(_example_body(self.spec))
+        self.backend.predict(warm.inputs)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        batch = {k: np.concatenate([it[k] for it in items]) for k in items[0]}
+        self.stats["requests"] += len(items)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        # called inline: Serve already runs this code on its own event-loop thread, and a
+        # thread hand-off per batch costs more than the model (~0.3 ms for the default policy)
+        return list(self.backend.predict(batch))
+
+    def _authorize(self, key: str | None) -> None:
+        expected = self.settings.api_key
+        if not expected:
+            return
+        if not key:
+            raise RequestError(401, API_KEY_HEADER, "header missing; this server needs an API key")
+        if not hmac.compare_digest(key.encode(), expected.encode()):
+            raise RequestError(401, API_KEY_HEADER, "wrong API key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit():
+            self.parser.check_size(int(declared))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            self.parser.check_size(len(body))
+        return bytes(body)
+
+    @app.post(
+        "/v1/act",
+        response_model=ActResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ActRequest.model_json_schema()}},
+            }
+        },
+        summary="Action chunk for one observation",
+    )
+    async def act(
+        self, request: Request, api_key: str | None = Security(_api_key_header)
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            self._authorize(api_key)
+            parsed = self.parser.parse(await self._read_body(request))
+        except RequestError as err:
+            return JSONResponse(err.payload(), status_code=err.status)
+        except Exception as err:  # a parser gap must not become a 500: it is still bad input
+            logger.exception("unexpected error while parsing a /v1/act body")
+            payload = RequestError(422, "body", f"could not be read ({err})").payload()
+            return JSONResponse(payload, status_code=422)
+        chunk = await self._batched(parsed.inputs)
+        actions, report = self.shield.apply(chunk, parsed.state, parsed.previous_action)
+        return JSONResponse(
+            {
+                "action": actions[0].tolist(),
+                "actions": actions.tolist(),
+                "chunk_size": int(actions.shape[0]),
+                "model_version": self.spec["model_version"],
+                "backend": self.backend.name,
+                "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                "shield": report,
+            }
+        )
+
+    @app.get("/v1/health", summary="Liveness, model version and this replica's batching counters")
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_version": self.spec["model_version"],
+            "backend": self.backend.name,
+            **self.stats,
+        }
+
+    @app.get("/v1/spec", responses={401: _ERRORS[401]}, summary="Model, shield and serving spec")
+    async def get_spec(self, api_key: str | None = Security(_api_key_header)) -> JSONResponse:
+        try:
+            self._authorize(api_key)
+        except RequestError as err:
+            return JSONResponse(err.payload(), status_code=err.status)
+        serving = {
+            k: v
+            for k, v in asdict(self.settings).items()
+            if k not in ("api_key", "shield", "model")
+        }
+        serving.update(api_key_required=bool(self.settings.api_key), **self.scaling)
+        return JSONResponse(
+            {
+                **self.spec,
+                "shield": self.shield.describe(),
+                "serving": serving,
+                "request_schema": ActRequest.model_json_schema(),
+            }
+        )
+
+    def check_health(self) -> None:
+        """Serve's replica health check: the backend must still answer."""
+        self.backend.predict(self.parser.parse(_example_body(self.spec)).inputs)
+
+
+def build_app(
+    settings: ServeSettings,
+    *,
+    num_replicas: int = 1,
+    autoscaling: tuple[int, int] | None = None,
+    replica_cpus: float = 1.0,
+    max_ongoing_requests: int | None = None,
+    access_log: bool = True,
+):
+    """The bound Serve application for ``settings``; checks the model and shield here first,
+    so a bad setting is a clear error in the caller rather than a failing replica.
+    ``access_log=False`` drops Serve's per-request log line (costs CPU at high request rates)."""
+    folder = resolve_model_dir(settings.model, settings.backend)
+    settings = ServeSettings(**{**asdict(settings), "model": str(Path(settings.model).resolve())})
+    if (folder / "spec.json").is_file():
+        from vla_ray.export import read_spec
+
+        Shield(settings.shield, read_spec(folder))  # raises ShieldConfigError on a bad setting
+    if settings.max_batch_size < 1:
+        raise ValueError(f"max_batch_size: expected >= 1, got {settings.max_batch_size}")
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": float(replica_cpus)},
+        "max_ongoing_requests": int(max_ongoing_requests or max(64, 4 * settings.max_batch_size)),
+    }
+    if not access_log:
+        options["logging_config"] = {"enable_access_log": False}
+    if autoscaling is not None:
+        lo, hi = autoscaling
+        if not 0 <= lo <= hi or hi < 1:
+            raise ValueError(f"autoscale: expected 0 <= MIN <= MAX, MAX >= 1; got {lo}:{hi}")
+        options["autoscaling_config"] = {
+            "min_replicas": lo,
+            "max_replicas": hi,
+            "initial_replicas": max(lo, 1),
+            "target_ongoing_requests": max(2, settings.max_batch_size // 2),
+        }
+        scaling = {"autoscaling": {"min_replicas": lo, "max_replicas": hi}}
+    else:
+        if num_replicas < 1:
+            raise ValueError(f"replicas: expected >= 1, got {num_replicas}")
+        options["num_replicas"] = int(num_replicas)
+        scaling = {"replicas": int(num_replicas)}
+    return VLAPolicy.options(**options).bind(asdict(settings), scaling)
+
+
+def start(
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = APP_NAME,
+    **app_options: Any,
+) -> str:
+    """Start Ray (if needed) and Serve on ``host:port`` with the app; returns its base URL."""
+    from vla_ray.train import init_ray
+
+    application = build_app(settings, **app_options)
+    # a server's replicas run at normal priority (Ray's default worker niceness is 15)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    init_ray()
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(application, name=name, route_prefix="/")
+    return f"http://{host}:{int(port)}"
+
+
+def shutdown() -> None:
+    """Stop every Serve application and the Serve instance (Ray itself keeps running)."""
+    serve.shutdown()

@@ -1,0 +1,128 @@
+"""Inference backends for the Serve app: onnxruntime over an exported ONNX model, or eager PyTorch.
+
+Both take batched model inputs (the names in the spec) and return action chunks (B, K, A).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_ray.export import (
+    ONNX_FAMILY,
+    PYTORCH_DIR,
+    SPEC_NAME,
+    SUMMARY_NAME,
+    OnnxRunner,
+    build_spec,
+    read_spec,
+    reference_actions,
+)
+
+BACKENDS = ("onnx", "torch")
+
+
+class BackendError(ValueError):
+    """The model folder does not fit the requested backend (the message says what would)."""
+
+
+def resolve_model_dir(model: str | Path, backend: str) -> Path:
+    """The folder a backend loads: an export root picks ``onnx/`` (onnx) or ``pytorch/`` (torch);
+    a format folder with a ``spec.json`` is used as is; the torch backend also takes a
+    ``save_pretrained`` folder or an RLlib checkpoint."""
+    if backend not in BACKENDS:
+        raise BackendError(
+            f"backend: unknown {backend!r}; valid backends are {', '.join(BACKENDS)}"
+        )
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model: {path} does not exist")
+    if (path / SUMMARY_NAME).is_file():
+        sub = path / ("onnx" if backend == "onnx" else PYTORCH_DIR)
+        if not (sub / SPEC_NAME).is_file():
+            raise BackendError(
+                f"model: the export {path} has no {sub.name}/ folder; export with "
+                f"--format onnx (onnx backend) or use --backend torch"
+            )
+        return sub
+    if (path / SPEC_NAME).is_file():
+        fmt = read_spec(path)["format"]
+        ok = fmt in ONNX_FAMILY if backend == "onnx" else fmt == PYTORCH_DIR
+        if not ok:
+            want = "onnx, onnx-int8, onnx-fp16 or triton" if backend == "onnx" else "pytorch"
+            raise BackendError(
+                f"model: {path} holds format {fmt!r}; the {backend} backend needs {want}"
+            )
+        return path
+    if backend == "torch":
+        return path  # a save_pretrained folder or RLlib checkpoint: load_policy decides
+    raise BackendError(
+        f"model: {path} is not an export (no {SUMMARY_NAME} or {SPEC_NAME}); run "
+        "`vla-ray export --checkpoint CKPT --format onnx --output DIR` first"
+    )
+
+
+class Backend:
+    """Loaded model + its spec + tokenizer; ``predict(inputs) -> (B, K, A)``."""
+
+    name: str
+    spec: dict[str, Any]
+    tokenizer: Any
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover
+
+
+class OnnxBackend(Backend):
+    """onnxruntime (CPU) over ``model.onnx`` of an ONNX-family export folder."""
+
+    name = "onnx"
+
+    def __init__(self, folder: Path, threads: int = 1):
+        from vla_ray.tokenizer import load_tokenizer
+
+        self.spec = read_spec(folder)
+        model_file = folder / self.spec["model_file"]
+        self.runner = OnnxRunner(model_file, threads=threads)
+        self.tokenizer = load_tokenizer(str(folder / self.spec["instruction"]["tokenizer"]))
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner(inputs)
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch ``VLA`` (memoised instruction prefix), from ``pytorch/`` or a checkpoint."""
+
+    name = "torch"
+
+    def __init__(self, folder: Path, threads: int = 1):
+        import torch
+
+        from vla_ray.evaluate import load_policy
+        from vla_ray.export import weights_version
+
+        torch.set_num_threads(int(threads))
+        policy = load_policy(folder)
+        self.vla = policy.model.cpu().float().eval()
+        self.tokenizer = self.vla.tokenizer
+        if (folder / SPEC_NAME).is_file():
+            self.spec = read_spec(folder)
+        else:
+            version = (
+                weights_version(folder, policy.meta)
+                if (folder / "model.safetensors").is_file()
+                else f"{policy.meta.get('preset') or 'vla'}-{policy.source}"
+            )
+            meta = {"model_version": version, "source": str(folder), "env": policy.meta.get("env")}
+            self.spec = build_spec(self.vla, PYTORCH_DIR, "model.safetensors", meta)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return reference_actions(self.vla, inputs)
+
+
+def load_backend(model: str | Path, backend: str = "onnx", threads: int = 1) -> Backend:
+    """Load ``model`` (see ``resolve_model_dir``) with ``backend`` (``onnx`` or ``torch``)."""
+    folder = resolve_model_dir(model, backend)
+    return OnnxBackend(folder, threads) if backend == "onnx" else TorchBackend(folder, threads)

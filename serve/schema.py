@@ -1,0 +1,287 @@
+"""Request/response schema of ``POST /v1/act`` and the request parser.
+
+The parser turns a raw body into model inputs (batch of one) or raises ``RequestError`` with an
+HTTP status and a message that names the offending field, the expected value and what was given:
+400 for a body that is not JSON, 413 for an oversized body, 422 for everything else (missing or
+extra fields, wrong types, NaN/inf, undecodable base64, wrong image size or channels, too-long
+instructions).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 64x64 image as a JSON list is ~50 kB
+DEFAULT_MAX_INSTRUCTION_CHARS = 512
+
+
+class ActRequest(BaseModel):
+    """Body of ``POST /v1/act``: one observation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | list[Any] = Field(
+        description="RGB image of the model's size (see /v1/spec): base64 PNG or JPEG "
+        "(a data: URL prefix is allowed), or a nested list H x W x 3 of integers 0-255",
+    )
+    instruction: Annotated[str, Strict()] = Field(
+        description="task instruction; at most the model's max_tokens tokens"
+    )
+    state: list[FiniteFloat] | None = Field(
+        default=None, description="proprioceptive state (required when the model takes one)"
+    )
+    previous_action: list[FiniteFloat] | None = Field(
+        default=None,
+        description="the action executed last (one step, A values): the shield's max_delta "
+        "limits the change from it",
+    )
+
+
+class ShieldReport(BaseModel):
+    """Which shield rules changed the model's action."""
+
+    rate_limited: bool
+    clamped: bool
+    workspace_blocked: bool
+
+
+class ActResponse(BaseModel):
+    """Answer of ``POST /v1/act``."""
+
+    action: list[float] = Field(description="the first step of the chunk (A values)")
+    actions: list[list[float]] = Field(description="the whole action chunk (K x A)")
+    chunk_size: int
+    model_version: str
+    backend: str
+    latency_ms: float = Field(description="server-side time from request to answer")
+    shield: ShieldReport
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer: a message naming the field, and the field."""
+
+    detail: str
+    field: str
+
+
+class RequestError(Exception):
+    """A request the server rejects: HTTP ``status``, the offending ``field`` and a message."""
+
+    def __init__(self, status: int, field: str, message: str, detail: str | None = None):
+        self.detail = detail or f"{field}: {message}"
+        super().__init__(self.detail)
+        self.status, self.field, self.message = status, field, message
+
+    def payload(self) -> dict[str, str]:
+        """The JSON body of the error answer."""
+        return {"detail": self.detail, "field": self.field}
+
+
+@dataclass
+class ParsedRequest:
+    """Model inputs for one observation (arrays with a batch axis of 1) + shield inputs."""
+
+    inputs: dict[str, np.ndarray]
+    state: np.ndarray | None
+    previous_action: np.ndarray | None
+
+
+class RequestParser:
+    """Validates ``/v1/act`` bodies against a model's spec and tokenizer."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        tokenizer: Any,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS,
+    ):
+        shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
+        self.height, self.width = int(shapes["image"][1]), int(shapes["image"][2])
+        self.state_dim = int(shapes["state"][1]) if "state" in shapes else 0
+        self.max_tokens = int(spec["instruction"]["max_tokens"])
+        self.action_dim = int(spec["action"]["dim"])
+        self.noise_dim = int(shapes["noise"][1]) if "noise" in shapes else None
+        self.tokenizer = tokenizer
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_instruction_chars = int(max_instruction_chars)
+        self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def check_size(self, size: int) -> None:
+        """413 when a body of ``size`` bytes is over the limit."""
+        if size > self.max_body_bytes:
+            raise RequestError(
+                413,
+                "body",
+                f"{size} bytes is over the limit of {self.max_body_bytes} bytes",
+            )
+
+    def _encode_uncached(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids)
+        row = np.zeros((1, self.max_tokens), dtype=np.int64)
+        mask = np.zeros((1, self.max_tokens), dtype=np.int64)
+        row[0, : min(n, self.max_tokens)] = ids[: self.max_tokens]
+        mask[0, : min(n, self.max_tokens)] = 1
+        return row, mask, n
+
+    def instruction(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask (1, L); 422 for empty, too long (chars or tokens)."""
+        if not text.strip():
+            raise RequestError(422, "instruction", "is empty; expected the task in words")
+        if len(text) > self.max_instruction_chars:
+            raise RequestError(
+                422,
+                "instruction",
+                f"{len(text)} characters, the limit is {self.max_instruction_chars}",
+            )
+        ids, mask, n = self._encode(text)
+        if n > self.max_tokens:
+            raise RequestError(
+                422,
+                "instruction",
+                f"{n} tokens, the model reads at most {self.max_tokens}; shorten it",
+            )
+        return ids, mask
+
+    def image(self, value: Any) -> np.ndarray:
+        """uint8 (1, H, W, 3) from base64 PNG/JPEG or a nested list; 422 naming the problem."""
+        want = f"{self.height}x{self.width}x3"
+        if isinstance(value, str):
+            arr = self._decode_image(value)
+        else:
+            try:
+                arr = np.asarray(value)
+            except ValueError:
+                raise RequestError(
+                    422, "image", f"nested list is ragged; expected {want} integers 0-255"
+                ) from None
+            if arr.dtype == object or arr.ndim != 3:
+                raise RequestError(
+                    422,
+                    "image",
+                    f"expected a nested list {want} of integers 0-255, got "
+                    f"{arr.ndim if arr.dtype != object else 'ragged'} nesting levels",
+                )
+            if arr.size and arr.dtype.kind not in "iu":
+                raise RequestError(
+                    422, "image", f"expected integers 0-255, got values of type {arr.dtype}"
+                )
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise RequestError(
+                    422,
+                    "image",
+                    f"values must be 0-255, got range {int(arr.min())}..{int(arr.max())}",
+                )
+        if arr.ndim == 3 and arr.shape[2] != 3:
+            raise RequestError(
+                422,
+                "image",
+                f"expected 3 channels (RGB), got {arr.shape[2]}; image must be {want}",
+            )
+        if arr.shape != (self.height, self.width, 3):
+            got = "x".join(str(s) for s in arr.shape)
+            raise RequestError(422, "image", f"expected size {want}, got {got}")
+        return np.ascontiguousarray(arr, dtype=np.uint8)[None]
+
+    def _decode_image(self, text: str) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(422, "image", f"not valid base64 ({err})") from None
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except (UnidentifiedImageError, OSError):
+            raise RequestError(
+                422, "image", "base64 decodes to bytes that are not a PNG or JPEG image"
+            ) from None
+        except Exception as err:  # e.g. PIL's DecompressionBombError
+            raise RequestError(422, "image", f"unreadable image ({err})") from None
+        if img.format not in ("PNG", "JPEG"):
+            raise RequestError(422, "image", f"expected PNG or JPEG, got {img.format}")
+        w, h = img.size
+        channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "I": 1, "I;16": 1, "F": 1}
+        if img.mode == "P":
+            img = img.convert("RGB")  # a palette image is an RGB image stored compactly
+        if img.mode != "RGB":
+            n = channels.get(img.mode, "?")
+            raise RequestError(
+                422,
+                "image",
+                f"expected 3 channels (RGB), got {n} (mode {img.mode}); "
+                f"image must be {self.height}x{self.width}x3",
+            )
+        if (h, w) != (self.height, self.width):
+            raise RequestError(
+                422, "image", f"expected size {self.height}x{self.width}x3, got {h}x{w}x3"
+            )
+        try:
+            return np.asarray(img, dtype=np.uint8)
+        except Exception as err:
+            raise RequestError(422, "image", f"truncated or corrupt image data ({err})") from None
+
+    # ---- whole body ----------------------------------------------------------------------------
+    def parse(self, body: bytes) -> ParsedRequest:
+        """Raw body -> ParsedRequest; RequestError otherwise."""
+        self.check_size(len(body))
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, "body", f"not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise RequestError(
+                422,
+                "body",
+                f"expected a JSON object with image, instruction, state; got {type(data).__name__}",
+            )
+        try:
+            req = ActRequest.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            messages = [
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
+            ]
+            field = str(first["loc"][0]) if first["loc"] else "body"
+            raise RequestError(422, field, first["msg"], detail="; ".join(messages)) from None
+        inputs: dict[str, np.ndarray] = {"image": self.image(req.image)}
+        state = None
+        if self.state_dim:
+            if req.state is None:
+                raise RequestError(422, "state", f"field required: {self.state_dim} finite numbers")
+            if len(req.state) != self.state_dim:
+                raise RequestError(
+                    422, "state", f"expected {self.state_dim} numbers, got {len(req.state)}"
+                )
+            state = np.asarray(req.state, dtype=np.float32)
+            inputs["state"] = state[None]
+        elif req.state is not None:
+            raise RequestError(422, "state", "this model takes no state; leave it out")
+        ids, mask = self.instruction(req.instruction)
+        inputs["instruction"], inputs["instruction_mask"] = ids, mask
+        if self.noise_dim is not None:
+            inputs["noise"] = np.zeros((1, self.noise_dim), dtype=np.float32)
+        previous = None
+        if req.previous_action is not None:
+            if len(req.previous_action) != self.action_dim:
+                raise RequestError(
+                    422,
+                    "previous_action",
+                    f"expected {self.action_dim} numbers (one step), got {len(req.previous_action)}",
+                )
+            previous = np.asarray(req.previous_action, dtype=np.float32)
+        return ParsedRequest(inputs, state, previous)

@@ -1,0 +1,255 @@
+"""Export: parity of every format with the PyTorch module, the spec and tokenizer beside each
+model, the Triton repository, the functional (cache-free) graph, diffusion noise input, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vla_ray.cli import main
+from vla_ray.config import VLAConfig
+from vla_ray.export import (
+    EXPORT_FORMATS,
+    FP32_TOLERANCE,
+    QUANTISED_TOLERANCE,
+    SPEC_NAME,
+    SUMMARY_NAME,
+    ExportError,
+    export,
+    input_names,
+    load_runner,
+    random_inputs,
+    read_spec,
+    reference_actions,
+)
+from vla_ray.models.vla import VLA
+from vla_ray.tokenizer import encode_instructions, load_tokenizer
+
+FOLDERS = {f: ("triton/vla" if f == "triton" else f) for f in EXPORT_FORMATS}
+
+
+def exported_formats(tiny_export) -> list[str]:
+    return list(json.loads((tiny_export / SUMMARY_NAME).read_text())["formats"])
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_parity_every_format(fmt, tiny_vla, tiny_export):
+    if fmt not in exported_formats(tiny_export):
+        pytest.skip("openvino is not installed")
+    folder = tiny_export / FOLDERS[fmt]
+    runner = load_runner(folder)
+    worst = 0.0
+    for batch, seed in ((1, 11), (7, 12), (33, 13)):  # fresh inputs, not the export's own
+        inputs = random_inputs(tiny_vla.config, len(tiny_vla.tokenizer), batch, seed=seed)
+        got = runner(inputs)
+        ref = reference_actions(tiny_vla, inputs)
+        assert got.shape == ref.shape == (batch, 1, 2)
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert np.abs(ref).max() > 0.5  # the actions are not trivially small
+    if fmt in QUANTISED_TOLERANCE:
+        assert worst < QUANTISED_TOLERANCE[fmt] * 2.0  # documented: a fraction of the range
+    else:
+        assert worst < FP32_TOLERANCE
+    spec = read_spec(folder)
+    assert spec["parity"]["max_abs_diff"] <= spec["parity"]["tolerance"]
+
+
+def test_int8_is_quantised_and_fp16_is_half(tiny_export):
+    import onnx
+
+    fp32 = (tiny_export / "onnx" / "model.onnx").stat().st_size
+    int8 = (tiny_export / "onnx-int8" / "model.onnx").stat().st_size
+    assert int8 < 0.6 * fp32
+    ops = {n.op_type for n in onnx.load(str(tiny_export / "onnx-int8" / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger"}
+    fp16 = onnx.load(str(tiny_export / "onnx-fp16" / "model.onnx"))
+    dtypes = {i.data_type for i in fp16.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in dtypes
+    # inputs/outputs keep their fp32/uint8/int64 types
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_spec_and_tokenizer_beside_each_model(tiny_vla, tiny_export):
+    cfg = tiny_vla.config
+    for fmt in [*exported_formats(tiny_export), "pytorch"]:
+        folder = tiny_export / FOLDERS.get(fmt, fmt)
+        spec = json.loads((folder / SPEC_NAME).read_text())
+        assert spec["format"] == fmt
+        assert (folder / spec["model_file"]).is_file()
+        assert [i["name"] for i in spec["inputs"]] == input_names(cfg)
+        shapes = {i["name"]: (i["dtype"], i["shape"]) for i in spec["inputs"]}
+        assert shapes["image"] == ("uint8", ["batch", 64, 64, 3])
+        assert shapes["state"] == ("float32", ["batch", 4])
+        assert shapes["instruction"] == ("int64", ["batch", 16])
+        assert spec["outputs"] == [
+            {
+                "name": "actions",
+                "dtype": "float32",
+                "shape": ["batch", 1, 2],
+                "description": "action chunk: 1 step(s) of 2 dims",
+            }
+        ]
+        assert spec["action"] == {"dim": 2, "chunk_size": 1, "low": [-1.0] * 2, "high": [1.0] * 2}
+        assert spec["normalisation"]["image"]["mean"] == [0.5, 0.5, 0.5]
+        assert spec["model_version"].startswith("vla-")
+        # the shipped tokenizer encodes like the model's own
+        tok = load_tokenizer(str(folder / spec["instruction"]["tokenizer"]))
+        text = ["go to the green ball"]
+        np.testing.assert_array_equal(
+            encode_instructions(text, 16, tok)[0], encode_instructions(text, 16)[0]
+        )
+
+
+def test_onnx_graph_is_functional_with_dynamic_batch(tiny_export):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tiny_export / "onnx" / "model.onnx"))
+    inputs = {i.name: i for i in sess.get_inputs()}
+    assert list(inputs) == ["image", "state", "instruction", "instruction_mask"]  # no cache
+    assert all(isinstance(i.shape[0], str) for i in inputs.values())  # symbolic batch
+    assert [o.name for o in sess.get_outputs()] == ["actions"]
+
+
+def test_functional_forward_matches_memoised_forward(tiny_vla, langreach_obs_batch):
+    trunk = tiny_vla.trunk
+    obs = {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}
+    trunk._prefix_cache.clear()
+    with torch.no_grad():
+        functional = trunk.forward_functional(obs)
+        assert not trunk._prefix_cache  # the functional path neither reads nor fills the memo
+        memo = trunk(obs)
+        assert trunk._prefix_cache
+        memo_again = trunk(obs)  # served from the memo
+    torch.testing.assert_close(functional, memo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(memo_again, memo, atol=0, rtol=0)
+
+
+def test_triton_model_repository(tiny_export):
+    import onnx
+
+    model_dir = tiny_export / "triton" / "vla"
+    assert (model_dir / "1" / "model.onnx").is_file()
+    config = (model_dir / "config.pbtxt").read_text()
+    assert re.search(r'^name: "vla"$', config, re.M)
+    assert re.search(r'^backend: "onnxruntime"$', config, re.M)
+    assert re.search(r"^max_batch_size: 64$", config, re.M)
+    assert "dynamic_batching" in config
+    blocks = re.findall(r'name: "(\w+)"\s+data_type: (TYPE_\w+)\s+dims: \[ ([\d, ]+) \]', config)
+    model = onnx.load(str(model_dir / "1" / "model.onnx"))
+    types = {
+        "TYPE_UINT8": onnx.TensorProto.UINT8,
+        "TYPE_FP32": onnx.TensorProto.FLOAT,
+        "TYPE_INT64": onnx.TensorProto.INT64,
+    }
+    graph_io = {
+        v.name: (
+            v.type.tensor_type.elem_type,
+            [d.dim_value for d in v.type.tensor_type.shape.dim[1:]],
+        )
+        for v in [*model.graph.input, *model.graph.output]
+    }
+    assert {b[0] for b in blocks} == set(graph_io)  # every tensor, nothing else
+    for name, dtype, dims in blocks:
+        assert types[dtype] == graph_io[name][0]
+        assert [int(d) for d in dims.split(",")] == graph_io[name][1]  # batch dim excluded
+
+
+def test_diffusion_head_takes_noise_as_input(tmp_path):
+    cfg = VLAConfig(
+        head="diffusion",
+        chunk_size=3,
+        head_config={"inference_steps": 3, "hidden": 64},
+        vision_config={"tokens": "keypoints"},
+    )
+    torch.manual_seed(0)
+    src = VLA(cfg).save_pretrained(tmp_path / "vla")
+    summary = export(src, "onnx", tmp_path / "out", progress=None)
+    assert summary["formats"]["onnx"]["max_abs_diff"] < FP32_TOLERANCE
+    spec = read_spec(tmp_path / "out" / "onnx")
+    assert spec["inputs"][-1]["name"] == "noise" and spec["inputs"][-1]["shape"] == ["batch", 6]
+    assert spec["head"] == {
+        "name": "diffusion",
+        "deterministic": True,
+        "inference_steps": 3,
+        "noise_input": "noise",
+    }
+    vla = VLA.from_pretrained(src).eval()
+    runner = load_runner(tmp_path / "out" / "onnx")
+    inputs = random_inputs(vla.config, len(vla.tokenizer), 4, seed=5)
+    sampled = runner(inputs)
+    np.testing.assert_allclose(sampled, reference_actions(vla, inputs), atol=FP32_TOLERANCE)
+    # zero noise is the module's deterministic prediction
+    inputs["noise"] = np.zeros_like(inputs["noise"])
+    obs = {k: v for k, v in inputs.items() if k != "noise"}
+    np.testing.assert_allclose(runner(inputs), vla.predict(obs).numpy(), atol=FP32_TOLERANCE)
+    assert not np.allclose(sampled, runner(inputs), atol=1e-3)  # the noise matters
+
+
+def test_transformer_head_and_rllib_module_dir(tmp_path, langreach_spaces):
+    """An RLlib RLModule checkpoint directory exports too (here: autoregressive head)."""
+    from vla_ray.rl_module import VLAModule
+
+    obs_space, act_space = langreach_spaces
+    torch.manual_seed(0)
+    module = VLAModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"head": "transformer", "head_config": {"d_model": 32}, "value": "none"},
+    )
+    module.save_to_path(str(tmp_path / "module"))
+    summary = export(tmp_path / "module", "torchscript", tmp_path / "out", progress=None)
+    assert summary["formats"]["torchscript"]["max_abs_diff"] < FP32_TOLERANCE
+    runner = load_runner(tmp_path / "out" / "torchscript")
+    inputs = random_inputs(module.vla.config, len(module.vla.tokenizer), 3, seed=2)
+    np.testing.assert_allclose(runner(inputs), reference_actions(module.vla, inputs), atol=1e-5)
+
+
+def test_export_errors(tiny_vla_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ExportError, match="unknown \\['tflite'\\]; valid formats are onnx"):
+        export(tiny_vla_dir, "onnx,tflite", tmp_path / "a", progress=None)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not an earlier export"):
+        export(tiny_vla_dir, "torchscript", tmp_path / "busy", progress=None)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export(tmp_path / "nope", "onnx", tmp_path / "b", progress=None)
+    # openvino missing: a clear error that says how to get it, before any work
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ExportError, match=r"pip install 'vla-ray\[openvino\]'"):
+        export(tiny_vla_dir, "onnx,openvino", tmp_path / "c", progress=None)
+    assert not (tmp_path / "c").exists()
+    # the CLI reports the same errors with exit code 2
+    code = main(["export", "--checkpoint", str(tiny_vla_dir), "--format", "x", "--output", "o"])
+    assert code == 2 and "valid formats are" in capsys.readouterr().err
+
+
+def test_cli_export_writes_summary(tiny_vla_dir, tmp_path, capsys):
+    out = tmp_path / "exp"
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(tiny_vla_dir),
+            "--format",
+            "torchscript",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert list(summary["formats"]) == ["torchscript"]
+    assert (out / "pytorch" / "model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "torchscript" in printed and f"vla-ray serve --model {out}" in printed
+    # exporting again over an earlier export replaces it as a whole
+    (out / "stale.txt").write_text("from before")
+    args = ["export", "--checkpoint", str(tiny_vla_dir), "--format", "torchscript"]
+    assert main([*args, "--output", str(out)]) == 0
+    assert not (out / "stale.txt").exists() and (out / "torchscript" / "model.pt").is_file()

@@ -1,0 +1,612 @@
+"""Export a VLA's deterministic inference path for deployment.
+
+``export(checkpoint, formats, output)`` writes one folder per format, each self-contained: the
+model file(s), ``spec.json`` (input/output names, dtypes and shapes, action bounds, chunk size,
+normalisation, parity result) and ``tokenizer/``, so a client needs nothing else::
+
+    OUTPUT/
+      export.json                  summary: source, model version, per-format parity
+      pytorch/                     VLA.save_pretrained copy (the eager reference; Serve's torch backend)
+      onnx/model.onnx              torch.onnx (dynamo) graph, run with onnxruntime
+      onnx-int8/model.onnx         onnxruntime dynamic INT8 quantisation (weights int8)
+      onnx-fp16/model.onnx         float16 weights/activations, float32 inputs and outputs
+      torchscript/model.pt         torch.jit.trace of the same graph
+      openvino/model.xml + .bin    OpenVINO IR (optional extra: pip install 'vla-ray[openvino]')
+      triton/vla/config.pbtxt      a Triton model repository (onnxruntime backend, dynamic batching)
+      triton/vla/1/model.onnx
+
+The exported graph is a plain function of its inputs: observation tensors (``image`` uint8
+(B, H, W, 3), ``state`` float32 (B, S), ``instruction`` / ``instruction_mask`` int64 (B, L)) and,
+for the diffusion head, the initial DDIM ``noise`` float32 (B, K*A) (zeros = the deterministic
+action) -> ``actions`` float32 (B, K, A). The batch axis is dynamic. The trunk's memoised
+instruction-prefix cache is not part of the graph (``VLATrunk.forward_functional``); parity against
+the memoised PyTorch module is checked for every format on random valid inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vla_ray.config import VLAConfig
+from vla_ray.models.vla import VLA, WEIGHTS_NAME
+
+EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
+ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
+PYTORCH_DIR = "pytorch"
+SPEC_NAME = "spec.json"
+SUMMARY_NAME = "export.json"
+TOKENIZER_DIR = "tokenizer"
+TRITON_MODEL_NAME = "vla"
+OUTPUT_NAME = "actions"
+
+# Maximum absolute difference to the PyTorch module's actions that parity accepts, as a fraction
+# of the action range (high - low); fp32 formats use an absolute 1e-4 (the issue's bar). INT8
+# dynamic quantisation rounds every weight matrix to 8 bits and every activation to a per-tensor
+# uint8 scale, which moves a random model's actions by ~1% of the range; FP16 by ~0.05%.
+FP32_TOLERANCE = 1e-4
+QUANTISED_TOLERANCE = {"onnx-int8": 0.05, "onnx-fp16": 0.005}
+
+MODEL_FILES = {
+    "onnx": "model.onnx",
+    "onnx-int8": "model.onnx",
+    "onnx-fp16": "model.onnx",
+    "torchscript": "model.pt",
+    "openvino": "model.xml",
+    "triton": "1/model.onnx",  # inside triton/vla/
+}
+RUNTIME_NOTES = {
+    "onnx": "onnxruntime (CPUExecutionProvider or any other)",
+    "onnx-int8": "onnxruntime CPU (dynamic quantisation: MatMulInteger/ConvInteger kernels)",
+    "onnx-fp16": "onnxruntime; meant for GPUs (CPU kernels upcast, so it is slower there)",
+    "torchscript": "torch.jit.load(model.pt)(*inputs) in the spec's input order",
+    "openvino": "openvino Core().compile_model(model.xml, 'CPU', "
+    "{'INFERENCE_PRECISION_HINT': 'f32'}) for fp32 parity (bf16-capable CPUs default to bf16)",
+    "triton": "Triton Inference Server, onnxruntime backend: triton/ is the model repository",
+    PYTORCH_DIR: "vla_ray.models.vla.VLA.from_pretrained(folder)",
+}
+_TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+
+Inputs = dict[str, np.ndarray]
+
+
+class ExportError(ValueError):
+    """An export request or an exported model is invalid (the message names what and why)."""
+
+
+# ---- the exported function ----------------------------------------------------------------------
+def input_names(config: VLAConfig) -> list[str]:
+    """Names of the exported graph's inputs, in order."""
+    names = ["image"]
+    if config.state_dim > 0:
+        names.append("state")
+    names += ["instruction", "instruction_mask"]
+    if config.head == "diffusion":
+        names.append("noise")
+    return names
+
+
+class InferenceGraph(nn.Module):
+    """The deterministic inference path of a VLA as a function of plain tensors (for export).
+
+    ``forward(*inputs)`` takes the tensors named by ``input_names(config)`` and returns the action
+    chunk (B, K, A). It uses ``VLATrunk.forward_functional``: no prefix memo, no deduplication.
+    """
+
+    def __init__(self, vla: VLA):
+        super().__init__()
+        self.vla = vla
+        self.names = input_names(vla.config)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.names, inputs, strict=True))
+        features = self.vla.trunk.forward_functional(named)
+        if "noise" in named:
+            return self.vla.head.sample(features, named["noise"])
+        return self.vla.head.predict(features, deterministic=True)
+
+
+def reference_actions(vla: VLA, inputs: Inputs) -> np.ndarray:
+    """The PyTorch module's actions (B, K, A) for ``inputs`` (memoised trunk, the eager path)."""
+    obs = {k: torch.as_tensor(v) for k, v in inputs.items() if k != "noise"}
+    with torch.no_grad():
+        features = vla.trunk(obs)
+        if "noise" in inputs:
+            out = vla.head.sample(features, torch.as_tensor(inputs["noise"]))
+        else:
+            out = vla.head.predict(features, deterministic=True)
+    return out.cpu().numpy()
+
+
+def random_inputs(config: VLAConfig, vocab_size: int, batch: int, seed: int = 0) -> Inputs:
+    """Random valid inputs: uint8 images, normal states, random token ids of random lengths
+    (right-padded with id 0, mask 1 on the tokens) and normal diffusion noise."""
+    rng = np.random.default_rng(seed)
+    h, w = config.image_size
+    L = config.instruction_max_length
+    lengths = rng.integers(1, L + 1, size=batch)
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int64)
+    out: Inputs = {"image": rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)}
+    if config.state_dim > 0:
+        out["state"] = rng.normal(size=(batch, config.state_dim)).astype(np.float32)
+    out["instruction"] = rng.integers(1, vocab_size, size=(batch, L)).astype(np.int64) * mask
+    out["instruction_mask"] = mask
+    if config.head == "diffusion":
+        shape = (batch, config.chunk_size * config.action_dim)
+        out["noise"] = rng.normal(size=shape).astype(np.float32)
+    return {k: out[k] for k in input_names(config)}
+
+
+def zero_noise(spec: dict[str, Any], batch: int) -> np.ndarray | None:
+    """The deterministic diffusion input (zeros) for ``batch`` rows, or None without a noise input."""
+    for item in spec["inputs"]:
+        if item["name"] == "noise":
+            return np.zeros((batch, *item["shape"][1:]), dtype=np.float32)
+    return None
+
+
+# ---- runners (load an exported format and call it on numpy inputs) ------------------------------
+class OnnxRunner:
+    """onnxruntime session over an exported ``model.onnx`` (fp32, INT8 or FP16)."""
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        return self.session.run(None, {k: inputs[k] for k in self.names})[0]
+
+
+class TorchScriptRunner:
+    """A ``torch.jit`` model saved by the export."""
+
+    def __init__(self, path: str | Path, names: list[str], threads: int | None = None):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.module = torch.jit.load(str(path)).eval()
+        self.names = names
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        with torch.no_grad():
+            return self.module(*(torch.as_tensor(inputs[k]) for k in self.names)).numpy()
+
+
+class OpenVINORunner:
+    """OpenVINO IR compiled for the CPU in f32 (the default on bf16-capable CPUs is bf16)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        ov = _import_openvino()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.names = [p.get_any_name() for p in self.compiled.inputs]
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        result = self.request.infer({k: inputs[k] for k in self.names})
+        return np.asarray(result[self.compiled.outputs[0]])
+
+
+def load_runner(format_dir: str | Path, threads: int = 1) -> Callable[[Inputs], np.ndarray]:
+    """A callable ``inputs -> actions (B, K, A)`` for an exported format folder (by its spec)."""
+    format_dir = Path(format_dir)
+    spec = read_spec(format_dir)
+    fmt = spec["format"]
+    path = format_dir / spec["model_file"]
+    if fmt in ONNX_FAMILY:
+        return OnnxRunner(path, threads)
+    if fmt == "torchscript":
+        return TorchScriptRunner(path, [i["name"] for i in spec["inputs"]], threads)
+    if fmt == "openvino":
+        return OpenVINORunner(path, threads)
+    raise ExportError(f"{format_dir}: format {fmt!r} has no runner; runnable: {EXPORT_FORMATS}")
+
+
+def read_spec(format_dir: str | Path) -> dict[str, Any]:
+    """The ``spec.json`` of an exported format folder (or of the ``pytorch`` folder)."""
+    path = Path(format_dir) / SPEC_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{format_dir}: no {SPEC_NAME}; expected a folder written by export"
+        )
+    return json.loads(path.read_text())
+
+
+def parse_formats(formats: str | Iterable[str]) -> list[str]:
+    """``"onnx,triton"`` or a list -> validated, de-duplicated format names in the given order."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [f.strip() for f in items if f.strip()]
+    unknown = [f for f in names if f not in EXPORT_FORMATS]
+    if unknown or not names:
+        raise ExportError(
+            f"format: unknown {unknown or 'empty list'}; valid formats are {', '.join(EXPORT_FORMATS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _import_openvino():
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ExportError(
+            "format 'openvino' needs the openvino package, which is not installed: "
+            "pip install 'vla-ray[openvino]' (or pick other formats)"
+        ) from err
+    return ov
+
+
+# ---- spec ---------------------------------------------------------------------------------------
+def _normalisation(vla: VLA) -> dict[str, Any]:
+    from vla_ray.models.vision import _NORM
+
+    vision = vla.trunk.vision
+    mean, std = _NORM[vision.family]
+    image = {
+        "applied": "inside the model",
+        "steps": "x / 255, then (x - mean) / std per RGB channel",
+        "mean": list(mean),
+        "std": list(std),
+    }
+    if hasattr(vision, "input_size"):
+        image["resize"] = f"bilinear to {vision.input_size}x{vision.input_size} inside the model"
+    return {
+        "image": image,
+        "state": {"applied": "none", "note": "raw env state, as the policy was trained on"},
+        "actions": {"applied": "none", "note": "actions are in [low, high] of the action space"},
+    }
+
+
+def build_spec(vla: VLA, fmt: str, model_file: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON spec written beside every exported model."""
+    cfg = vla.config
+    h, w = cfg.image_size
+    L, K, A = cfg.instruction_max_length, cfg.chunk_size, cfg.action_dim
+    descriptions = {
+        "image": ("uint8", ["batch", h, w, 3], "RGB image, HWC, values 0-255"),
+        "state": ("float32", ["batch", cfg.state_dim], "proprioceptive state"),
+        "instruction": (
+            "int64",
+            ["batch", L],
+            f"token ids from tokenizer/, no special tokens, right-padded with 0 to {L}",
+        ),
+        "instruction_mask": ("int64", ["batch", L], "1 on instruction tokens, 0 on padding"),
+        "noise": (
+            "float32",
+            ["batch", K * A],
+            "initial DDIM noise; zeros give the deterministic action, N(0, 1) samples",
+        ),
+    }
+    tok = vla.tokenizer
+    head: dict[str, Any] = {"name": cfg.head, "deterministic": True}
+    if cfg.head == "diffusion":
+        head.update(inference_steps=int(vla.head.inference_steps), noise_input="noise")
+    elif cfg.head in ("gaussian", "tanh_gaussian"):
+        head["output"] = "distribution mean" + (
+            " (squashed)" if cfg.head == "tanh_gaussian" else ""
+        )
+    return {
+        "format": fmt,
+        "model_file": model_file,
+        "runtime": RUNTIME_NOTES[fmt],
+        "model_version": meta["model_version"],
+        "source": meta.get("source"),
+        "exported_at": meta.get("exported_at"),
+        "env": meta.get("env"),
+        "inputs": [
+            {"name": n, "dtype": d[0], "shape": d[1], "description": d[2]}
+            for n, d in ((n, descriptions[n]) for n in input_names(cfg))
+        ],
+        "outputs": [
+            {
+                "name": OUTPUT_NAME,
+                "dtype": "float32",
+                "shape": ["batch", K, A],
+                "description": f"action chunk: {K} step(s) of {A} dims",
+            }
+        ],
+        "action": {
+            "dim": A,
+            "chunk_size": K,
+            "low": [float(cfg.action_low)] * A,
+            "high": [float(cfg.action_high)] * A,
+        },
+        "instruction": {
+            "max_tokens": L,
+            "tokenizer": TOKENIZER_DIR,
+            "add_special_tokens": False,
+            "padding": "right",
+            "pad_token_id": int(tok.pad_token_id or 0),
+            "vocab_size": len(tok),
+        },
+        "normalisation": _normalisation(vla),
+        "head": head,
+        "vla_config": vla.portable_config().to_dict(),
+    }
+
+
+def triton_config(spec: dict[str, Any], max_batch_size: int = 64) -> str:
+    """``config.pbtxt`` for Triton's onnxruntime backend with dynamic batching."""
+
+    def tensor(item: dict[str, Any]) -> str:
+        dims = ", ".join(str(d) for d in item["shape"][1:])
+        return (
+            f'  {{\n    name: "{item["name"]}"\n    data_type: {_TRITON_TYPES[item["dtype"]]}\n'
+            f"    dims: [ {dims} ]\n  }}"
+        )
+
+    return (
+        f'name: "{TRITON_MODEL_NAME}"\n'
+        'backend: "onnxruntime"\n'
+        f"max_batch_size: {int(max_batch_size)}\n"
+        "input [\n" + ",\n".join(tensor(i) for i in spec["inputs"]) + "\n]\n"
+        "output [\n" + ",\n".join(tensor(o) for o in spec["outputs"]) + "\n]\n"
+        "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    )
+
+
+# ---- export steps -------------------------------------------------------------------------------
+def export_onnx(vla: VLA, path: Path, opset: int | None = None) -> Path:
+    """torch.onnx (dynamo) export of ``InferenceGraph(vla)`` with a dynamic batch axis."""
+    import onnx
+
+    graph = InferenceGraph(vla).eval()
+    example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
+    args = tuple(torch.as_tensor(example[n]) for n in graph.names)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            input_names=graph.names,
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"inputs": tuple({0: batch} for _ in args)},
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            verbose=False,
+        )
+    model = onnx.load(str(path))
+    # the exporter records intermediate shapes of the example batch; onnxruntime's quantiser
+    # re-infers shapes and rejects those, so keep only the graph's inputs/outputs typed
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def export_torchscript(vla: VLA, path: Path) -> Path:
+    """torch.jit.trace of ``InferenceGraph(vla)`` (shape ops stay symbolic: any batch size)."""
+    graph = InferenceGraph(vla).eval()
+    example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
+    args = tuple(torch.as_tensor(example[n]) for n in graph.names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(graph, args, check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """onnxruntime dynamic quantisation: int8 weights, per-batch uint8 activation scales."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    return dst
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """float16 weights and compute (onnxruntime's converter), float32 inputs/outputs kept."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def convert_openvino(src: Path, dst: Path) -> Path:
+    """OpenVINO IR from the ONNX graph, weights kept in fp32."""
+    ov = _import_openvino()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        model = ov.convert_model(str(src))
+        ov.save_model(model, str(dst), compress_to_fp16=False)
+    return dst
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence exporter chatter (progress prints, warnings, INFO logs)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxruntime", "root")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def tolerance(fmt: str, spec: dict[str, Any]) -> float:
+    """Parity tolerance (max abs difference to the PyTorch module) of a format."""
+    if fmt in QUANTISED_TOLERANCE:
+        span = max(
+            h - lo for h, lo in zip(spec["action"]["high"], spec["action"]["low"], strict=True)
+        )
+        return QUANTISED_TOLERANCE[fmt] * span
+    return FP32_TOLERANCE
+
+
+def check_parity(
+    vla: VLA,
+    runner: Callable[[Inputs], np.ndarray],
+    batches: Iterable[Inputs],
+) -> float:
+    """Max absolute difference between ``runner`` and the PyTorch module over ``batches``."""
+    worst = 0.0
+    for inputs in batches:
+        ref = reference_actions(vla, inputs)
+        got = np.asarray(runner(inputs))
+        if got.shape != ref.shape:
+            raise ExportError(f"parity: output shape {got.shape}, the module gives {ref.shape}")
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - ref))))
+    return worst
+
+
+def parity_batches(vla: VLA, seed: int = 0) -> list[Inputs]:
+    """Random valid input batches of sizes 1, 5 and 16 (the batch axis must be dynamic)."""
+    return [
+        random_inputs(vla.config, len(vla.tokenizer), b, seed=seed + i)
+        for i, b in enumerate((1, 5, 16))
+    ]
+
+
+def weights_version(directory: Path, meta: dict[str, Any]) -> str:
+    """``PRESET[-itN]-SHA12``: names the run and pins the exact weights of a save_pretrained dir."""
+    digest = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()[:12]
+    name = meta.get("preset") or "vla"
+    it = meta.get("iteration")
+    return f"{name}{f'-it{it}' if it is not None else ''}-{digest}"
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    formats: str | Iterable[str],
+    output: str | os.PathLike,
+    *,
+    triton_max_batch_size: int = 64,
+    opset: int | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` (RLlib checkpoint or save_pretrained dir) to ``output``.
+
+    Every format is checked against the PyTorch module; one that misses its tolerance raises
+    ExportError and nothing is written. ``output`` is replaced atomically; an existing folder that
+    is not an earlier export is refused. Returns the summary written to ``export.json``.
+    """
+    from vla_ray.evaluate import load_policy
+
+    fmts = parse_formats(formats)
+    if "openvino" in fmts:
+        _import_openvino()
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not (out / SUMMARY_NAME).is_file():
+        raise ExportError(
+            f"output: {out} exists and is not an earlier export (no {SUMMARY_NAME}); "
+            "pick an empty or new folder"
+        )
+    say = progress or (lambda _msg: None)
+    policy = load_policy(checkpoint)
+    vla = policy.model
+    if vla is None:  # pragma: no cover - load_policy always sets it
+        raise ExportError(f"checkpoint: {checkpoint} did not yield a VLA model")
+    vla = vla.cpu().float().eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        vla.save_pretrained(tmp / PYTORCH_DIR)
+        meta = {
+            "model_version": weights_version(tmp / PYTORCH_DIR, policy.meta),
+            "source": str(Path(checkpoint).resolve()),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "env": policy.meta.get("env"),
+            "preset": policy.meta.get("preset"),
+        }
+        if policy.meta:
+            (tmp / PYTORCH_DIR / "vla_ray_meta.json").write_text(json.dumps(policy.meta, indent=2))
+        spec = build_spec(vla, PYTORCH_DIR, "model.safetensors", meta)
+        (tmp / PYTORCH_DIR / SPEC_NAME).write_text(json.dumps(spec, indent=2))
+        batches = parity_batches(vla)
+        summary: dict[str, Any] = {**meta, "formats": {}}
+        onnx_path: Path | None = None
+        if any(f in ONNX_FAMILY or f == "openvino" for f in fmts):
+            say("export: onnx (torch.onnx, dynamo) ...")
+            t0 = time.time()
+            onnx_path = export_onnx(vla, tmp / ".onnx-base" / "model.onnx", opset)
+            say(f"export: onnx graph in {time.time() - t0:.1f}s")
+        for fmt in fmts:
+            t0 = time.time()
+            folder = tmp / (f"triton/{TRITON_MODEL_NAME}" if fmt == "triton" else fmt)
+            model_file = MODEL_FILES[fmt]
+            target = folder / model_file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if fmt in ("onnx", "triton"):
+                shutil.copyfile(onnx_path, target)
+            elif fmt == "onnx-int8":
+                quantize_int8(onnx_path, target)
+            elif fmt == "onnx-fp16":
+                convert_fp16(onnx_path, target)
+            elif fmt == "torchscript":
+                export_torchscript(vla, target)
+            elif fmt == "openvino":
+                convert_openvino(onnx_path, target)
+            spec = build_spec(vla, fmt, model_file, meta)
+            tol = tolerance(fmt, spec)
+            (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
+            runner = load_runner(folder)
+            diff = check_parity(vla, runner, batches)
+            spec["parity"] = {
+                "max_abs_diff": diff,
+                "tolerance": tol,
+                "reference": "PyTorch VLA (memoised trunk), random valid inputs, batch 1, 5, 16",
+            }
+            (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
+            vla.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+            if fmt == "triton":
+                (folder / "config.pbtxt").write_text(triton_config(spec, triton_max_batch_size))
+            rel = folder.relative_to(tmp)
+            summary["formats"][fmt] = {
+                "path": str(rel),
+                "model_file": str(rel / model_file),
+                "max_abs_diff": diff,
+                "tolerance": tol,
+                "seconds": round(time.time() - t0, 2),
+            }
+            say(f"export: {fmt:<12} max |diff| {diff:.2e} (tolerance {tol:.0e}) -> {rel}")
+            if not diff <= tol:
+                raise ExportError(
+                    f"parity: format {fmt!r} differs from the PyTorch module by {diff:.3g}, "
+                    f"above its tolerance {tol:.3g}; nothing was written"
+                )
+        shutil.rmtree(tmp / ".onnx-base", ignore_errors=True)
+        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    summary["output"] = str(out)
+    return summary
