@@ -72,10 +72,21 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _worker_port_range(exclude: list[int], width: int = 200) -> int:
+    """Start of a worker port range of ``width`` that contains none of ``exclude``."""
+    for _ in range(100):
+        (start,) = _free_ports(1)
+        if start + width < 65535 and not any(start <= p <= start + width for p in exclude):
+            return start
+    raise RuntimeError("no worker port range clear of the other Ray ports")
+
+
 @pytest.mark.slow
 def test_ray_job_submit_to_local_head_node(tmp_path):
     """`ray start --head` on loopback (own temp dir and ports), `ray job submit`, logs, stop."""
-    (gcs, dash, client, nm, om, agent_http, agent_grpc, metrics, rte, wmin) = _free_ports(10)
+    ports = _free_ports(9)
+    (gcs, dash, client, nm, om, agent_http, agent_grpc, metrics, rte) = ports
+    wmin = _worker_port_range(ports)  # Ray refuses a worker range that overlaps another port
     # a short temp dir: Ray's unix socket paths must stay under ~107 characters
     temp_dir = tempfile.mkdtemp(prefix="vrj", dir="/tmp")
     env = dict(os.environ)
