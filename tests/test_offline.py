@@ -145,3 +145,8 @@ def test_dagger_two_iterations_with_two_env_runners(ray_session, tmp_path):
     assert all(r["success_rate"] is not None for r in rows)  # evaluation episodes every iteration
     assert rows[1]["env_steps"] >= 400 and np.isfinite(rows[1]["learner"]["total_loss"])
     assert summary["last_checkpoint"].endswith("last")
+    # the checkpoint's env_config carries expert_beta: evaluation runs the policy alone
+    from vla_ray.evaluate import evaluate, load_policy
+
+    result = evaluate(load_policy(summary["last_checkpoint"]), episodes=1, progress=False)
+    assert result["episodes"] == 1

@@ -117,6 +117,8 @@ def evaluate(
     if not env_id:
         raise ValueError("env: the checkpoint names no env (no vla_ray_meta.json); pass --env")
     cfg = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
+    # training-only wrappers (DAgger's expert mixing): the policy is evaluated alone
+    cfg.pop("expert_beta", None)
     if video:
         cfg["render_mode"] = "rgb_array"
     env = gym.make(env_id, **cfg)
