@@ -41,6 +41,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. training.lr=1e-4")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if parts == ["vlm_path"]:  # shorthand: start the policy's trunk from a pretrained VLM
+            parts = ["model", "vlm_path"]
         if parts[0] == "env":
             parts[0] = "env_config"
         if parts[0] in SECTIONS and len(parts) >= 2:
