@@ -151,6 +151,22 @@ def test_bad_records_are_reported_by_id_and_skipped(vlm_data, tmp_path):
         load_records(bad_file, vlm_data / "images", max_bad_fraction=0.1, log=logged.append)
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(strategy="fsdp"), "fsdp needs --use-gpu"),
+        (dict(precision="bf16"), "bf16 autocast is for GPUs"),
+        (dict(batch_size=6, num_workers=4), "divisible by num_workers x grad_accum"),
+        (dict(stage="align", lora=True), "LoRA is for instruct"),
+        (dict(stage="caption"), "valid names are align, instruct"),
+    ],
+)
+def test_bad_settings_are_rejected_before_starting(tmp_path, kw, match):
+    args = {"stage": "instruct", "data": "x.json", "output": str(tmp_path), **kw}
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**args).check()
+
+
 # ----------------------------------------------------------------------------- Ray Train runs
 @pytest.mark.slow
 def test_one_and_two_workers_give_the_same_losses(ray_session, vlm_data, tmp_path):
@@ -243,3 +259,58 @@ def test_exported_vlm_loads_into_vla_module(aligned, langreach_spaces, langreach
             action_space=act_space,
             model_config={"vlm_path": str(vlm), "pretrained_path": str(vlm)},
         )
+
+
+def test_trunk_weights_load_into_a_lora_wrapped_lm(tmp_path):
+    from vla_ray.config import VLAConfig
+    from vla_ray.models.vla import VLA, load_trunk_weights
+
+    plain = VLAConfig(state_dim=0, head="mlp", vision_config={"tokens": "keypoints"})
+    torch.manual_seed(0)
+    src = VLA(plain)
+    src.save_pretrained(tmp_path / "vlm")
+    torch.manual_seed(1)
+    lora = VLA(VLAConfig.from_dict({**plain.to_dict(), "lora": {"r": 4}}))
+    load_trunk_weights(lora, tmp_path / "vlm")
+    from vla_ray.models.vla import _peft_to_plain
+
+    want = src.state_dict()
+    lm_keys = [k for k in lora.state_dict() if k.startswith("trunk.lm.") and "lora_" not in k]
+    assert any(".base_layer." in k for k in lm_keys)  # peft names really differ
+    for k in lm_keys:
+        torch.testing.assert_close(lora.state_dict()[k], want[_peft_to_plain(k)], rtol=0, atol=0)
+    torch.testing.assert_close(lora.trunk.projector.kv.weight, src.trunk.projector.kv.weight)
+    other = VLA(VLAConfig.from_dict({**plain.to_dict(), "llm_config": {"hidden_size": 32}}))
+    with pytest.raises(ValueError, match="shape"):
+        load_trunk_weights(other, tmp_path / "vlm")
+
+
+def test_cli_pretrain_reports_bad_input(tmp_path, capsys):
+    from vla_ray.cli import main
+
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "align",
+            "--data",
+            str(tmp_path / "nope.json"),
+            "--output",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2 and "nope.json: no such file" in capsys.readouterr().err
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "align",
+            "--data",
+            "x.json",
+            "--output",
+            str(tmp_path / "run"),
+            "--strategy",
+            "fsdp",
+        ]
+    )
+    assert code == 2 and "fsdp needs --use-gpu" in capsys.readouterr().err

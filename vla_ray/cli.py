@@ -144,6 +144,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         lora=args.lora,
         lora_r=args.lora_r,
+        train_vision=args.train_vision,
         strategy=args.strategy,
         precision=args.precision,
         batch_size=args.batch_size,
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--lora", action="store_true", help="instruct: LoRA adapters instead of full LM")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument(
+        "--train-vision", action="store_true", help="instruct: train the vision encoder too"
+    )
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all workers)")

@@ -79,11 +79,12 @@ class VisionLanguageModel(nn.Module):
         return loss_sum, (labels != IGNORE_INDEX).sum()
 
 
-def set_trainable(trunk: VLATrunk, stage: str) -> list[str]:
+def set_trainable(trunk: VLATrunk, stage: str, train_vision: bool = False) -> list[str]:
     """Freeze everything but what ``stage`` trains; returns the trainable parameter names.
 
     ``align``: the projector only. ``instruct``: projector + language model (+ BOS), or the
-    projector + LoRA adapters when the LM carries peft adapters. The vision encoder stays frozen;
+    projector + LoRA adapters when the LM carries peft adapters. The vision encoder stays frozen
+    (``train_vision=True`` trains it in stage instruct, for encoders built from scratch);
     the RL-only parts (state projection, action query) and the projector's instruction-context
     layer (no instruction in VLM data) receive no gradient and are frozen too.
     """
@@ -101,4 +102,9 @@ def set_trainable(trunk: VLATrunk, stage: str) -> list[str]:
                 p.requires_grad_("lora_" in name)
         else:
             trunk.lm.requires_grad_(True)
+        if train_vision:
+            trunk.vision.requires_grad_(True)
+            film = getattr(trunk.vision, "film", None)
+            if isinstance(film, nn.Module):
+                film.requires_grad_(False)  # no instruction context in VLM data
     return [n for n, p in trunk.named_parameters() if p.requires_grad]

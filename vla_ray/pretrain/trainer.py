@@ -70,6 +70,7 @@ class PretrainConfig:
     cpus_per_worker: float = 1.0
     lora: bool = False
     lora_r: int = 8
+    train_vision: bool = False  # instruct: also train the vision encoder (from-scratch encoders)
     strategy: str = "ddp"
     precision: str = "fp32"
     batch_size: int = 32  # global, over all workers and accumulation steps
@@ -108,8 +109,15 @@ class PretrainConfig:
                 f"batch_size: the global batch {self.batch_size} must be divisible by "
                 f"num_workers x grad_accum = {self.num_workers} x {self.grad_accum}"
             )
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ConfigError(
+                "strategy: fsdp needs --use-gpu (Ray Train's prepare_model supports FSDP on "
+                "GPUs only); use ddp on CPU"
+            )
         if self.precision == "bf16" and not self.use_gpu:
             raise ConfigError("precision: bf16 autocast is for GPUs; use --use-gpu or fp32")
+        if self.train_vision and self.stage == "align":
+            raise ConfigError("train_vision: stage align trains only the projector")
         if self.lora and self.stage == "align":
             raise ConfigError("lora: stage align trains only the projector; LoRA is for instruct")
 
@@ -204,7 +212,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     device = get_device() if cfg.use_gpu else torch.device("cpu")
 
     vla = build_vla(loop_config["vla_config"], cfg.init, cfg.seed)
-    set_trainable(vla.trunk, cfg.stage)
+    set_trainable(vla.trunk, cfg.stage, cfg.train_vision)
     vlm = VisionLanguageModel(vla.trunk)
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -435,7 +443,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-    ds = ray.data.from_items(records)
+    # a few large blocks per worker: fewer round trips through the split coordinator
+    ds = ray.data.from_items(records, override_num_blocks=4 * cfg.num_workers)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
