@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
@@ -49,7 +51,10 @@ def run_one(data: Path, stage: str, workers: int, args, work: Path) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > args.warmup]
     seconds = sum(r["step_time_s"] for r in timed)
+    median = float(np.median([r["step_time_s"] for r in timed]))
     return dict(
+        samples_per_s_median_step=args.batch_size / median,
+        step_times_s=[r["step_time_s"] for r in timed],
         stage=stage,
         workers=workers,
         global_batch=args.batch_size,
@@ -94,12 +99,15 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| stage | workers | global batch | samples/s | step time (s) | loss first -> last |")
+    print(
+        "\n| stage | workers | global batch | samples/s (mean step) | samples/s (median step) "
+        "| loss first -> last |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['stage']} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} "
-            f"| {r['step_time_s']:.3f} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
+            f"| {r['samples_per_s_median_step']:.0f} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
         )
     import ray
     import torch

@@ -215,13 +215,17 @@ def test_resume_after_interruption_continues_from_last_step(ray_session, vlm_dat
     out = tmp_path / "run"
     kw = dict(stage="instruct", lora=True, max_steps=4, checkpoint_every=2)
     with pytest.raises(PretrainError, match="fault injection"):
-        run_pretrain(vlm_data, out, fail_at_step=3, **kw)
-    assert [s for s, _ in losses(out)] == [1, 2]
+        run_pretrain(vlm_data, out, fail_at_step=4, **kw)  # dies after step 3, checkpoint at 2
+    first = (out / "metrics.jsonl").read_text().splitlines()
+    assert [s for s, _ in losses(out)] == [1, 2, 3]
     with pytest.raises(ValueError, match="--resume"):
         run_pretrain(vlm_data, out, **kw)
     summary = run_pretrain(vlm_data, out, resume=True, **kw)
     assert summary["steps"] == 4
-    assert [s for s, _ in losses(out)] == [1, 2, 3, 4]  # restarted at step 3, not step 1
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4]  # step 3 replayed once, not duplicated
+    assert again[:2] == first[:2]  # steps 1-2 came from the checkpoint: not rerun
+    assert again[2] != first[2]
     meta = json.loads((out / "vlm" / "vlm_meta.json").read_text())
     assert meta["step"] == 4 and meta["stage"] == "instruct"
     saved = json.loads((out / "vlm" / "vla_config.json").read_text())

@@ -288,6 +288,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     epochs = cfg.epochs if cfg.epochs is not None else (10**9 if cfg.max_steps else 1)
     max_steps = cfg.max_steps if cfg.max_steps is not None else 10**12
     metrics_path = Path(loop_config["metrics_path"])
+    if rank == 0 and ckpt is not None and metrics_path.is_file():
+        # steps logged after the restored checkpoint are replayed: drop their old lines
+        kept = [
+            line
+            for line in metrics_path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= state["step"]
+        ]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if cfg.precision == "bf16"
