@@ -1,4 +1,5 @@
-"""The ``vla-ray`` command line: list, collect, train, tune, eval, export, serve, quickstart."""
+"""The ``vla-ray`` command line: list, collect, train, tune, eval, export, serve,
+quickstart, make-vlm-data, pretrain."""
 
 from __future__ import annotations
 
@@ -293,6 +294,66 @@ def quickstart_serve_stage(
     return result
 
 
+def cmd_make_vlm_data(args: argparse.Namespace) -> int:
+    from vla_ray.pretrain.data import make_vlm_data
+
+    paths = make_vlm_data(
+        args.output,
+        args.n,
+        seed=args.seed,
+        image_size=args.image_size,
+        max_targets=args.max_targets,
+    )
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, pretrain
+
+    cfg = PretrainConfig(
+        stage=args.stage,
+        data=args.data,
+        output=args.output,
+        image_folder=args.image_folder,
+        init=args.init,
+        vision=args.vision,
+        llm=args.llm,
+        tokenizer=args.tokenizer,
+        projector=args.projector,
+        projector_tokens=args.projector_tokens,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        lora=args.lora,
+        lora_r=args.lora_r,
+        train_vision=args.train_vision,
+        strategy=args.strategy,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        max_bad_fraction=args.max_bad_fraction,
+        resume=args.resume,
+    )
+    try:
+        summary = pretrain(cfg)
+    except PretrainError as err:
+        print(f"vla-ray pretrain: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    print(
+        f"start RL from it: vla-ray train --preset langreach-ppo --set model.vlm_path={summary['vlm']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vla-ray", description="Train, evaluate and serve VLA policies on Ray."
@@ -409,6 +470,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-serve", action="store_true", help="skip the last stage (export + one HTTP request)"
     )
     q.set_defaults(fn=cmd_quickstart)
+
+    m = sub.add_parser(
+        "make-vlm-data", help="write a synthetic LLaVA-layout dataset of rendered LangReach scenes"
+    )
+    m.add_argument("--output", required=True, help="dataset directory")
+    m.add_argument("--n", type=int, default=2000, help="number of images (one record of each kind)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--image-size", type=int, default=64)
+    m.add_argument("--max-targets", type=int, default=4, help="discs per scene: 1..this")
+    m.set_defaults(fn=cmd_make_vlm_data)
+
+    p = sub.add_parser("pretrain", help="VLM pretraining (align / instruct) on Ray Train")
+    p.add_argument("--stage", required=True, choices=["align", "instruct"])
+    p.add_argument("--data", required=True, help="LLaVA-Pretrain/Instruct-style .json or .jsonl")
+    p.add_argument("--image-folder", help="image root (default: images/ beside the json)")
+    p.add_argument("--output", required=True, help="run directory; the VLM lands in OUTPUT/vlm")
+    p.add_argument("--init", help="start from a VLM directory (e.g. the align stage's OUTPUT/vlm)")
+    p.add_argument("--vision", default="cnn", help="cnn|siglip|clip|dinov2 or a transformers dir")
+    p.add_argument("--llm", help="transformers causal LM path or id (default: tiny Qwen2)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the LLM's, else the shipped one)")
+    p.add_argument("--projector", default="attention", choices=["mlp", "attention", "perceiver"])
+    p.add_argument("--projector-tokens", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--lora", action="store_true", help="instruct: LoRA adapters instead of full LM")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument(
+        "--train-vision", action="store_true", help="instruct: train the vision encoder too"
+    )
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (all workers)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--epochs", type=int, help="default 1 (unbounded with --max-steps)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, help="default 1e-3 (align) / 3e-4 (instruct)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="optimiser steps")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop above this")
+    p.add_argument("--resume", action="store_true", help="continue OUTPUT's last checkpoint")
+    p.set_defaults(fn=cmd_pretrain)
     return parser
 
 

@@ -11,7 +11,10 @@ Plug it into any RLlib algorithm config::
 - ``value``: ``"shared"`` (value head on the policy trunk, default), ``"separate"`` (its own trunk)
   or ``"none"`` (no value function, e.g. GRPO);
 - ``vf_hidden``: hidden width of the value MLP (256);
-- ``pretrained_path``: a ``VLA.save_pretrained`` directory to initialise the policy from.
+- ``pretrained_path``: a ``VLA.save_pretrained`` directory to initialise the policy from;
+- ``vlm_path``: a pretrained VLM directory (``vla-ray pretrain``'s ``OUTPUT/vlm``): the trunk
+  (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
+  (head, state projection, value function, freezing, LoRA) follows ``model_config``.
 
 The observation space is a Dict with ``image`` (uint8 HxWx3), ``instruction`` and
 ``instruction_mask`` (int token ids + mask of a fixed length) and optionally ``state``.
@@ -41,7 +44,7 @@ from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import VLA, VLATrunk
 
-MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path")
+MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path")
 SPACE_DERIVED_KEYS = (
     "image_size",
     "state_dim",
@@ -116,7 +119,15 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         value = mc.get("value", "shared")
         check_choice("value", value, ("shared", "separate", "none"))
         config = vla_config_from_spaces(mc, self.observation_space, self.action_space)
-        if mc.get("pretrained_path"):
+        if mc.get("pretrained_path") and mc.get("vlm_path"):
+            raise ConfigError(
+                "model_config: give either pretrained_path (a whole VLA) or vlm_path (a "
+                "pretrained VLM trunk), not both"
+            )
+        if mc.get("vlm_path"):
+            self.vla = VLA.from_pretrained_vlm(mc["vlm_path"], config)
+            config = self.vla.config
+        elif mc.get("pretrained_path"):
             # the saved architecture wins; only the env-derived I/O fields must agree
             io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
             self.vla = VLA.from_pretrained(mc["pretrained_path"], **io)

@@ -51,6 +51,14 @@ TASK_CORPUS = [
 ]
 
 
+def default_corpus() -> list[str]:
+    """The task sentences plus every sentence shape of the synthetic VLM data
+    (``vla_ray.pretrain.data``: captions and questions about LangReach scenes)."""
+    from vla_ray.pretrain.data import vlm_corpus
+
+    return TASK_CORPUS + vlm_corpus()
+
+
 def build_task_tokenizer(corpus: list[str] | None = None):
     """Train a lower-cased word-level tokenizer on ``corpus`` and wrap it for ``transformers``."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
@@ -64,7 +72,7 @@ def build_task_tokenizer(corpus: list[str] | None = None):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     trainer = WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(corpus or TASK_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus or default_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="[PAD]",

@@ -48,6 +48,8 @@ def override_path(key: str) -> list[str]:
     ValueError naming the key and the valid forms when it is not a setting of a run.
     """
     parts = key.strip().split(".")
+    if parts == ["vlm_path"]:  # shorthand: start the policy's trunk from a pretrained VLM
+        parts = ["model", "vlm_path"]
     if parts[0] == "env":
         parts[0] = "env_config"
     if (parts[0] in SECTIONS and len(parts) >= 2 and all(parts)) or (

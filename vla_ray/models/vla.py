@@ -40,6 +40,17 @@ OBS_KEYS = ("image", "state", "instruction", "instruction_mask")
 CONFIG_NAME = "vla_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# VLAConfig fields that define the trunk's weights (what a pretrained VLM fixes).
+TRUNK_KEYS = (
+    "vision",
+    "vision_path",
+    "vision_config",
+    "projector",
+    "projector_tokens",
+    "projector_config",
+    "llm_path",
+    "llm_config",
+)
 
 
 class ObservationError(ValueError):
@@ -366,6 +377,76 @@ class VLA(nn.Module):
         model = cls(VLAConfig.from_dict(data))
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
         return model
+
+    @classmethod
+    def from_pretrained_vlm(cls, directory: str | os.PathLike, config: VLAConfig) -> VLA:
+        """A VLA with ``config``'s head and I/O whose trunk comes from a pretrained VLM directory.
+
+        The VLM's trunk architecture (vision, projector, language model, tokenizer: the
+        ``TRUNK_KEYS`` of its ``vla_config.json``) replaces ``config``'s; its weights are loaded
+        into the trunk. The action head, state projection and action query start fresh.
+        """
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"vlm_path {directory}: not a VLM directory (no {CONFIG_NAME}); expected the "
+                "OUTPUT/vlm directory written by `vla-ray pretrain`"
+            )
+        saved = VLAConfig.load(directory / CONFIG_NAME).to_dict()
+        data = config.to_dict()
+        data.update({k: saved[k] for k in TRUNK_KEYS})
+        data["tokenizer_path"] = (
+            str(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
+        )
+        model = cls(VLAConfig.from_dict(data))
+        load_trunk_weights(model, directory)
+        return model
+
+
+def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:
+    """Copy the trunk weights of a VLM/VLA ``save_pretrained`` directory into ``vla`` (in place).
+
+    LoRA-merged weights load into a LoRA-wrapped LM through the peft base-layer names.
+    """
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / WEIGHTS_NAME))
+    target = vla.state_dict()
+    mapped = {}
+    for key in target:
+        if not key.startswith("trunk."):
+            continue
+        src = _peft_to_plain(key)
+        if src in saved:
+            mapped[key] = saved[src]
+    missing = [
+        k
+        for k in target
+        if k.startswith("trunk.")
+        and k not in mapped
+        and "lora_" not in k
+        # RL-only parts a VLM does not have
+        and not k.startswith(("trunk.state_proj", "trunk.query"))
+    ]
+    if missing:
+        raise ValueError(
+            f"{directory}: the saved trunk does not match this model; missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} (vision, projector and LM must be the same)"
+        )
+    bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"{directory}: weight {k} has shape {tuple(mapped[k].shape)}, the model expects "
+            f"{tuple(target[k].shape)}"
+        )
+    vla.load_state_dict(mapped, strict=False)
+
+
+def _peft_to_plain(key: str) -> str:
+    """``trunk.lm.base_model.model.X.base_layer.weight`` -> ``trunk.lm.X.weight``."""
+    key = key.replace("trunk.lm.base_model.model.", "trunk.lm.")
+    return key.replace(".base_layer.", ".")
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

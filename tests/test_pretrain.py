@@ -1,0 +1,320 @@
+"""VLM pretraining: synthetic LLaVA data, record checks, label masks, Ray Train DDP/align/resume,
+and loading the exported VLM into VLAModule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+from vla_ray.pretrain.data import (
+    IGNORE_INDEX,
+    INSTRUCT_FILE,
+    PRETRAIN_FILE,
+    RecordError,
+    build_example,
+    collate,
+    load_records,
+    make_vlm_data,
+    position_phrase,
+)
+from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, build_vla, pretrain
+from vla_ray.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def vlm_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlmdata")
+    make_vlm_data(out, 8, seed=1, max_targets=3, progress=False)
+    return out
+
+
+def run_pretrain(data_dir, output, stage="align", **kw) -> dict:
+    file = PRETRAIN_FILE if stage == "align" else INSTRUCT_FILE
+    defaults = dict(batch_size=8, max_steps=3, checkpoint_every=100, progress=False, lr=1e-2)
+    cfg = PretrainConfig(
+        stage=stage, data=str(data_dir / file), output=str(output), **{**defaults, **kw}
+    )
+    return pretrain(cfg)
+
+
+def losses(output) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+# ------------------------------------------------------------------------------ data, no Ray
+def test_make_vlm_data_writes_llava_layouts(vlm_data):
+    tok = load_tokenizer()
+    for name in (PRETRAIN_FILE, INSTRUCT_FILE):
+        records = json.loads((vlm_data / name).read_text())
+        assert len(records) == 8
+        for rec in records:
+            assert set(rec) == {"id", "image", "conversations"}
+            assert (vlm_data / "images" / rec["image"]).is_file()
+            conv = rec["conversations"]
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert sum(t["value"].count("<image>") for t in conv) == 1
+            for t in conv:  # the shipped tokenizer knows every word of the synthetic data
+                ids = tok(t["value"], add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids, t["value"]
+        if name == INSTRUCT_FILE:
+            assert max(len(r["conversations"]) for r in records) >= 4  # multi-turn
+
+
+def test_captions_name_colours_at_their_pixels(vlm_data):
+    from PIL import Image
+
+    from vla_ray.envs.langreach import COLORS
+
+    rec = json.loads((vlm_data / PRETRAIN_FILE).read_text())[0]
+    img = np.asarray(Image.open(vlm_data / "images" / rec["image"]))
+    assert img.shape == (64, 64, 3)
+    caption = rec["conversations"][1]["value"]
+    for colour in [c for c in COLORS if f"a {c} disc" in caption]:
+        rgb = (np.array(COLORS[colour]) * 255).astype(int)
+        ys, xs = np.nonzero(np.abs(img.astype(int) - rgb).sum(-1) < 60)
+        assert len(xs), colour  # the disc is in the image ...
+        x, y = xs.mean() / 32 - 1, 1 - ys.mean() / 32  # pixel -> arena coords (y up)
+        assert f"a {colour} disc {position_phrase(x, y)}" in caption  # ... where the caption says
+    assert position_phrase(-0.9, 0.9) == "at the top left"
+    assert position_phrase(0.0, 0.0) == "in the center"
+
+
+def test_instruct_labels_mask_everything_but_assistant_tokens():
+    tok = load_tokenizer()
+    conv = [
+        {"from": "human", "value": "<image>\nwhat color is the disc at the top ?"},
+        {"from": "gpt", "value": "it is red ."},
+        {"from": "human", "value": "how many discs are there ?"},
+        {"from": "gpt", "value": "there are two discs ."},
+    ]
+    ex = build_example(conv, tok, num_image_tokens=5, max_length=256)
+    ids, labels, image = map(np.array, (ex.input_ids, ex.labels, ex.image_mask))
+    assert image.sum() == 5 and np.all(ids[image] == tok.convert_tokens_to_ids("<image>"))
+    learned = labels != IGNORE_INDEX
+    np.testing.assert_array_equal(labels[learned], ids[learned])
+    answers = [
+        tok(a, add_special_tokens=False)["input_ids"]
+        for a in ("it is red .", "there are two discs .")
+    ]
+    expected = answers[0] + [tok.eos_token_id] + answers[1] + [tok.eos_token_id]
+    assert ids[learned].tolist() == expected  # exactly the answers and their EOS
+    assert not learned[image].any()
+    question = tok("how many discs are there ?", add_special_tokens=False)["input_ids"]
+    text = ids.tolist()
+    start = next(i for i in range(len(text)) if text[i : i + len(question)] == question)
+    assert np.all(labels[start : start + len(question)] == IGNORE_INDEX)
+    role = tok("user :", add_special_tokens=False)["input_ids"]
+    assert text[: len(role)] == role and np.all(labels[: len(role)] == IGNORE_INDEX)
+
+
+def test_collate_pads_and_names_unreadable_images(vlm_data, tmp_path):
+    tok = load_tokenizer()
+    loaded = load_records(vlm_data / INSTRUCT_FILE)
+    rows = {
+        k: np.array([r[k] for r in loaded.records[:3]], dtype=object) for k in loaded.records[0]
+    }
+    b = collate(rows, tok, 8, (32, 32), 256)
+    assert b["images"].shape == (3, 32, 32, 3) and b["images"].dtype == np.uint8
+    L = b["input_ids"].shape[1]
+    for k in ("attention_mask", "labels", "image_mask"):
+        assert b[k].shape == (3, L)
+    assert np.all(b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX)
+    assert np.all(b["image_mask"].sum(1) == 8)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows["image"][1] = str(broken)
+    with pytest.raises(RecordError, match=rf"record {rows['id'][1]}: cannot read image"):
+        collate(rows, tok, 8, (32, 32), 256)
+
+
+def test_bad_records_are_reported_by_id_and_skipped(vlm_data, tmp_path):
+    records = json.loads((vlm_data / INSTRUCT_FILE).read_text())
+    records[1]["image"] = "nope.png"
+    records[2]["conversations"] = [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]
+    records[3]["conversations"][0]["value"] += " <image>"
+    bad_file = tmp_path / "llava.json"
+    bad_file.write_text(json.dumps(records))
+    logged: list[str] = []
+    loaded = load_records(bad_file, vlm_data / "images", max_bad_fraction=0.5, log=logged.append)
+    assert len(loaded.records) == 5
+    reasons = dict(loaded.bad)
+    assert "missing image" in reasons[records[1]["id"]]
+    assert "'from' should be 'human'" in reasons[records[2]["id"]]
+    assert "2 '<image>' placeholders" in reasons[records[3]["id"]]
+    assert any(records[1]["id"] in m for m in logged) and "skipping 3 of 8 records" in logged[-1]
+    with pytest.raises(RecordError, match=rf"3 of 8 records are bad.*record {records[1]['id']}"):
+        load_records(bad_file, vlm_data / "images", max_bad_fraction=0.1, log=logged.append)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(strategy="fsdp"), "fsdp needs --use-gpu"),
+        (dict(precision="bf16"), "bf16 autocast is for GPUs"),
+        (dict(batch_size=6, num_workers=4), "divisible by num_workers x grad_accum"),
+        (dict(stage="align", lora=True), "LoRA is for instruct"),
+        (dict(stage="caption"), "valid names are align, instruct"),
+    ],
+)
+def test_bad_settings_are_rejected_before_starting(tmp_path, kw, match):
+    args = {"stage": "instruct", "data": "x.json", "output": str(tmp_path), **kw}
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**args).check()
+
+
+# ----------------------------------------------------------------------------- Ray Train runs
+@pytest.mark.slow
+def test_one_and_two_workers_give_the_same_losses(ray_session, vlm_data, tmp_path):
+    """DDP correctness: the global batch (all 8 records) is the same, so every step must match."""
+    one = run_pretrain(vlm_data, tmp_path / "w1", stage="instruct", num_workers=1)
+    two = run_pretrain(vlm_data, tmp_path / "w2", stage="instruct", num_workers=2)
+    assert one["steps"] == two["steps"] == 3
+    l1, l2 = losses(tmp_path / "w1"), losses(tmp_path / "w2")
+    assert [s for s, _ in l1] == [1, 2, 3]
+    np.testing.assert_allclose([x for _, x in l1], [x for _, x in l2], rtol=1e-4)
+    assert l1[-1][1] < l1[0][1]  # it learns
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "w1" / "vlm" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "w2" / "vlm" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def aligned(ray_session, vlm_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align")
+    summary = run_pretrain(vlm_data, out, stage="align", max_steps=2)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_align_changes_only_projector_weights(aligned):
+    from vla_ray.models.vla import VLA
+
+    out, summary = aligned
+    assert summary["steps"] == 2 and summary["bad_records"] == 0
+    cfg = json.loads((out / "pretrain_config.json").read_text())
+    before = build_vla(cfg["vla_config"], None, seed=0).state_dict()
+    after = VLA.from_pretrained(out / "vlm").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith("trunk.projector.") for k in changed), changed
+    for k in before:
+        if k.startswith(("trunk.vision.", "trunk.lm.", "trunk.bos")):
+            assert torch.equal(before[k], after[k]), k  # bit-identical
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_continues_from_last_step(ray_session, vlm_data, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(stage="instruct", lora=True, max_steps=4, checkpoint_every=2)
+    with pytest.raises(PretrainError, match="fault injection"):
+        run_pretrain(vlm_data, out, fail_at_step=4, **kw)  # dies after step 3, checkpoint at 2
+    first = (out / "metrics.jsonl").read_text().splitlines()
+    assert [s for s, _ in losses(out)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="--resume"):
+        run_pretrain(vlm_data, out, **kw)
+    summary = run_pretrain(vlm_data, out, resume=True, **kw)
+    assert summary["steps"] == 4
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4]  # step 3 replayed once, not duplicated
+    assert again[:2] == first[:2]  # steps 1-2 came from the checkpoint: not rerun
+    assert again[2] != first[2]
+    meta = json.loads((out / "vlm" / "vlm_meta.json").read_text())
+    assert meta["step"] == 4 and meta["stage"] == "instruct"
+    saved = json.loads((out / "vlm" / "vla_config.json").read_text())
+    assert saved["lora"] is None  # adapters merged into the exported LM
+
+
+@pytest.mark.slow
+def test_exported_vlm_loads_into_vla_module(aligned, langreach_spaces, langreach_obs_batch):
+    from safetensors.torch import load_file
+
+    from vla_ray.presets import get_preset
+    from vla_ray.rl_module import VLAModule
+    from vla_ray.train import parse_overrides
+
+    out, _ = aligned
+    vlm = out / "vlm"
+    assert parse_overrides([f"vlm_path={vlm}"]) == {"model": {"vlm_path": str(vlm)}}
+    obs_space, act_space = langreach_spaces
+    model_config = {**get_preset("langreach-ppo").model, "vlm_path": str(vlm)}
+    module = VLAModule(
+        observation_space=obs_space, action_space=act_space, model_config=model_config
+    )
+    saved = load_file(str(vlm / "model.safetensors"))
+    state = module.vla.state_dict()
+    for k, v in saved.items():
+        if k.startswith(("trunk.vision.", "trunk.projector.", "trunk.lm.", "trunk.bos")):
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    batch = {Columns.OBS: {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}}
+    with torch.no_grad():
+        dist_inputs = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
+    assert dist_inputs.shape == (8, 4) and torch.isfinite(dist_inputs).all()
+    with pytest.raises(ValueError, match="not both"):
+        VLAModule(
+            observation_space=obs_space,
+            action_space=act_space,
+            model_config={"vlm_path": str(vlm), "pretrained_path": str(vlm)},
+        )
+
+
+def test_trunk_weights_load_into_a_lora_wrapped_lm(tmp_path):
+    from vla_ray.config import VLAConfig
+    from vla_ray.models.vla import VLA, load_trunk_weights
+
+    plain = VLAConfig(state_dim=0, head="mlp", vision_config={"tokens": "keypoints"})
+    torch.manual_seed(0)
+    src = VLA(plain)
+    src.save_pretrained(tmp_path / "vlm")
+    torch.manual_seed(1)
+    lora = VLA(VLAConfig.from_dict({**plain.to_dict(), "lora": {"r": 4}}))
+    load_trunk_weights(lora, tmp_path / "vlm")
+    from vla_ray.models.vla import _peft_to_plain
+
+    want = src.state_dict()
+    lm_keys = [k for k in lora.state_dict() if k.startswith("trunk.lm.") and "lora_" not in k]
+    assert any(".base_layer." in k for k in lm_keys)  # peft names really differ
+    for k in lm_keys:
+        torch.testing.assert_close(lora.state_dict()[k], want[_peft_to_plain(k)], rtol=0, atol=0)
+    torch.testing.assert_close(lora.trunk.projector.kv.weight, src.trunk.projector.kv.weight)
+    other = VLA(VLAConfig.from_dict({**plain.to_dict(), "llm_config": {"hidden_size": 32}}))
+    with pytest.raises(ValueError, match="shape"):
+        load_trunk_weights(other, tmp_path / "vlm")
+
+
+def test_cli_pretrain_reports_bad_input(tmp_path, capsys):
+    from vla_ray.cli import main
+
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "align",
+            "--data",
+            str(tmp_path / "nope.json"),
+            "--output",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2 and "nope.json: no such file" in capsys.readouterr().err
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "align",
+            "--data",
+            "x.json",
+            "--output",
+            str(tmp_path / "run"),
+            "--strategy",
+            "fsdp",
+        ]
+    )
+    assert code == 2 and "fsdp needs --use-gpu" in capsys.readouterr().err
