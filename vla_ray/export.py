@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from vla_ray.config import VLAConfig
+from vla_ray.fsutil import replace_dir
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
 EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
@@ -602,9 +603,7 @@ def export(
                 )
         shutil.rmtree(tmp / ".onnx-base", ignore_errors=True)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

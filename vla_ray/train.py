@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ray.data.rllib_format import dataset_files
+from vla_ray.fsutil import replace_dir
 from vla_ray.presets import Preset, get_preset
 
 SECTIONS = ("env_config", "model", "training", "env_runners", "learners", "stop")
@@ -345,13 +346,7 @@ def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> 
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(algo, spec, tmp, info)
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return replace_dir(tmp, target)
 
 
 def train(

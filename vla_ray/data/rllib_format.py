@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from vla_ray.fsutil import replace_dir
+
 FORMAT = "rllib"
 META_NAME = "dataset.json"
 EPISODES_PER_FILE = 100
@@ -76,13 +78,7 @@ def write_episodes(
         raise DataError("write_episodes: no episodes to write")
     info = dict(format=FORMAT, episodes=n_eps, steps=n_steps, files=n_files, **(meta or {}))
     (tmp / META_NAME).write_text(json.dumps(info, indent=2, default=str))
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_dir(tmp, out)
 
 
 def dataset_files(path: str | os.PathLike) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vla_ray.config import VLAConfig
+from vla_ray.fsutil import replace_dir
 from vla_ray.models.heads import ActionHead, build_head
 from vla_ray.models.language import apply_lora, build_language_model, decoder_of
 from vla_ray.models.projectors import build_projector
@@ -351,9 +352,7 @@ class VLA(nn.Module):
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(_untie(state), str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            replace_dir(tmp, directory)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
