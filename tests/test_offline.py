@@ -72,6 +72,15 @@ def test_bc_needs_data_and_online_algorithms_refuse_it(demos):
         resolve("langreach-bc")
     with pytest.raises(ValueError, match="--data"):
         resolve("langreach-ppo", data=str(demos[0]))
+    from vla_ray.train import build_algorithm_config
+
+    chunked = {"model": {"chunk_size": 4}}  # BC/DAgger labels are single actions
+    for spec in (
+        resolve("langreach-bc", chunked, data=str(demos[0])),
+        resolve("langreach-dagger", chunked),
+    ):
+        with pytest.raises(ValueError, match="model.chunk_size"):
+            build_algorithm_config(spec)
 
 
 @pytest.mark.slow

@@ -221,7 +221,6 @@ def build_algorithm_config(spec: RunSpec):
         .reporting(metrics_num_episodes_for_smoothing=100)
     )
     if getattr(algo_mod, "OFFLINE", False):
-        _check_offline_model(s["model"])
         cfg.offline_data(
             input_=dataset_files(s["data"]),
             input_read_episodes=True,
@@ -229,7 +228,8 @@ def build_algorithm_config(spec: RunSpec):
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
         )
-    if _evaluates(algo_mod):
+    if _evaluates(algo_mod):  # BC and DAgger: behaviour cloning on single-step action labels
+        _check_offline_model(s["model"])
         eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
         cfg.evaluation(
             evaluation_interval=int(s["eval_every"]),
