@@ -97,7 +97,10 @@ def episode_refs(path: str | os.PathLike) -> list[dict[str, Any]]:
     """One ``{"start", "end"}`` row range per episode of the file (checks the required keys)."""
     with _open(path) as f:
         n = _check_lengths(f, path)
-        done = np.asarray(f["terminals"][:], bool) | np.asarray(f["timeouts"][:], bool)
+        try:
+            done = np.asarray(f["terminals"][:], bool) | np.asarray(f["timeouts"][:], bool)
+        except OSError as err:
+            raise DataError(f"{path}: cannot read terminals/timeouts (truncated?): {err}") from err
     ends = (np.flatnonzero(done) + 1).tolist()
     if not ends or ends[-1] != n:
         if n > (ends[-1] if ends else 0):

@@ -574,8 +574,17 @@ def episode_refs(path: str | os.PathLike) -> list[dict[str, Any]]:
     return refs
 
 
-@lru_cache(maxsize=2)
 def _frames_table(path: str) -> Any:
+    """The frames parquet (cached per file version: episodes of one file share it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise DataError(f"data: {path} does not exist") from err
+    return _read_frames(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=2)
+def _read_frames(path: str, mtime_ns: int, size: int) -> Any:
     import pyarrow.parquet as pq
 
     try:
