@@ -16,7 +16,7 @@ import pytest
 
 from vla_ray.cli import main
 from vla_ray.data import DataError, collect, read_episodes
-from vla_ray.data.convert import convert_to_rllib, detect_format, offline_input, read_dataset
+from vla_ray.data.convert import detect_format, offline_input, read_dataset
 from vla_ray.data.lerobot_format import write_lerobot
 from vla_ray.train import resolve, train
 
@@ -245,19 +245,10 @@ def test_collect_cli_formats(tmp_path):
 
 
 @pytest.mark.slow
-def test_conversion_and_bc_from_every_format(ray_session, datasets, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("VLA_RAY_DATA_CACHE", str(tmp_path / "cache"))
-    ref = {e.id_: e for e in read_dataset(datasets["lerobot"], LANGREACH)}
-    out = convert_to_rllib(datasets["lerobot"], tmp_path / "conv", LANGREACH)
-    conv = {e.id_: e for e in read_episodes(out)}  # the ray.data route gives the same episodes
-    assert sorted(conv) == sorted(ref)
-    assert_same_episodes([ref[k] for k in sorted(ref)], [conv[k] for k in sorted(conv)])
-    files = offline_input(datasets["minari"], LANGREACH, {})
-    assert offline_input(datasets["minari"], LANGREACH, {}) == files  # cached
-    err = capsys.readouterr().err
-    assert "converting minari dataset" in err and "cached RLlib episodes" in err
-    with pytest.raises(DataError, match=r"observation 'image' has shape"):
-        offline_input(datasets["d4rl"], LANGREACH, {"image_size": 32})
+def test_bc_trains_from_every_format(ray_session, datasets, tmp_path, monkeypatch, capsys):
+    """`train --data` converts each format with ray.data into the cache, then BC trains on it."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VLA_RAY_DATA_CACHE", str(cache))
     for fmt in FORMATS:
         spec = resolve(
             "langreach-bc",
@@ -266,3 +257,17 @@ def test_conversion_and_bc_from_every_format(ray_session, datasets, tmp_path, mo
         )
         summary = train(spec, tmp_path / f"run-{fmt}", stop_iters=2, progress=False)
         assert summary["iteration"] == 2 and np.isfinite(summary["learner"]["total_loss"])
+    err = capsys.readouterr().err
+    assert all(f"converting {fmt} dataset" in err for fmt in FORMATS)
+    # the ray.data conversion gives the episodes the in-process reader gives
+    converted = {fmt: next(cache.glob(f"*-{fmt}-*")) for fmt in FORMATS}
+    ref = {e.id_: e for e in read_dataset(datasets["lerobot"], LANGREACH)}
+    conv = {e.id_: e for e in read_episodes(converted["lerobot"])}
+    assert sorted(conv) == sorted(ref)
+    assert_same_episodes([ref[k] for k in sorted(ref)], [conv[k] for k in sorted(conv)])
+    files = offline_input(datasets["minari"], LANGREACH, {})  # reused, not converted again
+    assert files == sorted(str(f.resolve()) for f in converted["minari"].glob("*.parquet"))
+    assert "cached RLlib episodes" in capsys.readouterr().err
+    # bad data inside a ray.data task still arrives as a DataError naming the field
+    with pytest.raises(DataError, match=r"observation 'image' has shape"):
+        offline_input(datasets["d4rl"], LANGREACH, {"image_size": 32})
