@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
+from . import locomotion
 from .experts import EXPERTS, ScriptedExpert, get_expert, rollout_expert
 
 if TYPE_CHECKING:
     from .langreach import LangReachEnv
 
 LANGREACH_ID = "vla_ray/LangReach-v0"
-ENV_IDS: tuple[str, ...] = (LANGREACH_ID,)
+ENV_IDS: tuple[str, ...] = (LANGREACH_ID, *locomotion.env_ids())
 
 if LANGREACH_ID not in gym.registry:
     gym.register(
@@ -20,6 +21,9 @@ if LANGREACH_ID not in gym.registry:
         entry_point="vla_ray.envs.langreach:LangReachEnv",
         max_episode_steps=50,
     )
+
+
+locomotion.register()
 
 
 def __getattr__(name: str) -> Any:

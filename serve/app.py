@@ -79,11 +79,10 @@ def _example_body(spec: dict[str, Any]) -> bytes:
     """
 
     shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
-    h, w = shapes["image"][1:3]
-    body: dict[str, Any] = {
-        "image": np.full((h, w, 3), 128, np.uint8).tolist(),
-        "instruction": "go",
-    }
+    body: dict[str, Any] = {"instruction": "go"}
+    if "image" in shapes:
+        h, w = shapes["image"][1:3]
+        body["image"] = np.full((h, w, 3), 128, np.uint8).tolist()
     if "state" in shapes:
         body["state"] = [0.0] * int(shapes["state"][1])
     return json.dumps(body).encode()

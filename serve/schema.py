@@ -30,8 +30,10 @@ class ActRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str | list[Any] = Field(
-        description="RGB image of the model's size (see /v1/spec): base64 PNG or JPEG "
+    image: str | list[Any] | None = Field(
+        default=None,
+        description="(omitted for state-only models) "
+        "RGB image of the model's size (see /v1/spec): base64 PNG or JPEG "
         "(a data: URL prefix is allowed), or a nested list H x W x 3 of integers 0-255",
     )
     instruction: Annotated[str, Strict()] = Field(
@@ -107,7 +109,10 @@ class RequestParser:
         max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS,
     ):
         shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
-        self.height, self.width = int(shapes["image"][1]), int(shapes["image"][2])
+        self.has_image = "image" in shapes
+        self.height, self.width = (
+            (int(shapes["image"][1]), int(shapes["image"][2])) if self.has_image else (0, 0)
+        )
         self.state_dim = int(shapes["state"][1]) if "state" in shapes else 0
         self.max_tokens = int(spec["instruction"]["max_tokens"])
         self.action_dim = int(spec["action"]["dim"])
@@ -258,7 +263,15 @@ class RequestParser:
             ]
             field = str(first["loc"][0]) if first["loc"] else "body"
             raise RequestError(422, field, first["msg"], detail="; ".join(messages)) from None
-        inputs: dict[str, np.ndarray] = {"image": self.image(req.image)}
+        inputs: dict[str, np.ndarray] = {}
+        if self.has_image:
+            if req.image is None:
+                raise RequestError(
+                    422, "image", f"field required: a {self.height}x{self.width} RGB image"
+                )
+            inputs["image"] = self.image(req.image)
+        elif req.image is not None:
+            raise RequestError(422, "image", "this model is state-only and takes no image")
         state = None
         if self.state_dim:
             if req.state is None:

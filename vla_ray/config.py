@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 VISION_ENCODERS = ("cnn", "siglip", "clip", "dinov2")
+# ``vision="none"``: no image input (state-only tasks such as MuJoCo locomotion from proprioception)
+VISION_CHOICES = (*VISION_ENCODERS, "none")
 PROJECTORS = ("mlp", "attention", "perceiver")
 ACTION_HEADS = ("mlp", "gaussian", "tanh_gaussian", "diffusion", "transformer")
 CONTEXT_POOLS = ("mean", "attention")
@@ -43,7 +45,7 @@ class VLAConfig:
     instruction_max_length: int = 16
     action_low: float = -1.0
     action_high: float = 1.0
-    # vision
+    # vision ("none": no image input, the trunk sees instruction + state only)
     vision: str = "cnn"
     vision_path: str | None = None
     vision_config: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +75,7 @@ class VLAConfig:
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
-        check_choice("vision", self.vision, VISION_ENCODERS)
+        check_choice("vision", self.vision, VISION_CHOICES)
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("head", self.head, ACTION_HEADS)
         check_choice("context_pool", self.context_pool, CONTEXT_POOLS)
@@ -81,6 +83,13 @@ class VLAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "state_dim" else 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if self.vision == "none":
+            if self.state_dim == 0:
+                raise ConfigError(
+                    "vision: 'none' (no image input) needs a proprioceptive state; got state_dim=0"
+                )
+            if self.vision_skip:
+                raise ConfigError("vision_skip: there are no vision tokens with vision='none'")
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise ConfigError(f"image_size: expected (H, W) with H, W >= 8, got {self.image_size}")
         if self.projector_tokens < 1:

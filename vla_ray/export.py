@@ -93,7 +93,7 @@ class ExportError(ValueError):
 # ---- the exported function ----------------------------------------------------------------------
 def input_names(config: VLAConfig) -> list[str]:
     """Names of the exported graph's inputs, in order."""
-    names = ["image"]
+    names = ["image"] if config.vision != "none" else []
     if config.state_dim > 0:
         names.append("state")
     names += ["instruction", "instruction_mask"]
@@ -142,7 +142,9 @@ def random_inputs(config: VLAConfig, vocab_size: int, batch: int, seed: int = 0)
     L = config.instruction_max_length
     lengths = rng.integers(1, L + 1, size=batch)
     mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int64)
-    out: Inputs = {"image": rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)}
+    out: Inputs = {}
+    if config.vision != "none":
+        out["image"] = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
     if config.state_dim > 0:
         out["state"] = rng.normal(size=(batch, config.state_dim)).astype(np.float32)
     out["instruction"] = rng.integers(1, vocab_size, size=(batch, L)).astype(np.int64) * mask
@@ -263,6 +265,12 @@ def _normalisation(vla: VLA) -> dict[str, Any]:
     from vla_ray.models.vision import _NORM
 
     vision = vla.trunk.vision
+    norm: dict[str, Any] = {
+        "state": {"applied": "none", "note": "raw env state, as the policy was trained on"},
+        "actions": {"applied": "none", "note": "actions are in [low, high] of the action space"},
+    }
+    if vision is None:  # state-only VLA
+        return norm
     mean, std = _NORM[vision.family]
     image = {
         "applied": "inside the model",
@@ -272,11 +280,7 @@ def _normalisation(vla: VLA) -> dict[str, Any]:
     }
     if hasattr(vision, "input_size"):
         image["resize"] = f"bilinear to {vision.input_size}x{vision.input_size} inside the model"
-    return {
-        "image": image,
-        "state": {"applied": "none", "note": "raw env state, as the policy was trained on"},
-        "actions": {"applied": "none", "note": "actions are in [low, high] of the action space"},
-    }
+    return {"image": image, **norm}
 
 
 def build_spec(vla: VLA, fmt: str, model_file: str, meta: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,9 @@ Plug it into any RLlib algorithm config::
   (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
   (head, state projection, value function, freezing, LoRA) follows ``model_config``.
 
-The observation space is a Dict with ``image`` (uint8 HxWx3), ``instruction`` and
-``instruction_mask`` (int token ids + mask of a fixed length) and optionally ``state``.
+The observation space is a Dict with ``instruction`` and ``instruction_mask`` (int token ids +
+mask of a fixed length), ``image`` (uint8 HxWx3) and/or ``state``. Without ``image`` (state-only
+tasks) the module is built with ``vision="none"``.
 The action space is a Box of shape ``(chunk_size * action_dim,)``.
 """
 
@@ -53,7 +54,7 @@ SPACE_DERIVED_KEYS = (
     "action_low",
     "action_high",
 )
-REQUIRED_OBS_KEYS = ("image", "instruction", "instruction_mask")
+REQUIRED_OBS_KEYS = ("instruction", "instruction_mask")
 # Keys RLlib's algorithm configs merge into every model_config (e.g. PPO's vf_share_layers).
 _RLLIB_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(DefaultModelConfig))
 
@@ -65,16 +66,19 @@ def vla_config_from_spaces(
     if not isinstance(observation_space, gym.spaces.Dict):
         raise ConfigError(
             f"observation_space: VLAModule expects a gymnasium Dict space with keys "
-            f"{list(REQUIRED_OBS_KEYS)} (+ optional 'state'), got {observation_space}"
+            f"{list(REQUIRED_OBS_KEYS)} + 'image' and/or 'state', got {observation_space}"
         )
-    missing = [k for k in REQUIRED_OBS_KEYS if k not in observation_space.spaces]
+    spaces = observation_space.spaces
+    missing = [k for k in REQUIRED_OBS_KEYS if k not in spaces]
+    if "image" not in spaces and "state" not in spaces:
+        missing.append("image' or 'state")
     if missing:
         raise ConfigError(
             f"observation_space: missing key(s) {missing}; expected {list(REQUIRED_OBS_KEYS)} "
-            f"(+ optional 'state'), got {list(observation_space.spaces)}"
+            f"+ 'image' and/or 'state', got {list(spaces)}"
         )
-    img = observation_space["image"]
-    if len(img.shape) != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+    img = spaces.get("image")
+    if img is not None and (len(img.shape) != 3 or img.shape[-1] != 3 or img.dtype != np.uint8):
         raise ConfigError(
             f"observation_space['image']: expected uint8 (H, W, 3), got {img.dtype} {img.shape}"
         )
@@ -96,11 +100,18 @@ def vla_config_from_spaces(
         raise ConfigError(
             f"chunk_size: the action space has {n} dims, not a multiple of chunk_size={chunk}"
         )
-    state = observation_space.spaces.get("state")
+    if img is None:
+        vision = user.setdefault("vision", "none")
+        if vision != "none":
+            raise ConfigError(
+                f"vision: {vision!r} needs an 'image' observation, but the env's observation "
+                f"space has only {list(spaces)}; use vision='none' for state-only envs"
+            )
+    state = spaces.get("state")
     return VLAConfig.from_dict(
         {
             **user,
-            "image_size": tuple(img.shape[:2]),
+            "image_size": tuple(img.shape[:2]) if img is not None else VLAConfig.image_size,
             "state_dim": int(state.shape[0]) if state is not None else 0,
             "instruction_max_length": int(observation_space["instruction"].shape[0]),
             "action_dim": n // chunk,

@@ -60,12 +60,12 @@ class ObservationError(ValueError):
 
 def expected_obs_shapes(config: VLAConfig) -> dict[str, tuple[int, ...]]:
     """Per-sample shape of each observation field."""
-    h, w = config.image_size
-    shapes = {
-        "image": (h, w, 3),
-        "instruction": (config.instruction_max_length,),
-        "instruction_mask": (config.instruction_max_length,),
-    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.vision != "none":
+        h, w = config.image_size
+        shapes["image"] = (h, w, 3)
+    shapes["instruction"] = (config.instruction_max_length,)
+    shapes["instruction_mask"] = (config.instruction_max_length,)
     if config.state_dim > 0:
         shapes["state"] = (config.state_dim,)
     return shapes
@@ -97,7 +97,7 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
             raise ObservationError(
                 f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
             )
-    if obs["image"].dtype not in (torch.uint8, np.uint8):
+    if config.vision != "none" and obs["image"].dtype not in (torch.uint8, np.uint8):
         raise ObservationError(
             f"observation field 'image': expected dtype uint8, got {obs['image'].dtype}"
         )
@@ -134,19 +134,24 @@ class VLATrunk(nn.Module):
         if config.lora:
             self.lm = apply_lora(self.lm, config.lora)
         d = int(self.lm.config.hidden_size)
-        self.vision = build_vision_encoder(
-            config.vision, config.image_size, config.vision_path, config.vision_config, d
-        )
-        self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
         self.hidden_size = d
-        self.projector = build_projector(
-            config.projector,
-            self.vision.hidden_size,
-            d,
-            self.vision.num_tokens,
-            config.projector_tokens,
-            **config.projector_config,
-        )
+        self.vision: nn.Module | None = None
+        self.projector: nn.Module | None = None
+        if config.vision != "none":
+            self.vision = build_vision_encoder(
+                config.vision, config.image_size, config.vision_path, config.vision_config, d
+            )
+            self.projector = build_projector(
+                config.projector,
+                self.vision.hidden_size,
+                d,
+                self.vision.num_tokens,
+                config.projector_tokens,
+                **config.projector_config,
+            )
+            self.vision.requires_grad_(not config.freeze_vision)
+            self.projector.requires_grad_(not config.freeze_projector)
+        self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
         self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
@@ -159,8 +164,6 @@ class VLATrunk(nn.Module):
             + (config.state_dim if config.state_skip else 0)
             + (d * self.projector.num_tokens if config.vision_skip else 0)
         )
-        self.vision.requires_grad_(not config.freeze_vision)
-        self.projector.requires_grad_(not config.freeze_projector)
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
             self.lm.requires_grad_(not config.freeze_llm)
         self._prefix_cache: dict[bytes, Prefix] = {}
@@ -236,13 +239,16 @@ class VLATrunk(nn.Module):
         """Vision, state and action-query tokens run over the encoded prefix -> features."""
         from transformers import DynamicCache
 
-        image = obs["image"]
         mask = obs["instruction_mask"].long()
-        B = image.shape[0]
-        context = prefix.context.to(image.device)
-        tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
-        vis = self.projector(tokens, context)
-        parts = [vis]
+        B = mask.shape[0]
+        parts = []
+        vis = None
+        if self.vision is not None:
+            image = obs["image"]
+            context = prefix.context.to(image.device)
+            tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
+            vis = self.projector(tokens, context)
+            parts.append(vis)
         state = None
         if self.state_proj is not None:
             state = obs["state"].float()
@@ -268,7 +274,7 @@ class VLATrunk(nn.Module):
             use_cache=True,
         )
         feats = [out.last_hidden_state[:, -1].float()]
-        if self.config.vision_skip:
+        if self.config.vision_skip and vis is not None:
             feats.append(vis.flatten(1).float())
         if self.config.state_skip and state is not None:
             feats.append(state)
@@ -312,16 +318,19 @@ class VLA(nn.Module):
 
     def act(
         self,
-        image: np.ndarray,
+        image: np.ndarray | None,
         instruction: str,
         state: np.ndarray | None = None,
         deterministic: bool = True,
     ) -> np.ndarray:
-        """One observation -> action chunk (K, A): image uint8 (H, W, 3), instruction text."""
+        """One observation -> action chunk (K, A): image uint8 (H, W, 3) (None for a state-only
+        VLA, ``vision="none"``), instruction text, state."""
         ids, mask = encode_instructions(
             [instruction], self.config.instruction_max_length, self.tokenizer
         )
-        obs = {"image": np.asarray(image)[None], "instruction": ids, "instruction_mask": mask}
+        obs: dict[str, Any] = {"instruction": ids, "instruction_mask": mask}
+        if self.config.vision != "none":
+            obs["image"] = np.asarray(image)[None]
         if self.config.state_dim > 0:
             obs["state"] = np.asarray(state, dtype=np.float32)[None]
         return self.predict(obs, deterministic=deterministic)[0].cpu().numpy()
