@@ -21,32 +21,35 @@ from vla_ray.data.lerobot_format import write_lerobot
 from vla_ray.train import resolve, train
 
 LANGREACH = "vla_ray/LangReach-v0"
-PENDULUM = "Pendulum-v1"  # flat Box observations, no instruction
+HOPPER = "vla_ray/Hopper-v5"  # Dict: state + a fixed instruction
+HOPPER_RAW = "Hopper-v5"  # gymnasium's own: flat Box observations, as in D4RL / Minari mujoco
 FORMATS = ("minari", "d4rl", "lerobot")
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    """The same 3 LangReach expert episodes (seeds 10..12) in every format, plus Pendulum."""
+    """The same 3 LangReach expert episodes (seeds 10..12) in every format, plus short random
+    Hopper episodes (our Dict env and gymnasium's flat one)."""
     root = tmp_path_factory.mktemp("datasets")
     out = {}
     for fmt in ("rllib", *FORMATS):
         out[fmt] = Path(
             collect(LANGREACH, "expert", 3, root / fmt, fmt=fmt, seed=10, progress=False)["output"]
         )
-    pend = {"max_episode_steps": 12}
-    for fmt in ("rllib", *FORMATS):
-        summary = collect(
-            PENDULUM,
-            "random",
-            2,
-            root / f"pendulum-{fmt}",
-            fmt=fmt,
-            seed=3,
-            progress=False,
-            env_config=pend,
-        )
-        out[f"pendulum-{fmt}"] = Path(summary["output"])
+    short = {"max_episode_steps": 12}
+    for env_id, name in ((HOPPER, "hopper"), (HOPPER_RAW, "raw")):
+        for fmt in ("rllib", *FORMATS):
+            summary = collect(
+                env_id,
+                "random",
+                2,
+                root / f"{name}-{fmt}",
+                fmt=fmt,
+                seed=3,
+                progress=False,
+                env_config=short,
+            )
+            out[f"{name}-{fmt}"] = Path(summary["output"])
     return out
 
 
@@ -85,11 +88,28 @@ def test_roundtrip_langreach(datasets, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_roundtrip_flat_observations(datasets, fmt):
-    ref = read_episodes(datasets["pendulum-rllib"])
-    assert all(e.is_truncated for e in ref)  # time limit: must not come back as a termination
-    got = read_dataset(datasets[f"pendulum-{fmt}"], PENDULUM)
+def test_roundtrip_hopper_and_flat_observations(datasets, fmt):
+    ref = read_episodes(datasets["hopper-rllib"])
+    assert any(e.is_truncated for e in ref)  # time limit: must not come back as a termination
+    got = read_dataset(datasets[f"hopper-{fmt}"], HOPPER)
     assert_same_episodes(ref, got, final_obs=fmt != "lerobot")
+    raw = read_episodes(datasets["raw-rllib"])
+    assert_same_episodes(
+        raw, read_dataset(datasets[f"raw-{fmt}"], HOPPER_RAW), final_obs=fmt != "lerobot"
+    )
+    # flat D4RL / Minari mujoco observations onto the contract: state + the env's fixed instruction
+    mapped = read_dataset(datasets[f"raw-{fmt}"], HOPPER)
+    env = gym.make(HOPPER)
+    fixed = env.reset(seed=0)[0]
+    env.close()
+    for a, b in zip(raw, mapped, strict=True):
+        obs = b.get_observations()
+        n = len(a) + (fmt != "lerobot")
+        flat = np.asarray(a.get_observations(), np.float32)  # float64 -> the contract's float32
+        np.testing.assert_array_equal(obs["state"][:n], flat[:n])
+        assert (obs["instruction"] == fixed["instruction"]).all()
+        assert (obs["instruction_mask"] == fixed["instruction_mask"]).all()
+        np.testing.assert_array_equal(a.get_actions(), b.get_actions())
 
 
 def test_upstream_tools_open_the_files(datasets, tmp_path, monkeypatch):
@@ -167,8 +187,8 @@ def test_bad_d4rl(datasets, tmp_path):
         read_dataset(nan, LANGREACH)
     with pytest.raises(DataError, match=r"'image' has shape \(64, 64, 3\).*expects \(32, 32, 3\)"):
         read_dataset(src, LANGREACH, {"image_size": 32})
-    with pytest.raises(DataError, match=r"'actions' has shape \(2,\).*expects \(1,\)"):
-        read_dataset(src, PENDULUM)
+    with pytest.raises(DataError, match=r"'actions' has shape \(2,\).*expects \(3,\)"):
+        read_dataset(src, HOPPER)
     short = tmp_path / "short.hdf5"
     short.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(DataError, match="short.hdf5"):

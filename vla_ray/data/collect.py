@@ -152,6 +152,6 @@ def _write(fmt: str, episodes: Any, output: str | os.PathLike, meta: dict[str, A
         observation_space=env.observation_space,
         action_space=env.action_space,
         fps=int(fps),
-        task=meta["env"],
+        task="",  # envs without an instruction: empty task text (readers use the env's own)
         meta=meta,
     )

@@ -97,7 +97,7 @@ class EnvContract:
         return out
 
     def _instruction_rows(self, raw: RawEpisode, key: str, n: int) -> np.ndarray:
-        if raw.instruction is not None:
+        if raw.instruction:  # an empty task text means none
             ids, mask = self.encode_instruction(raw.instruction)
         elif self._fixed_instruction is not None:
             ids, mask = self._fixed_instruction
