@@ -380,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--local", action="store_true", help="one process: no remote EnvRunners (for a debugger)"
     )
-    t.add_argument("--data", help="offline dataset for offline algorithms (vla-ray collect)")
+    t.add_argument(
+        "--data",
+        help="offline dataset for offline algorithms: RLlib episodes, a Minari dataset or id, "
+        "a D4RL .hdf5 file or a LeRobotDataset folder (format detected from the path)",
+    )
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     t.add_argument("--quiet", action="store_true", help="no progress display")
     _add_tracking_flags(t)
@@ -410,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--env", required=True, help="env id, e.g. vla_ray/LangReach-v0")
     c.add_argument("--policy", default="expert", help="expert | random | CHECKPOINT path")
     c.add_argument("--episodes", type=int, required=True)
-    c.add_argument("--format", default="rllib", help="dataset format (rllib)")
+    c.add_argument(
+        "--format", default="rllib", help="dataset format: rllib | minari | lerobot | d4rl"
+    )
     c.add_argument("--output", required=True)
     c.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vla_ray.data.rllib_format import dataset_files
 from vla_ray.fsutil import replace_dir
 from vla_ray.presets import Preset, get_preset
 
@@ -221,8 +220,10 @@ def build_algorithm_config(spec: RunSpec):
         .reporting(metrics_num_episodes_for_smoothing=100)
     )
     if getattr(algo_mod, "OFFLINE", False):
+        from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
+
         cfg.offline_data(
-            input_=dataset_files(s["data"]),
+            input_=offline_input(s["data"], spec.env, s["env_config"]),
             input_read_episodes=True,
             dataset_num_iters_per_learner=1,
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs

@@ -1,6 +1,7 @@
 """Offline data: collecting episodes and reading/writing datasets for offline RL and imitation."""
 
 from vla_ray.data.collect import FORMATS, collect
+from vla_ray.data.convert import convert_to_rllib, detect_format, offline_input, read_dataset
 from vla_ray.data.rllib_format import (
     DataError,
     check_episodes,
@@ -15,6 +16,10 @@ __all__ = [
     "DataError",
     "check_episodes",
     "collect",
+    "convert_to_rllib",
+    "detect_format",
+    "offline_input",
+    "read_dataset",
     "dataset_files",
     "read_episodes",
     "read_meta",

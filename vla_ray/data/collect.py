@@ -13,7 +13,9 @@ import numpy as np
 from vla_ray.data.rllib_format import FORMAT as RLLIB_FORMAT
 from vla_ray.data.rllib_format import write_episodes
 
-FORMATS = (RLLIB_FORMAT,)
+# rllib: RLlib episode parquet; minari: Minari dataset; lerobot: LeRobotDataset v3.0 folder;
+# d4rl: D4RL-style HDF5 file (see vla_ray/data/*_format.py)
+FORMATS = (RLLIB_FORMAT, "minari", "lerobot", "d4rl")
 POLICIES = ("expert", "random")
 
 
@@ -106,7 +108,7 @@ def collect(
 
     meta = dict(env=env_id, env_config=env_config or {}, policy=policy, noise=noise, seed=seed)
     try:
-        path = write_episodes(generate(), output, meta)
+        path = _write(fmt, generate(), output, meta, env)
     finally:
         env.close()
     summary = dict(
@@ -117,3 +119,39 @@ def collect(
         success_rate=float(np.mean(successes)),
     )
     return summary
+
+
+def _write(fmt: str, episodes: Any, output: str | os.PathLike, meta: dict[str, Any], env: Any):
+    """Write ``episodes`` in ``fmt``; returns the dataset's path."""
+    if fmt == RLLIB_FORMAT:
+        return write_episodes(episodes, output, meta)
+    if fmt == "d4rl":
+        from vla_ray.data.d4rl_format import write_d4rl
+
+        return write_d4rl(episodes, output, meta)
+    if fmt == "minari":
+        from vla_ray.data.minari_format import write_minari
+
+        return write_minari(
+            episodes,
+            output,
+            env_id=meta["env"],
+            observation_space=env.observation_space,
+            action_space=env.action_space,
+            meta=meta,
+        )
+    from vla_ray.data.lerobot_format import write_lerobot
+
+    fps = env.metadata.get("render_fps")
+    if not fps:
+        dt = getattr(env.unwrapped, "dt", None)
+        fps = round(1.0 / dt) if dt else 10
+    return write_lerobot(
+        episodes,
+        output,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        fps=int(fps),
+        task="",  # envs without an instruction: empty task text (readers use the env's own)
+        meta=meta,
+    )
