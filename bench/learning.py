@@ -4,7 +4,7 @@ Runs ``--preset`` through the same code as ``vla-ray train`` (``resolve`` + ``tr
 ``--iters`` iterations or ``--minutes`` of wall-clock time, with ``--set KEY=VALUE`` overrides.
 With ``--eval-episodes N`` the policy is evaluated on N held-out seeds (deterministic actions,
 ``vla_ray.evaluate``) before training (the start policy: ``model.pretrained_path`` when given,
-else the freshly initialised one is skipped) and after (the run's last checkpoint, and its best).
+else the freshly initialised one is skipped) and after (the run's last checkpoint; with ``--eval-best`` its best too).
 Writes ``OUT/NAME.json`` (settings, machine, curve, evaluations) and ``OUT/NAME.png`` (return and
 success over env steps) and prints a table.
 
@@ -60,7 +60,12 @@ def evaluate_path(path: str | Path, episodes: int, env_config: dict | None) -> d
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from vla_ray.train import parse_overrides, resolve, train
+
+    # evaluation runs in this process: one thread (OpenMP spinning on a shared machine is slow)
+    torch.set_num_threads(1)
 
     spec = resolve(args.preset, parse_overrides(args.set))
     name = args.name or args.preset.replace("-", "_")
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_episodes:
         for key, ckpt in (
             ("eval_after_last", summary["last_checkpoint"]),
-            ("eval_after_best", summary.get("best_checkpoint")),
+            ("eval_after_best", summary.get("best_checkpoint") if args.eval_best else None),
         ):
             if ckpt:
                 print(f"evaluating {ckpt} on {args.eval_episodes} episodes")
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--iters", type=int)
     budget.add_argument("--minutes", type=float)
     p.add_argument("--eval-episodes", type=int, default=0)
+    p.add_argument("--eval-best", action="store_true", help="also evaluate the best checkpoint")
     p.add_argument("--name", help="file name stem (default: the preset)")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--run-dir", help="training output (default OUT/runs/NAME)")
