@@ -258,8 +258,10 @@ class GRPOTorchLearner(TorchLearner):
         )
         return total
 
-    def get_state(self, *args, **kwargs):
-        state = super().get_state(*args, **kwargs)
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if not self._check_component("grpo_reference", components, not_components):
+            return state  # e.g. weight syncs ask for the RL module only
         state["grpo_reference"] = {
             mid: {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
             for mid, ref in self._reference.items()
