@@ -224,13 +224,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=not args.quiet)
         bc_ckpt = Path(bc.get("best_checkpoint", bc["last_checkpoint"]))
         overrides = {"model": {"pretrained_path": str(bc_ckpt / "vla")}}
+    rl = getattr(args, "rl", "ppo")
     print(
-        f"quickstart {'3' if args.demos > 0 else '1'}: PPO "
+        f"quickstart {'3' if args.demos > 0 else '1'}: {rl.upper()} "
         f"{'from the BC policy ' if overrides else ''}on an embedded local Ray for "
-        f"{args.minutes:g} min (CPU) -> {output}/ppo"
+        f"{args.minutes:g} min (CPU) -> {output}/{rl}"
     )
-    spec = resolve("langreach-ppo", overrides)
-    summary = train(spec, output / "ppo", stop_seconds=args.minutes * 60.0, progress=not args.quiet)
+    spec = resolve(f"langreach-{rl}", overrides)
+    summary = train(spec, output / rl, stop_seconds=args.minutes * 60.0, progress=not args.quiet)
     ckpt = summary.get("best_checkpoint", summary["last_checkpoint"])
     result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=not args.quiet)
     _print_eval(result)
@@ -469,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--demos", type=int, default=300, help="expert demos to clone first (0: PPO from scratch)"
     )
     q.add_argument("--bc-iters", type=int, default=300, help="behaviour-cloning updates")
+    q.add_argument(
+        "--rl",
+        choices=["ppo", "grpo"],
+        default="ppo",
+        help="the RL stage's algorithm (continues from the BC policy when there are demos)",
+    )
     q.add_argument("--episodes", type=int, default=50)
     q.add_argument("--output")
     q.add_argument("--quiet", action="store_true")

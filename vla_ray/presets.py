@@ -100,6 +100,32 @@ PRESETS: dict[str, Preset] = {
             stop=dict(iters=30),
             eval_episodes=20,
         ),
+        Preset(
+            name="langreach-grpo",
+            algorithm="grpo",
+            env="vla_ray/LangReach-v0",
+            description="GRPO (groups of episodes per reset seed, KL to the start policy); "
+            "start from a BC/PPO run with --set model.pretrained_path=RUN_DIR",
+            model=dict(
+                TINY_VLA,
+                vision_skip=True,
+                head="gaussian",
+                head_config={"init_log_std": -1.0},
+                value="none",
+            ),
+            training=dict(
+                lr=1e-4,
+                group_size=8,
+                groups_per_iteration=8,
+                reward_kind="return",
+                clip_param=0.2,
+                kl_coeff=0.04,
+                num_epochs=4,
+                minibatch_size=256,
+            ),
+            env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+            stop=dict(iters=100),
+        ),
     ]
 }
 

@@ -11,7 +11,9 @@ Plug it into any RLlib algorithm config::
 - ``value``: ``"shared"`` (value head on the policy trunk, default), ``"separate"`` (its own trunk)
   or ``"none"`` (no value function, e.g. GRPO);
 - ``vf_hidden``: hidden width of the value MLP (256);
-- ``pretrained_path``: a ``VLA.save_pretrained`` directory to initialise the policy from;
+- ``pretrained_path``: the policy to initialise from: a ``VLA.save_pretrained`` directory, a
+  vla-ray checkpoint (its ``vla/`` export) or a vla-ray run directory (``checkpoints/best``,
+  else ``last``), e.g. a BC or PPO run to continue with PPO or GRPO;
 - ``vlm_path``: a pretrained VLM directory (``vla-ray pretrain``'s ``OUTPUT/vlm``): the trunk
   (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
   (head, state projection, value function, freezing, LoRA) follows ``model_config``.
@@ -25,6 +27,8 @@ The action space is a Box of shape ``(chunk_size * action_dim,)``.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -121,6 +125,22 @@ def vla_config_from_spaces(
     )
 
 
+def resolve_pretrained_dir(path: str | os.PathLike) -> Path:
+    """The ``VLA.save_pretrained`` directory behind ``path``: the directory itself, a vla-ray
+    checkpoint's ``vla/`` export, or a vla-ray run directory's ``checkpoints/best`` (else
+    ``last``) export. ConfigError naming the three accepted forms otherwise."""
+    from vla_ray.models.vla import CONFIG_NAME
+
+    p = Path(path)
+    for candidate in (p, p / "vla", *(p / "checkpoints" / c / "vla" for c in ("best", "last"))):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise ConfigError(
+        f"pretrained_path: {p} is none of a save_pretrained directory (with {CONFIG_NAME}), a "
+        "vla-ray checkpoint (with vla/) or a vla-ray run directory (with checkpoints/best|last)"
+    )
+
+
 class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     """Vision-language-action policy (+ optional value function) for RLlib's new API stack."""
 
@@ -141,7 +161,7 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         elif mc.get("pretrained_path"):
             # the saved architecture wins; only the env-derived I/O fields must agree
             io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
-            self.vla = VLA.from_pretrained(mc["pretrained_path"], **io)
+            self.vla = VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
         else:
             self.vla = VLA(config)
         self.value_mode = value

@@ -1,0 +1,439 @@
+"""GRPO (Group Relative Policy Optimization, Shao et al. 2024) as an RLlib algorithm.
+
+RLlib ships no GRPO; this file is one: config, group seeding, advantages, loss, training step.
+
+Each iteration
+  1. draws ``groups_per_iteration`` reset seeds and schedules ``group_size`` episodes for each;
+  2. samples exactly those episodes on the EnvRunners (every episode of a group starts from the
+     same reset seed, hence the same layout, goal and instruction);
+  3. scores each episode (``reward_kind="return"``: its undiscounted return; ``"success"``: 1.0
+     when the env's final ``info["is_success"]`` is true, else 0.0) and normalises the scores
+     within each group: ``A = (score - mean_group) / (std_group + 1e-6)`` (population std; a
+     group whose scores are all equal gets A = 0). Every step of an episode gets its A;
+  4. minimises ``-mean(min(r A, clip(r, 1 - clip_param, 1 + clip_param) A)) + kl_coeff * KL``
+     over ``num_epochs`` passes of minibatches, with ``r = pi(a|s) / pi_old(a|s)`` and KL the
+     divergence of the policy from a frozen reference policy. No value function (the module is
+     built with ``value="none"``), no GAE;
+  5. syncs the new weights to the EnvRunners.
+
+Reference policy: a frozen copy of the module's initial weights, taken inside the learner when it
+is built. When the run starts from another algorithm's policy (``model.pretrained_path``: a
+``VLA.save_pretrained`` dir, a vla-ray checkpoint with its ``vla/`` export, or a vla-ray run dir,
+whose ``checkpoints/best`` (else ``last``) is used), that policy is both the starting point and
+the reference. The reference is part of the learner's checkpoint state, so a resumed run keeps
+it.
+
+KL estimator (``kl_estimator``): ``"analytic"`` (default) is the exact KL(pi || pi_ref) of the
+two diagonal Gaussians at each visited state: no sampling noise, available because VLA heads are
+Gaussian. ``"k3"`` is DeepSeekMath's estimator on the sampled action,
+``pi_ref/pi - log(pi_ref/pi) - 1`` (unbiased, always >= 0), for parity with the paper.
+
+Group seeding, and why it is robust with several EnvRunners and vectorised envs: each sub-env is
+wrapped in :class:`GroupSeeding` (the algorithm adds ``group_seeding=True`` to the env config;
+vla-ray's env creator applies the wrapper). Per iteration the driver deals the scheduled
+episodes ``(seed, group)`` round-robin over the healthy EnvRunners and, inside each runner, over
+its sub-envs, and hands every sub-env its own queue through ``VectorEnv.set_attr`` (works for
+sync and async vectorisation: no state is shared between sub-envs). A runner then calls its own
+``sample(num_episodes=n)`` with ``n`` its scheduled count; ``sample`` force-resets all sub-envs,
+and every reset pops the sub-env's next ``(seed, group)`` and resets the inner env with that
+seed. A sub-env whose queue is empty starts a *padding* episode that never ends (the wrapper
+hides its ``terminated``/``truncated``), so the ``n`` completed episodes that ``sample`` returns
+are exactly the scheduled ones; the padding episode is discarded by the next forced reset. Every
+scheduled episode carries ``info["grpo_group"]``/``info["grpo_seed"]`` from its reset, and the
+driver groups by that, so a runner that dies mid-iteration only shrinks or drops its groups
+(a group of one member has advantage 0). The env must end its episodes (e.g. a time limit).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner import AddColumnsFromEpisodesToTrainBatch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.evaluation.postprocessing import Postprocessing
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
+
+NAME = "grpo"
+# Heads with log-probabilities (the surrogate needs them).
+HEADS = ("gaussian",)
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-4,
+    grad_clip=1.0,
+    group_size=8,
+    groups_per_iteration=8,
+    reward_kind="return",
+    clip_param=0.2,
+    kl_coeff=0.04,
+    kl_estimator="analytic",
+    num_epochs=4,
+    minibatch_size=256,
+)
+MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
+
+REWARD_KINDS = ("return", "success")
+KL_ESTIMATORS = ("analytic", "k3")
+GROUP_SEEDING = "group_seeding"  # env_config flag: wrap each sub-env in GroupSeeding
+GROUP_KEY = "grpo_group"  # reset info: the episode's group id (-1: padding)
+SEED_KEY = "grpo_seed"  # reset info: the episode's reset seed
+ADVANTAGE_KEY = "grpo_advantage"  # episode.custom_data: the episode's group advantage
+SEED_LOW, SEED_HIGH = 1_000_000, 2**31 - 1  # group seeds; evaluation uses 100_000 + i
+
+
+# -- group seeding ------------------------------------------------------------------------------
+class GroupSeeding(gym.Wrapper):
+    """Resets from a queue of ``(seed, group)`` set by the algorithm (``group_schedule``).
+
+    With the queue empty, a reset starts a padding episode (group -1) that never terminates or
+    truncates; see the module docstring for why.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.group_schedule: list[tuple[int, int]] = []
+        self._padding = False
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        group = -1
+        if self.group_schedule:
+            seed, group = self.group_schedule.pop(0)
+        self._padding = group < 0
+        obs, info = self.env.reset(seed=seed, options=options)
+        return obs, {**info, GROUP_KEY: int(group), SEED_KEY: -1 if seed is None else int(seed)}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self._padding:
+            terminated = truncated = False
+        return obs, reward, terminated, truncated, info
+
+
+def group_seeds(seed: int | None, iteration: int, num_groups: int) -> list[int]:
+    """The iteration's reset seeds, one per group: distinct, deterministic in (seed, iteration)."""
+    rng = np.random.default_rng([int(seed or 0), int(iteration)])
+    return [int(s) for s in rng.choice(SEED_HIGH - SEED_LOW, num_groups, replace=False) + SEED_LOW]
+
+
+def deal_schedule(
+    seeds: list[int], group_size: int, runner_ids: list[int], num_envs: int
+) -> dict[int, list[list[tuple[int, int]]]]:
+    """``runner id -> [queue of (seed, group) per sub-env]`` for ``group_size`` episodes per seed.
+
+    Episodes are dealt round-robin over runners, then over each runner's sub-envs.
+    """
+    episodes = [(s, g) for g, s in enumerate(seeds) for _ in range(group_size)]
+    out = {r: [[] for _ in range(num_envs)] for r in runner_ids}
+    for i, ep in enumerate(episodes):
+        r = runner_ids[i % len(runner_ids)]
+        out[r][(i // len(runner_ids)) % num_envs].append(ep)
+    return out
+
+
+def _sample_scheduled(runner, schedules: dict[int, list[list[tuple[int, int]]]]):
+    """On an EnvRunner: hand each sub-env its queue, sample exactly the scheduled episodes."""
+    queues = schedules.get(runner.worker_index)
+    n = sum(len(q) for q in queues) if queues else 0
+    if n == 0 or runner.env is None:
+        return [], runner.get_metrics()
+    runner.env.env.set_attr("group_schedule", [list(q) for q in queues])
+    episodes = runner.sample(num_episodes=n, explore=True)
+    return episodes, runner.get_metrics()
+
+
+# -- scores and advantages ----------------------------------------------------------------------
+def episode_score(episode: SingleAgentEpisode, reward_kind: str) -> float:
+    """An episode's score: its return, or 1.0/0.0 from the final ``info["is_success"]``."""
+    if reward_kind == "return":
+        return float(episode.get_return())
+    if reward_kind == "success":
+        info = episode.get_infos(-1)
+        if not isinstance(info, dict) or "is_success" not in info:
+            raise ValueError(
+                "reward_kind='success': the env's info has no 'is_success' flag; use "
+                "reward_kind='return'"
+            )
+        return float(bool(info["is_success"]))
+    raise ValueError(f"reward_kind: expected one of {REWARD_KINDS}, got {reward_kind!r}")
+
+
+def group_advantages(scores: list[float] | np.ndarray, groups: list[Any]) -> np.ndarray:
+    """``(score - group mean) / (group std + 1e-6)`` per episode; 0 where a group's scores are
+    all equal (including groups of one)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) != len(groups):
+        raise ValueError(
+            f"groups: expected {len(scores)} group ids (one per score), got {len(groups)}"
+        )
+    out = np.zeros_like(scores)
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    for idx in members.values():
+        s = scores[idx]
+        std = s.std()
+        if std > 1e-8:
+            out[idx] = (s - s.mean()) / (std + 1e-6)
+    return out.astype(np.float32)
+
+
+class AddGroupAdvantages(ConnectorV2):
+    """Learner connector: every step of an episode gets the episode's group advantage
+    (``Postprocessing.ADVANTAGES``), read from ``episode.custom_data``."""
+
+    def __call__(self, *, rl_module, batch, episodes, **kwargs):
+        for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            adv = float(ep.custom_data.get(ADVANTAGE_KEY, 0.0))
+            self.add_n_batch_items(
+                batch,
+                Postprocessing.ADVANTAGES,
+                items_to_add=np.full(len(ep), adv, np.float32),
+                num_items=len(ep),
+                single_agent_episode=ep,
+            )
+        return batch
+
+
+# -- loss ---------------------------------------------------------------------------------------
+class GRPOTorchLearner(TorchLearner):
+    """Clipped surrogate on group advantages + KL to a frozen copy of the initial policy."""
+
+    def build(self) -> None:
+        super().build()
+        self._reference: dict[str, torch.nn.Module] = {}
+        for mid, module in self.module.items():
+            ref = copy.deepcopy(module.unwrapped())
+            ref.requires_grad_(False)
+            ref.eval()
+            self._reference[mid] = ref
+
+    def reference_module(self, module_id: str) -> torch.nn.Module:
+        """The frozen reference policy of ``module_id``."""
+        return self._reference[module_id]
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        module = self.module[module_id].unwrapped()
+        dist_cls = module.get_train_action_dist_cls()
+        dist = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+        logp = dist.logp(batch[Columns.ACTIONS])
+        ratio = torch.exp(logp - batch[Columns.ACTION_LOGP])
+        adv = batch[Postprocessing.ADVANTAGES]
+        clip = config.clip_param
+        surrogate = torch.min(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+        with torch.no_grad():
+            ref_inputs = self._reference[module_id].forward_train(batch)
+        ref_dist = dist_cls.from_logits(ref_inputs[Columns.ACTION_DIST_INPUTS])
+        if config.kl_estimator == "k3":
+            log_r = ref_dist.logp(batch[Columns.ACTIONS]) - logp
+            kl = torch.exp(log_r) - log_r - 1.0
+        else:
+            kl = dist.kl(ref_dist)
+        policy_loss = -surrogate.mean()
+        kl_loss = kl.mean()
+        total = policy_loss + config.kl_coeff * kl_loss
+        clipped = ((ratio - 1.0).abs() > clip).float().mean()
+        self.metrics.log_dict(
+            {
+                "policy_loss": policy_loss.item(),
+                "mean_kl_loss": kl_loss.item(),
+                "total_loss": total.item(),
+                "entropy": dist.entropy().mean().item(),
+                "clip_fraction": clipped.item(),
+            },
+            key=module_id,
+            window=1,
+        )
+        return total
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if not self._check_component("grpo_reference", components, not_components):
+            return state  # e.g. weight syncs ask for the RL module only
+        state["grpo_reference"] = {
+            mid: {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
+            for mid, ref in self._reference.items()
+        }
+        return state
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        for mid, weights in (state.get("grpo_reference") or {}).items():
+            if mid in self._reference:
+                self._reference[mid].load_state_dict(
+                    {k: torch.as_tensor(v) for k, v in weights.items()}
+                )
+
+
+# -- config -------------------------------------------------------------------------------------
+class GRPOConfig(AlgorithmConfig):
+    """GRPO settings: group size and count, reward kind, clip range, KL coefficient/estimator."""
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or GRPO)
+        self.lr = 1e-4
+        self.grad_clip = 1.0
+        self.group_size = 8
+        self.groups_per_iteration = 8
+        self.reward_kind = "return"
+        self.clip_param = 0.2
+        self.kl_coeff = 0.04
+        self.kl_estimator = "analytic"
+        self.num_epochs = 4
+        self.minibatch_size = 256
+        self.env_config = {GROUP_SEEDING: True}
+
+    def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> GRPOConfig:
+        # every env config keeps the group-seeding flag (the env creator wraps the env)
+        if env_config is not NotProvided:
+            env_config = {**(env_config or {}), GROUP_SEEDING: True}
+        return super().environment(env, env_config=env_config, **kwargs)
+
+    def training(
+        self,
+        *,
+        group_size: int = NotProvided,
+        groups_per_iteration: int = NotProvided,
+        reward_kind: str = NotProvided,
+        clip_param: float = NotProvided,
+        kl_coeff: float = NotProvided,
+        kl_estimator: str = NotProvided,
+        **kwargs,
+    ) -> GRPOConfig:
+        super().training(**kwargs)
+        for name, value in dict(
+            group_size=group_size,
+            groups_per_iteration=groups_per_iteration,
+            reward_kind=reward_kind,
+            clip_param=clip_param,
+            kl_coeff=kl_coeff,
+            kl_estimator=kl_estimator,
+        ).items():
+            if value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        if int(self.group_size) < 2:
+            self._value_error(
+                f"group_size: must be >= 2 (episodes per reset seed), got {self.group_size}"
+            )
+        if int(self.groups_per_iteration) < 1:
+            self._value_error(
+                f"groups_per_iteration: must be >= 1, got {self.groups_per_iteration}"
+            )
+        if self.reward_kind not in REWARD_KINDS:
+            self._value_error(
+                f"reward_kind: expected one of {REWARD_KINDS}, got {self.reward_kind!r}"
+            )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            self._value_error(
+                f"kl_estimator: expected one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
+        if not 0.0 < float(self.clip_param) < 1.0:
+            self._value_error(f"clip_param: must be in (0, 1), got {self.clip_param}")
+        if float(self.kl_coeff) < 0.0:
+            self._value_error(f"kl_coeff: must be >= 0, got {self.kl_coeff}")
+
+    def get_default_learner_class(self):
+        return GRPOTorchLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from vla_ray.rl_module import VLAModule
+
+        return RLModuleSpec(module_class=VLAModule, model_config=dict(MODEL_DEFAULTS))
+
+    def build_learner_connector(self, input_observation_space, input_action_space, device=None):
+        pipeline = super().build_learner_connector(
+            input_observation_space=input_observation_space,
+            input_action_space=input_action_space,
+            device=device,
+        )
+        pipeline.insert_after(AddColumnsFromEpisodesToTrainBatch, AddGroupAdvantages())
+        return pipeline
+
+
+def make_config() -> GRPOConfig:
+    """A fresh GRPO config; the caller adds env, module and runners."""
+    return GRPOConfig()
+
+
+# -- training step ------------------------------------------------------------------------------
+class GRPO(Algorithm):
+    """Groups of episodes per reset seed, group-normalised advantages, clipped surrogate + KL."""
+
+    @classmethod
+    def get_default_config(cls) -> GRPOConfig:
+        return GRPOConfig()
+
+    def sample_groups(self) -> tuple[list[SingleAgentEpisode], list[dict]]:
+        """This iteration's scheduled episodes (see the module docstring) and runner metrics."""
+        cfg = self.config
+        seeds = group_seeds(cfg.seed, self.iteration, int(cfg.groups_per_iteration))
+        group = self.env_runner_group
+        remote = group.num_remote_env_runners() > 0
+        ids = sorted(group.healthy_env_runner_ids()) if remote else [0]
+        if not ids:
+            return [], []
+        schedules = deal_schedule(seeds, int(cfg.group_size), ids, cfg.num_envs_per_env_runner)
+        results = group.foreach_env_runner(
+            lambda runner: _sample_scheduled(runner, schedules),
+            local_env_runner=not remote,
+            remote_worker_ids=ids if remote else None,
+            timeout_seconds=cfg.sample_timeout_s,
+        )
+        episodes = [ep for eps, _ in results for ep in eps]
+        return episodes, [m for _, m in results]
+
+    def training_step(self) -> None:
+        cfg = self.config
+        episodes, runner_metrics = self.sample_groups()
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        episodes = [ep for ep in episodes if len(ep) > 0]
+        if not episodes:
+            return
+        # group ids are unique within an iteration; the seed guards against a stale schedule
+        keys = [(ep.get_infos(0)[GROUP_KEY], ep.get_infos(0)[SEED_KEY]) for ep in episodes]
+        scores = [episode_score(ep, cfg.reward_kind) for ep in episodes]
+        advantages = group_advantages(scores, keys)
+        for ep, adv in zip(episodes, advantages, strict=True):
+            ep.custom_data[ADVANTAGE_KEY] = float(adv)
+        by_group: dict[Any, list[float]] = defaultdict(list)
+        for k, score in zip(keys, scores, strict=True):
+            by_group[k].append(score)
+        self.metrics.log_dict(
+            {
+                "grpo_score_mean": float(np.mean(scores)),
+                "grpo_groups": len(by_group),
+                "grpo_zero_variance_groups": sum(np.ptp(v) == 0 for v in by_group.values()),
+            },
+            window=1,
+        )
+        results = self.learner_group.update(
+            episodes=episodes,
+            timesteps={
+                NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                    (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
+                )
+            },
+            num_epochs=int(cfg.num_epochs),
+            minibatch_size=int(cfg.minibatch_size),
+            shuffle_batch_per_epoch=True,
+        )
+        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        self.env_runner_group.sync_weights(
+            from_worker_or_learner_group=self.learner_group, inference_only=True
+        )
