@@ -20,7 +20,8 @@ HEADS = ("tanh_gaussian",)
 MODULE_CLASS = VLAIQLModule
 # Trains from a dataset (``--data PATH``); EnvRunners only evaluate.
 OFFLINE = True
-# The IQL paper's MuJoCo settings (expectile 0.7, inverse temperature 3).
+# The IQL paper's MuJoCo settings (expectile 0.7, inverse temperature 3) except beta: RLlib 2.60's
+# IQL inherits MARWIL's check that beta is in [0, 1], so 1.0 is the largest it accepts.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=3e-4,
     critic_lr=3e-4,
@@ -28,7 +29,7 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     gamma=0.99,
     tau=0.005,
     expectile=0.7,
-    beta=3.0,
+    beta=1.0,
     twin_q=True,
     train_batch_size_per_learner=256,
 )
