@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ALGORITHMS = ("ppo", "bc", "dagger", "grpo")
+ALGORITHMS = ("ppo", "bc", "dagger", "grpo", "sac", "cql", "iql")
 
 
 def get_algorithm(name: str) -> ModuleType:

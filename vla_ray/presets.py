@@ -130,6 +130,71 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# -- SAC family (SAC online; CQL, IQL offline) with the VLA policy and VLA-trunk critics ---------
+# State-only envs build the VLA with vision="none" (instruction + proprioceptive state).
+SAC_PRESETS = [
+    Preset(
+        name="pendulum-sac",
+        algorithm="sac",
+        env="vla_ray/Pendulum-v1",
+        description="SAC on Pendulum from state + instruction (small; the SAC learning test)",
+        model=dict(head="tanh_gaussian", q_hidden=128),
+        training=dict(
+            actor_lr=1e-3,
+            critic_lr=1e-3,
+            alpha_lr=1e-3,
+            train_batch_size_per_learner=128,
+            num_steps_sampled_before_learning_starts=500,
+        ),
+        env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
+        stop=dict(timesteps=10_000),
+        eval_episodes=10,
+    ),
+    Preset(
+        name="halfcheetah-sac",
+        algorithm="sac",
+        env="vla_ray/HalfCheetah-v5",
+        description="SAC on HalfCheetah-v5 from state + instruction (SB3-zoo settings)",
+        model=dict(head="tanh_gaussian", q_hidden=256),
+        training=dict(num_steps_sampled_before_learning_starts=10_000),
+        env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
+        stop=dict(timesteps=1_000_000),
+        eval_episodes=10,
+    ),
+    Preset(
+        name="langreach-sac",
+        algorithm="sac",
+        env="vla_ray/LangReach-v0",
+        description="SAC on LangReach from 64x64 pixels + instruction (tiny CNN/Qwen2 VLA)",
+        model=dict(TINY_VLA, vision_skip=True, head="tanh_gaussian", q_hidden=256),
+        training=dict(gamma=0.9, num_steps_sampled_before_learning_starts=2000),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(timesteps=200_000),
+    ),
+    Preset(
+        name="hopper-iql",
+        algorithm="iql",
+        env="vla_ray/Hopper-v5",
+        description="IQL on Hopper data (vla-ray collect --env vla_ray/Hopper-v5 ...; --data)",
+        model=dict(head="tanh_gaussian", q_hidden=256),
+        env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
+        stop=dict(iters=2000),
+        eval_episodes=10,
+    ),
+    Preset(
+        name="hopper-cql",
+        algorithm="cql",
+        env="vla_ray/Hopper-v5",
+        description="CQL on Hopper data (vla-ray collect --env vla_ray/Hopper-v5 ...; --data)",
+        model=dict(head="tanh_gaussian", q_hidden=256),
+        env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
+        stop=dict(iters=2000),
+        eval_episodes=10,
+    ),
+]
+PRESETS.update({p.name: p for p in SAC_PRESETS})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; ValueError listing the valid names otherwise."""
     if name not in PRESETS:

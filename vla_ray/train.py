@@ -215,7 +215,13 @@ def build_algorithm_config(spec: RunSpec):
         .framework("torch")
         .env_runners(**runners)
         .learners(**s["learners"])
-        .rl_module(rl_module_spec=RLModuleSpec(module_class=VLAModule, model_config=s["model"]))
+        .rl_module(
+            rl_module_spec=RLModuleSpec(
+                # an algorithm whose learner reads another module contract names its class
+                module_class=getattr(algo_mod, "MODULE_CLASS", VLAModule),
+                model_config=s["model"],
+            )
+        )
         .training(**s["training"])
         .callbacks(SuccessRateCallback)
         .fault_tolerance(

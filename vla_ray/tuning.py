@@ -511,8 +511,8 @@ def check_available(spec: TuneSpec) -> None:
         )
     if spec.env and spec.env not in gym.registry:
         missing.append(f"env {spec.env!r} (not a registered gymnasium id; see `vla-ray list`)")
-    if spec.data:
-        missing.append("offline data (`data:`): `vla-ray train` has no offline datasets yet")
+    if spec.data and not Path(spec.data).exists():
+        missing.append(f"offline data (`data:`): {spec.data} does not exist (`vla-ray collect`)")
     if missing:
         raise ValueError(f"{spec.source} cannot run in this build; missing: " + "; ".join(missing))
 
@@ -545,6 +545,8 @@ def param_space(spec: TuneSpec) -> dict[str, Any]:
         set_override(overrides, k, v)
     for k, v in spec.search_space.items():
         set_override(overrides, k, to_domain(v))
+    if spec.data:  # offline algorithms: every trial reads the same dataset
+        overrides["data"] = str(Path(spec.data).resolve())
     return {"base": base_of(spec), "overrides": overrides}
 
 

@@ -1,0 +1,46 @@
+"""Soft Actor-Critic with the VLA policy: RLlib's own SAC (loss, replay, target updates).
+
+``VLASACModule`` (``vla_ray/sac_module.py``) gives RLlib's SAC learner the contract it reads: the
+VLA with a tanh-squashed Gaussian head as the actor, twin Q networks on their own VLA trunks and
+Polyak target copies. Nothing of the loss is rewritten here: this file is the algorithm's
+defaults and the config it starts from. Works with any env of the Dict observation contract and
+a 1-D Box action space (state-only or pixels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.rllib.algorithms.sac import SACConfig
+
+from vla_ray.sac_module import VLASACModule
+
+NAME = "sac"
+# The squashed Gaussian SAC's entropy-regularised loss needs.
+HEADS = ("tanh_gaussian",)
+# The RLModule class ``vla-ray train`` plugs in (default: ``VLAModule``).
+MODULE_CLASS = VLASACModule
+# Haarnoja et al. (2018) / SB3 zoo settings for MuJoCo, uniform replay; presets override.
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    actor_lr=3e-4,
+    critic_lr=3e-4,
+    alpha_lr=3e-4,
+    gamma=0.99,
+    tau=0.005,
+    initial_alpha=1.0,
+    target_entropy="auto",
+    twin_q=True,
+    train_batch_size_per_learner=256,
+    num_steps_sampled_before_learning_starts=1000,
+    replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 1_000_000},
+)
+MODEL_DEFAULTS: dict[str, Any] = dict(head="tanh_gaussian", q_hidden=256)
+
+
+def make_config() -> SACConfig:
+    """A fresh SAC config; the caller adds env, module, runners and training settings.
+
+    Actions stay in the env's bounds end to end (the module's squashed Gaussian maps onto
+    them), so RLlib's action normalisation is off.
+    """
+    return SACConfig().environment(normalize_actions=False, clip_actions=False)

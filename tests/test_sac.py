@@ -1,0 +1,218 @@
+"""The SAC family with the VLA: module contract, SAC online, CQL/IQL offline, checkpoints, learning."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+from vla_ray.cli import main
+from vla_ray.config import ConfigError
+from vla_ray.data import collect
+from vla_ray.sac_module import VLACQLModule, VLAIQLModule, VLASACModule
+from vla_ray.train import build_algorithm_config, resolve, train
+
+PENDULUM = "vla_ray/Pendulum-v1"
+HOPPER = "vla_ray/Hopper-v5"
+# keys RLlib 2.60's SAC learner reads from the forward pass (sac_torch_learner.py)
+SAC_KEYS = {
+    "qf_preds",
+    "qf_twin_preds",
+    "q_curr",
+    "q_target_next",
+    "logp_resampled",
+    "logp_next_resampled",
+    Columns.ACTION_DIST_INPUTS,
+    "action_dist_inputs_next",
+}
+CQL_KEYS = {
+    "q_rand_repeat",
+    "q_curr_repeat",
+    "q_next_repeat",
+    "logps_curr_repeat",
+    "logps_next_repeat",
+    "q_twin_rand_repeat",
+    "q_twin_curr_repeat",
+    "q_twin_next_repeat",
+}
+IQL_KEYS = {"qf_target_preds", Columns.VF_PREDS, "vf_preds_next"}
+CRITICS = ("qf", "qf_encoder", "qf_twin", "qf_twin_encoder")
+SMALL_MODEL = {"q_hidden": 32}
+
+
+def _spaces(env_id):
+    env = gym.make(env_id)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+def _batch(env_id, n=6):
+    env = gym.make(env_id)
+    obs = [env.reset(seed=s)[0] for s in range(n)]
+    nxt = [env.step(env.action_space.sample())[0] for _ in range(n)]
+    env.close()
+    stack = lambda rows: {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}  # noqa: E731
+    low, high = env.action_space.low, env.action_space.high
+    actions = torch.as_tensor(np.random.default_rng(0).uniform(low, high, (n, low.size)))
+    return {Columns.OBS: stack(obs), Columns.NEXT_OBS: stack(nxt), Columns.ACTIONS: actions}
+
+
+@pytest.mark.parametrize(
+    "cls,extra,keys",
+    [
+        (VLASACModule, {}, SAC_KEYS),
+        (VLACQLModule, {"num_actions": 3}, SAC_KEYS | CQL_KEYS),
+        (VLAIQLModule, {}, SAC_KEYS | IQL_KEYS),
+    ],
+)
+def test_forward_train_gives_the_keys_rllibs_learners_read(cls, extra, keys):
+    obs_space, act_space = _spaces(PENDULUM)
+    module = cls(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"twin_q": True, **SMALL_MODEL, **extra},
+    )
+    module.make_target_networks()
+    out = module.forward_train(_batch(PENDULUM))
+    assert keys <= set(out)
+    assert out["qf_preds"].shape == out["q_curr"].shape == (6,)
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (6, 2)  # [mean, log_std] of 1 action dim
+    assert all(torch.isfinite(out[k]).all() for k in keys)
+    if cls is VLACQLModule:
+        assert out["q_rand_repeat"].shape == (6, 3, 1)
+    # the policy is one VLA (state dict under ``vla.``); each critic has its own trunk
+    state = module.get_state()
+    assert any(k.startswith("vla.trunk.") for k in state)
+    assert not any(k.startswith(("pi_encoder.", "pi.")) for k in state)
+    trunks = {id(module.vla.trunk), id(module.qf_encoder.trunk), id(module.qf_twin_encoder.trunk)}
+    assert len(trunks) == 3
+    if cls is VLAIQLModule:
+        assert module.compute_values(_batch(PENDULUM)).shape == (6,)
+
+
+def test_inference_only_module_drops_critics_and_acts_in_the_env_bounds():
+    obs_space, act_space = _spaces(PENDULUM)  # actions in [-2, 2]
+    learner = VLAIQLModule(
+        observation_space=obs_space, action_space=act_space, model_config=SMALL_MODEL
+    )
+    learner.make_target_networks()
+    runner = VLAIQLModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config=SMALL_MODEL,
+        inference_only=True,
+    )
+    for name in (*CRITICS, "vf", "vf_encoder"):
+        assert hasattr(learner, name) and not hasattr(runner, name)
+    runner.set_state(learner.get_state(inference_only=True))
+    batch = _batch(PENDULUM)
+    with torch.no_grad():  # a large mean: the deterministic action saturates at the bound
+        runner.vla.head.net[-1].bias[0] = 10.0
+    out = runner.forward_inference(batch)
+    dist = runner.get_inference_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
+    det = dist.to_deterministic().sample()
+    torch.testing.assert_close(det, runner.vla.predict(batch[Columns.OBS]).flatten(1))
+    assert torch.allclose(det, torch.full_like(det, 2.0), atol=1e-3)
+    sampled = dist.sample()
+    assert (sampled.abs() <= 2.0).all()
+
+
+def test_bad_model_config_is_a_clear_error():
+    obs_space, act_space = _spaces(PENDULUM)
+    with pytest.raises(ConfigError, match="head: .*'tanh_gaussian', got 'gaussian'"):
+        VLASACModule(
+            observation_space=obs_space, action_space=act_space, model_config={"head": "gaussian"}
+        )
+    with pytest.raises(ConfigError, match="chunk_size: .*expected 1, got 2"):
+        VLASACModule(
+            observation_space=obs_space,
+            action_space=gym.spaces.Box(-1, 1, (2,), np.float32),
+            model_config={"chunk_size": 2},
+        )
+
+
+def test_sac_two_iterations_with_two_env_runners_updates_targets(ray_session):
+    spec = resolve(
+        "pendulum-sac",
+        {
+            "model": SMALL_MODEL,
+            "training": {
+                "train_batch_size_per_learner": 32,
+                "num_steps_sampled_before_learning_starts": 64,
+            },
+            # 2 x 50 steps per sample: one update per iteration
+            "env_runners": {"rollout_fragment_length": 50},
+        },
+        num_env_runners=2,
+    )
+    algo = build_algorithm_config(spec).build_algo()
+    try:
+        module = algo.learner_group._learner.module["default_policy"]
+        before = {k: v.clone() for k, v in module.target_qf.state_dict().items()}
+        results = [algo.train() for _ in range(2)]
+        assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 200
+        learner = results[-1]["learners"]["default_policy"]
+        assert np.isfinite(learner["qf_loss"]) and np.isfinite(learner["policy_loss"])
+        # Polyak targets moved, but lag behind the online critic
+        after, online = module.target_qf.state_dict(), module.qf.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in after)
+        assert any(not torch.equal(online[k], after[k]) for k in after)
+        # EnvRunners hold the policy only
+        names = algo.env_runner_group.foreach_env_runner(
+            lambda r: sorted(n for n, _ in r.module.named_children()), local_env_runner=False
+        )
+        assert names == [["vla"], ["vla"]]
+    finally:
+        algo.stop()
+
+
+@pytest.fixture(scope="module")
+def hopper_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "hopper-random"
+    collect(HOPPER, "random", 4, path, seed=0, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["hopper-cql", "hopper-iql"])
+def test_offline_two_iterations_from_collected_data(ray_session, hopper_data, preset, tmp_path):
+    spec = resolve(
+        preset,
+        {
+            "model": SMALL_MODEL,
+            "training": {"train_batch_size_per_learner": 32},
+            "eval_every": 2,
+            "eval_episodes": 1,
+        },
+        data=str(hopper_data),
+    )
+    summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert np.isfinite(rows[-1]["learner"]["policy_loss"])
+    assert rows[-1]["episode_return_mean"] is not None  # evaluated on Hopper
+    vla = tmp_path / "run" / "checkpoints" / "last" / "vla"
+    assert summary["last_checkpoint"].endswith("last") and (vla / "vla_config.json").is_file()
+
+
+def test_sac_checkpoint_evaluates_alike_from_rllib_and_save_pretrained(ray_session, tmp_path):
+    out = tmp_path / "run"
+    sets = ["model.q_hidden=32", "training.num_steps_sampled_before_learning_starts=64"]
+    sets += ["training.train_batch_size_per_learner=32"]
+    args = ["train", "--preset", "pendulum-sac", "--stop-iters", "1", "--output", str(out)]
+    assert main([*args, "--quiet", *[f"--set={s}" for s in sets]]) == 0
+    ckpt = out / "checkpoints" / "last"
+    results = {}
+    for name, path in (("rllib", ckpt), ("pretrained", ckpt / "vla")):
+        js = tmp_path / f"{name}.json"
+        assert main(["eval", "--checkpoint", str(path), "--episodes", "1", "--json", str(js)]) == 0
+        results[name] = json.loads(js.read_text())
+    assert results["rllib"]["mean_length"] == 200
+    assert results["rllib"]["mean_return"] == pytest.approx(results["pretrained"]["mean_return"])
+    # `vla-ray collect --policy CHECKPOINT` rolls the SAC policy out into a dataset
+    summary = collect(PENDULUM, str(ckpt), 1, tmp_path / "data", progress=False)
+    assert summary["episodes"] == 1

@@ -1,0 +1,235 @@
+"""The SAC family (SAC, CQL, IQL) with the VLA as policy and VLA trunks as critics.
+
+RLlib's SAC, CQL and IQL learners read fixed forward outputs (``qf_preds``, ``qf_twin_preds``,
+``q_curr``, ``q_target_next``, ``logp_resampled``, ...) and optimise fixed parts of the module
+(``pi_encoder`` + ``pi`` for the actor, ``qf_encoder`` + ``qf`` and the twin for the critics,
+``vf_encoder`` + ``vf`` for IQL's value function). The modules here subclass RLlib's own default
+modules (``DefaultSACTorchRLModule``, ``DefaultCQLTorchRLModule``, ``DefaultIQLTorchRLModule``),
+keep their forward passes and swap in the VLA:
+
+- policy: ``pi_encoder`` is the VLA trunk and ``pi`` the VLA's ``tanh_gaussian`` head, both views
+  of one ``VLA`` kept as ``self.vla`` (so ``save_pretrained``, ``vla-ray eval``/export/serve and
+  the instruction prefix cache work as for ``VLAModule``);
+- critics: each Q network (and IQL's value function) has its own VLA trunk of the same
+  architecture, reading the same observations (image and/or state + instruction); the Q head is
+  an MLP on ``[trunk features, action]``. Separate trunks are the faithful SAC design (RLlib's
+  default module also gives every Q its own encoder): the actor's features never move with the
+  critic's TD errors. For the tiny VLA the extra trunks are cheap;
+- target networks (``TargetNetworkAPI``): Polyak copies of every Q trunk and head.
+
+Actions live in the env's own bounds: the squashed Gaussian maps onto ``[action_low,
+action_high]`` (the VLA head does the same), so ``normalize_actions`` is off in the algorithm
+configs, and offline datasets (raw env actions) need no rescaling. Bounds must be the same for
+every action dimension (as for ``VLAModule``).
+
+``model_config`` takes the ``VLAConfig`` fields (``head`` must be ``tanh_gaussian``,
+``chunk_size`` 1) plus ``q_hidden`` (width of the Q/value MLPs, 256), ``pretrained_path`` /
+``vlm_path`` (start the policy from a saved VLA / pretrained VLM, as in ``VLAModule``) and the
+keys RLlib adds (``twin_q``; CQL's ``num_actions``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import DefaultCQLTorchRLModule
+from ray.rllib.algorithms.iql.torch.default_iql_torch_rl_module import DefaultIQLTorchRLModule
+from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import (
+    TorchDeterministic,
+    TorchSquashedGaussian,
+)
+from ray.rllib.core.models.base import ENCODER_OUT
+from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils.annotations import override
+from torch import nn
+
+from vla_ray.config import ConfigError
+from vla_ray.models.heads import ActionHead, mlp
+from vla_ray.models.vla import VLA, VLATrunk
+from vla_ray.rl_module import SPACE_DERIVED_KEYS, vla_config_from_spaces
+
+# model_config keys of these modules (and of RLlib's SAC-family configs) that are not VLAConfig's
+SAC_MODULE_KEYS = ("q_hidden", "twin_q", "num_actions", "pretrained_path", "vlm_path", "value")
+
+
+class VLASquashedGaussian(TorchSquashedGaussian):
+    """RLlib's squashed Gaussian onto fixed bounds, whose deterministic action is squashed too.
+
+    (RLlib's ``to_deterministic`` returns the pre-tanh mean; here it is ``tanh(mean)`` scaled
+    into the bounds, the same action as ``VLA.predict(deterministic=True)``.)
+    """
+
+    bounds: tuple[float, float] = (-1.0, 1.0)
+
+    @classmethod
+    def bounded(cls, low: float, high: float) -> type[VLASquashedGaussian]:
+        """This class with ``from_logits`` squashing into ``[low, high]``."""
+        return type(cls.__name__, (cls,), {"bounds": (float(low), float(high))})
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, **kwargs: Any) -> VLASquashedGaussian:
+        kwargs.setdefault("low", cls.bounds[0])
+        kwargs.setdefault("high", cls.bounds[1])
+        return super().from_logits(logits, **kwargs)
+
+    def to_deterministic(self) -> TorchDeterministic:
+        return TorchDeterministic(loc=self._squash(self.loc))
+
+
+class TrunkEncoder(nn.Module):
+    """A VLA trunk as an RLlib encoder: ``{obs: dict}`` -> ``{ENCODER_OUT: features}``."""
+
+    def __init__(self, trunk: VLATrunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {ENCODER_OUT: self.trunk(batch[Columns.OBS])}
+
+
+class StateActionEncoder(TrunkEncoder):
+    """A Q network's encoder: ``[trunk features of obs, action]``."""
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        features = self.trunk(batch[Columns.OBS])
+        actions = batch[Columns.ACTIONS].to(features.dtype).flatten(1)
+        return {ENCODER_OUT: torch.cat([features, actions], dim=-1)}
+
+
+class PolicyHead(nn.Module):
+    """The VLA's tanh-Gaussian head as RLlib's ``pi``: features -> ``[mean, log_std]``."""
+
+    def __init__(self, head: ActionHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.dist_inputs(features)
+
+
+class _ObsBatch(dict):
+    """A dict observation batch with the ``shape`` RLlib's CQL module reads (``obs.shape[0]``)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return next(iter(self.values())).shape
+
+
+class VLASACModule(DefaultSACTorchRLModule):
+    """RLlib's default SAC module with the VLA as the policy and VLA trunks in the critics."""
+
+    def __init__(self, *args, **kwargs):
+        # no Catalog: RLlib's catalogs cannot encode Dict observations; setup() builds the parts
+        kwargs.pop("catalog_class", None)
+        TorchRLModule.__init__(self, *args, **kwargs)
+
+    # ---- construction ---------------------------------------------------------------------
+    @override(RLModule)
+    def setup(self) -> None:
+        mc = dict(self.model_config or {})
+        head = mc.setdefault("head", "tanh_gaussian")
+        if head != "tanh_gaussian":
+            raise ConfigError(
+                f"head: SAC, CQL and IQL need the squashed Gaussian policy head "
+                f"'tanh_gaussian', got {head!r}"
+            )
+        if int(mc.get("chunk_size", 1)) != 1:
+            raise ConfigError(
+                f"chunk_size: the SAC family learns single-step Q values; expected 1, "
+                f"got {mc['chunk_size']}"
+            )
+        if mc.get("pretrained_path") and mc.get("vlm_path"):
+            raise ConfigError(
+                "model_config: give either pretrained_path (a whole VLA) or vlm_path (a "
+                "pretrained VLM trunk), not both"
+            )
+        vla_keys = {k: v for k, v in mc.items() if k not in SAC_MODULE_KEYS}
+        config = vla_config_from_spaces(vla_keys, self.observation_space, self.action_space)
+        if mc.get("vlm_path"):
+            self.vla = VLA.from_pretrained_vlm(mc["vlm_path"], config)
+        elif mc.get("pretrained_path"):
+            io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
+            self.vla = VLA.from_pretrained(mc["pretrained_path"], **io)
+            if self.vla.config.head != "tanh_gaussian":
+                raise ConfigError(
+                    f"pretrained_path: the saved VLA has head {self.vla.config.head!r}; "
+                    "SAC, CQL and IQL need 'tanh_gaussian'"
+                )
+        else:
+            self.vla = VLA(config)
+        config = self.vla.config
+        self.twin_q = bool(mc.get("twin_q", True))
+        self.q_hidden = int(mc.get("q_hidden", 256))
+        self._dist_cls = VLASquashedGaussian.bounded(config.action_low, config.action_high)
+        if self.inference_only:
+            return
+        action_dims = int(np.prod(self.action_space.shape))
+        q_in = self.vla.trunk.feature_dim + action_dims
+        self.qf_encoder = StateActionEncoder(self._critic_trunk())
+        self.qf = mlp(q_in, self.q_hidden, 1)
+        if self.twin_q:
+            self.qf_twin_encoder = StateActionEncoder(self._critic_trunk())
+            self.qf_twin = mlp(q_in, self.q_hidden, 1)
+
+    def _critic_trunk(self) -> VLATrunk:
+        """A fresh trunk of the policy's architecture (own weights)."""
+        return VLATrunk(self.vla.config, vocab_size=len(self.vla.tokenizer))
+
+    # The policy parts RLlib's forward passes and optimisers use are views of ``self.vla``
+    # (not registered twice: the state dict holds the VLA once, under ``vla.``).
+    @property
+    def pi_encoder(self) -> TrunkEncoder:
+        return TrunkEncoder(self.vla.trunk)
+
+    @property
+    def pi(self) -> PolicyHead:
+        return PolicyHead(self.vla.head)
+
+    # ---- forward passes: RLlib's, without autograd when acting ----------------------------
+    @override(DefaultSACTorchRLModule)
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        with torch.no_grad():  # also lets the trunk reuse its memoised instruction prefixes
+            return super()._forward_inference(batch)
+
+    @override(DefaultSACTorchRLModule)
+    def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return self._forward_inference(batch)
+
+    # ---- action distributions ---------------------------------------------------------------
+    @override(TorchRLModule)
+    def get_inference_action_dist_cls(self) -> type[VLASquashedGaussian]:
+        return self._dist_cls
+
+    @override(TorchRLModule)
+    def get_exploration_action_dist_cls(self) -> type[VLASquashedGaussian]:
+        return self._dist_cls
+
+    @override(TorchRLModule)
+    def get_train_action_dist_cls(self) -> type[VLASquashedGaussian]:
+        return self._dist_cls
+
+
+class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
+    """RLlib's default CQL module (SAC + conservative Q penalty samples) with the VLA."""
+
+    @override(DefaultCQLTorchRLModule)
+    def _repeat_actions(self, obs: Any, actions: torch.Tensor | None = None) -> dict[str, Any]:
+        # RLlib reads the batch size as ``obs.shape[0]``: give the dict observation a shape
+        return super()._repeat_actions(_ObsBatch(obs), actions)
+
+
+class VLAIQLModule(VLASACModule, DefaultIQLTorchRLModule):
+    """RLlib's default IQL module with the VLA; the value function has its own VLA trunk."""
+
+    @override(VLASACModule)
+    def setup(self) -> None:
+        super().setup()
+        if not self.inference_only:
+            self.vf_encoder = TrunkEncoder(self._critic_trunk())
+            self.vf = mlp(self.vla.trunk.feature_dim, self.q_hidden, 1)
