@@ -52,7 +52,11 @@ from torch import nn
 from vla_ray.config import ConfigError
 from vla_ray.models.heads import ActionHead, mlp
 from vla_ray.models.vla import VLA, VLATrunk
-from vla_ray.rl_module import SPACE_DERIVED_KEYS, vla_config_from_spaces
+from vla_ray.rl_module import (
+    SPACE_DERIVED_KEYS,
+    resolve_pretrained_dir,
+    vla_config_from_spaces,
+)
 
 # model_config keys of these modules (and of RLlib's SAC-family configs) that are not VLAConfig's
 SAC_MODULE_KEYS = ("q_hidden", "twin_q", "num_actions", "pretrained_path", "vlm_path", "value")
@@ -155,7 +159,7 @@ class VLASACModule(DefaultSACTorchRLModule):
             self.vla = VLA.from_pretrained_vlm(mc["vlm_path"], config)
         elif mc.get("pretrained_path"):
             io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
-            self.vla = VLA.from_pretrained(mc["pretrained_path"], **io)
+            self.vla = VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
             if self.vla.config.head != "tanh_gaussian":
                 raise ConfigError(
                     f"pretrained_path: the saved VLA has head {self.vla.config.head!r}; "
