@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ALGORITHMS = ("ppo", "bc", "dagger")
+ALGORITHMS = ("ppo", "bc", "dagger", "marwil", "td3bc", "dt", "gail")
 
 
 def get_algorithm(name: str) -> ModuleType:
