@@ -80,11 +80,22 @@ def selection_probabilities(
     return p
 
 
+def admit(
+    episodes: list[Any], probabilities: np.ndarray, rng: np.random.Generator, need_one: bool
+) -> list[Any]:
+    """Each episode kept with its probability; with ``need_one`` and none kept, the most
+    probable one (then the first)."""
+    keep = [ep for ep, pi in zip(episodes, probabilities, strict=True) if rng.random() < pi]
+    if not keep and need_one and episodes:
+        keep = [episodes[int(np.argmax(probabilities))]]
+    return keep
+
+
 class ReturnSelectionPreLearner(OfflinePreLearner):
     """RLlib's pre-learner that admits episodes into its buffer by return (see module doc).
 
-    If none of a first batch of episodes is admitted (the buffer would be empty), its best
-    episode is kept so that a batch can always be sampled.
+    If none of a first batch of episodes is admitted (the buffer would be empty), its most
+    probable episode is kept so that a batch can always be sampled.
     """
 
     def __init__(self, *, config, **kwargs):
@@ -99,9 +110,7 @@ class ReturnSelectionPreLearner(OfflinePreLearner):
             temperature=self.config.return_weight_temperature,
             max_return=self.config.return_max,
         )
-        keep = [ep for ep, pi in zip(episodes, p, strict=True) if self._rng.random() < pi]
-        if not keep and self.episode_buffer.get_num_timesteps() == 0:
-            keep = [episodes[int(np.argmax(returns))]]
+        keep = admit(episodes, p, self._rng, self.episode_buffer.get_num_timesteps() == 0)
         return super()._postprocess_and_sample(keep)
 
 

@@ -112,6 +112,39 @@ def dt_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
 
 
+def episode_windows(
+    episodes: list[Any],
+    n: int,
+    K: int,
+    rng: np.random.Generator,
+    *,
+    gamma: float = 1.0,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """``n`` windows (stacked, see :func:`window`) from ``SingleAgentEpisode``s: episodes drawn
+    in proportion to their length, window ends uniform over the episode's steps; returns-to-go
+    are computed per episode (``gamma``) and divided by ``scale``."""
+    episodes = [ep for ep in episodes if len(ep) > 0]
+    if not episodes:
+        raise ValueError("episode_windows: no non-empty episodes to sample from")
+    lengths = np.asarray([len(ep) for ep in episodes], np.float64)
+    data = []
+    for ep in episodes:
+        obs = ep.get_observations()
+        obs = obs if isinstance(obs, dict) else {"obs": obs}
+        rtg = returns_to_go(ep.get_rewards(), gamma) / scale
+        actions = np.asarray(ep.get_actions(), np.float32).reshape(len(ep), -1)
+        data.append(({k: np.asarray(v) for k, v in obs.items()}, actions, rtg))
+    rows = []
+    for i in rng.choice(len(episodes), size=n, p=lengths / lengths.sum()):
+        obs, actions, rtg = data[i]
+        rows.append(window(obs, actions, rtg, int(rng.integers(len(rtg))), K))
+    out = _stack(rows)
+    if set(out["obs"]) == {"obs"}:  # a plain (non-Dict) observation space
+        out["obs"] = out["obs"]["obs"]
+    return out
+
+
 def _stack(items: list[Any]) -> Any:
     return tree.map_structure(lambda *xs: np.stack(xs), *items)
 
@@ -128,29 +161,14 @@ class DTPreLearner(OfflinePreLearner):
         from vla_ray.data.rllib_format import _unpack
 
         cfg = self.config
-        episodes = [_unpack(item) for item in batch["item"]]
-        episodes = [ep for ep in episodes if len(ep) > 0]
-        lengths = np.asarray([len(ep) for ep in episodes], np.float64)
-        data = []
-        for ep in episodes:
-            obs = ep.get_observations()
-            obs = obs if isinstance(obs, dict) else {"obs": obs}
-            data.append(
-                (
-                    {k: np.asarray(v) for k, v in obs.items()},
-                    np.asarray(ep.get_actions(), np.float32),
-                    returns_to_go(ep.get_rewards(), cfg.return_to_go_gamma) / cfg.return_scale,
-                )
-            )
-        rows = []
-        picks = self._rng.choice(
-            len(episodes), size=cfg.train_batch_size_per_learner, p=lengths / lengths.sum()
+        w = episode_windows(
+            [_unpack(item) for item in batch["item"]],
+            cfg.train_batch_size_per_learner,
+            int(cfg.context_length),
+            self._rng,
+            gamma=cfg.return_to_go_gamma,
+            scale=cfg.return_scale,
         )
-        for i in picks:
-            obs, actions, rtg = data[i]
-            end = int(self._rng.integers(len(rtg)))
-            rows.append(window(obs, actions, rtg, end, int(cfg.context_length)))
-        w = _stack(rows)
         out = {
             Columns.OBS: w["obs"],
             Columns.ACTIONS: w["actions"],
@@ -222,7 +240,9 @@ class DTModule(TorchRLModule):
         p = float(extra.get("dt_dropout", 0.1))
         self.gpt = GPT2Model(
             GPT2Config(
-                vocab_size=1,
+                vocab_size=1,  # inputs are embeddings: no token vocabulary
+                bos_token_id=0,
+                eos_token_id=0,
                 n_embd=H,
                 n_layer=int(extra.get("dt_layers", 3)),
                 n_head=heads,
