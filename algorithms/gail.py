@@ -110,16 +110,22 @@ class DiscriminatorReward(ConnectorV2):
             module = module.unwrapped() if hasattr(module, "unwrapped") else module
             if not isinstance(module, GAILModule):
                 continue
-            rewards = torch.as_tensor(module_batch[Columns.REWARDS]).float()
+            device = next(module.disc.parameters()).device
+            rewards = torch.as_tensor(module_batch[Columns.REWARDS], device=device).float()
+            # numpy or tensors, depending on the place in the pipeline
+            obs = tree.map_structure(
+                lambda x: torch.as_tensor(x, device=device), module_batch[Columns.OBS]
+            )
             with torch.no_grad():
                 logits = module.discriminator_logits(
-                    module_batch[Columns.OBS], torch.as_tensor(module_batch[Columns.ACTIONS])
+                    obs, torch.as_tensor(module_batch[Columns.ACTIONS], device=device)
                 )
             new = gail_reward(logits).to(rewards.device) + self.env_reward_coeff * rewards
             mask = module_batch.get(Columns.LOSS_MASK)
             if mask is not None:  # keep the extra bootstrap step RLlib appends untouched
-                new = torch.where(torch.as_tensor(mask).bool().to(new.device), new, rewards)
-            module_batch[Columns.REWARDS] = new
+                new = torch.where(torch.as_tensor(mask, device=device).bool(), new, rewards)
+            is_numpy = isinstance(module_batch[Columns.REWARDS], np.ndarray)
+            module_batch[Columns.REWARDS] = new.cpu().numpy() if is_numpy else new
         return batch
 
 
