@@ -74,8 +74,11 @@ class GAILModule(VLAModule):
     def setup(self) -> None:
         mc = dict(self.model_config or {})
         extra = {k: mc.pop(k) for k in MODULE_KEYS if k in mc}
-        self.model_config = mc
-        super().setup()
+        full, self.model_config = self.model_config, mc  # VLAModule sees VLA keys only
+        try:
+            super().setup()
+        finally:
+            self.model_config = full  # checkpoints rebuild the module from the full config
         if not self.inference_only:
             cfg = self.vla.config
             self.disc_trunk = VLATrunk(cfg, vocab_size=len(self.vla.tokenizer))
@@ -114,7 +117,7 @@ class DiscriminatorReward(ConnectorV2):
             rewards = torch.as_tensor(module_batch[Columns.REWARDS], device=device).float()
             # numpy or tensors, depending on the place in the pipeline
             obs = tree.map_structure(
-                lambda x: torch.as_tensor(x, device=device), module_batch[Columns.OBS]
+                lambda x, d=device: torch.as_tensor(x, device=d), module_batch[Columns.OBS]
             )
             with torch.no_grad():
                 logits = module.discriminator_logits(

@@ -94,8 +94,11 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
         mc = dict(self.model_config or {})
         extra = {k: mc.pop(k) for k in MODULE_KEYS if k in mc}
         mc["value"] = "none"
-        self.model_config = mc
-        super().setup()
+        full, self.model_config = self.model_config, mc  # VLAModule sees VLA keys only
+        try:
+            super().setup()
+        finally:
+            self.model_config = full  # checkpoints rebuild the module from the full config
         head = self.vla.head
         if head.stochastic or self.vla.config.head != "mlp":
             raise ConfigError(
