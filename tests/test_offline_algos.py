@@ -238,6 +238,10 @@ def test_td3bc_two_iterations(ray_session, hopper_data, tmp_path):
     batch = {"obs": {k: torch.as_tensor(v)[None] for k, v in obs.items()}}
     action = module.forward_inference(batch)["actions"]
     assert action.shape == (1, 3) and float(action.abs().max()) <= 1.0
+    # `vla-ray eval --checkpoint` runs it (the module's forward, normalisation included)
+    from vla_ray.evaluate import evaluate, load_policy
+
+    assert evaluate(load_policy(ckpt), episodes=1, progress=False)["episodes"] == 1
 
 
 @pytest.mark.slow
