@@ -271,7 +271,7 @@ class TD3BCLearner(TorchLearner):
             total = total + actor_loss
             log.update(actor_loss=actor_loss, bc_mse=F.mse_loss(pi, actions), lmbda=lam)
         for key, value in log.items():
-            self.metrics.log_value((module_id, key), float(value), window=1)
+            self.metrics.log_value((module_id, key), float(value.detach()), window=1)
         return total
 
     def compute_gradients(self, loss_per_module, **kwargs):
