@@ -9,7 +9,19 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ALGORITHMS = ("ppo", "bc", "dagger", "grpo", "sac", "cql", "iql")
+ALGORITHMS = (
+    "ppo",
+    "bc",
+    "dagger",
+    "grpo",
+    "sac",
+    "cql",
+    "iql",
+    "marwil",
+    "td3bc",
+    "dt",
+    "gail",
+)
 
 
 def get_algorithm(name: str) -> ModuleType:

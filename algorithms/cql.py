@@ -17,7 +17,6 @@ from vla_ray.sac_module import VLACQLModule
 
 NAME = "cql"
 HEADS = ("tanh_gaussian",)
-MODULE_CLASS = VLACQLModule
 # Trains from a dataset (``--data PATH``); EnvRunners only evaluate.
 OFFLINE = True
 # CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC warm-up).
@@ -58,3 +57,8 @@ def make_config() -> CQLConfig:
     """
     # RLlib's CQLConfig sets ``lr`` but its SAC validation refuses it: actor/critic/alpha lrs
     return VLACQLConfig().environment(normalize_actions=False, clip_actions=False).training(lr=None)
+
+
+def module_class() -> type:
+    """The RLModule class ``vla-ray train`` builds for this algorithm."""
+    return VLACQLModule

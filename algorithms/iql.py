@@ -17,7 +17,6 @@ from vla_ray.sac_module import VLAIQLModule
 
 NAME = "iql"
 HEADS = ("tanh_gaussian",)
-MODULE_CLASS = VLAIQLModule
 # Trains from a dataset (``--data PATH``); EnvRunners only evaluate.
 OFFLINE = True
 # The IQL paper's MuJoCo settings (expectile 0.7, inverse temperature 3) except beta: RLlib 2.60's
@@ -43,3 +42,8 @@ def make_config() -> IQLConfig:
     bounds, so RLlib's action normalisation is off.
     """
     return IQLConfig().environment(normalize_actions=False, clip_actions=False)
+
+
+def module_class() -> type:
+    """The RLModule class ``vla-ray train`` builds for this algorithm."""
+    return VLAIQLModule

@@ -18,8 +18,6 @@ from vla_ray.sac_module import VLASACModule
 NAME = "sac"
 # The squashed Gaussian SAC's entropy-regularised loss needs.
 HEADS = ("tanh_gaussian",)
-# The RLModule class ``vla-ray train`` plugs in (default: ``VLAModule``).
-MODULE_CLASS = VLASACModule
 # Haarnoja et al. (2018) / SB3 zoo settings for MuJoCo, uniform replay; presets override.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=3e-4,
@@ -44,3 +42,8 @@ def make_config() -> SACConfig:
     them), so RLlib's action normalisation is off.
     """
     return SACConfig().environment(normalize_actions=False, clip_actions=False)
+
+
+def module_class() -> type:
+    """The RLModule class ``vla-ray train`` builds for this algorithm."""
+    return VLASACModule

@@ -138,12 +138,16 @@ def resolve(
     _merge(settings, copy.deepcopy(overrides or {}))
     if data is not None:
         settings["data"] = str(data)
-    if offline and not settings.get("data"):
+    # online algorithms that learn from demonstrations too (GAIL) set NEEDS_DATA
+    needs_data = offline or bool(getattr(algo, "NEEDS_DATA", False))
+    if needs_data and "data" not in settings:
+        settings["data"] = None
+    if needs_data and not settings.get("data"):
         raise ValueError(
             f"--data: {p.algorithm} trains from a dataset; give --data PATH "
             "(e.g. one written by `vla-ray collect`)"
         )
-    if not offline and settings.get("data"):
+    if not needs_data and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
     runners = settings["env_runners"]
     if num_env_runners is not None:
@@ -217,8 +221,9 @@ def build_algorithm_config(spec: RunSpec):
         .learners(**s["learners"])
         .rl_module(
             rl_module_spec=RLModuleSpec(
-                # an algorithm whose learner reads another module contract names its class
-                module_class=getattr(algo_mod, "MODULE_CLASS", VLAModule),
+                # algorithms needing more than the policy (critics, a sequence model) give
+                # their VLAModule subclass as ``module_class()``
+                module_class=getattr(algo_mod, "module_class", lambda: VLAModule)(),
                 model_config=s["model"],
             )
         )
@@ -241,6 +246,8 @@ def build_algorithm_config(spec: RunSpec):
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
         )
+    if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's expert demos
+        algo_mod.use_data(cfg, s["data"])
     if _evaluates(algo_mod):  # BC and DAgger: behaviour cloning on single-step action labels
         _check_offline_model(s["model"])
         eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
@@ -313,6 +320,12 @@ LEARNER_KEYS = (
     "vf_explained_var",
     "entropy",
     "mean_kl_loss",
+    # offline RL / imitation (td3bc, dt, gail)
+    "critic_loss",
+    "actor_loss",
+    "action_mse",
+    "disc_loss",
+    "disc_accuracy",
 )
 
 
@@ -348,8 +361,13 @@ def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any])
     algo.save_to_path(str(directory.resolve()))
     meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
     (directory / META_NAME).write_text(json.dumps(meta, indent=2))
-    _export_vla(algo, directory / "vla")
-    (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
+    from vla_ray.algorithms import get_algorithm
+
+    # algorithms whose policy is more than a VLA (e.g. the Decision Transformer) set
+    # EXPORTS_VLA = False: their RLlib checkpoint is the policy
+    if getattr(get_algorithm(spec.algorithm), "EXPORTS_VLA", True):
+        _export_vla(algo, directory / "vla")
+        (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
     return directory
 
 

@@ -1,0 +1,389 @@
+"""Decision Transformer (Chen et al., 2021) as a new RLlib algorithm with the VLA trunk.
+
+A causal transformer over interleaved (return-to-go, observation, action) tokens of a context
+window of ``K = context_length`` steps predicts each step's action from its observation token
+(masked MSE to the dataset's actions).
+
+- Observations are encoded by the VLA trunk (``VLATrunk``: state-only or image + instruction),
+  one feature vector per step; returns-to-go, actions and the episode timestep are embedded
+  linearly / by lookup. The sequence model is a small GPT-2 built locally from a
+  ``transformers.GPT2Config`` (no download).
+- Data: ``DTPreLearner`` (an RLlib ``OfflinePreLearner`` inside ``ray.data``) turns each batch of
+  episodes into ``train_batch_size_per_learner`` windows ending at uniformly drawn steps, with
+  returns-to-go ``R_t = sum_{k>=t} gamma^(k-t) r_k`` computed per episode (windows never cross
+  an episode boundary; the first steps are left-padded and masked).
+- Evaluation on the EnvRunners: the ``DTContext`` env-to-module connector builds the same window
+  from the running episode (last K observations, previous actions, ``target_return`` minus the
+  rewards collected so far, timesteps), so the module itself is stateless. Evaluation runs
+  whole episodes (``evaluation_duration_unit="episodes"``); ``return_to_go_gamma`` should stay 1
+  (the undiscounted return-to-go the evaluation conditions on).
+
+Return-to-go values are divided by ``return_scale`` in the data and the connector alike. The
+RLlib checkpoint is the policy (the transformer is part of it; no ``vla/`` export).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import tree
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.algorithms.bc import BC, BCConfig
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.offline.offline_prelearner import OfflinePreLearner
+from ray.rllib.utils import flatten_dict
+from torch import nn
+
+from vla_ray.config import ConfigError
+from vla_ray.models.vla import VLATrunk
+from vla_ray.rl_module import vla_config_from_spaces
+from vla_ray.tokenizer import load_tokenizer
+
+NAME = "dt"
+HEADS = ("mlp",)  # the action predictor is the DT's own (tanh-squashed linear) output layer
+OFFLINE = True
+EXPORTS_VLA = False
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-4,
+    train_batch_size_per_learner=64,
+    grad_clip=0.25,
+    context_length=20,
+    target_return=3600.0,
+    return_scale=1000.0,
+    return_to_go_gamma=1.0,
+)
+MODEL_DEFAULTS: dict[str, Any] = dict(head="mlp", value="none")
+# model_config keys of the DT module (sequence model size); the rest are VLAConfig fields
+MODULE_KEYS = ("dt_hidden", "dt_layers", "dt_heads", "dt_dropout", "max_timestep", "value")
+RTG, TIMESTEPS, MASK, PREV_ACTIONS = "dt_rtg", "dt_timesteps", "dt_mask", "dt_actions"
+MODULE_ID = "default_policy"
+
+
+# -- returns-to-go and windows (pure functions, unit-tested) --------------------------------------
+def returns_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """``R_t = r_t + gamma * R_{t+1}`` over one episode's rewards (R after the last step = 0)."""
+    r = np.asarray(rewards, np.float64)
+    out = np.zeros_like(r)
+    acc = 0.0
+    for t in range(len(r) - 1, -1, -1):
+        acc = r[t] + gamma * acc
+        out[t] = acc
+    return out.astype(np.float32)
+
+
+def window(
+    obs: dict[str, np.ndarray],
+    actions: np.ndarray,
+    rtg: np.ndarray,
+    end: int,
+    K: int,
+) -> dict[str, Any]:
+    """The K steps of one episode ending at step ``end`` (inclusive), left-padded with zeros.
+
+    ``obs`` values, ``actions`` and ``rtg`` are indexed by step (``len(rtg)`` steps at least up
+    to ``end``). Returns obs (dict of (K, ...)), actions (K, A), rtg (K,), timesteps (K,),
+    mask (K,) with 1 on real steps.
+    """
+    start = max(0, end - K + 1)
+    n = end + 1 - start
+    pad = K - n
+
+    def padded(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x[start : end + 1])
+        return np.concatenate([np.zeros((pad, *x.shape[1:]), x.dtype), x], axis=0)
+
+    return dict(
+        obs={k: padded(v) for k, v in obs.items()},
+        actions=padded(actions).astype(np.float32),
+        rtg=padded(rtg).astype(np.float32),
+        timesteps=np.concatenate([np.zeros(pad, np.int64), np.arange(start, end + 1)]),
+        mask=np.concatenate([np.zeros(pad, np.float32), np.ones(n, np.float32)]),
+    )
+
+
+def dt_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared action error over the real (mask 1) steps of (B, K, A) windows."""
+    m = mask.float().unsqueeze(-1)
+    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
+
+
+def episode_windows(
+    episodes: list[Any],
+    n: int,
+    K: int,
+    rng: np.random.Generator,
+    *,
+    gamma: float = 1.0,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """``n`` windows (stacked, see :func:`window`) from ``SingleAgentEpisode``s: episodes drawn
+    in proportion to their length, window ends uniform over the episode's steps; returns-to-go
+    are computed per episode (``gamma``) and divided by ``scale``."""
+    episodes = [ep for ep in episodes if len(ep) > 0]
+    if not episodes:
+        raise ValueError("episode_windows: no non-empty episodes to sample from")
+    lengths = np.asarray([len(ep) for ep in episodes], np.float64)
+    data = []
+    for ep in episodes:
+        obs = ep.get_observations()
+        obs = obs if isinstance(obs, dict) else {"obs": obs}
+        rtg = returns_to_go(ep.get_rewards(), gamma) / scale
+        actions = np.asarray(ep.get_actions(), np.float32).reshape(len(ep), -1)
+        data.append(({k: np.asarray(v) for k, v in obs.items()}, actions, rtg))
+    rows = []
+    for i in rng.choice(len(episodes), size=n, p=lengths / lengths.sum()):
+        obs, actions, rtg = data[i]
+        rows.append(window(obs, actions, rtg, int(rng.integers(len(rtg))), K))
+    out = _stack(rows)
+    if set(out["obs"]) == {"obs"}:  # a plain (non-Dict) observation space
+        out["obs"] = out["obs"]["obs"]
+    return out
+
+
+def _stack(items: list[Any]) -> Any:
+    return tree.map_structure(lambda *xs: np.stack(xs), *items)
+
+
+# -- data: episodes -> windows ------------------------------------------------------------------
+class DTPreLearner(OfflinePreLearner):
+    """Episodes of a ``ray.data`` batch -> ``train_batch_size_per_learner`` training windows."""
+
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self._rng = np.random.default_rng(config.seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vla_ray.data.rllib_format import _unpack
+
+        cfg = self.config
+        w = episode_windows(
+            [_unpack(item) for item in batch["item"]],
+            cfg.train_batch_size_per_learner,
+            int(cfg.context_length),
+            self._rng,
+            gamma=cfg.return_to_go_gamma,
+            scale=cfg.return_scale,
+        )
+        out = {
+            Columns.OBS: w["obs"],
+            Columns.ACTIONS: w["actions"],
+            PREV_ACTIONS: w["actions"],  # the causal mask hides a_t from the a_t prediction
+            RTG: w["rtg"],
+            TIMESTEPS: w["timesteps"],
+            MASK: w["mask"],
+        }
+        return flatten_dict({MODULE_ID: out})
+
+
+# -- evaluation: the running episode -> the context window ----------------------------------------
+class DTContext(ConnectorV2):
+    """Env-to-module piece: the last K steps of each running episode, conditioned on
+    ``target_return`` minus the rewards collected so far (scaled by ``return_scale``)."""
+
+    def __init__(
+        self, *args, context_length: int, target_return: float, return_scale: float, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.K, self.target, self.scale = int(context_length), target_return, return_scale
+
+    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
+        for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True):
+            t = len(ep)  # actions taken so far; the current observation is step t
+            start = max(0, t - self.K + 1)
+            obs = _stack([ep.get_observations(i) for i in range(start, t + 1)])
+            rewards = np.asarray(ep.get_rewards(), np.float64) if t else np.zeros(0)
+            collected = np.concatenate([[0.0], np.cumsum(rewards)])  # before step i
+            act_dim = int(np.prod(ep.action_space.shape))
+            actions = np.zeros((t + 1, act_dim), np.float32)
+            if t:
+                actions[:t] = np.asarray(ep.get_actions(slice(0, t)), np.float32).reshape(t, -1)
+            rtg = ((self.target - collected) / self.scale).astype(np.float32)
+            full_obs = {
+                k: np.concatenate([np.zeros((start, *v.shape[1:]), v.dtype), v])
+                for k, v in (obs if isinstance(obs, dict) else {"obs": obs}).items()
+            }
+            w = window(full_obs, actions, rtg, t, self.K)
+            if not isinstance(obs, dict):
+                w["obs"] = w["obs"]["obs"]
+            self.add_batch_item(batch, Columns.OBS, w["obs"], ep)
+            self.add_batch_item(batch, PREV_ACTIONS, w["actions"], ep)
+            self.add_batch_item(batch, RTG, w["rtg"], ep)
+            self.add_batch_item(batch, TIMESTEPS, w["timesteps"], ep)
+            self.add_batch_item(batch, MASK, w["mask"], ep)
+        return batch
+
+
+# -- module -------------------------------------------------------------------------------------
+class DTModule(TorchRLModule):
+    """VLA trunk per step + GPT-2 over (R, s, a) tokens + tanh action predictor."""
+
+    def setup(self) -> None:
+        from transformers import GPT2Config, GPT2Model
+
+        mc = dict(self.model_config or {})
+        extra = {k: mc.pop(k) for k in MODULE_KEYS if k in mc}
+        mc.pop("head", None)
+        config = vla_config_from_spaces(
+            {**mc, "head": "mlp"}, self.observation_space, self.action_space
+        )
+        self.config = config
+        self.trunk = VLATrunk(config, vocab_size=len(load_tokenizer(config.tokenizer_path)))
+        H = int(extra.get("dt_hidden", 128))
+        heads = int(extra.get("dt_heads", 1))
+        if H % heads:
+            raise ConfigError(f"dt_heads: must divide dt_hidden={H}, got {heads}")
+        p = float(extra.get("dt_dropout", 0.1))
+        self.gpt = GPT2Model(
+            GPT2Config(
+                vocab_size=1,  # inputs are embeddings: no token vocabulary
+                bos_token_id=0,
+                eos_token_id=0,
+                n_embd=H,
+                n_layer=int(extra.get("dt_layers", 3)),
+                n_head=heads,
+                n_positions=1024,
+                n_inner=4 * H,
+                resid_pdrop=p,
+                embd_pdrop=p,
+                attn_pdrop=p,
+            )
+        )
+        self.act_dim = int(np.prod(self.action_space.shape))
+        self.max_timestep = int(extra.get("max_timestep", 1000))
+        self.embed_timestep = nn.Embedding(self.max_timestep + 1, H)
+        self.embed_return = nn.Linear(1, H)
+        self.embed_state = nn.Linear(self.trunk.feature_dim, H)
+        self.embed_action = nn.Linear(self.act_dim, H)
+        self.embed_ln = nn.LayerNorm(H)
+        self.predict_action = nn.Linear(H, self.act_dim)
+        self._low = float(np.min(self.action_space.low))
+        self._high = float(np.max(self.action_space.high))
+
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Actions (B, K, A) predicted at every step of the windows."""
+        rtg = batch[RTG].float()
+        B, K = rtg.shape
+        obs = tree.map_structure(lambda x: x.reshape(B * K, *x.shape[2:]), batch[Columns.OBS])
+        feats = self.trunk(obs).view(B, K, -1)
+        t = self.embed_timestep(batch[TIMESTEPS].long().clamp(0, self.max_timestep))
+        s = self.embed_state(feats) + t
+        a = self.embed_action(batch[PREV_ACTIONS].float().reshape(B, K, -1)) + t
+        r = self.embed_return(rtg.unsqueeze(-1)) + t
+        x = self.embed_ln(torch.stack([r, s, a], dim=2).reshape(B, 3 * K, -1))
+        mask = batch[MASK].float().repeat_interleave(3, dim=1)
+        h = self.gpt(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        h = h.reshape(B, K, 3, -1)[:, :, 1]  # the observation tokens predict the actions
+        unit = torch.tanh(self.predict_action(h))
+        return self._low + (unit + 1.0) * 0.5 * (self._high - self._low)
+
+    def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.predict(batch)[:, -1]}
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.predict(batch)}
+
+    def get_inference_action_dist_cls(self):
+        return None
+
+    def get_exploration_action_dist_cls(self):
+        return None
+
+    def get_train_action_dist_cls(self):
+        return None
+
+
+def module_class() -> type:
+    """The RLModule class ``vla-ray train`` builds for this algorithm."""
+    return DTModule
+
+
+# -- learner, config, algorithm ------------------------------------------------------------------
+class DTLearner(TorchLearner):
+    """Masked action MSE over the windows."""
+
+    def compute_loss_for_module(self, *, module_id, config=None, batch, fwd_out):
+        loss = dt_loss(fwd_out[Columns.ACTIONS], batch[Columns.ACTIONS].float(), batch[MASK])
+        self.metrics.log_value((module_id, "action_mse"), loss.item(), window=1)
+        return loss
+
+
+class DTConfig(BCConfig):
+    """Decision Transformer settings on RLlib's offline (BC) pipeline."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or DT)
+        self.lr = 1e-4
+        self.grad_clip = 0.25
+        self.context_length = 20
+        self.target_return = 3600.0
+        self.return_scale = 1000.0
+        self.return_to_go_gamma = 1.0
+        self.prelearner_class = DTPreLearner
+
+    def training(
+        self,
+        *,
+        context_length: int = NotProvided,
+        target_return: float = NotProvided,
+        return_scale: float = NotProvided,
+        return_to_go_gamma: float = NotProvided,
+        **kwargs,
+    ) -> DTConfig:
+        super().training(**kwargs)
+        for name, value in dict(
+            context_length=context_length,
+            target_return=target_return,
+            return_scale=return_scale,
+            return_to_go_gamma=return_to_go_gamma,
+        ).items():
+            if value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        if int(self.context_length) < 1:
+            self._value_error(f"context_length: must be >= 1, got {self.context_length}")
+        if not self.return_scale > 0:
+            self._value_error(f"return_scale: must be > 0, got {self.return_scale}")
+        if not 0.0 < self.return_to_go_gamma <= 1.0:
+            self._value_error(
+                f"return_to_go_gamma: must be in (0, 1], got {self.return_to_go_gamma}"
+            )
+
+    def build_env_to_module_connector(self, env=None, spaces=None, device=None):
+        pipeline = super().build_env_to_module_connector(env=env, spaces=spaces, device=device)
+        pipeline.prepend(
+            DTContext(
+                context_length=self.context_length,
+                target_return=self.target_return,
+                return_scale=self.return_scale,
+            )
+        )
+        return pipeline
+
+    def get_default_learner_class(self):
+        return DTLearner
+
+    def get_default_rl_module_spec(self):
+        from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+        return RLModuleSpec(module_class=DTModule)
+
+
+class DT(BC):
+    """RLlib's offline training step (sample windows, update the learner) with the DT."""
+
+    @classmethod
+    def get_default_config(cls) -> DTConfig:
+        return DTConfig()
+
+
+def make_config() -> DTConfig:
+    """A fresh DT config; the caller adds env (spaces, evaluation), module and data."""
+    return DTConfig()

@@ -1,0 +1,207 @@
+"""Benchmark: offline RL on locomotion datasets collected here (D4RL-style), normalised scores.
+
+For each ``--env ENV=EXPERT`` (EXPERT: a checkpoint ``vla-ray collect --policy`` accepts, e.g. a
+SAC checkpoint of ``vla-ray train``), the script
+
+1. measures the reference returns: the random policy (score 0) and the expert (score 100);
+2. collects three datasets with ``vla-ray collect``'s machinery:
+   ``medium`` (the expert with Gaussian action noise ``--medium-noise``), ``medium-replay``
+   (episodes at noise levels from 1.0 down to ``--medium-noise``, like a replay buffer of a
+   learning agent) and ``medium-expert`` (medium + noiseless expert episodes);
+3. trains each algorithm of ``--algos`` (presets ``hopper-ALGO`` with the env swapped in) for a
+   fixed budget of ``--iters`` updates, evaluating every ``--eval-every`` updates on
+   ``--eval-episodes`` episodes;
+4. reports the normalised score ``100 * (R - R_random) / (R_expert - R_random)`` of the final
+   and of the best evaluation.
+
+Algorithms (or presets) missing from this checkout are skipped with a message (CQL and IQL come
+from the SAC work). Prints a table, writes ``OUT/offline.json`` and ``OUT/offline.md``.
+
+    flock /work/cpu.lock python bench/offline.py \\
+        --env vla_ray/Hopper-v5=runs/hopper-sac/checkpoints/best \\
+        --env vla_ray/HalfCheetah-v5=runs/cheetah-sac/checkpoints/best \\
+        --algos bc,td3bc,cql,iql,dt --iters 20000 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+DATASETS = ("medium", "medium-replay", "medium-expert")
+
+
+def reference_return(env_id: str, policy: str, episodes: int, out: Path) -> float:
+    from vla_ray.data import collect
+
+    return collect(env_id, policy, episodes, out, seed=10_000, progress=False)["mean_return"]
+
+
+def build_datasets(
+    env_id: str, expert: str, root: Path, episodes: int, medium_noise: float
+) -> dict[str, Path]:
+    """The three datasets of ``env_id`` under ``root`` (reused when present)."""
+    from vla_ray.data import collect, read_episodes, write_episodes
+
+    paths = {name: root / name for name in DATASETS}
+    if all((p / "dataset.json").is_file() for p in paths.values()):
+        return paths
+    collect(env_id, expert, episodes, paths["medium"], noise=medium_noise, seed=0, progress=False)
+    parts = []
+    levels = [1.0, 0.75, 0.5, medium_noise]
+    for i, noise in enumerate(levels):
+        part = root / f".replay-{i}"
+        n = max(1, episodes // len(levels))
+        collect(env_id, expert, n, part, noise=noise, seed=1000 * (i + 1), progress=False)
+        parts.append(part)
+    write_episodes(
+        (ep for part in parts for ep in read_episodes(part)),
+        paths["medium-replay"],
+        dict(env=env_id, policy=expert, noise=levels, style="medium-replay"),
+    )
+    expert_part = root / ".expert"
+    collect(env_id, expert, episodes, expert_part, seed=5000, progress=False)
+    write_episodes(
+        (ep for part in (paths["medium"], expert_part) for ep in read_episodes(part)),
+        paths["medium-expert"],
+        dict(env=env_id, policy=expert, noise=[medium_noise, 0.0], style="medium-expert"),
+    )
+    return paths
+
+
+def available(algo: str) -> str | None:
+    """None when ``algo`` can run here, else why not."""
+    from vla_ray.algorithms import ALGORITHMS
+    from vla_ray.presets import PRESETS
+
+    if algo not in ALGORITHMS:
+        return f"algorithm {algo!r} is not in this checkout (have {', '.join(ALGORITHMS)})"
+    if f"hopper-{algo}" not in PRESETS:
+        return f"no preset hopper-{algo}"
+    return None
+
+
+def train_one(
+    algo: str, env_id: str, data: Path, run_dir: Path, iters: int, eval_every: int, eval_eps: int
+) -> list[dict[str, Any]]:
+    """Evaluation returns [(iteration, return)] of one training run."""
+    from vla_ray.presets import get_preset
+    from vla_ray.train import resolve, train
+
+    preset = dataclasses.replace(get_preset(f"hopper-{algo}"), env=env_id)
+    spec = resolve(preset, {"eval_every": eval_every, "eval_episodes": eval_eps}, data=str(data))
+    train(spec, run_dir, stop_iters=iters, progress=False)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        dict(iteration=r["iteration"], episode_return_mean=r["episode_return_mean"])
+        for r in rows
+        if r["iteration"] % eval_every == 0 and r["episode_return_mean"] is not None
+    ]
+
+
+def normalised(ret: float, random_ret: float, expert_ret: float) -> float:
+    return 100.0 * (ret - random_ret) / max(expert_ret - random_ret, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--env", action="append", required=True, help="ENV_ID=EXPERT_CHECKPOINT")
+    ap.add_argument("--algos", default="bc,td3bc,cql,iql,dt")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--episodes", type=int, default=100, help="episodes per dataset")
+    ap.add_argument("--medium-noise", type=float, default=0.3)
+    ap.add_argument("--iters", type=int, default=20_000, help="updates per run (fixed budget)")
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-episodes", type=int, default=5)
+    ap.add_argument("--work", default="bench_runs/offline", help="datasets and runs")
+    ap.add_argument("--out", default="docs/bench")
+    args = ap.parse_args()
+
+    from vla_ray.train import init_ray
+
+    init_ray()
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    algos = [a for a in args.algos.split(",") if a]
+    for algo in algos:
+        why = available(algo)
+        if why:
+            print(f"skipping {algo}: {why}")
+    algos = [a for a in algos if available(a) is None]
+    results: list[dict[str, Any]] = []
+    refs: dict[str, dict[str, float]] = {}
+    for item in args.env:
+        env_id, _, expert = item.partition("=")
+        if not expert:
+            ap.error(f"--env {item!r}: expected ENV_ID=EXPERT_CHECKPOINT")
+        name = env_id.split("/")[-1]
+        root = work / name
+        r_random = reference_return(env_id, "random", 10, root / ".ref-random")
+        r_expert = reference_return(env_id, expert, 10, root / ".ref-expert")
+        refs[env_id] = dict(random=r_random, expert=r_expert)
+        print(f"{env_id}: random {r_random:.1f}, expert {r_expert:.1f}")
+        paths = build_datasets(env_id, expert, root, args.episodes, args.medium_noise)
+        for ds in args.datasets.split(","):
+            for algo in algos:
+                t0 = time.time()
+                evals = train_one(
+                    algo,
+                    env_id,
+                    paths[ds],
+                    root / "runs" / f"{ds}-{algo}",
+                    args.iters,
+                    args.eval_every,
+                    args.eval_episodes,
+                )
+                scores = [normalised(e["episode_return_mean"], r_random, r_expert) for e in evals]
+                row = dict(
+                    env=env_id,
+                    dataset=ds,
+                    algo=algo,
+                    final=round(scores[-1], 1) if scores else None,
+                    best=round(max(scores), 1) if scores else None,
+                    evals=evals,
+                    wall_s=round(time.time() - t0, 1),
+                )
+                results.append(row)
+                print(f"{name:<14} {ds:<14} {algo:<7} final {row['final']}  best {row['best']}")
+
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    lines = [
+        "| env | dataset | " + " | ".join(f"{a} final / best" for a in algos) + " |",
+        "|---|---|" + "---|" * len(algos),
+    ]
+    for env_id in refs:
+        for ds in args.datasets.split(","):
+            cells = []
+            for algo in algos:
+                r = next(
+                    (
+                        x
+                        for x in results
+                        if (x["env"], x["dataset"], x["algo"]) == (env_id, ds, algo)
+                    ),
+                    None,
+                )
+                cells.append("-" if r is None else f"{r['final']} / {r['best']}")
+            lines.append(f"| {env_id.split('/')[-1]} | {ds} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "offline.md").write_text(table + "\n")
+    (out / "offline.json").write_text(
+        json.dumps(
+            dict(args=vars(args), machine=machine, references=refs, results=results), indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Dataset statistics computed in the data path (``ray.data``): per-episode returns and the
+mean/std of the ``state`` observation. Only the small results reach the driver, never the
+episodes themselves."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from vla_ray.data.rllib_format import dataset_files
+
+
+def _unpack_all(items: Any) -> list[Any]:
+    from vla_ray.data.rllib_format import _unpack
+
+    return [_unpack(item) for item in items]
+
+
+def _episode_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``item`` (packed episodes) -> return, length and ``state`` sums of each episode."""
+    returns, lengths, counts, sums, sq = [], [], [], [], []
+    for ep in _unpack_all(batch["item"]):
+        returns.append(float(np.sum(ep.get_rewards())))
+        lengths.append(len(ep))
+        obs = ep.get_observations()
+        state = obs.get("state") if isinstance(obs, dict) else None
+        state = np.zeros((1, 1)) if state is None else np.asarray(state, np.float64)
+        state = state.reshape(state.shape[0], -1)
+        counts.append(state.shape[0])
+        sums.append(state.sum(0))
+        sq.append((state**2).sum(0))
+    return {
+        "return": np.asarray(returns),
+        "length": np.asarray(lengths),
+        "n_states": np.asarray(counts),
+        "state_sum": np.stack(sums),
+        "state_sq": np.stack(sq),
+    }
+
+
+def episode_stats(path: str | os.PathLike | list[str]) -> dict[str, Any]:
+    """Of a dataset directory (or its list of parquet files): ``returns`` (one per episode, file order), ``lengths``, and ``state_mean``/``state_std``
+    over all observations (None when the observations have no ``state``)."""
+    import ray
+
+    files = list(path) if isinstance(path, (list, tuple)) else dataset_files(path)
+    ds = ray.data.read_parquet(files, columns=["item"])
+    rows = ds.map_batches(_episode_rows, batch_format="numpy", batch_size=16).take_all()
+    if not rows:
+        raise ValueError(f"data: {path} holds no episodes")
+    returns = np.asarray([r["return"] for r in rows], np.float64)
+    lengths = np.asarray([r["length"] for r in rows], np.int64)
+    n = float(sum(r["n_states"] for r in rows))
+    s = np.sum([r["state_sum"] for r in rows], axis=0)
+    s2 = np.sum([r["state_sq"] for r in rows], axis=0)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    has_state = s.shape != (1,) or bool(np.any(s2))  # no ``state``: the (1, 1) zero stand-in
+    return dict(
+        returns=returns,
+        lengths=lengths,
+        state_mean=mean.astype(np.float32).tolist() if has_state else None,
+        state_std=np.maximum(std, 1e-3).astype(np.float32).tolist() if has_state else None,
+    )
+
+
+def top_percent_threshold(returns: np.ndarray, percent: float) -> float:
+    """The return an episode needs to be among the top ``percent`` % (at least one episode)."""
+    if not 0.0 < percent <= 100.0:
+        raise ValueError(f"filter_top_percent: must be in (0, 100], got {percent}")
+    r = np.sort(np.asarray(returns, np.float64))[::-1]
+    k = max(1, int(np.ceil(len(r) * percent / 100.0)))
+    return float(r[k - 1])
