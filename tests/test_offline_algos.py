@@ -255,6 +255,10 @@ def test_decision_transformer_two_iterations(ray_session, hopper_data, tmp_path)
     )
     assert np.isfinite(rows[1]["learner"]["action_mse"])
     assert rows[1]["episode_len_mean"] >= 1  # evaluated on the env with the context connector
+    from vla_ray.evaluate import load_policy
+
+    with pytest.raises(ValueError, match="evaluated during training"):
+        load_policy(tmp_path / "run" / "checkpoints" / "last")
 
 
 @pytest.mark.slow

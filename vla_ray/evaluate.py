@@ -76,6 +76,12 @@ def load_policy(path: str | Path) -> Policy:
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     module = RLModule.from_checkpoint(str(module_dir.resolve()))
+    if not hasattr(module, "vla"):
+        raise ValueError(
+            f"checkpoint: {path} holds a {type(module).__name__}, a sequence policy that needs "
+            "its episode context (e.g. the Decision Transformer); it is evaluated during "
+            "training on the EnvRunners, not by vla-ray eval"
+        )
     module.eval()
     # deterministic heads define no distribution: the module returns actions directly
     dist_cls = None
