@@ -25,6 +25,24 @@ if LANGREACH_ID not in gym.registry:
 
 locomotion.register()
 
+# PushT (gym-pusht), highway-env driving and CARLA: their packages (the `envs` / `carla` extras)
+# are imported only when one of these is made. id -> (entry point, max_episode_steps)
+PUSHT_ID = "vla_ray/PushT-v0"
+HIGHWAY_ID = "vla_ray/Highway-v0"
+HIGHWAY_STATE_ID = "vla_ray/HighwayState-v0"
+CARLA_ID = "vla_ray/Carla-v0"
+_EXTRA_ENVS: dict[str, tuple[str, int | None, dict[str, Any]]] = {
+    PUSHT_ID: ("vla_ray.envs.pusht:PushTEnv", 300, {}),
+    # highway-env truncates after `duration` seconds itself, CARLA after `max_steps`
+    HIGHWAY_ID: ("vla_ray.envs.driving:HighwayDrivingEnv", None, {"image": True}),
+    HIGHWAY_STATE_ID: ("vla_ray.envs.driving:HighwayDrivingEnv", None, {"image": False}),
+    CARLA_ID: ("vla_ray.envs.carla_env:CarlaDrivingEnv", None, {}),
+}
+for _id, (_entry, _steps, _kwargs) in _EXTRA_ENVS.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry, max_episode_steps=_steps, kwargs=_kwargs)
+ENV_IDS = (*ENV_IDS, *_EXTRA_ENVS)
+
 
 def __getattr__(name: str) -> Any:
     """Import ``LangReachEnv`` (and thus mujoco) only when it is first used."""
@@ -36,10 +54,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CARLA_ID",
     "ENV_IDS",
     "EXPERTS",
+    "HIGHWAY_ID",
+    "HIGHWAY_STATE_ID",
     "LANGREACH_ID",
     "LangReachEnv",
+    "PUSHT_ID",
     "ScriptedExpert",
     "get_expert",
     "rollout_expert",

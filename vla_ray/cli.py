@@ -45,6 +45,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_envs_per_env_runner=args.num_envs_per_env_runner,
         local=args.local,
         data=args.data,
+        vectorize=args.vectorize,
+        num_gpus_per_learner=args.num_gpus_per_learner,
+        num_gpus_per_env_runner=args.num_gpus_per_env_runner,
     )
     output = args.output or _default_output(args.preset)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
@@ -367,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", required=True)
     t.add_argument("--num-env-runners", type=int)
     t.add_argument("--num-envs-per-env-runner", type=int)
+    t.add_argument(
+        "--vectorize",
+        choices=("sync", "async"),
+        help="how each EnvRunner steps its envs: sync (one process) or async (one subprocess "
+        "per env, for heavy simulators)",
+    )
+    t.add_argument(
+        "--num-gpus-per-learner",
+        metavar="N|auto",
+        help="GPUs per learner (default auto: 1 when the cluster has a GPU, else 0)",
+    )
+    t.add_argument(
+        "--num-gpus-per-env-runner",
+        type=float,
+        metavar="F",
+        help="GPUs per EnvRunner for policy inference (fractions share one; default 0)",
+    )
     stop = t.add_mutually_exclusive_group()
     stop.add_argument("--stop-iters", type=int)
     stop.add_argument("--stop-timesteps", type=int)

@@ -31,6 +31,8 @@ class Preset:
     learners: dict[str, Any] = field(default_factory=dict)
     stop: dict[str, Any] = field(default_factory=dict)
     eval_episodes: int = 50
+    # keywords of RLlib's AlgorithmConfig.fault_tolerance over vla_ray.scale's defaults
+    fault_tolerance: dict[str, Any] = field(default_factory=dict)
 
     def sections(self) -> dict[str, Any]:
         """A deep copy of the overridable settings as one nested dict."""
@@ -42,6 +44,7 @@ class Preset:
                 env_runners=self.env_runners,
                 learners=self.learners,
                 stop=self.stop,
+                fault_tolerance=self.fault_tolerance,
             )
         )
 
@@ -291,6 +294,146 @@ SAC_PRESETS = [
     ),
 ]
 PRESETS.update({p.name: p for p in SAC_PRESETS})
+
+
+# --- environments at scale (issue 3): MuJoCo state-only PPO, PushT, highway-env, CARLA ----------
+# RLlib's restart options, stated in every preset below (vla_ray.scale applies the same defaults
+# to every run): a dead EnvRunner is restarted by Ray and training goes on with the others; a
+# sub-environment that raises is recreated and its episode dropped.
+FAULT_TOLERANT: dict[str, Any] = dict(
+    restart_failed_env_runners=True,
+    restart_failed_sub_environments=True,
+    max_num_env_runner_restarts=1000,
+)
+# PPO for MuJoCo locomotion from proprioception (the usual SB3/CleanRL settings). The VLA has no
+# vision (vision="none", automatic for state-only envs): instruction + state -> LM -> Gaussian.
+# No observation normalisation: RLlib's MeanStdFilter would also rescale the instruction token
+# ids of the Dict observation, and its statistics live in the connector, not in the exported VLA.
+MUJOCO_PPO: dict[str, Any] = dict(
+    lr=3e-4,
+    gamma=0.99,
+    lambda_=0.95,
+    clip_param=0.2,
+    num_epochs=10,
+    entropy_coeff=0.0,
+    # returns reach the thousands: do not clip the value loss at 10
+    vf_clip_param=1e4,
+    grad_clip=0.5,
+)
+STATE_VLA: dict[str, Any] = dict(
+    vision="none", head="gaussian", head_config={"init_log_std": -0.5}, value="separate"
+)
+_SCALE_PRESETS = [
+    Preset(
+        name="hopper-ppo",
+        algorithm="ppo",
+        env="vla_ray/Hopper-v5",
+        description="PPO on Hopper-v5 from proprioception + instruction (state-only VLA)",
+        model=dict(STATE_VLA),
+        training=dict(MUJOCO_PPO, train_batch_size_per_learner=2048, minibatch_size=64),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(timesteps=1_000_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=10,
+    ),
+    Preset(
+        name="humanoid-ppo",
+        algorithm="ppo",
+        env="vla_ray/Humanoid-v5",
+        description="PPO on Humanoid-v5 from proprioception + instruction (state-only VLA)",
+        model=dict(STATE_VLA),
+        training=dict(MUJOCO_PPO, train_batch_size_per_learner=4096, minibatch_size=256),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+        stop=dict(timesteps=10_000_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=10,
+    ),
+    Preset(
+        name="pusht-ppo",
+        algorithm="ppo",
+        env="vla_ray/PushT-v0",
+        description="PPO on PushT (gym-pusht) from 96x96 pixels + agent position (tiny VLA)",
+        env_config=dict(image_size=96),
+        model=dict(TINY_VLA, vision_skip=True, head="gaussian", head_config={"init_log_std": -1.0}),
+        training=dict(
+            lr=3e-4,
+            gamma=0.99,
+            lambda_=0.95,
+            train_batch_size_per_learner=4096,
+            minibatch_size=256,
+            num_epochs=4,
+            entropy_coeff=0.0,
+        ),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+        stop=dict(timesteps=2_000_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=20,
+    ),
+    Preset(
+        name="highway-ppo",
+        algorithm="ppo",
+        env="vla_ray/Highway-v0",
+        description="PPO driving on highway-env: RGB camera + kinematics, continuous control",
+        model=dict(TINY_VLA, vision_skip=True, head="gaussian", head_config={"init_log_std": -1.0}),
+        training=dict(
+            lr=3e-4,
+            gamma=0.99,
+            lambda_=0.95,
+            train_batch_size_per_learner=2048,
+            minibatch_size=256,
+            num_epochs=5,
+            entropy_coeff=0.0,
+        ),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(timesteps=1_000_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=20,
+    ),
+    Preset(
+        name="highway-sac",
+        algorithm="sac",
+        # kinematics state (no camera): SAC's replay buffer then holds small observations
+        env="vla_ray/HighwayState-v0",
+        description="SAC driving on highway-env from kinematics + instruction (state-only VLA)",
+        model=dict(vision="none", head="tanh_gaussian"),
+        training=dict(
+            gamma=0.99,
+            actor_lr=3e-4,
+            critic_lr=3e-4,
+            alpha_lr=3e-4,
+            train_batch_size_per_learner=256,
+            num_steps_sampled_before_learning_starts=2000,
+            replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 200_000},
+        ),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=1),
+        stop=dict(timesteps=500_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=20,
+    ),
+    Preset(
+        name="carla-ppo",
+        algorithm="ppo",
+        env="vla_ray/Carla-v0",
+        description="PPO driving in CARLA (server at $CARLA_HOST:$CARLA_PORT): camera + route",
+        model=dict(TINY_VLA, vision_skip=True, head="gaussian", head_config={"init_log_std": -1.0}),
+        training=dict(
+            lr=3e-4,
+            gamma=0.99,
+            lambda_=0.95,
+            train_batch_size_per_learner=2048,
+            minibatch_size=128,
+            num_epochs=4,
+            entropy_coeff=0.0,
+        ),
+        # one synchronous CARLA world can be ticked by one client: one env on one EnvRunner
+        env_runners=dict(num_env_runners=1, num_envs_per_env_runner=1, sample_timeout_s=600.0),
+        stop=dict(timesteps=1_000_000),
+        # a CARLA server that stalls or crashes takes its EnvRunner with it: restart it
+        fault_tolerance=dict(FAULT_TOLERANT, env_runner_health_probe_timeout_s=120.0),
+        eval_episodes=10,
+    ),
+]
+PRESETS.update({p.name: p for p in _SCALE_PRESETS})
 
 
 def get_preset(name: str) -> Preset:

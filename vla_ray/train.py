@@ -20,7 +20,15 @@ from typing import Any
 from vla_ray.fsutil import replace_dir
 from vla_ray.presets import Preset, get_preset
 
-SECTIONS = ("env_config", "model", "training", "env_runners", "learners", "stop")
+SECTIONS = (
+    "env_config",
+    "model",
+    "training",
+    "env_runners",
+    "learners",
+    "stop",
+    "fault_tolerance",
+)
 TOP_LEVEL_KEYS = (
     "seed",
     "checkpoint_every",
@@ -116,6 +124,9 @@ def resolve(
     num_envs_per_env_runner: int | None = None,
     local: bool = False,
     data: str | os.PathLike | None = None,
+    vectorize: str | None = None,
+    num_gpus_per_learner: float | str | None = None,
+    num_gpus_per_env_runner: float | None = None,
 ) -> RunSpec:
     """Preset + algorithm defaults + overrides + CLI flags -> RunSpec.
 
@@ -157,6 +168,14 @@ def resolve(
     if local:
         runners["num_env_runners"] = 0
         settings["learners"]["num_learners"] = 0
+    from vla_ray.scale import apply_scale_flags
+
+    apply_scale_flags(
+        settings,
+        vectorize=vectorize,
+        num_gpus_per_learner=num_gpus_per_learner,
+        num_gpus_per_env_runner=num_gpus_per_env_runner,
+    )
     return RunSpec(p.name, p.algorithm, p.env, settings)
 
 
@@ -205,6 +224,7 @@ def build_algorithm_config(spec: RunSpec):
     from vla_ray.algorithms import get_algorithm
     from vla_ray.callbacks import SuccessRateCallback
     from vla_ray.rl_module import VLAModule
+    from vla_ray.scale import fault_tolerance_settings, resolve_gpus
 
     s = spec.settings
     algo_mod = get_algorithm(spec.algorithm)
@@ -212,13 +232,14 @@ def build_algorithm_config(spec: RunSpec):
     runners = dict(s["env_runners"])
     runners.setdefault("rollout_fragment_length", "auto")
     runners.setdefault("num_cpus_per_env_runner", 1)
+    learners, runners = resolve_gpus(s["learners"], runners)  # "auto": 1 GPU when there is one
     cfg = (
         get_algorithm(spec.algorithm)
         .make_config()
         .environment(spec.env, env_config=s["env_config"])
         .framework("torch")
         .env_runners(**runners)
-        .learners(**s["learners"])
+        .learners(**learners)
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 # algorithms needing more than the policy (critics, a sequence model) give
@@ -229,10 +250,7 @@ def build_algorithm_config(spec: RunSpec):
         )
         .training(**s["training"])
         .callbacks(SuccessRateCallback)
-        .fault_tolerance(
-            restart_failed_env_runners=True,
-            restart_failed_sub_environments=True,
-        )
+        .fault_tolerance(**fault_tolerance_settings(s))
         .debugging(seed=s["seed"])
         .reporting(metrics_num_episodes_for_smoothing=100)
     )
@@ -283,6 +301,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env_vars = {"OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    # where EnvRunners find a CARLA server (vla_ray/Carla-v0)
+    env_vars.update({k: os.environ[k] for k in ("CARLA_HOST", "CARLA_PORT") if k in os.environ})
     kwargs: dict[str, Any] = dict(include_dashboard=False, runtime_env={"env_vars": env_vars})
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus

@@ -1,0 +1,178 @@
+"""PushT, highway-env and CARLA envs: observation contract, reward, info, documented errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import vla_ray.envs  # noqa: F401  (registers the ids)
+from vla_ray.tokenizer import load_tokenizer
+
+pytest.importorskip("gym_pusht")
+pytest.importorskip("highway_env")
+
+CONTRACT_KEYS = {"image", "state", "instruction", "instruction_mask"}
+
+
+def _instruction(obs) -> str:
+    return load_tokenizer().decode(obs["instruction"][obs["instruction_mask"] == 1].tolist())
+
+
+def _check_steps(env, n: int, info_keys: set[str]):
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    assert info_keys <= set(info)
+    for _ in range(n):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs)
+        assert np.isfinite(reward)
+        assert info_keys <= set(info)
+        if terminated or truncated:
+            obs, info = env.reset()
+    return obs, info
+
+
+# -- PushT --------------------------------------------------------------------------------------
+def test_pusht_contract_and_coverage_info():
+    env = gym.make("vla_ray/PushT-v0", image_size=32)
+    assert set(env.observation_space.spaces) == CONTRACT_KEYS
+    assert env.observation_space["image"].shape == (32, 32, 3)
+    assert env.observation_space["state"].shape == (2,)
+    assert env.action_space.shape == (2,) and env.action_space.high.max() == 1.0
+    obs, info = _check_steps(env, 5, {"is_success", "coverage"})
+    assert _instruction(obs) == "push the t onto the target"
+    assert obs["image"].std() > 0 and 0.0 <= info["coverage"] <= 1.0
+    assert env.spec.max_episode_steps == 300
+    env.close()
+
+
+def test_pusht_success_at_full_coverage_and_action_mapping():
+    env = gym.make("vla_ray/PushT-v0", image_size=32)
+    inner = env.unwrapped
+    np.testing.assert_allclose(inner.to_workspace(np.array([-1.0, 1.0])), [0.0, 512.0])
+    np.testing.assert_allclose(inner.to_workspace(np.array([0.0, 0.0])), [256.0, 256.0])
+    obs, info = env.reset(seed=0, options={"reset_to_state": [100, 100, 400, 120, 0.0]})
+    np.testing.assert_allclose(obs["state"], [100 / 256 - 1, 100 / 256 - 1], atol=1e-5)
+    # the block put exactly on the goal pose: coverage 1 -> success and termination
+    inner._env.block.angle = np.pi / 4  # (the angle rotates about the centre of gravity: first)
+    inner._env.block.position = (256.0, 256.0)
+    obs, reward, terminated, _, info = env.step(np.array([100 / 256 - 1, 100 / 256 - 1]))
+    assert info["coverage"] > 0.95
+    assert terminated and info["is_success"] and reward == pytest.approx(1.0)
+    # far from the goal: no success, reward = coverage / 0.95
+    env.reset(seed=0, options={"reset_to_state": [100, 100, 400, 120, 0.0]})
+    _, reward, terminated, _, info = env.step(np.zeros(2))
+    assert not terminated and not info["is_success"]
+    assert reward == pytest.approx(min(info["coverage"] / 0.95, 1.0))
+    env.close()
+    with pytest.raises(ValueError, match="image_size"):
+        gym.make("vla_ray/PushT-v0", image_size=4)
+
+
+# -- highway-env --------------------------------------------------------------------------------
+def test_highway_contract_camera_and_info():
+    env = gym.make("vla_ray/Highway-v0", image_size=[32, 48], duration=4)
+    assert set(env.observation_space.spaces) == CONTRACT_KEYS
+    assert env.action_space.shape == (2,)
+    obs, info = _check_steps(env, 6, {"collision", "route_progress", "is_success"})
+    assert obs["image"].shape == (32, 48, 3) and obs["image"].std() > 0  # a drawn road
+    assert _instruction(obs) in vla_ray.envs.driving.INSTRUCTIONS
+    env.close()
+    state_only = gym.make("vla_ray/HighwayState-v0", observed_vehicles=3)
+    assert set(state_only.observation_space.spaces) == CONTRACT_KEYS - {"image"}
+    assert state_only.observation_space["state"].shape == (3 + 3 * 7,)
+    state_only.close()
+    with pytest.raises(ValueError, match="route_length"):
+        gym.make("vla_ray/HighwayState-v0", route_length=0)
+
+
+def test_highway_reward_progress_and_collision():
+    env = gym.make(
+        "vla_ray/HighwayState-v0", instruction="keep the lane and avoid collisions", duration=10
+    )
+    obs, _ = env.reset(seed=3)
+    assert _instruction(obs) == "keep the lane and avoid collisions"
+    progress = [0.0]
+    for _ in range(3):  # straight ahead at a steady throttle: lane kept, route advances
+        obs, reward, terminated, _, info = env.step(np.array([0.1, 0.0]))
+        if terminated:
+            break
+        assert not info["collision"] and reward > 0.5
+        progress.append(info["route_progress"])
+    assert all(b > a for a, b in zip(progress, progress[1:], strict=False))
+    assert progress[-1] <= 1.0
+    # put a car right in front of the ego: collision -> penalty and termination
+    inner = env.unwrapped._env
+    other = next(v for v in inner.road.vehicles if v is not inner.vehicle)
+    other.position = inner.vehicle.position + np.array([3.0, 0.0])
+    other.heading = inner.vehicle.heading
+    other.speed = 0.0
+    _, reward, terminated, _, info = env.step(np.array([1.0, 0.0]))
+    assert info["collision"] and terminated and not info["is_success"]
+    assert reward <= 1.0 - env.unwrapped.collision_penalty
+    env.close()
+
+
+# -- CARLA --------------------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_carla_without_server_is_a_clear_error_naming_host_and_port():
+    pytest.importorskip("carla")
+    from vla_ray.envs.carla_env import CarlaConnectionError
+
+    port = _closed_port()
+    t0 = time.monotonic()
+    with pytest.raises(CarlaConnectionError) as err:
+        gym.make("vla_ray/Carla-v0", host="127.0.0.1", port=port, connect_timeout=1.0)
+    assert time.monotonic() - t0 < 20  # the short client timeout, not a hang
+    assert f"127.0.0.1:{port}" in str(err.value) and "CARLA_HOST" in str(err.value)
+
+
+def test_carla_address_from_environment(monkeypatch):
+    from vla_ray.envs.carla_env import server_address
+
+    monkeypatch.setenv("CARLA_HOST", "sim.example")
+    monkeypatch.setenv("CARLA_PORT", "2010")
+    assert server_address() == ("sim.example", 2010)
+    assert server_address("other", 3000) == ("other", 3000)
+    monkeypatch.setenv("CARLA_PORT", "two thousand")
+    with pytest.raises(ValueError, match="CARLA_PORT"):
+        server_address()
+
+
+needs_carla_server = pytest.mark.skipif(
+    not os.environ.get("CARLA_HOST"),
+    reason="needs a running CARLA server: set CARLA_HOST (and CARLA_PORT, default 2000), "
+    "e.g. docker run --rm --gpus all --net=host carlasim/carla:0.9.16 bash CarlaUE4.sh "
+    "-RenderOffScreen",
+)
+
+
+@needs_carla_server
+def test_carla_server_contract_and_cleanup():
+    pytest.importorskip("carla")
+    from vla_ray.envs.carla_env import EGO_ROLE
+
+    env = gym.make("vla_ray/Carla-v0", image_size=32, lidar=True, max_steps=20)
+    inner = env.unwrapped
+    assert inner.world.get_settings().synchronous_mode
+    obs, _ = _check_steps(env, 10, {"collision", "route_progress", "is_success"})
+    assert obs["image"].shape == (32, 32, 3)
+    assert obs["state"].shape == (5 + 2 * 3 + 32,)
+    world = inner.world
+    ours = [a for a in world.get_actors() if a.attributes.get("role_name") == EGO_ROLE]
+    assert len(ours) == 1
+    env.close()
+    assert not world.get_settings().synchronous_mode  # the original (asynchronous) settings
+    world.wait_for_tick(5.0)
+    ours = [a for a in world.get_actors() if a.attributes.get("role_name") == EGO_ROLE]
+    assert ours == []
