@@ -340,6 +340,11 @@ LEARNER_KEYS = (
     "vf_explained_var",
     "entropy",
     "mean_kl_loss",
+    # SAC family (sac, cql, iql)
+    "qf_loss",
+    "qf_mean",
+    "alpha_loss",
+    "alpha_value",
     # offline RL / imitation (td3bc, dt, gail)
     "critic_loss",
     "actor_loss",
