@@ -238,7 +238,7 @@ SAC_PRESETS = [
         name="pendulum-sac",
         algorithm="sac",
         env="vla_ray/Pendulum-v1",
-        description="SAC on Pendulum from state + instruction (small; the SAC learning test)",
+        description="SAC on Pendulum from state + instruction (small and quick to try)",
         model=dict(head="tanh_gaussian", q_hidden=128),
         training=dict(
             actor_lr=1e-3,
