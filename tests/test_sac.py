@@ -95,6 +95,61 @@ def test_forward_train_gives_the_keys_rllibs_learners_read(cls, extra, keys):
         assert module.compute_values(_batch(PENDULUM)).shape == (6,)
 
 
+@pytest.mark.parametrize("cls,extra", [(VLASACModule, {}), (VLACQLModule, {"num_actions": 3})])
+def test_shared_prefixes_and_critic_features_keep_outputs_and_gradients(cls, extra, monkeypatch):
+    """One training pass encodes each instruction once per trunk and each observation batch once
+    per critic; outputs and every parameter's gradient equal those of the plain passes."""
+    import contextlib
+
+    from vla_ray.models.vla import VLATrunk
+    from vla_ray.sac_module import StateActionEncoder
+
+    obs_space, act_space = _spaces(PENDULUM)
+    torch.manual_seed(0)
+    module = cls(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"twin_q": True, **SMALL_MODEL, **extra},
+    )
+    module.make_target_networks()
+    batch = _batch(PENDULUM)
+    calls = {"prefix": 0}
+    encode = VLATrunk._encode_prefix
+
+    def counting(self, ids, mask):
+        calls["prefix"] += 1
+        return encode(self, ids, mask)
+
+    monkeypatch.setattr(VLATrunk, "_encode_prefix", counting)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same resampled actions in both passes
+        out = module.forward_train(batch)
+        loss = sum(
+            v.float().sum() for k, v in out.items() if torch.is_tensor(v) and v.requires_grad
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}, grads
+
+    calls["prefix"] = 0
+    cached_out, cached_grads = run()
+    cached_calls = calls["prefix"]
+    null = contextlib.nullcontext
+    monkeypatch.setattr(VLATrunk, "shared_prefixes", lambda self: null())
+    monkeypatch.setattr(StateActionEncoder, "reuse_features", lambda self: null())
+    calls["prefix"] = 0
+    plain_out, plain_grads = run()
+    assert cached_calls < calls["prefix"]
+    assert cached_out.keys() == plain_out.keys()
+    for k in plain_out:
+        torch.testing.assert_close(cached_out[k], plain_out[k], msg=k)
+    assert cached_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
+    for n in plain_grads:
+        torch.testing.assert_close(cached_grads[n], plain_grads[n], msg=n)
+
+
 def test_inference_only_module_drops_critics_and_acts_in_the_env_bounds():
     obs_space, act_space = _spaces(PENDULUM)  # actions in [-2, 2]
     learner = VLAIQLModule(

@@ -30,6 +30,7 @@ keys RLlib adds (``twin_q``; CQL's ``num_actions``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,10 +99,39 @@ class TrunkEncoder(nn.Module):
 
 
 class StateActionEncoder(TrunkEncoder):
-    """A Q network's encoder: ``[trunk features of obs, action]``."""
+    """A Q network's encoder: ``[trunk features of obs, action]``.
+
+    Inside ``reuse_features()`` the trunk runs once per observation batch: SAC evaluates each Q
+    network on the same observations with the batch's and with resampled actions. Features
+    reached while the critic is frozen (RLlib's straight-through pass for the actor loss) are
+    detached, as the trunk's own frozen parameters would have made them.
+    """
+
+    def __init__(self, trunk: VLATrunk):
+        super().__init__(trunk)
+        self._features: dict[int, tuple[Any, torch.Tensor, bool]] | None = None
+
+    @contextlib.contextmanager
+    def reuse_features(self):
+        """Cache trunk features per observation batch for one training forward pass."""
+        self._features = {}
+        try:
+            yield
+        finally:
+            self._features = None
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        features = self.trunk(batch[Columns.OBS])
+        obs = batch[Columns.OBS]
+        trainable = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.trunk.parameters()
+        )
+        hit = self._features.get(id(obs)) if self._features is not None else None
+        if hit is not None and hit[0] is obs and (hit[2] or not trainable):
+            features = hit[1] if trainable else hit[1].detach()
+        else:
+            features = self.trunk(obs)
+            if self._features is not None:  # keep obs alive so that its id stays unique
+                self._features[id(obs)] = (obs, features, trainable)
         actions = batch[Columns.ACTIONS].to(features.dtype).flatten(1)
         return {ENCODER_OUT: torch.cat([features, actions], dim=-1)}
 
@@ -204,6 +234,18 @@ class VLASACModule(DefaultSACTorchRLModule):
     @override(DefaultSACTorchRLModule)
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return self._forward_inference(batch)
+
+    @override(DefaultSACTorchRLModule)
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        # one pass runs each trunk several times on the same instructions and observations:
+        # encode each instruction once per trunk, and each observation batch once per critic
+        with contextlib.ExitStack() as stack:
+            for m in self.modules():
+                if isinstance(m, VLATrunk):
+                    stack.enter_context(m.shared_prefixes())
+                elif isinstance(m, StateActionEncoder):
+                    stack.enter_context(m.reuse_features())
+            return super()._forward_train(batch)
 
     # ---- action distributions ---------------------------------------------------------------
     @override(TorchRLModule)

@@ -16,6 +16,7 @@ proprioceptive state), which every action head and value head reads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -168,14 +169,35 @@ class VLATrunk(nn.Module):
             self.lm.requires_grad_(not config.freeze_llm)
         self._prefix_cache: dict[bytes, Prefix] = {}
         self._cache_key: tuple[int, ...] | None = None
+        # set inside ``shared_prefixes()``: encodings made under autograd in one training pass
+        self._pass_prefixes: dict[bytes, Prefix] | None = None
 
     # ---- instruction prefix -------------------------------------------------------------------
-    def _lm_version(self) -> tuple[int, ...]:
-        """Changes whenever any language-model (or BOS) weight is modified or moved."""
+    def _prefix_params(self) -> list[nn.Parameter]:
         params = [self.bos, *self.lm.parameters()]
         if self.context_query is not None:
             params.append(self.context_query)
+        return params
+
+    def _lm_version(self) -> tuple[int, ...]:
+        """Changes whenever any language-model (or BOS) weight is modified or moved."""
+        params = self._prefix_params()
         return (sum(p._version for p in params), params[-1].data_ptr(), self.bos.data_ptr())
+
+    @contextlib.contextmanager
+    def shared_prefixes(self):
+        """Within the block, each distinct instruction is encoded once even under autograd.
+
+        For one training forward pass that runs this trunk several times (e.g. SAC's policy on
+        the observations and on the next observations): the encodings join the same graph, so
+        gradients from every use add up. Leave the block before the weights change.
+        """
+        outer = self._pass_prefixes
+        self._pass_prefixes = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._pass_prefixes = outer
 
     def _encode_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
         """Key/values and pooled context of [BOS] + instruction for each row of ``ids`` (U, L)."""
@@ -201,9 +223,17 @@ class VLATrunk(nn.Module):
         rows = torch.cat([ids, mask.long()], dim=1)
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
         L = ids.shape[1]
-        if torch.is_grad_enabled():
-            encoded = self._encode_prefix(uniq[:, :L], uniq[:, L:])
-        else:
+        needs_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self._prefix_params()
+        )
+        if needs_grad:
+            key = uniq.cpu().numpy().tobytes() if self._pass_prefixes is not None else None
+            encoded = self._pass_prefixes.get(key) if key is not None else None
+            if encoded is None:
+                encoded = self._encode_prefix(uniq[:, :L], uniq[:, L:])
+                if key is not None:
+                    self._pass_prefixes[key] = encoded
+        else:  # no gradient reaches the prefix (inference, or a frozen LM): memoise
             key = self._lm_version()
             if key != self._cache_key:
                 self._prefix_cache.clear()
