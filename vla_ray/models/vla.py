@@ -223,9 +223,7 @@ class VLATrunk(nn.Module):
         rows = torch.cat([ids, mask.long()], dim=1)
         uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
         L = ids.shape[1]
-        needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in self._prefix_params()
-        )
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._prefix_params())
         if needs_grad:
             key = uniq.cpu().numpy().tobytes() if self._pass_prefixes is not None else None
             encoded = self._pass_prefixes.get(key) if key is not None else None
