@@ -282,10 +282,6 @@ def test_pusht_bc_preset_uses_the_diffusion_head():
 
     preset = get_preset("pusht-bc")
     assert preset.algorithm == "bc" and preset.model["head"] == "diffusion"
-    if preset.env not in gym.registry:
-        pytest.skip(
-            f"{preset.env} is not registered on this branch (the PushT env is added "
-            "by the envs work)"
-        )
+    assert preset.env in gym.registry
     spec = resolve("pusht-bc", data="unused")
     assert spec.settings["model"]["head"] == "diffusion"
