@@ -291,3 +291,13 @@ def test_bc_trains_from_every_format(ray_session, datasets, tmp_path, monkeypatc
     # bad data inside a ray.data task still arrives as a DataError naming the field
     with pytest.raises(DataError, match=r"observation 'image' has shape"):
         offline_input(datasets["d4rl"], LANGREACH, {"image_size": 32})
+
+
+def test_a_missing_format_package_names_the_extra(monkeypatch):
+    import sys
+
+    from vla_ray.data.rllib_format import require
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # what an uninstalled package looks like
+    with pytest.raises(ImportError, match=r"'d4rl' dataset format needs the 'h5py' package: "):
+        require("h5py", "d4rl")

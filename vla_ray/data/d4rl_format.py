@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from vla_ray.data.contract import RawEpisode, episode_arrays, instruction_text
-from vla_ray.data.rllib_format import DataError
+from vla_ray.data.rllib_format import DataError, require
 
 FORMAT = "d4rl"
 REQUIRED = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -38,7 +38,7 @@ def write_d4rl(
     episodes: Iterable[Any], output: str | os.PathLike, meta: dict[str, Any] | None = None
 ) -> Path:
     """Write finished ``SingleAgentEpisode``s as one D4RL HDF5 file (atomically); returns it."""
-    import h5py
+    h5py = require("h5py", "d4rl")
 
     out = Path(output)
     if out.suffix not in SUFFIXES:
@@ -158,7 +158,7 @@ def _obs_rows(f: Any, key: str, next_key: str, s: int, e: int, source: str) -> n
 
 
 def _open(path: str | os.PathLike):
-    import h5py
+    h5py = require("h5py", "d4rl")
 
     p = Path(path)
     if not p.is_file():

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from vla_ray.data.contract import INSTRUCTION_KEYS, RawEpisode, episode_arrays, instruction_text
-from vla_ray.data.rllib_format import DataError
+from vla_ray.data.rllib_format import DataError, require
 from vla_ray.fsutil import replace_dir
 
 FORMAT = "lerobot"
@@ -125,7 +125,7 @@ class _VideoWriter:
     """Frames of one video key appended to one mp4 (PyAV), pts = frame number at ``fps``."""
 
     def __init__(self, path: Path, fps: int, shape: tuple[int, ...], codec: str):
-        import av
+        av = require("av", "lerobot")
 
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), mode="w")
@@ -137,7 +137,7 @@ class _VideoWriter:
         self.n = 0
 
     def add(self, frames: np.ndarray) -> None:
-        import av
+        av = require("av", "lerobot")
 
         for img in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
@@ -609,7 +609,7 @@ def _column(table: Any, name: str, source: str) -> np.ndarray:
 
 
 def _decode_video(path: Path, start_s: float, fps: float, n: int, source: str) -> np.ndarray:
-    import av
+    av = require("av", "lerobot")
 
     if not path.is_file():
         raise DataError(f"{source}: video {path} does not exist")

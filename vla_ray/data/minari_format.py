@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vla_ray.data.contract import RawEpisode, episode_arrays, instruction_text
-from vla_ray.data.rllib_format import DataError
+from vla_ray.data.rllib_format import DataError, require
 from vla_ray.fsutil import replace_dir
 
 FORMAT = "minari"
@@ -63,7 +63,8 @@ def write_minari(
     """Write finished ``SingleAgentEpisode``s as a Minari dataset at ``output`` (replaced
     atomically; ``output/data/`` holds minari's files). Returns ``output``."""
     import gymnasium as gym
-    import minari
+
+    minari = require("minari", "minari")
     from minari.data_collector import EpisodeBuffer
     from minari.dataset.minari_storage import MinariStorage
 
@@ -140,6 +141,7 @@ def is_minari_id(text: str) -> bool:
 
 
 def _open(data_dir: Path):
+    require("minari", "minari")
     from minari import MinariDataset
 
     try:

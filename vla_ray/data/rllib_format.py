@@ -28,6 +28,18 @@ class DataError(ValueError):
     """A dataset that cannot be read or does not match what the reader expects."""
 
 
+def require(module: str, fmt: str) -> Any:
+    """Import ``module`` for the ``fmt`` dataset format; ImportError naming the extra otherwise."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"the {fmt!r} dataset format needs the {module!r} package: pip install 'vla-ray[data]'"
+        ) from err
+
+
 def _pack(episode: Any) -> bytes:
     import msgpack
     import msgpack_numpy as mnp
