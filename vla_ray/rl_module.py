@@ -141,6 +141,30 @@ def resolve_pretrained_dir(path: str | os.PathLike) -> Path:
     )
 
 
+def build_vla(
+    model_config: dict[str, Any],
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    ignore_keys: tuple[str, ...] = (),
+) -> VLA:
+    """The module's VLA: from ``vlm_path`` (pretrained trunk), ``pretrained_path`` (a whole saved
+    VLA, whose architecture wins; only the env-derived I/O fields must agree) or fresh from
+    ``model_config``. ``ignore_keys`` are the caller's own (non-VLA) model_config keys."""
+    mc = {k: v for k, v in model_config.items() if k not in ignore_keys}
+    config = vla_config_from_spaces(mc, observation_space, action_space)
+    if mc.get("pretrained_path") and mc.get("vlm_path"):
+        raise ConfigError(
+            "model_config: give either pretrained_path (a whole VLA) or vlm_path (a "
+            "pretrained VLM trunk), not both"
+        )
+    if mc.get("vlm_path"):
+        return VLA.from_pretrained_vlm(mc["vlm_path"], config)
+    if mc.get("pretrained_path"):
+        io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
+        return VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
+    return VLA(config)
+
+
 class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     """Vision-language-action policy (+ optional value function) for RLlib's new API stack."""
 
@@ -149,21 +173,8 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         mc = dict(self.model_config or {})
         value = mc.get("value", "shared")
         check_choice("value", value, ("shared", "separate", "none"))
-        config = vla_config_from_spaces(mc, self.observation_space, self.action_space)
-        if mc.get("pretrained_path") and mc.get("vlm_path"):
-            raise ConfigError(
-                "model_config: give either pretrained_path (a whole VLA) or vlm_path (a "
-                "pretrained VLM trunk), not both"
-            )
-        if mc.get("vlm_path"):
-            self.vla = VLA.from_pretrained_vlm(mc["vlm_path"], config)
-            config = self.vla.config
-        elif mc.get("pretrained_path"):
-            # the saved architecture wins; only the env-derived I/O fields must agree
-            io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
-            self.vla = VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
-        else:
-            self.vla = VLA(config)
+        self.vla = build_vla(mc, self.observation_space, self.action_space)
+        config = self.vla.config
         self.value_mode = value
         if not self.inference_only and value == "separate":
             self.vf_trunk = VLATrunk(config, vocab_size=len(self.vla.tokenizer))

@@ -52,15 +52,12 @@ from torch import nn
 
 from vla_ray.config import ConfigError
 from vla_ray.models.heads import ActionHead, mlp
-from vla_ray.models.vla import VLA, VLATrunk
-from vla_ray.rl_module import (
-    SPACE_DERIVED_KEYS,
-    resolve_pretrained_dir,
-    vla_config_from_spaces,
-)
+from vla_ray.models.vla import VLATrunk
+from vla_ray.rl_module import build_vla
 
 # model_config keys of these modules (and of RLlib's SAC-family configs) that are not VLAConfig's
-SAC_MODULE_KEYS = ("q_hidden", "twin_q", "num_actions", "pretrained_path", "vlm_path", "value")
+# (pretrained_path, vlm_path and value are VLAModule's, which build_vla already sets aside)
+SAC_MODULE_KEYS = ("q_hidden", "twin_q", "num_actions")
 
 
 class VLASquashedGaussian(TorchSquashedGaussian):
@@ -178,25 +175,13 @@ class VLASACModule(DefaultSACTorchRLModule):
                 f"chunk_size: the SAC family learns single-step Q values; expected 1, "
                 f"got {mc['chunk_size']}"
             )
-        if mc.get("pretrained_path") and mc.get("vlm_path"):
+        # SAC's own keys (q_hidden, twin_q, ...) are not VLA fields
+        self.vla = build_vla(mc, self.observation_space, self.action_space, SAC_MODULE_KEYS)
+        if mc.get("pretrained_path") and self.vla.config.head != "tanh_gaussian":
             raise ConfigError(
-                "model_config: give either pretrained_path (a whole VLA) or vlm_path (a "
-                "pretrained VLM trunk), not both"
+                f"pretrained_path: the saved VLA has head {self.vla.config.head!r}; "
+                "SAC, CQL and IQL need 'tanh_gaussian'"
             )
-        vla_keys = {k: v for k, v in mc.items() if k not in SAC_MODULE_KEYS}
-        config = vla_config_from_spaces(vla_keys, self.observation_space, self.action_space)
-        if mc.get("vlm_path"):
-            self.vla = VLA.from_pretrained_vlm(mc["vlm_path"], config)
-        elif mc.get("pretrained_path"):
-            io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
-            self.vla = VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
-            if self.vla.config.head != "tanh_gaussian":
-                raise ConfigError(
-                    f"pretrained_path: the saved VLA has head {self.vla.config.head!r}; "
-                    "SAC, CQL and IQL need 'tanh_gaussian'"
-                )
-        else:
-            self.vla = VLA(config)
         config = self.vla.config
         self.twin_q = bool(mc.get("twin_q", True))
         self.q_hidden = int(mc.get("q_hidden", 256))
