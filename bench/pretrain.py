@@ -6,6 +6,12 @@ reports samples/s over the steps after ``--warmup`` (time per optimiser step as 
 workers: data loading + forward + backward + all-reduce + optimiser). Prints a table and writes
 ``OUT/pretrain.json``.
 
+Model FLOPs per sample are counted once on the driver (``torch.utils.flop_counter`` over one
+forward + backward of the stage's trainable set, on real batches; gradient-checkpointing
+recomputation is not counted), so each row also reports the achieved FLOP/s and, where the peak of
+the device is known (``--peak-tflops``, or a table of NVIDIA GPUs for ``--use-gpu``), the model FLOPs
+utilisation (MFU = achieved / peak, per worker).
+
     python bench/pretrain.py --workers 1 2 --stages align instruct --out docs/bench
 """
 
@@ -23,6 +29,64 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+# Dense peak TFLOP/s per GPU from NVIDIA's data sheets (SXM parts; no sparsity), by precision.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "fp32": 31.2},
+}
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """Dense peak of a known NVIDIA GPU for ``precision`` (fp32 means no TF32), else None."""
+    if not device_name:
+        return None
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name.upper():
+            return peaks["bf16" if precision == "bf16" else "fp32"]
+    return None
+
+
+def flops_per_sample(data: Path, stage: str, args, batches: int = 4, batch: int = 8) -> float:
+    """Model FLOPs of one training sample (forward + backward) in ``stage``, averaged over a few
+    real batches of the dataset."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vla_ray.pretrain.data import INSTRUCT_FILE, PRETRAIN_FILE, collate, load_records
+    from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
+    from vla_ray.pretrain.trainer import PretrainConfig, build_vla, vla_config_for
+
+    cfg = PretrainConfig(
+        stage=stage,
+        data=str(data / (PRETRAIN_FILE if stage == "align" else INSTRUCT_FILE)),
+        output=str(data / "unused"),
+        vision=args.vision,
+        projector=args.projector,
+    )
+    vla = build_vla(vla_config_for(cfg).to_dict(), None, 0)
+    set_trainable(vla.trunk, stage, cfg.train_vision)
+    vlm = VisionLanguageModel(vla.trunk)
+    records = list(load_records(cfg.data).records)[: batches * batch]
+    total, samples = 0, 0
+    for i in range(0, len(records), batch):
+        rows = records[i : i + batch]
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        arrays = collate(
+            cols, vla.tokenizer, vlm.num_image_tokens, tuple(vla.config.image_size), cfg.max_length
+        )
+        inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        with FlopCounterMode(display=False) as counter:
+            loss_sum, _ = vlm(**inputs)
+            loss_sum.backward()
+        vlm.zero_grad(set_to_none=True)
+        total += counter.get_total_flops()
+        samples += len(rows)
+    return total / samples
 
 
 def run_one(data: Path, stage: str, workers: int, args, work: Path) -> dict:
@@ -81,6 +145,11 @@ def main() -> None:
     p.add_argument("--projector", default="attention")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--precision", default="fp32")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak TFLOP/s of one worker's device for MFU (default: known GPUs only)",
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
 
@@ -96,18 +165,33 @@ def main() -> None:
         results = [
             run_one(data, stage, w, args, work) for stage in args.stages for w in args.workers
         ]
+        import torch
+
+        device = (
+            torch.cuda.get_device_name(0) if args.use_gpu and torch.cuda.is_available() else None
+        )
+        peak = args.peak_tflops or peak_tflops(device, args.precision)
+        flops = {stage: flops_per_sample(data, stage, args) for stage in args.stages}
+        for r in results:
+            r["model_flops_per_sample"] = flops[r["stage"]]
+            r["achieved_tflops"] = flops[r["stage"]] * r["samples_per_s"] / 1e12
+            r["peak_tflops_per_worker"] = peak
+            r["mfu"] = r["achieved_tflops"] / (peak * r["workers"]) if peak else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
         "\n| stage | workers | global batch | samples/s (mean step) | samples/s (median step) "
-        "| loss first -> last |"
+        "| model GFLOPs/sample | achieved TFLOP/s | MFU | loss first -> last |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.2f}%"
         print(
             f"| {r['stage']} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} "
-            f"| {r['samples_per_s_median_step']:.0f} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
+            f"| {r['samples_per_s_median_step']:.0f} | {r['model_flops_per_sample'] / 1e9:.3f} "
+            f"| {r['achieved_tflops']:.4f} | {mfu} "
+            f"| {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
         )
     import ray
     import torch
