@@ -18,6 +18,7 @@ from vla_ray.train import build_algorithm_config, parse_overrides, resolve
 
 ISSUE_PRESETS = (
     "hopper-ppo",
+    "halfcheetah-ppo",
     "humanoid-ppo",
     "pusht-ppo",
     "highway-ppo",
@@ -37,7 +38,7 @@ def test_issue_presets_are_listed_and_fault_tolerant(capsys):
 
 
 def test_state_only_ppo_presets_use_mujoco_settings():
-    for name, batch in (("hopper-ppo", 2048), ("humanoid-ppo", 4096)):
+    for name, batch in (("hopper-ppo", 2048), ("halfcheetah-ppo", 2048), ("humanoid-ppo", 4096)):
         spec = resolve(name)
         t = spec.settings["training"]
         assert (t["gamma"], t["lambda_"], t["lr"], t["num_epochs"]) == (0.99, 0.95, 3e-4, 10)

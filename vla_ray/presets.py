@@ -337,6 +337,18 @@ _SCALE_PRESETS = [
         eval_episodes=10,
     ),
     Preset(
+        name="halfcheetah-ppo",
+        algorithm="ppo",
+        env="vla_ray/HalfCheetah-v5",
+        description="PPO on HalfCheetah-v5 from proprioception + instruction (state-only VLA)",
+        model=dict(STATE_VLA),
+        training=dict(MUJOCO_PPO, train_batch_size_per_learner=2048, minibatch_size=64),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(timesteps=1_000_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=10,
+    ),
+    Preset(
         name="humanoid-ppo",
         algorithm="ppo",
         env="vla_ray/Humanoid-v5",
