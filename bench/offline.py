@@ -21,6 +21,14 @@ from the SAC work). Prints a table, writes ``OUT/offline.json`` and ``OUT/offlin
         --env vla_ray/Hopper-v5=runs/hopper-sac/checkpoints/best \\
         --env vla_ray/HalfCheetah-v5=runs/cheetah-sac/checkpoints/best \\
         --algos bc,td3bc,cql,iql,dt --iters 20000 --out docs/bench
+
+One process per env (e.g. on two cores), then one report:
+
+    python bench/offline.py --env vla_ray/Hopper-v5=... --work W1 --out O1 &
+    python bench/offline.py --env vla_ray/HalfCheetah-v5=... --work W2 --out O2
+    python bench/offline.py merge docs/bench O1 O2
+
+An interrupted run continues with ``--resume`` (finished runs are kept in WORK).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -123,6 +132,9 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=5)
     ap.add_argument("--work", default="bench_runs/offline", help="datasets and runs")
     ap.add_argument("--out", default="docs/bench")
+    ap.add_argument(
+        "--resume", action="store_true", help="skip runs finished by an earlier invocation"
+    )
     args = ap.parse_args()
 
     from vla_ray.train import init_ray
@@ -130,6 +142,7 @@ def main() -> None:
     init_ray()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     algos = [a for a in args.algos.split(",") if a]
     for algo in algos:
         why = available(algo)
@@ -138,25 +151,52 @@ def main() -> None:
     algos = [a for a in algos if available(a) is None]
     results: list[dict[str, Any]] = []
     refs: dict[str, dict[str, float]] = {}
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    partial = work / "offline.partial.json"
+    done: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if args.resume and partial.is_file():
+        earlier = json.loads(partial.read_text())
+        refs.update(earlier["references"])
+        for row in earlier["results"]:
+            done[(row["env"], row["dataset"], row["algo"])] = row
+        print(f"--resume: {len(done)} finished runs in {partial}")
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        """Each finished run is kept (atomic write): an interrupted bench resumes from here."""
+        payload = dict(args=vars(args), machine=machine, references=refs, results=rows)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, partial)
+
     for item in args.env:
         env_id, _, expert = item.partition("=")
         if not expert:
             ap.error(f"--env {item!r}: expected ENV_ID=EXPERT_CHECKPOINT")
         name = env_id.split("/")[-1]
         root = work / name
-        r_random = reference_return(env_id, "random", 10, root / ".ref-random")
-        r_expert = reference_return(env_id, expert, 10, root / ".ref-expert")
-        refs[env_id] = dict(random=r_random, expert=r_expert)
+        if env_id not in refs:
+            refs[env_id] = dict(
+                random=reference_return(env_id, "random", 10, root / ".ref-random"),
+                expert=reference_return(env_id, expert, 10, root / ".ref-expert"),
+            )
+        r_random, r_expert = refs[env_id]["random"], refs[env_id]["expert"]
         print(f"{env_id}: random {r_random:.1f}, expert {r_expert:.1f}")
         paths = build_datasets(env_id, expert, root, args.episodes, args.medium_noise)
         for ds in args.datasets.split(","):
             for algo in algos:
+                key = (env_id, ds, algo)
+                if key in done:  # --resume: finished in an earlier invocation
+                    results.append(done[key])
+                    continue
+                run_dir = root / "runs" / f"{ds}-{algo}"
+                if run_dir.exists():  # an interrupted run: start it again
+                    shutil.rmtree(run_dir)
                 t0 = time.time()
                 evals = train_one(
                     algo,
                     env_id,
                     paths[ds],
-                    root / "runs" / f"{ds}-{algo}",
+                    run_dir,
                     args.iters,
                     args.eval_every,
                     args.eval_episodes,
@@ -172,15 +212,26 @@ def main() -> None:
                     wall_s=round(time.time() - t0, 1),
                 )
                 results.append(row)
+                save(results)
                 print(f"{name:<14} {ds:<14} {algo:<7} final {row['final']}  best {row['best']}")
 
-    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    write_report(
+        dict(args=vars(args), machine=machine, references=refs, results=results),
+        algos,
+        args.datasets.split(","),
+        out,
+    )
+
+
+def write_report(payload: dict[str, Any], algos: list[str], datasets: list[str], out: Path) -> None:
+    """Print the table of normalised scores; write ``OUT/offline.md`` and ``OUT/offline.json``."""
+    results, refs = payload["results"], payload["references"]
     lines = [
         "| env | dataset | " + " | ".join(f"{a} final / best" for a in algos) + " |",
         "|---|---|" + "---|" * len(algos),
     ]
     for env_id in refs:
-        for ds in args.datasets.split(","):
+        for ds in datasets:
             cells = []
             for algo in algos:
                 r = next(
@@ -195,13 +246,32 @@ def main() -> None:
             lines.append(f"| {env_id.split('/')[-1]} | {ds} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "offline.md").write_text(table + "\n")
-    (out / "offline.json").write_text(
-        json.dumps(
-            dict(args=vars(args), machine=machine, references=refs, results=results), indent=2
-        )
+    (out / "offline.json").write_text(json.dumps(payload, indent=2))
+
+
+def merge(dirs: list[str], out: Path) -> None:
+    """One report from the ``offline.json`` of several runs (e.g. one process per env)."""
+    parts = [json.loads((Path(d) / "offline.json").read_text()) for d in dirs]
+    algos = list(dict.fromkeys(r["algo"] for p in parts for r in p["results"]))
+    datasets = list(dict.fromkeys(r["dataset"] for p in parts for r in p["results"]))
+    payload = dict(
+        runs=[p["args"] for p in parts],
+        machine=parts[0]["machine"],
+        references={k: v for p in parts for k, v in p["references"].items()},
+        results=[r for p in parts for r in p["results"]],
     )
+    write_report(payload, algos, datasets, out)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "merge":
+        # python bench/offline.py merge OUT DIR [DIR ...]
+        if len(sys.argv) < 4:
+            sys.exit("usage: python bench/offline.py merge OUT DIR [DIR ...]")
+        merge(sys.argv[3:], Path(sys.argv[2]))
+    else:
+        main()
