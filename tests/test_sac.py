@@ -150,6 +150,48 @@ def test_shared_prefixes_and_critic_features_keep_outputs_and_gradients(cls, ext
         torch.testing.assert_close(cached_grads[n], plain_grads[n], msg=n)
 
 
+@pytest.mark.parametrize("given_actions", [False, True])
+def test_cql_repeated_actions_match_rllibs_repeated_observations(given_actions):
+    """VLACQLModule runs each trunk once and repeats its features; RLlib's own
+    ``_repeat_actions`` runs the trunks on ``num_actions`` copies of the observations: the same
+    actions, log-probs, Q values and parameter gradients."""
+    from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import (
+        DefaultCQLTorchRLModule,
+    )
+
+    from vla_ray.sac_module import _ObsBatch
+
+    obs_space, act_space = _spaces(PENDULUM)
+    torch.manual_seed(0)
+    module = VLACQLModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"twin_q": True, **SMALL_MODEL, "num_actions": 4},
+    )
+    obs = _batch(PENDULUM)[Columns.OBS]
+    given = torch.rand(6 * 4, 1) * 4 - 2 if given_actions else None
+
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same sampled actions in both passes
+        out = fn()
+        sum(v.sum() for v in out.values() if v.requires_grad).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    ours, our_grads = run(lambda: module._repeat_actions(obs, given))
+    ref, ref_grads = run(
+        lambda: DefaultCQLTorchRLModule._repeat_actions(module, _ObsBatch(obs), given)
+    )
+    assert ours.keys() == ref.keys()
+    assert ours["qf_preds"].shape == ours["qf_twin_preds"].shape == (6, 4, 1)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], msg=k)
+    assert our_grads.keys() == ref_grads.keys() and len(ref_grads) > 0
+    for n in ref_grads:
+        torch.testing.assert_close(our_grads[n], ref_grads[n], msg=n)
+
+
 def test_inference_only_module_drops_critics_and_acts_in_the_env_bounds():
     obs_space, act_space = _spaces(PENDULUM)  # actions in [-2, 2]
     learner = VLAIQLModule(

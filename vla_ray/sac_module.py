@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import DefaultCQLTorchRLModule
 from ray.rllib.algorithms.iql.torch.default_iql_torch_rl_module import DefaultIQLTorchRLModule
+from ray.rllib.algorithms.sac.sac_learner import QF_PREDS, QF_TWIN_PREDS
 from ray.rllib.algorithms.sac.torch.default_sac_torch_rl_module import DefaultSACTorchRLModule
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import (
@@ -117,18 +118,21 @@ class StateActionEncoder(TrunkEncoder):
         finally:
             self._features = None
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        obs = batch[Columns.OBS]
+    def features(self, obs: Mapping[str, Any]) -> torch.Tensor:
+        """The trunk's features of an observation batch (cached inside ``reuse_features()``)."""
         trainable = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.trunk.parameters()
         )
         hit = self._features.get(id(obs)) if self._features is not None else None
         if hit is not None and hit[0] is obs and (hit[2] or not trainable):
-            features = hit[1] if trainable else hit[1].detach()
-        else:
-            features = self.trunk(obs)
-            if self._features is not None:  # keep obs alive so that its id stays unique
-                self._features[id(obs)] = (obs, features, trainable)
+            return hit[1] if trainable else hit[1].detach()
+        features = self.trunk(obs)
+        if self._features is not None:  # keep obs alive so that its id stays unique
+            self._features[id(obs)] = (obs, features, trainable)
+        return features
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        features = self.features(batch[Columns.OBS])
         actions = batch[Columns.ACTIONS].to(features.dtype).flatten(1)
         return {ENCODER_OUT: torch.cat([features, actions], dim=-1)}
 
@@ -251,8 +255,31 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
 
     @override(DefaultCQLTorchRLModule)
     def _repeat_actions(self, obs: Any, actions: torch.Tensor | None = None) -> dict[str, Any]:
-        # RLlib reads the batch size as ``obs.shape[0]``: give the dict observation a shape
-        return super()._repeat_actions(_ObsBatch(obs), actions)
+        """RLlib's CQL sampling of ``num_actions`` actions (and their Q values) per observation.
+
+        RLlib repeats the observations ``num_actions`` times and runs every encoder on the
+        copies; here each trunk runs once on the observations and its features are repeated
+        (the same values and gradients, ``1/num_actions`` of the trunk work).
+        """
+        batch_size = _ObsBatch(obs).shape[0]
+        n = int(self.model_config["num_actions"])
+        output: dict[str, Any] = {}
+        if actions is None:
+            features = self.pi_encoder({Columns.OBS: obs})[ENCODER_OUT]
+            dist = self.get_train_action_dist_cls().from_logits(
+                self.pi(self._repeat_tensor(features, n))
+            )
+            actions, logp = dist.rsample_and_logp()
+            output[Columns.ACTION_LOGP] = logp.view(batch_size, n, 1)
+        output[Columns.ACTIONS] = actions
+        critics = [(QF_PREDS, self.qf_encoder, self.qf)]
+        if self.twin_q:
+            critics.append((QF_TWIN_PREDS, self.qf_twin_encoder, self.qf_twin))
+        for key, encoder, head in critics:
+            features = self._repeat_tensor(encoder.features(obs), n)
+            q = head(torch.cat([features, actions.to(features.dtype).flatten(1)], dim=-1))
+            output[key] = q.view(batch_size, n, 1)
+        return output
 
 
 class VLAIQLModule(VLASACModule, DefaultIQLTorchRLModule):
