@@ -99,7 +99,7 @@ def test_bad_spaces_and_observations_raise(langreach_spaces, langreach_obs_batch
 def test_ppo_two_iterations_two_env_runners_and_checkpoint_roundtrip(
     ray_session, tmp_path, langreach_obs_batch
 ):
-    spec = resolve("langreach-ppo", SMALL_PPO, num_env_runners=2)
+    spec = resolve("langreach-ppo", {**SMALL_PPO, "keep_checkpoints": True}, num_env_runners=2)
     summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
     assert summary["iteration"] == 2 and summary["env_steps"] >= 512
     assert (tmp_path / "run" / "config.json").is_file()
@@ -118,6 +118,14 @@ def test_ppo_two_iterations_two_env_runners_and_checkpoint_roundtrip(
     vla = VLA.from_pretrained(ckpt / "vla")
     mean = a1[:, :2]
     torch.testing.assert_close(vla.predict(langreach_obs_batch).flatten(1), mean, rtol=0, atol=0)
+    # keep_checkpoints: every periodic checkpoint stays, the newest equals last
+    kept = sorted(p.name for p in ckpt.parent.glob("iter_*"))
+    assert kept == ["iter_000001", "iter_000002"]
+    at = {
+        n: VLA.from_pretrained(ckpt.parent / n / "vla").predict(langreach_obs_batch) for n in kept
+    }
+    torch.testing.assert_close(at["iter_000002"].flatten(1), mean, rtol=0, atol=0)
+    assert not torch.equal(at["iter_000001"], at["iter_000002"])  # PPO moved the policy
 
     # a restored algorithm continues from the same weights
     algo = build_algorithm_config(spec).build_algo()

@@ -3,6 +3,8 @@
 Each run's output directory holds ``config.json`` (the resolved settings), ``metrics.jsonl``
 (one JSON line per iteration), and ``checkpoints/last`` + ``checkpoints/best`` (RLlib checkpoints,
 each with a ``vla_ray_meta.json`` naming the env, and a ``vla/`` ``save_pretrained`` export).
+With ``keep_checkpoints=true``, every periodic checkpoint is also kept as
+``checkpoints/iter_NNNNNN`` (e.g. to pick a start policy from the middle of a run).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ TOP_LEVEL_KEYS = (
     "seed",
     "checkpoint_every",
     "checkpoint_metric",
+    "keep_checkpoints",
     "data",
     "eval_every",
     "eval_episodes",
@@ -140,7 +143,9 @@ def resolve(
     settings = p.sections()
     settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
     settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
-    settings.update(seed=0, checkpoint_every=10, checkpoint_metric="success_rate")
+    settings.update(
+        seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
+    )
     offline = bool(getattr(algo, "OFFLINE", False))
     if offline:
         settings["data"] = None
@@ -505,6 +510,9 @@ def train(
                 save_checkpoint(algo, spec, ckpt_dir / "best", {**info, "best_value": best_value})
             if done or it % int(spec.settings["checkpoint_every"]) == 0:
                 save_checkpoint(algo, spec, ckpt_dir / "last", {**info, "best_value": best_value})
+                if spec.settings["keep_checkpoints"]:
+                    kept = ckpt_dir / f"iter_{it:06d}"
+                    save_checkpoint(algo, spec, kept, {**info, "best_value": best_value})
             if done:
                 break
         summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / "last"))
