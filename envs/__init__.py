@@ -13,14 +13,18 @@ if TYPE_CHECKING:
     from .langreach import LangReachEnv
 
 LANGREACH_ID = "vla_ray/LangReach-v0"
-ENV_IDS: tuple[str, ...] = (LANGREACH_ID, *locomotion.env_ids())
+# LangReach without pixels: target positions in the state (small state-only tests, e.g. SAC)
+LANGREACH_STATE_ID = "vla_ray/LangReachState-v0"
+ENV_IDS: tuple[str, ...] = (LANGREACH_ID, LANGREACH_STATE_ID, *locomotion.env_ids())
 
-if LANGREACH_ID not in gym.registry:
-    gym.register(
-        id=LANGREACH_ID,
-        entry_point="vla_ray.envs.langreach:LangReachEnv",
-        max_episode_steps=50,
-    )
+for _id, _kwargs in ((LANGREACH_ID, {}), (LANGREACH_STATE_ID, {"observation": "state"})):
+    if _id not in gym.registry:
+        gym.register(
+            id=_id,
+            entry_point="vla_ray.envs.langreach:LangReachEnv",
+            max_episode_steps=50,
+            kwargs=_kwargs,
+        )
 
 
 locomotion.register()
@@ -60,6 +64,7 @@ __all__ = [
     "HIGHWAY_ID",
     "HIGHWAY_STATE_ID",
     "LANGREACH_ID",
+    "LANGREACH_STATE_ID",
     "LangReachEnv",
     "PUSHT_ID",
     "ScriptedExpert",

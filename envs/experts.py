@@ -50,7 +50,10 @@ class ExpertMixing(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-EXPERTS: dict[str, type[ScriptedExpert]] = {"vla_ray/LangReach-v0": ScriptedExpert}
+EXPERTS: dict[str, type[ScriptedExpert]] = {
+    "vla_ray/LangReach-v0": ScriptedExpert,
+    "vla_ray/LangReachState-v0": ScriptedExpert,
+}
 
 
 def get_expert(env_id: str, **kwargs: Any) -> ScriptedExpert:

@@ -6,6 +6,12 @@ the agent must drive to that disc. Observations are a top-down RGB image, the ag
 position/velocity (target positions are *not* in the state, so the policy has to see them) and
 the tokenised instruction. ``instruction_mode="blind"`` replaces the instruction with a constant
 colour-free sentence: the language-blind control, whose best success rate is ~``1/num_targets``.
+
+``observation="state"`` (registered as ``vla_ray/LangReachState-v0``) is the same task without
+pixels: no ``image``, and the state holds every target's position after the agent's position and
+velocity, ``[x, y, vx, vy, tx_0, ty_0, ..., tx_{n-1}, ty_{n-1}]``, so the instruction still has
+to pick the target (its colour is the target's index). Nothing is rendered per step: a small,
+fast task for state-only VLAs (e.g. the SAC learning test).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 BLIND_INSTRUCTION = "reach the target"
 INSTRUCTION_MODES = ("text", "blind")
+OBSERVATION_MODES = ("pixels", "state")
 
 ARENA_HALF = 1.0
 SPAWN_HALF = 0.8
@@ -147,7 +154,7 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 class LangReachEnv(gym.Env):
-    """Language-conditioned point-mass reaching in MuJoCo with image observations."""
+    """Language-conditioned point-mass reaching in MuJoCo, observed from pixels (or state)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
@@ -161,6 +168,7 @@ class LangReachEnv(gym.Env):
         success_radius: float = 0.1,
         render_mode: str | None = None,
         tokenizer: str | os.PathLike | None = None,
+        observation: str = "pixels",
     ) -> None:
         self.image_size = _check_int("image_size", image_size, 8, 1024)
         self.num_targets = _check_int("num_targets", num_targets, 1, len(COLORS))
@@ -174,6 +182,12 @@ class LangReachEnv(gym.Env):
                 f"got {instruction_mode!r}"
             )
         self.instruction_mode = instruction_mode
+        if observation not in OBSERVATION_MODES:
+            raise ValueError(
+                f"LangReachEnv: `observation` must be one of {OBSERVATION_MODES}, "
+                f"got {observation!r}"
+            )
+        self.observation = observation
         if (
             isinstance(success_radius, bool)
             or not isinstance(success_radius, (int, float, np.floating, np.integer))
@@ -226,14 +240,16 @@ class LangReachEnv(gym.Env):
 
         s = self.image_size
         L = self.instruction_max_length
-        self.observation_space = spaces.Dict(
-            {
-                "image": spaces.Box(0, 255, (s, s, 3), np.uint8),
-                "state": spaces.Box(-np.inf, np.inf, (4,), np.float32),
-                "instruction": spaces.Box(0, self.vocab_size - 1, (L,), np.int64),
-                "instruction_mask": spaces.Box(0, 1, (L,), np.int64),
-            }
-        )
+        obs_spaces: dict[str, spaces.Space] = {}
+        if self.observation == "pixels":
+            obs_spaces["image"] = spaces.Box(0, 255, (s, s, 3), np.uint8)
+            state_dim = 4
+        else:  # agent position + velocity, then every target's position
+            state_dim = 4 + 2 * self.num_targets
+        obs_spaces["state"] = spaces.Box(-np.inf, np.inf, (state_dim,), np.float32)
+        obs_spaces["instruction"] = spaces.Box(0, self.vocab_size - 1, (L,), np.int64)
+        obs_spaces["instruction_mask"] = spaces.Box(0, 1, (L,), np.int64)
+        self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
 
         self._target_pos = np.zeros((self.num_targets, 2))
@@ -285,13 +301,16 @@ class LangReachEnv(gym.Env):
         return self._renderer.render()
 
     def _obs(self) -> dict[str, np.ndarray]:
-        state = np.concatenate([self.data.qpos[:2], self.data.qvel[:2]]).astype(np.float32)
-        return {
-            "image": self._render_image(),
-            "state": state,
-            "instruction": self._ids[self._text_index].copy(),
-            "instruction_mask": self._mask[self._text_index].copy(),
-        }
+        parts = [self.data.qpos[:2], self.data.qvel[:2]]
+        obs: dict[str, np.ndarray] = {}
+        if self.observation == "pixels":
+            obs["image"] = self._render_image()
+        else:
+            parts.append(self._target_pos.reshape(-1))
+        obs["state"] = np.concatenate(parts).astype(np.float32)
+        obs["instruction"] = self._ids[self._text_index].copy()
+        obs["instruction_mask"] = self._mask[self._text_index].copy()
+        return obs
 
     def _info(self, distance: float) -> dict[str, Any]:
         return {

@@ -238,6 +238,7 @@ def test_agent_stays_in_arena_and_tracks_velocity():
         ({"success_radius": -0.1}, "success_radius"),
         ({"render_mode": "human"}, "render_mode"),
         ({"tokenizer": 3}, "tokenizer"),
+        ({"observation": "depth"}, "observation"),
     ],
 )
 def test_bad_constructor_args(kwargs, name):
@@ -263,3 +264,31 @@ def test_render_and_close():
     env.close()
     env.close()  # idempotent
     assert LangReachEnv().render() is None
+
+
+STATE_ID = "vla_ray/LangReachState-v0"
+
+
+def test_state_variant_puts_targets_in_the_state_and_renders_nothing():
+    assert STATE_ID in ENV_IDS and STATE_ID in gym.registry
+    env = gym.make(STATE_ID, num_targets=2)
+    assert env.spec.max_episode_steps == 50
+    obs, info = env.reset(seed=0)
+    assert set(obs) == {"state", "instruction", "instruction_mask"}
+    assert env.observation_space.contains(obs)
+    assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+    np.testing.assert_allclose(obs["state"][:2], info["agent_position"], atol=1e-6)
+    np.testing.assert_allclose(obs["state"][4:].reshape(2, 2), info["target_positions"], atol=1e-6)
+    # the instruction names the goal colour, as in the pixel variant
+    assert info["target_color"] in info["instruction"]
+    obs, *_ = env.step(np.array([1.0, 0.0], np.float32))
+    assert obs["state"][2] == pytest.approx(1.0, abs=0.02)
+    assert env.unwrapped._renderer is None  # no per-step rendering
+    # same layout and dynamics as the pixel variant for the same seed
+    pixels = gym.make(ENV_ID, num_targets=2)
+    _, pinfo = pixels.reset(seed=0)
+    np.testing.assert_allclose(pinfo["target_positions"], info["target_positions"])
+    pixels.close()
+    stats = rollout_expert(env, get_expert(STATE_ID), episodes=10, seed=0)
+    assert stats["success_rate"] == 1.0
+    env.close()

@@ -295,6 +295,38 @@ SAC_PRESETS = [
 ]
 PRESETS.update({p.name: p for p in SAC_PRESETS})
 
+# A SAC task small enough to learn in about a minute on 2 CPUs (the SAC learning test): one-target
+# LangReach from state (the target's position is in the state), short episodes, a 1-layer
+# hidden-32 Qwen2-style LM; the shaped reward scores each step's progress, so a short credit
+# horizon (gamma 0.8) suffices.
+TINY_STATE_LM: dict[str, Any] = dict(
+    num_hidden_layers=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
+PRESETS["langreach-state-sac"] = Preset(
+    name="langreach-state-sac",
+    algorithm="sac",
+    env="vla_ray/LangReachState-v0",
+    description="SAC on one-target LangReach from state + instruction (learns in ~1 min on CPU)",
+    env_config=dict(num_targets=1, max_episode_steps=20),
+    model=dict(STATE_VLA, head="tanh_gaussian", q_hidden=64, llm_config=TINY_STATE_LM),
+    training=dict(
+        actor_lr=3e-3,
+        critic_lr=3e-3,
+        alpha_lr=3e-3,
+        gamma=0.8,
+        initial_alpha=0.2,
+        train_batch_size_per_learner=64,
+        num_steps_sampled_before_learning_starts=100,
+    ),
+    env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
+    stop=dict(timesteps=1000),
+    eval_episodes=20,
+)
+
 
 # --- environments at scale (issue 3): MuJoCo state-only PPO, PushT, highway-env, CARLA ----------
 # RLlib's restart options, stated in every preset below (vla_ray.scale applies the same defaults
