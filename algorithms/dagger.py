@@ -3,8 +3,15 @@
 Each iteration: roll out on the EnvRunners, where every step is taken by the expert with
 probability ``beta`` (decaying by ``beta_decay`` per iteration) and by the current policy
 otherwise; relabel every visited state with the expert's action (the env reports it as
-``info["expert_action"]``); add the relabelled steps to the aggregate dataset; train the policy
-on samples of the whole aggregate with the head's behaviour-cloning loss; sync the weights.
+``info["expert_action"]``); add the relabelled steps to the aggregate dataset (RLlib's
+``EpisodeReplayBuffer``, oldest episodes evicted beyond ``max_dataset_steps``); take
+``updates_per_iteration`` gradient steps, each on ``train_batch_size_per_learner`` steps drawn
+uniformly from the whole aggregate, with the head's behaviour-cloning loss; sync the weights.
+
+Expert demonstrations can seed the aggregate (``vla-ray train --preset langreach-dagger --data
+DEMOS``, any format ``--data`` reads): the first iteration then trains on them before it rolls
+out, so the first rollouts are the BC policy's (``pi_1`` of Ross et al.), and ``training.beta=0``
+makes every later visited state the learner's own.
 
 The expert is the env's privileged scripted expert (``vla_ray.envs.experts``); the env is
 wrapped in ``ExpertMixing`` through ``env_config["expert_beta"]``, set by the algorithm.
@@ -17,6 +24,7 @@ from typing import Any
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
@@ -25,6 +33,7 @@ from ray.rllib.utils.metrics import (
     LEARNER_RESULTS,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
+from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from vla_ray.algorithms.bc import VLABCLearner
 from vla_ray.config import ACTION_HEADS
@@ -45,6 +54,8 @@ MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 EXPERT_LABEL = "expert_action"
 # Training episodes mix in the expert: success is measured on evaluation episodes instead.
 EVALUATE = True
+# ``--data`` is optional: expert demos that seed the aggregate dataset.
+ACCEPTS_DATA = True
 
 
 def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +65,7 @@ def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
 
 # -- config -------------------------------------------------------------------------------------
 class DAggerConfig(AlgorithmConfig):
-    """DAgger settings: beta schedule, rollout size, updates per iteration, dataset cap."""
+    """DAgger settings: beta schedule, rollout size, updates per iteration, dataset cap, demos."""
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or DAgger)
@@ -65,6 +76,8 @@ class DAggerConfig(AlgorithmConfig):
         self.rollout_steps = 1000
         self.updates_per_iteration = 50
         self.max_dataset_steps = 200_000
+        # RLlib episode parquet files that seed the aggregate (``--data``; see ``use_data``)
+        self.demos: list[str] | None = None
 
     def training(
         self,
@@ -74,6 +87,7 @@ class DAggerConfig(AlgorithmConfig):
         rollout_steps: int = NotProvided,
         updates_per_iteration: int = NotProvided,
         max_dataset_steps: int = NotProvided,
+        demos: list[str] | None = NotProvided,
         **kwargs,
     ) -> DAggerConfig:
         super().training(**kwargs)
@@ -83,6 +97,7 @@ class DAggerConfig(AlgorithmConfig):
             rollout_steps=rollout_steps,
             updates_per_iteration=updates_per_iteration,
             max_dataset_steps=max_dataset_steps,
+            demos=demos,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -110,6 +125,16 @@ class DAggerConfig(AlgorithmConfig):
 def make_config() -> DAggerConfig:
     """A fresh DAgger config; the caller adds env, module and runners."""
     return DAggerConfig().environment(env_config={"expert_beta": 1.0})
+
+
+def use_data(config: DAggerConfig, path: str | None) -> None:
+    """``--data`` of ``vla-ray train`` (optional): expert demos that seed the aggregate, in any
+    format ``--data`` reads (converted once to RLlib episodes)."""
+    if not path:
+        return
+    from vla_ray.data.convert import offline_input
+
+    config.training(demos=offline_input(path, config.env, config.env_config))
 
 
 # -- relabelling and the aggregate dataset --------------------------------------------------------
@@ -158,9 +183,17 @@ class DAgger(Algorithm):
 
     def setup(self, config) -> None:
         super().setup(config)
-        self._dataset: list[SingleAgentEpisode] = []
-        self._dataset_steps = 0
-        self._rng = np.random.default_rng(self.config.seed)
+        # the aggregate: every relabelled step, sampled uniformly by step
+        self._dataset = EpisodeReplayBuffer(capacity=int(self.config.max_dataset_steps))
+        self._dataset.rng = np.random.default_rng(self.config.seed)
+        self._pretrain = False
+        if self.config.demos:
+            from vla_ray.data.rllib_format import check_episodes, read_episodes
+
+            demos = [ep for f in self.config.demos for ep in read_episodes(f)]
+            check_episodes(demos, *self.spaces[DEFAULT_MODULE_ID])
+            self._dataset.add([ep.to_numpy() if not ep.is_numpy else ep for ep in demos])
+            self._pretrain = True  # the first iteration trains on the demos before rolling out
 
     def _set_beta(self, beta: float) -> None:
         def set_beta(runner):
@@ -169,8 +202,34 @@ class DAgger(Algorithm):
 
         self.env_runner_group.foreach_env_runner(set_beta, local_env_runner=True)
 
+    def _train(self, updates: int) -> None:
+        """``updates`` gradient steps, each on a batch of steps drawn from the aggregate."""
+        batch_size = int(self.config.train_batch_size_per_learner)
+        for _ in range(updates):
+            batch = self._dataset.sample(
+                num_items=batch_size, n_step=1, sample_episodes=True, to_numpy=True
+            )
+            results = self.learner_group.update(
+                episodes=batch,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
+                    )
+                },
+                num_epochs=1,
+                minibatch_size=batch_size,
+            )
+            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        self.env_runner_group.sync_weights(
+            from_worker_or_learner_group=self.learner_group, inference_only=True
+        )
+
     def training_step(self) -> None:
         cfg = self.config
+        if self._pretrain:  # pi_1: behaviour cloning of the demos (not again when resumed)
+            self._pretrain = False
+            if self.iteration == 0:
+                self._train(int(cfg.updates_per_iteration))
         beta = beta_at(self.iteration, cfg.beta, cfg.beta_decay)
         self._set_beta(beta)
         episodes, runner_results = synchronous_parallel_sample(
@@ -184,35 +243,6 @@ class DAgger(Algorithm):
             return
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
         self.metrics.log_value("expert_beta", beta, window=1)
-
-        # aggregate (oldest episodes dropped beyond the cap)
-        for ep in episodes:
-            if len(ep) > 0:
-                self._dataset.append(relabel(ep))
-                self._dataset_steps += len(ep)
-        while self._dataset_steps > cfg.max_dataset_steps and len(self._dataset) > 1:
-            self._dataset_steps -= len(self._dataset.pop(0))
-        self.metrics.log_value("dataset_steps", self._dataset_steps, window=1)
-
-        # train on random episodes of the whole aggregate, ~train_batch_size steps per update
-        batch_size = cfg.train_batch_size_per_learner
-        for _ in range(int(cfg.updates_per_iteration)):
-            picked, steps = [], 0
-            while steps < batch_size:
-                ep = self._dataset[int(self._rng.integers(len(self._dataset)))]
-                picked.append(ep)
-                steps += len(ep)
-            results = self.learner_group.update(
-                episodes=picked,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                        (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
-                    )
-                },
-                num_epochs=1,
-                minibatch_size=batch_size,
-            )
-            self.metrics.aggregate(results, key=LEARNER_RESULTS)
-        self.env_runner_group.sync_weights(
-            from_worker_or_learner_group=self.learner_group, inference_only=True
-        )
+        self._dataset.add([relabel(ep) for ep in episodes if len(ep) > 0])
+        self.metrics.log_value("dataset_steps", self._dataset.get_num_timesteps(), window=1)
+        self._train(int(cfg.updates_per_iteration))

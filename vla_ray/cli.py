@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--data",
-        help="offline dataset for offline algorithms: RLlib episodes, a Minari dataset or id, "
-        "a D4RL .hdf5 file or a LeRobotDataset folder (format detected from the path)",
+        help="offline dataset for offline algorithms (and GAIL's / DAgger's expert demos): RLlib "
+        "episodes, a Minari dataset or id, a D4RL .hdf5 file or a LeRobotDataset folder (format "
+        "detected from the path)",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     t.add_argument("--quiet", action="store_true", help="no progress display")

@@ -163,7 +163,9 @@ def resolve(
             f"--data: {p.algorithm} trains from a dataset; give --data PATH "
             "(e.g. one written by `vla-ray collect`)"
         )
-    if not needs_data and settings.get("data"):
+    # online algorithms that may start from demonstrations (DAgger) set ACCEPTS_DATA
+    accepts_data = needs_data or bool(getattr(algo, "ACCEPTS_DATA", False))
+    if not accepts_data and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
     runners = settings["env_runners"]
     if num_env_runners is not None:
@@ -269,8 +271,8 @@ def build_algorithm_config(spec: RunSpec):
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
         )
-    if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's expert demos
-        algo_mod.use_data(cfg, s["data"])
+    if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
+        algo_mod.use_data(cfg, s.get("data"))
     if _evaluates(algo_mod):  # BC and DAgger: behaviour cloning on single-step action labels
         _check_offline_model(s["model"])
         eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
