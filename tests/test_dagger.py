@@ -84,5 +84,5 @@ def test_dagger_beats_bc_from_the_same_few_demos(ray_session, tmp_path):
     )
     # Success (within 0.1 of the target in 20 steps) is too coarse at this size: 0.02-0.06 for
     # BC, 0.08-0.12 for DAgger. The return (10 x distance gained, +5 on success) separates them:
-    # observed BC -1.9 to -2.6, DAgger 2.9 to 4.6 (seeds 0-2; 50 episodes, s.e. ~0.8 each).
+    # observed BC -1.9 to -2.6, DAgger 2.9 to 4.6 (seeds 0-2; 100 episodes each).
     assert dagger["mean_return"] > bc["mean_return"] + 2.5
