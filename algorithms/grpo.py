@@ -9,7 +9,12 @@ Each iteration
   3. scores each episode (``reward_kind="return"``: its undiscounted return; ``"success"``: 1.0
      when the env's final ``info["is_success"]`` is true, else 0.0) and normalises the scores
      within each group: ``A = (score - mean_group) / (std_group + 1e-6)`` (population std; a
-     group whose scores are all equal gets A = 0). Every step of an episode gets its A;
+     group whose scores are all equal gets A = 0). Every step of an episode gets its A
+     (``advantage="outcome"``, the default). With ``advantage="process"`` (DeepSeekMath's
+     process supervision, section 4.1.3; needs ``reward_kind="return"``) every step reward is
+     normalised by the mean and std of all step rewards of its group, and a step's advantage is
+     the sum of the normalised rewards from that step to the episode's end: per-step credit for
+     envs with dense rewards, still without a value function;
   4. minimises ``-mean(min(r A, clip(r, 1 - clip_param, 1 + clip_param) A)) + kl_coeff * KL``
      over ``num_epochs`` passes of minibatches, with ``r = pi(a|s) / pi_old(a|s)`` and KL the
      divergence of the policy from a frozen reference policy. No value function (the module is
@@ -80,12 +85,14 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     clip_param=0.2,
     kl_coeff=0.04,
     kl_estimator="analytic",
+    advantage="outcome",
     num_epochs=4,
     minibatch_size=256,
 )
 MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 
 REWARD_KINDS = ("return", "success")
+ADVANTAGES = ("outcome", "process")
 KL_ESTIMATORS = ("analytic", "k3")
 GROUP_SEEDING = "group_seeding"  # env_config flag: wrap each sub-env in GroupSeeding
 GROUP_KEY = "grpo_group"  # reset info: the episode's group id (-1: padding)
@@ -190,17 +197,47 @@ def group_advantages(scores: list[float] | np.ndarray, groups: list[Any]) -> np.
     return out.astype(np.float32)
 
 
+def group_process_advantages(
+    rewards: list[np.ndarray] | list[list[float]], groups: list[Any]
+) -> list[np.ndarray]:
+    """Per-step advantages (process supervision): each step reward normalised by the mean and
+    std of all step rewards of its group, summed from that step to the episode's end. Zero for
+    groups of one episode and for groups whose step rewards are all equal."""
+    if len(rewards) != len(groups):
+        raise ValueError(
+            f"groups: expected {len(rewards)} group ids (one per episode), got {len(groups)}"
+        )
+    rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards]
+    out = [np.zeros(len(r), np.float32) for r in rewards]
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        pooled = np.concatenate([rewards[i] for i in idx])
+        std = pooled.std()
+        if std <= 1e-8:
+            continue
+        for i in idx:
+            normed = (rewards[i] - pooled.mean()) / (std + 1e-6)
+            out[i] = np.cumsum(normed[::-1])[::-1].astype(np.float32)
+    return out
+
+
 class AddGroupAdvantages(ConnectorV2):
-    """Learner connector: every step of an episode gets the episode's group advantage
-    (``Postprocessing.ADVANTAGES``), read from ``episode.custom_data``."""
+    """Learner connector: the steps' advantages (``Postprocessing.ADVANTAGES``), read from
+    ``episode.custom_data``: one group advantage for every step, or one per step (process)."""
 
     def __call__(self, *, rl_module, batch, episodes, **kwargs):
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
-            adv = float(ep.custom_data.get(ADVANTAGE_KEY, 0.0))
+            adv = ep.custom_data.get(ADVANTAGE_KEY, 0.0)
+            if np.ndim(adv) == 0:
+                adv = np.full(len(ep), float(adv), np.float32)
             self.add_n_batch_items(
                 batch,
                 Postprocessing.ADVANTAGES,
-                items_to_add=np.full(len(ep), adv, np.float32),
+                items_to_add=np.asarray(adv, np.float32),
                 num_items=len(ep),
                 single_agent_episode=ep,
             )
@@ -279,7 +316,8 @@ class GRPOTorchLearner(TorchLearner):
 
 # -- config -------------------------------------------------------------------------------------
 class GRPOConfig(AlgorithmConfig):
-    """GRPO settings: group size and count, reward kind, clip range, KL coefficient/estimator."""
+    """GRPO settings: group size and count, reward kind, advantage kind, clip range, KL
+    coefficient/estimator."""
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GRPO)
@@ -291,6 +329,7 @@ class GRPOConfig(AlgorithmConfig):
         self.clip_param = 0.2
         self.kl_coeff = 0.04
         self.kl_estimator = "analytic"
+        self.advantage = "outcome"
         self.num_epochs = 4
         self.minibatch_size = 256
         self.env_config = {GROUP_SEEDING: True}
@@ -310,6 +349,7 @@ class GRPOConfig(AlgorithmConfig):
         clip_param: float = NotProvided,
         kl_coeff: float = NotProvided,
         kl_estimator: str = NotProvided,
+        advantage: str = NotProvided,
         **kwargs,
     ) -> GRPOConfig:
         super().training(**kwargs)
@@ -320,6 +360,7 @@ class GRPOConfig(AlgorithmConfig):
             clip_param=clip_param,
             kl_coeff=kl_coeff,
             kl_estimator=kl_estimator,
+            advantage=advantage,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -342,6 +383,13 @@ class GRPOConfig(AlgorithmConfig):
         if self.kl_estimator not in KL_ESTIMATORS:
             self._value_error(
                 f"kl_estimator: expected one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
+        if self.advantage not in ADVANTAGES:
+            self._value_error(f"advantage: expected one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.advantage == "process" and self.reward_kind != "return":
+            self._value_error(
+                "advantage: 'process' scores every step reward, so it needs "
+                f"reward_kind='return', got reward_kind={self.reward_kind!r}"
             )
         if not 0.0 < float(self.clip_param) < 1.0:
             self._value_error(f"clip_param: must be in (0, 1), got {self.clip_param}")
@@ -408,9 +456,13 @@ class GRPO(Algorithm):
         # group ids are unique within an iteration; the seed guards against a stale schedule
         keys = [(ep.get_infos(0)[GROUP_KEY], ep.get_infos(0)[SEED_KEY]) for ep in episodes]
         scores = [episode_score(ep, cfg.reward_kind) for ep in episodes]
-        advantages = group_advantages(scores, keys)
-        for ep, adv in zip(episodes, advantages, strict=True):
-            ep.custom_data[ADVANTAGE_KEY] = float(adv)
+        if cfg.advantage == "process":
+            rewards = [np.asarray(ep.get_rewards(), np.float64) for ep in episodes]
+            for ep, adv in zip(episodes, group_process_advantages(rewards, keys), strict=True):
+                ep.custom_data[ADVANTAGE_KEY] = adv
+        else:
+            for ep, adv in zip(episodes, group_advantages(scores, keys), strict=True):
+                ep.custom_data[ADVANTAGE_KEY] = float(adv)
         by_group: dict[Any, list[float]] = defaultdict(list)
         for k, score in zip(keys, scores, strict=True):
             by_group[k].append(score)

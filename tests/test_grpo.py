@@ -11,10 +11,12 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from vla_ray.algorithms.grpo import (
     GROUP_KEY,
     SEED_KEY,
+    AddGroupAdvantages,
     GroupSeeding,
     deal_schedule,
     episode_score,
     group_advantages,
+    group_process_advantages,
     group_seeds,
 )
 from vla_ray.train import build_algorithm_config, resolve, train
@@ -48,6 +50,37 @@ def test_group_advantages_normalise_within_each_group():
     np.testing.assert_allclose(shuffled, adv[order], atol=1e-6)
     with pytest.raises(ValueError, match="groups"):
         group_advantages([1.0, 2.0], ["a"])
+
+
+def test_process_advantages_sum_group_normalised_step_rewards_to_the_end():
+    # group a: all step rewards {1, 2, 3}: mean 2, population std sqrt(2/3)
+    rewards = [[1.0, 2.0], [3.0], [5.0, 5.0], [5.0], [4.0, 0.0]]
+    adv = group_process_advantages(rewards, ["a", "a", "b", "b", "c"])
+    z = 1.0 / np.sqrt(2.0 / 3.0)
+    np.testing.assert_allclose(adv[0], [-z + 0.0, 0.0], atol=1e-5)  # reward-to-go of (-z, 0)
+    np.testing.assert_allclose(adv[1], [z], atol=1e-5)
+    for i in (2, 3, 4):  # b: every step reward equal; c: a group of one episode
+        np.testing.assert_array_equal(adv[i], np.zeros(len(rewards[i])))
+    assert [a.dtype for a in adv] == [np.float32] * 5
+    # scale and offset of the rewards within a group do not matter
+    scaled = group_process_advantages([np.array(r) * 3 - 1 for r in rewards[:2]], ["a", "a"])
+    for x, y in zip(scaled, adv[:2], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        group_process_advantages(rewards, ["a"])
+
+
+def test_connector_writes_per_episode_and_per_step_advantages():
+    from ray.rllib.evaluation.postprocessing import Postprocessing
+
+    from vla_ray.algorithms.grpo import ADVANTAGE_KEY
+
+    outcome, process = _episode([1.0, 1.0, 1.0], True), _episode([0.0, 0.0], False)
+    outcome.custom_data[ADVANTAGE_KEY] = 0.5
+    process.custom_data[ADVANTAGE_KEY] = np.array([2.0, -1.0], np.float32)
+    batch = AddGroupAdvantages()(rl_module=None, batch={}, episodes=[outcome, process])
+    got = [np.ravel(v) for v in batch[Postprocessing.ADVANTAGES].values()]
+    np.testing.assert_allclose(np.concatenate(got), [0.5, 0.5, 0.5, 2.0, -1.0])
 
 
 def _episode(rewards: list[float], success: bool) -> SingleAgentEpisode:
@@ -86,6 +119,8 @@ def test_config_refuses_bad_settings():
         (dict(kl_estimator="k2"), "kl_estimator"),
         (dict(clip_param=0.0), "clip_param"),
         (dict(kl_coeff=-1.0), "kl_coeff"),
+        (dict(advantage="value"), "advantage"),
+        (dict(advantage="process", reward_kind="success"), "advantage: 'process'.*reward_kind"),
     ):
         cfg = GRPOConfig().environment(LANGREACH).training(**bad)
         with pytest.raises(ValueError, match=field):
