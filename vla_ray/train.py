@@ -270,6 +270,14 @@ def build_algorithm_config(spec: RunSpec):
             dataset_num_iters_per_learner=1,
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
+            # Stream: every pre-learner call reads one episode into its replay buffer and draws
+            # a fresh train batch from it. (Materialising the mapped data, RLlib's default for
+            # BC/MARWIL, maps the dataset once: with a few hundred episodes that is a single
+            # fixed batch, trained on every iteration. Reading the whole dataset per call, as
+            # RLlib's IQL/CQL defaults do here, costs seconds per batch.)
+            materialize_data=True,
+            materialize_mapped_data=False,
+            input_read_batch_size=1,
         )
     if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
         algo_mod.use_data(cfg, s.get("data"))
