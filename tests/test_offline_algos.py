@@ -151,7 +151,7 @@ def test_td3bc_actor_loss_normalises_q_by_its_mean_magnitude():
 
 
 # -- filtered and weighted BC ---------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["hopper-bc", "hopper-iql"])
+@pytest.mark.parametrize("preset", ["hopper-bc", "hopper-iql", "hopper-dt"])
 def test_offline_batches_are_fresh_draws_from_the_whole_dataset(ray_session, hopper_data, preset):
     """Each iteration's batch is a new sample of the dataset's steps, not one batch replayed."""
     spec = resolve(preset, {"training": {"train_batch_size_per_learner": 64}}, data=hopper_data)
