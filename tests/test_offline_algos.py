@@ -170,6 +170,12 @@ def test_offline_batches_are_fresh_draws_from_the_whole_dataset(ray_session, hop
     assert not all(np.array_equal(draws[0], d) for d in draws[1:])
     distinct = {row.tobytes() for d in draws for row in d}
     assert len(distinct) > 64
+    # the pre-learner's buffer keeps the whole (small) dataset, not RLlib's 10-batch window
+    assert spec_buffer_steps(algo) >= 100_000
+
+
+def spec_buffer_steps(algo) -> int:
+    return int(algo.config.prelearner_buffer_kwargs["capacity"])
 
 
 def test_filtered_and_weighted_bc_select_by_return(ray_session, hopper_data):
