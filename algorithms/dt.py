@@ -151,31 +151,18 @@ def _stack(items: list[Any]) -> Any:
 
 # -- data: episodes -> windows ------------------------------------------------------------------
 class DTPreLearner(OfflinePreLearner):
-    """Episodes streamed from ``ray.data`` -> ``train_batch_size_per_learner`` training windows,
-    drawn from every episode read so far (oldest dropped beyond ``MAX_BUFFER_STEPS``)."""
-
-    MAX_BUFFER_STEPS = 1_000_000
+    """Episodes of a ``ray.data`` batch -> ``train_batch_size_per_learner`` training windows."""
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._rng = np.random.default_rng(config.seed)
-        self._episodes: dict[str, Any] = {}  # id -> episode, in reading order
-        self._steps = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vla_ray.data.rllib_format import _unpack
 
         cfg = self.config
-        for item in batch["item"]:
-            ep = _unpack(item)
-            if ep.id_ not in self._episodes:
-                self._episodes[ep.id_] = ep
-                self._steps += len(ep)
-        while self._steps > self.MAX_BUFFER_STEPS and len(self._episodes) > 1:
-            oldest = next(iter(self._episodes))
-            self._steps -= len(self._episodes.pop(oldest))
         w = episode_windows(
-            list(self._episodes.values()),
+            [_unpack(item) for item in batch["item"]],
             cfg.train_batch_size_per_learner,
             int(cfg.context_length),
             self._rng,

@@ -41,8 +41,6 @@ TOP_LEVEL_KEYS = (
     "eval_episodes",
 )
 META_NAME = "vla_ray_meta.json"
-# offline algorithms: steps the pre-learner's episode buffer keeps (batches are drawn from it)
-OFFLINE_BUFFER_STEPS = 100_000
 DEFAULT_MODULE_ID = "default_policy"
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 
@@ -272,17 +270,6 @@ def build_algorithm_config(spec: RunSpec):
             dataset_num_iters_per_learner=1,
             # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
-            # Stream: every pre-learner call reads one episode into its replay buffer and draws
-            # a fresh train batch from it. (Materialising the mapped data, RLlib's default for
-            # BC/MARWIL, maps the dataset once: with a few hundred episodes that is a single
-            # fixed batch, trained on every iteration. Reading the whole dataset per call, as
-            # RLlib's IQL/CQL defaults do here, costs seconds per batch.)
-            materialize_data=True,
-            materialize_mapped_data=False,
-            input_read_batch_size=1,
-            # the buffer holds up to 100k steps (RLlib's default is 10 batches, a sliding window
-            # of a few episodes): batches are uniform over the whole of a dataset that fits
-            prelearner_buffer_kwargs={"capacity": OFFLINE_BUFFER_STEPS},
         )
     if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
         algo_mod.use_data(cfg, s.get("data"))
