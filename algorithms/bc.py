@@ -15,7 +15,8 @@ before the episodes enter the sampling buffer):
   before training: see ``vla_ray.data.stats``);
 - **weighted BC** ``training.return_weight_temperature=T``: each episode is admitted with
   probability ``exp((R - R_max) / T)``, so episodes are sampled in proportion to
-  ``exp(R / T)`` (the best episode always; large T = plain BC, small T = the best episodes).
+  ``exp(R / T)`` (the best episode always; large T = plain BC, small T = the best episodes);
+  each episode is decided once.
 
 Both may be combined (weights among the filtered episodes).
 """
@@ -29,9 +30,9 @@ from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.bc import BCConfig
 from ray.rllib.algorithms.marwil.torch.marwil_torch_learner import MARWILTorchLearner
 from ray.rllib.core.columns import Columns
-from ray.rllib.offline.offline_prelearner import OfflinePreLearner
 
 from vla_ray.config import ACTION_HEADS
+from vla_ray.data.stream import VLAPreLearner
 
 NAME = "bc"
 # Every head has a behaviour-cloning loss.
@@ -91,26 +92,35 @@ def admit(
     return keep
 
 
-class ReturnSelectionPreLearner(OfflinePreLearner):
+class ReturnSelectionPreLearner(VLAPreLearner):
     """RLlib's pre-learner that admits episodes into its buffer by return (see module doc).
 
-    If none of a first batch of episodes is admitted (the buffer would be empty), its most
-    probable episode is kept so that a batch can always be sampled.
+    Each episode is decided once: the stream offers a small dataset many times over, and a
+    rejected episode does not get another draw. If none of a first batch of episodes is admitted
+    (the buffer would be empty), its most probable episode is kept so that a batch can always be
+    sampled.
     """
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._rng = np.random.default_rng(config.seed)
+        self._rejected: set[str] = set()
 
     def _postprocess_and_sample(self, episodes):
-        returns = np.asarray([float(np.sum(ep.get_rewards())) for ep in episodes])
+        in_buffer = self.episode_buffer.episode_id_to_index
+        new = [ep for ep in episodes if ep.id_ not in in_buffer and ep.id_ not in self._rejected]
+        if not new:  # seen before: sample from the buffer as it is
+            return super()._postprocess_and_sample([])
+        returns = np.asarray([float(np.sum(ep.get_rewards())) for ep in new])
         p = selection_probabilities(
             returns,
             threshold=self.config.return_threshold,
             temperature=self.config.return_weight_temperature,
             max_return=self.config.return_max,
         )
-        keep = admit(episodes, p, self._rng, self.episode_buffer.get_num_timesteps() == 0)
+        keep = admit(new, p, self._rng, self.episode_buffer.get_num_timesteps() == 0)
+        kept = {ep.id_ for ep in keep}
+        self._rejected.update(ep.id_ for ep in new if ep.id_ not in kept)
         return super()._postprocess_and_sample(keep)
 
 

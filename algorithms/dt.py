@@ -8,8 +8,8 @@ window of ``K = context_length`` steps predicts each step's action from its obse
   one feature vector per step; returns-to-go, actions and the episode timestep are embedded
   linearly / by lookup. The sequence model is a small GPT-2 built locally from a
   ``transformers.GPT2Config`` (no download).
-- Data: ``DTPreLearner`` (an RLlib ``OfflinePreLearner`` inside ``ray.data``) turns each batch of
-  episodes into ``train_batch_size_per_learner`` windows ending at uniformly drawn steps, with
+- Data: ``DTPreLearner`` (an RLlib ``OfflinePreLearner`` inside ``ray.data``) keeps every episode
+  streamed to it and turns them into ``train_batch_size_per_learner`` windows ending at uniformly drawn steps, with
   returns-to-go ``R_t = sum_{k>=t} gamma^(k-t) r_k`` computed per episode (windows never cross
   an episode boundary; the first steps are left-padded and masked).
 - Evaluation on the EnvRunners: the ``DTContext`` env-to-module connector builds the same window
@@ -35,11 +35,11 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.torch import TorchRLModule
-from ray.rllib.offline.offline_prelearner import OfflinePreLearner
 from ray.rllib.utils import flatten_dict
 from torch import nn
 
 from vla_ray.config import ConfigError
+from vla_ray.data.stream import BUFFER_STEPS, VLAPreLearner
 from vla_ray.models.vla import VLATrunk
 from vla_ray.rl_module import vla_config_from_spaces
 from vla_ray.tokenizer import load_tokenizer
@@ -150,19 +150,30 @@ def _stack(items: list[Any]) -> Any:
 
 
 # -- data: episodes -> windows ------------------------------------------------------------------
-class DTPreLearner(OfflinePreLearner):
-    """Episodes of a ``ray.data`` batch -> ``train_batch_size_per_learner`` training windows."""
+class DTPreLearner(VLAPreLearner):
+    """Episodes streamed from ``ray.data`` (see ``vla_ray.data.stream``) ->
+    ``train_batch_size_per_learner`` training windows, drawn from every episode read so far
+    (the oldest dropped beyond ``BUFFER_STEPS`` steps)."""
 
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._rng = np.random.default_rng(config.seed)
+        self._episodes: dict[str, Any] = {}  # id -> episode, in reading order
+        self._steps = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vla_ray.data.rllib_format import _unpack
 
         cfg = self.config
+        for item in batch["item"]:
+            ep = _unpack(item)
+            if ep.id_ not in self._episodes:
+                self._episodes[ep.id_] = ep
+                self._steps += len(ep)
+        while self._steps > BUFFER_STEPS and len(self._episodes) > 1:
+            self._steps -= len(self._episodes.pop(next(iter(self._episodes))))
         w = episode_windows(
-            [_unpack(item) for item in batch["item"]],
+            list(self._episodes.values()),
             cfg.train_batch_size_per_learner,
             int(cfg.context_length),
             self._rng,

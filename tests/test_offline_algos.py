@@ -11,8 +11,8 @@ import pytest
 import torch
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-from vla_ray.data import collect
-from vla_ray.train import resolve, train
+from vla_ray.data import collect, read_episodes
+from vla_ray.train import build_algorithm_config, resolve, train
 
 HOPPER = "vla_ray/Hopper-v5"
 LANGREACH = "vla_ray/LangReach-v0"
@@ -33,6 +33,46 @@ def langreach_demos(tmp_path_factory):
     path = tmp_path_factory.mktemp("offline") / "langreach"
     collect(LANGREACH, "expert", 3, path, seed=0, progress=False)
     return path
+
+
+def _draws(data, preset: str, n: int, seed: int = 0) -> list[np.ndarray]:
+    """``state`` rows of ``n`` successive training batches (64 steps or windows each)."""
+    overrides = {"seed": seed, "training": {"train_batch_size_per_learner": 64}}
+    algo = build_algorithm_config(resolve(preset, overrides, data=data)).build_algo()
+    try:
+        out = []
+        for _ in range(n):
+            batch = algo.offline_data.sample(num_samples=64, num_shards=0)
+            state = np.asarray(batch.policy_batches["default_policy"]["obs"]["state"])
+            out.append(state.reshape(-1, state.shape[-1]).round(5))
+        return out
+    finally:
+        algo.stop()
+
+
+@pytest.mark.parametrize("preset", ["hopper-bc", "hopper-iql", "hopper-dt"])
+def test_offline_batches_are_fresh_draws_from_the_whole_dataset(ray_session, hopper_data, preset):
+    """Each iteration's batch is a new sample over every episode read so far, not one batch
+    replayed (RLlib's BC default maps a small dataset once into a single batch)."""
+    episodes = read_episodes(hopper_data)
+    owner = {
+        row.round(5).tobytes(): i
+        for i, ep in enumerate(episodes)
+        for row in np.asarray(ep.get_observations()["state"])[:-1]
+    }
+    draws = _draws(hopper_data, preset, 3 * len(episodes))
+    assert not any(np.array_equal(draws[0], d) for d in draws[1:])
+    hit = {owner.get(row.tobytes()) for d in draws for row in d} - {None}
+    assert hit == set(range(len(episodes)))  # every episode of the dataset was drawn from
+
+
+def test_offline_batches_are_seeded(ray_session, hopper_data):
+    same = _draws(hopper_data, "hopper-bc", 3, seed=5)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(same, _draws(hopper_data, "hopper-bc", 3, seed=5), strict=True)
+    )
+    assert not np.array_equal(same[-1], _draws(hopper_data, "hopper-bc", 3, seed=6)[-1])
 
 
 def _episode(rewards, obs_dim=2, act_dim=1, terminated=True, offset=0.0):

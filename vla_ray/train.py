@@ -263,14 +263,14 @@ def build_algorithm_config(spec: RunSpec):
     )
     if getattr(algo_mod, "OFFLINE", False):
         from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
+        from vla_ray.data.stream import VLAPreLearner, offline_data_settings
 
+        # fresh uniform batches over the whole dataset, one episode read per iteration
         cfg.offline_data(
-            input_=offline_input(s["data"], spec.env, s["env_config"]),
-            input_read_episodes=True,
-            dataset_num_iters_per_learner=1,
-            # one light pre-learner actor: the EnvRunners and the learner keep their CPUs
-            map_batches_kwargs={"concurrency": 1, "num_cpus": 0.1},
+            **offline_data_settings(offline_input(s["data"], spec.env, s["env_config"]))
         )
+        if cfg.prelearner_class is None:
+            cfg.offline_data(prelearner_class=VLAPreLearner)
     if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
         algo_mod.use_data(cfg, s.get("data"))
     if _evaluates(algo_mod):  # BC and DAgger: behaviour cloning on single-step action labels

@@ -1,0 +1,95 @@
+"""How offline algorithms draw training batches from a dataset: RLlib's ``OfflineData`` and
+``OfflinePreLearner`` (``ray.data``), set so that every training batch is a fresh uniform draw
+over the whole dataset.
+
+- The dataset (packed episodes) is read once into Ray's object store (``materialize_data``).
+- The stream is that dataset repeated, in a seeded shuffled episode order per pass, until it is
+  at least ``MIN_STREAM_EPISODES`` long: a small dataset does not run out every few iterations
+  (each time it does, RLlib restarts the stream with a new pre-learner actor). The repeats share
+  the object-store blocks; nothing is copied.
+- Each pre-learner call takes one episode from the stream into its episode buffer (an episode
+  already there is skipped) and samples ``train_batch_size_per_learner`` steps from everything
+  in the buffer, which holds up to ``BUFFER_STEPS`` steps.
+- The buffer's sampling is seeded with the run's ``seed``, and the pre-learner runs one call at
+  a time in stream order (Ray Data's default of several tasks in flight per actor runs them
+  concurrently, in any order), so a run with the same seed draws the same batches.
+
+RLlib's defaults do otherwise here: BC/MARWIL map the dataset once and materialise the result (a
+dataset of a few hundred episodes becomes one fixed batch, trained on every iteration); IQL/CQL
+stream but read the whole dataset in each pre-learner call (seconds per batch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from ray.data import ActorPoolStrategy
+from ray.rllib.offline.offline_data import OfflineData
+from ray.rllib.offline.offline_prelearner import OfflinePreLearner
+
+# the pre-learner's episode buffer: batches are uniform over up to this many steps
+BUFFER_STEPS = 1_000_000
+# a stream at least this many episodes long before it is restarted (one episode per iteration)
+MIN_STREAM_EPISODES = 20_000
+
+
+class RepeatedOfflineData(OfflineData):
+    """RLlib's ``OfflineData`` over the materialised dataset, repeated in seeded shuffled
+    orders to at least ``MIN_STREAM_EPISODES`` episodes."""
+
+    def __init__(self, config: Any):
+        import ray
+
+        # reads and (materialize_data=True) materialises the episodes, in file order
+        options = ray.data.DataContext.get_current().execution_options
+        preserve = options.preserve_order
+        options.preserve_order = True
+        try:
+            super().__init__(config)
+        finally:
+            options.preserve_order = preserve
+        refs = self.data.to_arrow_refs()
+        n = self.data.count()
+        if n == 0:
+            raise ValueError(f"data: {config.input_} holds no episodes")
+        rng = np.random.default_rng(config.seed)
+        passes = max(1, math.ceil(MIN_STREAM_EPISODES / n))
+        order: list[Any] = []
+        for _ in range(passes):
+            order.extend(refs[i] for i in rng.permutation(len(refs)))
+        self.data = ray.data.from_arrow_refs(order)
+        # batches in the order the pre-learner made them (a seeded run repeats itself)
+        self.data.context.execution_options.preserve_order = True
+        self.num_episodes = n
+
+
+class VLAPreLearner(OfflinePreLearner):
+    """RLlib's ``OfflinePreLearner`` with its buffer's sampling seeded by ``config.seed``."""
+
+    def __init__(self, *, config: Any, **kwargs: Any):
+        super().__init__(config=config, **kwargs)
+        if hasattr(self, "episode_buffer"):
+            self.episode_buffer.rng = np.random.default_rng(config.seed)
+
+
+def offline_data_settings(input_: list[str]) -> dict[str, Any]:
+    """``config.offline_data(**...)`` for ``vla-ray train``'s offline algorithms."""
+    return dict(
+        input_=input_,
+        input_read_episodes=True,
+        offline_data_class=RepeatedOfflineData,
+        materialize_data=True,
+        materialize_mapped_data=False,
+        input_read_batch_size=1,  # one episode per pre-learner call (and per training batch)
+        prelearner_buffer_kwargs={"capacity": BUFFER_STEPS},
+        dataset_num_iters_per_learner=1,
+        map_batches_kwargs={
+            # one light pre-learner actor (the EnvRunners and the learner keep their CPUs),
+            # one call at a time: its buffer is not shared between threads, and the calls run
+            # in stream order
+            "compute": ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+            "num_cpus": 0.1,
+        },
+    )
