@@ -177,19 +177,22 @@ def episode_score(episode: SingleAgentEpisode, reward_kind: str) -> float:
     raise ValueError(f"reward_kind: expected one of {REWARD_KINDS}, got {reward_kind!r}")
 
 
+def _group_members(groups: list[Any], n: int, per: str) -> list[list[int]]:
+    """Indices of each group's members (``groups``: one group id per ``per``, ``n`` of them)."""
+    if len(groups) != n:
+        raise ValueError(f"groups: expected {n} group ids (one per {per}), got {len(groups)}")
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    return list(members.values())
+
+
 def group_advantages(scores: list[float] | np.ndarray, groups: list[Any]) -> np.ndarray:
     """``(score - group mean) / (group std + 1e-6)`` per episode; 0 where a group's scores are
     all equal (including groups of one)."""
     scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) != len(groups):
-        raise ValueError(
-            f"groups: expected {len(scores)} group ids (one per score), got {len(groups)}"
-        )
     out = np.zeros_like(scores)
-    members: dict[Any, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    for idx in members.values():
+    for idx in _group_members(groups, len(scores), "score"):
         s = scores[idx]
         std = s.std()
         if std > 1e-8:
@@ -203,16 +206,10 @@ def group_process_advantages(
     """Per-step advantages (process supervision): each step reward normalised by the mean and
     std of all step rewards of its group, summed from that step to the episode's end. Zero for
     groups of one episode and for groups whose step rewards are all equal."""
-    if len(rewards) != len(groups):
-        raise ValueError(
-            f"groups: expected {len(rewards)} group ids (one per episode), got {len(groups)}"
-        )
+    idx_of_groups = _group_members(groups, len(rewards), "episode")
     rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards]
     out = [np.zeros(len(r), np.float32) for r in rewards]
-    members: dict[Any, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    for idx in members.values():
+    for idx in idx_of_groups:
         if len(idx) < 2:
             continue
         pooled = np.concatenate([rewards[i] for i in idx])
