@@ -214,7 +214,7 @@ def _learner_weights(algo):
 
 
 # a weak start: behaviour cloning on a handful of expert demos, briefly (an offline algorithm's run)
-ITERS = 30  # GRPO iterations of the learning test (4 groups x 8 episodes of <= 20 steps each)
+ITERS = 20  # GRPO iterations of the learning test (4 groups x 8 episodes of <= 20 steps each)
 EASY_ENV = {"num_targets": 1, "max_episode_steps": 20, "image_size": 32}
 
 
@@ -284,16 +284,16 @@ def test_grpo_raises_the_return_of_a_weak_bc_policy(bc_run, tmp_path):
         {
             "env_config": EASY_ENV,
             "model": {"pretrained_path": str(bc_run)},
-            "training": {"lr": 3e-4, "group_size": 8, "groups_per_iteration": 4, "kl_coeff": 0.0},
+            "training": {"lr": 1e-3, "group_size": 8, "groups_per_iteration": 4, "kl_coeff": 0.0},
             "env_runners": {"num_envs_per_env_runner": 4},
         },
     )
     summary = train(spec, tmp_path / "grpo", stop_iters=ITERS, progress=False)
     after = score(summary["last_checkpoint"])
     print(f"GRPO from BC: eval return {before:.2f} -> {after:.2f}")
-    # seeds 0-4 on an idle machine: gains of 2.0, 3.3, 4.3, 2.2, 4.1 (lr 1e-3 and 12 iterations,
-    # the earlier setting, gave -0.9 to 4.0)
-    assert after > before + 1.0
+    # the BC start is the same in every run (seeded offline batches): return -3.85. GRPO seeds
+    # 0-5 from it gave gains of 2.99, 2.71, 3.74, 3.33, 2.85, 3.63 (20 iterations, ~70-90 s)
+    assert after > before + 1.5
 
 
 @pytest.mark.parametrize("rl", [None, "grpo"])
