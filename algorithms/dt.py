@@ -112,6 +112,35 @@ def dt_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
 
 
+def prepare_episode(ep: Any, gamma: float = 1.0, scale: float = 1.0) -> tuple[Any, Any, Any]:
+    """A ``SingleAgentEpisode`` -> (observations dict, actions ``(T, A)``, returns-to-go ``(T,)``
+    divided by ``scale``), what :func:`sample_windows` draws from."""
+    obs = ep.get_observations()
+    obs = obs if isinstance(obs, dict) else {"obs": obs}
+    rtg = returns_to_go(ep.get_rewards(), gamma) / scale
+    actions = np.asarray(ep.get_actions(), np.float32).reshape(len(ep), -1)
+    return {k: np.asarray(v) for k, v in obs.items()}, actions, rtg
+
+
+def sample_windows(
+    data: list[tuple[Any, Any, Any]], n: int, K: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """``n`` windows (stacked, see :func:`window`) from prepared episodes: episodes drawn in
+    proportion to their length, window ends uniform over the episode's steps."""
+    data = [d for d in data if len(d[2]) > 0]
+    if not data:
+        raise ValueError("episode_windows: no non-empty episodes to sample from")
+    lengths = np.asarray([len(d[2]) for d in data], np.float64)
+    rows = []
+    for i in rng.choice(len(data), size=n, p=lengths / lengths.sum()):
+        obs, actions, rtg = data[i]
+        rows.append(window(obs, actions, rtg, int(rng.integers(len(rtg))), K))
+    out = _stack(rows)
+    if set(out["obs"]) == {"obs"}:  # a plain (non-Dict) observation space
+        out["obs"] = out["obs"]["obs"]
+    return out
+
+
 def episode_windows(
     episodes: list[Any],
     n: int,
@@ -121,28 +150,9 @@ def episode_windows(
     gamma: float = 1.0,
     scale: float = 1.0,
 ) -> dict[str, Any]:
-    """``n`` windows (stacked, see :func:`window`) from ``SingleAgentEpisode``s: episodes drawn
-    in proportion to their length, window ends uniform over the episode's steps; returns-to-go
+    """``n`` windows from ``SingleAgentEpisode``s (see :func:`sample_windows`); returns-to-go
     are computed per episode (``gamma``) and divided by ``scale``."""
-    episodes = [ep for ep in episodes if len(ep) > 0]
-    if not episodes:
-        raise ValueError("episode_windows: no non-empty episodes to sample from")
-    lengths = np.asarray([len(ep) for ep in episodes], np.float64)
-    data = []
-    for ep in episodes:
-        obs = ep.get_observations()
-        obs = obs if isinstance(obs, dict) else {"obs": obs}
-        rtg = returns_to_go(ep.get_rewards(), gamma) / scale
-        actions = np.asarray(ep.get_actions(), np.float32).reshape(len(ep), -1)
-        data.append(({k: np.asarray(v) for k, v in obs.items()}, actions, rtg))
-    rows = []
-    for i in rng.choice(len(episodes), size=n, p=lengths / lengths.sum()):
-        obs, actions, rtg = data[i]
-        rows.append(window(obs, actions, rtg, int(rng.integers(len(rtg))), K))
-    out = _stack(rows)
-    if set(out["obs"]) == {"obs"}:  # a plain (non-Dict) observation space
-        out["obs"] = out["obs"]["obs"]
-    return out
+    return sample_windows([prepare_episode(ep, gamma, scale) for ep in episodes], n, K, rng)
 
 
 def _stack(items: list[Any]) -> Any:
@@ -158,7 +168,7 @@ class DTPreLearner(VLAPreLearner):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._rng = np.random.default_rng(config.seed)
-        self._episodes: dict[str, Any] = {}  # id -> episode, in reading order
+        self._episodes: dict[str, Any] = {}  # id -> prepared episode, in reading order
         self._steps = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -168,17 +178,17 @@ class DTPreLearner(VLAPreLearner):
         for item in batch["item"]:
             ep = _unpack(item)
             if ep.id_ not in self._episodes:
-                self._episodes[ep.id_] = ep
+                self._episodes[ep.id_] = prepare_episode(
+                    ep, cfg.return_to_go_gamma, cfg.return_scale
+                )
                 self._steps += len(ep)
         while self._steps > BUFFER_STEPS and len(self._episodes) > 1:
-            self._steps -= len(self._episodes.pop(next(iter(self._episodes))))
-        w = episode_windows(
+            self._steps -= len(self._episodes.pop(next(iter(self._episodes)))[2])
+        w = sample_windows(
             list(self._episodes.values()),
             cfg.train_batch_size_per_learner,
             int(cfg.context_length),
             self._rng,
-            gamma=cfg.return_to_go_gamma,
-            scale=cfg.return_scale,
         )
         out = {
             Columns.OBS: w["obs"],
