@@ -162,7 +162,10 @@ def main() -> None:
         print(f"--resume: {len(done)} finished runs in {partial}")
 
     def save(rows: list[dict[str, Any]]) -> None:
-        """Each finished run is kept (atomic write): an interrupted bench resumes from here."""
+        """Each finished run is kept (atomic write): an interrupted bench resumes from here.
+        Runs of an earlier invocation that this one has not reached (yet) are kept too."""
+        seen = {(r["env"], r["dataset"], r["algo"]) for r in rows}
+        rows = rows + [r for key, r in done.items() if key not in seen]
         payload = dict(args=vars(args), machine=machine, references=refs, results=rows)
         tmp = partial.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=2))
