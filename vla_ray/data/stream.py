@@ -3,8 +3,8 @@
 over the whole dataset.
 
 - The dataset (packed episodes) is read once into Ray's object store (``materialize_data``).
-- The stream is that dataset repeated, in a seeded shuffled episode order per pass, until it is
-  at least ``MIN_STREAM_EPISODES`` long: a small dataset does not run out every few iterations
+- The stream is that dataset repeated, its blocks (files or parts of files) in a seeded shuffled
+  order per pass, until it is at least ``MIN_STREAM_EPISODES`` long: a small dataset does not run out every few iterations
   (each time it does, RLlib restarts the stream with a new pre-learner actor). The repeats share
   the object-store blocks; nothing is copied.
 - Each pre-learner call takes one episode from the stream into its episode buffer (an episode
@@ -36,8 +36,8 @@ MIN_STREAM_EPISODES = 20_000
 
 
 class RepeatedOfflineData(OfflineData):
-    """RLlib's ``OfflineData`` over the materialised dataset, repeated in seeded shuffled
-    orders to at least ``MIN_STREAM_EPISODES`` episodes."""
+    """RLlib's ``OfflineData`` over the materialised dataset, repeated (blocks in a seeded
+    shuffled order per pass) to at least ``MIN_STREAM_EPISODES`` episodes."""
 
     def __init__(self, config: Any):
         import ray
@@ -62,7 +62,6 @@ class RepeatedOfflineData(OfflineData):
         self.data = ray.data.from_arrow_refs(order)
         # batches in the order the pre-learner made them (a seeded run repeats itself)
         self.data.context.execution_options.preserve_order = True
-        self.num_episodes = n
 
 
 class VLAPreLearner(OfflinePreLearner):
