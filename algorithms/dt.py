@@ -8,10 +8,11 @@ window of ``K = context_length`` steps predicts each step's action from its obse
   one feature vector per step; returns-to-go, actions and the episode timestep are embedded
   linearly / by lookup. The sequence model is a small GPT-2 built locally from a
   ``transformers.GPT2Config`` (no download).
-- Data: ``DTPreLearner`` (an RLlib ``OfflinePreLearner`` inside ``ray.data``) keeps every episode
-  streamed to it and turns them into ``train_batch_size_per_learner`` windows ending at uniformly drawn steps, with
-  returns-to-go ``R_t = sum_{k>=t} gamma^(k-t) r_k`` computed per episode (windows never cross
-  an episode boundary; the first steps are left-padded and masked).
+- Data: ``DTPreLearner`` (an RLlib ``OfflinePreLearner`` inside ``ray.data``) keeps every
+  episode streamed to it and turns them into ``train_batch_size_per_learner`` windows ending
+  at uniformly drawn steps, with returns-to-go ``R_t = sum_{k>=t} gamma^(k-t) r_k`` computed
+  per episode (windows never cross an episode boundary; the first steps are left-padded and
+  masked).
 - Evaluation on the EnvRunners: the ``DTContext`` env-to-module connector builds the same window
   from the running episode (last K observations, previous actions, ``target_return`` minus the
   rewards collected so far, timesteps), so the module itself is stateless. Evaluation runs
@@ -129,7 +130,7 @@ def sample_windows(
     proportion to their length, window ends uniform over the episode's steps."""
     data = [d for d in data if len(d[2]) > 0]
     if not data:
-        raise ValueError("episode_windows: no non-empty episodes to sample from")
+        raise ValueError("sample_windows: no non-empty episodes to sample from")
     lengths = np.asarray([len(d[2]) for d in data], np.float64)
     rows = []
     for i in rng.choice(len(data), size=n, p=lengths / lengths.sum()):

@@ -12,6 +12,7 @@ import torch
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from vla_ray.data import collect, read_episodes
+from vla_ray.data.stream import MAX_STREAM_BLOCKS, MIN_STREAM_EPISODES
 from vla_ray.train import build_algorithm_config, resolve, train
 
 HOPPER = "vla_ray/Hopper-v5"
@@ -35,11 +36,16 @@ def langreach_demos(tmp_path_factory):
     return path
 
 
-def _draws(data, preset: str, n: int, seed: int = 0) -> list[np.ndarray]:
-    """``state`` rows of ``n`` successive training batches (64 steps or windows each)."""
+def _draws(
+    data, preset: str, n: int, seed: int = 0, stream: list | None = None
+) -> list[np.ndarray]:
+    """``state`` rows of ``n`` successive training batches (64 steps or windows each); the
+    stream's (blocks, episodes) are appended to ``stream`` when given."""
     overrides = {"seed": seed, "training": {"train_batch_size_per_learner": 64}}
     algo = build_algorithm_config(resolve(preset, overrides, data=data)).build_algo()
     try:
+        if stream is not None:
+            stream.append((algo.offline_data.data.num_blocks(), algo.offline_data.stream_episodes))
         out = []
         for _ in range(n):
             batch = algo.offline_data.sample(num_samples=64, num_shards=0)
@@ -60,7 +66,12 @@ def test_offline_batches_are_fresh_draws_from_the_whole_dataset(ray_session, hop
         for i, ep in enumerate(episodes)
         for row in np.asarray(ep.get_observations()["state"])[:-1]
     }
-    draws = _draws(hopper_data, preset, 3 * len(episodes))
+    stream: list = []
+    draws = _draws(hopper_data, preset, 3 * len(episodes), stream=stream)
+    # the dataset repeated: long enough not to restart every few iterations, in few blocks
+    blocks, streamed = stream[0]
+    assert blocks <= MAX_STREAM_BLOCKS
+    assert streamed == blocks * len(episodes) >= min(MIN_STREAM_EPISODES, 100 * len(episodes))
     assert not any(np.array_equal(draws[0], d) for d in draws[1:])
     hit = {owner.get(row.tobytes()) for d in draws for row in d} - {None}
     assert hit == set(range(len(episodes)))  # every episode of the dataset was drawn from
@@ -149,6 +160,8 @@ def test_windows_are_left_padded_and_never_cross_episodes():
         np.testing.assert_allclose(a_[m == 1], -real)  # the action taken at that state
         assert np.all(r[m == 0] == 0) and np.all(s[m == 0] == 0)
     assert {int(x) for x in w["mask"].sum(1)} == {1, 2, 3}  # every fill (episodes < K)
+    with pytest.raises(ValueError, match="sample_windows: no non-empty episodes"):
+        episode_windows([], 8, 4, np.random.default_rng(0))
 
 
 def test_dt_loss_is_masked_mse():

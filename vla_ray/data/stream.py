@@ -4,9 +4,11 @@ over the whole dataset.
 
 - The dataset (packed episodes) is read once into Ray's object store (``materialize_data``).
 - The stream is that dataset repeated, its blocks (files or parts of files) in a seeded shuffled
-  order per pass, until it is at least ``MIN_STREAM_EPISODES`` long: a small dataset does not run out every few iterations
-  (each time it does, RLlib restarts the stream with a new pre-learner actor). The repeats share
-  the object-store blocks; nothing is copied.
+  order per pass, until it is at least ``MIN_STREAM_EPISODES`` long or ``MAX_STREAM_BLOCKS``
+  blocks: a small dataset does not run out every few iterations (each time the stream runs out,
+  RLlib restarts it with a new pre-learner actor, whose buffer refills from empty). The repeats
+  share the object-store blocks; nothing is copied. (Ray Data's cost grows with the number of
+  blocks, about 2 ms each per run.)
 - Each pre-learner call takes one episode from the stream into its episode buffer (an episode
   already there is skipped) and samples ``train_batch_size_per_learner`` steps from everything
   in the buffer, which holds up to ``BUFFER_STEPS`` steps.
@@ -33,11 +35,14 @@ from ray.rllib.offline.offline_prelearner import OfflinePreLearner
 BUFFER_STEPS = 1_000_000
 # a stream at least this many episodes long before it is restarted (one episode per iteration)
 MIN_STREAM_EPISODES = 20_000
+# ... unless it would be more blocks than this (a 3-episode file: 500 passes, 1,500 iterations)
+MAX_STREAM_BLOCKS = 500
 
 
 class RepeatedOfflineData(OfflineData):
     """RLlib's ``OfflineData`` over the materialised dataset, repeated (blocks in a seeded
-    shuffled order per pass) to at least ``MIN_STREAM_EPISODES`` episodes."""
+    shuffled order per pass) to at least ``MIN_STREAM_EPISODES`` episodes or at most
+    ``MAX_STREAM_BLOCKS`` blocks, whichever comes first (a dataset of more blocks: one pass)."""
 
     def __init__(self, config: Any):
         import ray
@@ -55,11 +60,12 @@ class RepeatedOfflineData(OfflineData):
         if n == 0:
             raise ValueError(f"data: {config.input_} holds no episodes")
         rng = np.random.default_rng(config.seed)
-        passes = max(1, math.ceil(MIN_STREAM_EPISODES / n))
+        passes = max(1, min(math.ceil(MIN_STREAM_EPISODES / n), MAX_STREAM_BLOCKS // len(refs)))
         order: list[Any] = []
         for _ in range(passes):
             order.extend(refs[i] for i in rng.permutation(len(refs)))
         self.data = ray.data.from_arrow_refs(order)
+        self.stream_episodes = passes * n
         # batches in the order the pre-learner made them (a seeded run repeats itself)
         self.data.context.execution_options.preserve_order = True
 
