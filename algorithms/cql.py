@@ -4,14 +4,25 @@ Offline: trains from a dataset (``vla-ray train --preset hopper-cql --data PATH`
 by ``vla-ray collect``); the EnvRunners only evaluate. ``VLACQLModule`` (``vla_ray/sac_module.py``)
 is RLlib's default CQL module with the VLA as actor and VLA trunks in the twin Q networks; the
 loss (SAC + the conservative penalty over random / policy actions, BC warm-up of the actor for
-``bc_iters`` updates) is RLlib's.
+``bc_iters`` updates) is RLlib's; ``VLACQLLearner`` only mends RLlib 2.60's count of updates.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ray.rllib.algorithms.cql import CQLConfig
+from ray.rllib.algorithms.cql import CQL, CQLConfig
+from ray.rllib.algorithms.cql.torch.cql_torch_learner import CQLTorchLearner
+from ray.rllib.core.learner.training_data import TrainingData
+from ray.rllib.utils.metrics import (
+    ALL_MODULES,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    OFFLINE_SAMPLING_TIMER,
+    TIMERS,
+)
+from ray.tune.result import TRAINING_ITERATION
 
 from vla_ray.sac_module import VLACQLModule
 
@@ -31,22 +42,88 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     train_batch_size_per_learner=256,
     num_actions=10,
     min_q_weight=5.0,
-    bc_iters=1000,
+    bc_iters=100,  # learner updates of BC warm-up for the actor (VLACQLLearner counts them)
     deterministic_backup=True,
 )
 MODEL_DEFAULTS: dict[str, Any] = dict(head="tanh_gaussian", q_hidden=256)
 
 
-class VLACQLConfig(CQLConfig):
-    """RLlib's CQLConfig; works around RLlib 2.60's CQL handing a local learner a bare batch as
-    ``data_iterators`` (``KeyError: 0``) when ``dataset_num_iters_per_learner == 1``: a local
-    learner then makes 2 updates per iteration from an iterator instead."""
+class VLACQLLearner(CQLTorchLearner):
+    """RLlib's CQL learner, with the BC warm-up counted over the learner's lifetime.
 
-    def offline_data(self, **kwargs) -> VLACQLConfig:
-        super().offline_data(**kwargs)
-        if self.num_learners == 0 and self.dataset_num_iters_per_learner == 1:
-            self.dataset_num_iters_per_learner = 2
-        return self
+    RLlib 2.60's learner reads its update count from a ``"sum"`` metric, which the learner's
+    metrics reset after every update call, so the count never passed 2: with ``bc_iters >= 3``
+    the actor stayed on the BC loss for the whole run and never used the Q functions. Here the
+    learner counts its updates itself (kept in its state, so a resumed run goes on counting) and
+    hands RLlib that count.
+    """
+
+    def build(self) -> None:
+        super().build()
+        self.num_updates = 0
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        # RLlib adds 1 to this key, then uses the Q functions when it is >= ``bc_iters``: the
+        # actor is cloned for the first ``bc_iters`` updates
+        key = (ALL_MODULES, TRAINING_ITERATION)
+        self.metrics.delete(*key, key_error=False)
+        self.metrics.log_value(key, self.num_updates - 1, reduce="sum")
+        self.num_updates += 1
+        return super().compute_loss_for_module(
+            module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+        )
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state["cql_num_updates"] = self.num_updates
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.num_updates = int(state.get("cql_num_updates", self.num_updates))
+
+
+class VLACQL(CQL):
+    """RLlib's CQL with its offline training step mended for RLlib 2.60: CQL hands a local
+    learner a bare batch as ``data_iterators`` (``KeyError: 0``) when it should hand it as a
+    batch. This is MARWIL's training step: one batch per update, ``dataset_num_iters_per_learner``
+    updates per iteration."""
+
+    def training_step(self) -> None:
+        cfg = self.config
+        with self.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
+            use_iterator = cfg.num_learners > 0 or cfg.dataset_num_iters_per_learner != 1
+            data = self.offline_data.sample(
+                num_samples=cfg.train_batch_size_per_learner,
+                num_shards=cfg.num_learners,
+                return_iterator=use_iterator,
+            )
+            self.metrics.log_value(
+                NUM_ENV_STEPS_SAMPLED_LIFETIME,
+                cfg.train_batch_size_per_learner * max(1, cfg.num_learners),
+                reduce="lifetime_sum",
+            )
+            training_data = (
+                TrainingData(data_iterators=data) if use_iterator else TrainingData(batch=data)
+            )
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            results = self.learner_group.update(
+                training_data=training_data,
+                minibatch_size=cfg.train_batch_size_per_learner,
+                num_iters=cfg.dataset_num_iters_per_learner,
+                **self.offline_data.iter_batches_kwargs,
+            )
+            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+
+
+class VLACQLConfig(CQLConfig):
+    """RLlib's CQLConfig building ``VLACQL`` with ``VLACQLLearner``."""
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or VLACQL)
+
+    def get_default_learner_class(self) -> type:
+        return VLACQLLearner
 
 
 def make_config() -> CQLConfig:
@@ -55,8 +132,20 @@ def make_config() -> CQLConfig:
     Dataset actions are the env's raw actions: the module's squashed Gaussian covers the env's
     bounds, so RLlib's action normalisation is off.
     """
-    # RLlib's CQLConfig sets ``lr`` but its SAC validation refuses it: actor/critic/alpha lrs
-    return VLACQLConfig().environment(normalize_actions=False, clip_actions=False).training(lr=None)
+    # RLlib's CQLConfig sets ``lr`` but its SAC validation refuses it: actor/critic/alpha lrs.
+    # SAC's and CQL's reporting defaults (an iteration repeats its training step for >= 1 s,
+    # >= 100 sampled and >= 100 trained steps) made an offline iteration as many updates as fit
+    # in a second: one iteration is one update here, as in the other offline algorithms.
+    return (
+        VLACQLConfig()
+        .environment(normalize_actions=False, clip_actions=False)
+        .training(lr=None)
+        .reporting(
+            min_time_s_per_iteration=0,
+            min_sample_timesteps_per_iteration=0,
+            min_train_timesteps_per_iteration=0,
+        )
+    )
 
 
 def module_class() -> type:

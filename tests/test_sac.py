@@ -296,6 +296,38 @@ def test_offline_two_iterations_from_collected_data(ray_session, hopper_data, pr
     assert summary["last_checkpoint"].endswith("last") and (vla / "vla_config.json").is_file()
 
 
+def _cql_weights(hopper_data, bc_iters: int, iters: int = 4) -> tuple[dict, int]:
+    """The CQL module's weights after ``iters`` iterations (one update each), and the learner's
+    count of updates as its state holds it."""
+    overrides = {
+        "model": SMALL_MODEL,
+        "seed": 0,
+        "training": {"train_batch_size_per_learner": 32, "bc_iters": bc_iters},
+        "eval_every": 0,
+    }
+    algo = build_algorithm_config(resolve("hopper-cql", overrides, data=str(hopper_data)))
+    algo = algo.build_algo()
+    try:
+        for _ in range(iters):
+            algo.train()
+        learner = algo.learner_group._learner
+        weights = learner.module["default_policy"].get_state()
+        return weights, learner.get_state()["cql_num_updates"]
+    finally:
+        algo.stop()
+
+
+def test_cql_actor_leaves_the_bc_warmup_after_bc_iters_updates(ray_session, hopper_data):
+    """RLlib 2.60's CQL counted its updates in a metric that resets every update, so its actor
+    never left the BC loss; ``VLACQLLearner`` counts them over the run."""
+    bc_only, n = _cql_weights(hopper_data, bc_iters=10**6)
+    assert n == 4  # one update per iteration
+    same, _ = _cql_weights(hopper_data, bc_iters=4)  # 4 updates, all BC: the same run
+    switched, _ = _cql_weights(hopper_data, bc_iters=2)  # updates 3-4 on the Q functions
+    assert all(np.array_equal(bc_only[k], same[k]) for k in bc_only)
+    assert not all(np.array_equal(bc_only[k], switched[k]) for k in bc_only)
+
+
 def test_sac_checkpoint_evaluates_alike_from_rllib_and_save_pretrained(ray_session, tmp_path):
     out = tmp_path / "run"
     sets = ["model.q_hidden=32", "training.num_steps_sampled_before_learning_starts=64"]
