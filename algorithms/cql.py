@@ -111,6 +111,11 @@ class VLACQL(CQL):
                 training_data=training_data,
                 minibatch_size=cfg.train_batch_size_per_learner,
                 num_iters=cfg.dataset_num_iters_per_learner,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        NUM_ENV_STEPS_SAMPLED_LIFETIME
+                    )
+                },
                 **self.offline_data.iter_batches_kwargs,
             )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)

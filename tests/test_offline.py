@@ -43,6 +43,36 @@ def test_collect_roundtrip_reproduces_the_rollouts(demos):
     env.close()
 
 
+def test_collect_random_prob_replaces_that_share_of_expert_actions(demos, tmp_path):
+    """``random_prob`` (epsilon-greedy data): stored actions are the expert's except for about
+    that share of steps (a little more: random steps make episodes longer); replayed from the
+    same seeds, the expert is asked at every state."""
+    from vla_ray.envs.experts import get_expert
+
+    def expert_share(path, seed: int) -> tuple[float, int]:
+        env, expert = gym.make(LANGREACH), get_expert(LANGREACH)
+        same = total = 0
+        for i, ep in enumerate(read_episodes(path)):
+            env.reset(seed=seed + i)
+            for action in ep.get_actions():
+                wanted = np.clip(expert(env), env.action_space.low, env.action_space.high)
+                same += bool(np.allclose(action, wanted, atol=1e-6))
+                total += 1
+                env.step(action)
+        env.close()
+        return same / total, total
+
+    assert expert_share(demos[0], seed=10)[0] == 1.0
+    summary = collect(
+        LANGREACH, "expert", 4, tmp_path / "eps", seed=10, random_prob=0.5, progress=False
+    )
+    share, steps = expert_share(tmp_path / "eps", seed=10)
+    assert steps > 40 and 0.3 < share < 0.7
+    assert read_meta(tmp_path / "eps")["random_prob"] == 0.5 and summary["episodes"] == 4
+    with pytest.raises(ValueError, match=r"--random-prob: must be in \[0, 1\], got 1.5"):
+        collect(LANGREACH, "expert", 1, tmp_path / "x", random_prob=1.5, progress=False)
+
+
 def test_bad_data_raises_naming_the_problem(demos, tmp_path):
     path, _ = demos
     with pytest.raises(DataError, match="does not exist"):

@@ -258,6 +258,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         args.output,
         fmt=args.format,
         noise=args.noise,
+        random_prob=args.random_prob,
         seed=args.seed,
         env_config=env_config,
         progress=not args.quiet,
@@ -441,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--output", required=True)
     c.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
+    c.add_argument(
+        "--random-prob",
+        type=float,
+        default=0.0,
+        help="per-step probability of a uniformly random action instead of the policy's",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     c.add_argument("--env-config", help="JSON env kwargs")
     c.add_argument("--quiet", action="store_true")

@@ -52,6 +52,7 @@ def collect(
     *,
     fmt: str = RLLIB_FORMAT,
     noise: float = 0.0,
+    random_prob: float = 0.0,
     seed: int = 0,
     env_config: dict[str, Any] | None = None,
     progress: bool = True,
@@ -59,7 +60,10 @@ def collect(
     """Collect ``episodes`` episodes (episode i reset with ``seed + i``) into ``output``.
 
     ``noise`` adds Gaussian noise of that std to every action (clipped to the action space), for
-    medium / replay style data. Returns the dataset summary (also written to ``dataset.json``).
+    medium style data; ``random_prob`` replaces the policy's action, at each step with that
+    probability, by a uniformly random one (epsilon-greedy exploration: replay style data whose
+    mistakes do not average out). Returns the dataset summary (also written to
+    ``dataset.json``).
     """
     import gymnasium as gym
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
@@ -73,10 +77,14 @@ def collect(
         raise ValueError(f"--episodes: must be >= 1, got {episodes}")
     if noise < 0:
         raise ValueError(f"--noise: must be >= 0, got {noise}")
+    if not 0.0 <= random_prob <= 1.0:
+        raise ValueError(f"--random-prob: must be in [0, 1], got {random_prob}")
     env = gym.make(env_id, **(env_config or {}))
     act = make_actor(policy, env, env_id, seed)
     rng = np.random.default_rng(seed)
     space = env.action_space
+    if random_prob > 0 and not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise ValueError(f"--random-prob: {env_id}'s action space {space} has unbounded dimensions")
     returns, successes = [], []
 
     def generate():
@@ -91,6 +99,8 @@ def collect(
                 action = np.asarray(act(obs), dtype=np.float32).reshape(space.shape)
                 if noise > 0:
                     action = action + rng.normal(0.0, noise, size=action.shape)
+                if random_prob > 0 and rng.random() < random_prob:
+                    action = rng.uniform(space.low, space.high).astype(np.float32)
                 action = np.clip(action, space.low, space.high).astype(np.float32)
                 obs, reward, term, trunc, info = env.step(action)
                 ep.add_env_step(
@@ -107,6 +117,8 @@ def collect(
             yield ep
 
     meta = dict(env=env_id, env_config=env_config or {}, policy=policy, noise=noise, seed=seed)
+    if random_prob > 0:
+        meta["random_prob"] = random_prob
     try:
         path = _write(fmt, generate(), output, meta, env)
     finally:
