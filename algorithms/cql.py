@@ -4,7 +4,9 @@ Offline: trains from a dataset (``vla-ray train --preset hopper-cql --data PATH`
 by ``vla-ray collect``); the EnvRunners only evaluate. ``VLACQLModule`` (``vla_ray/sac_module.py``)
 is RLlib's default CQL module with the VLA as actor and VLA trunks in the twin Q networks; the
 loss (SAC + the conservative penalty over random / policy actions, BC warm-up of the actor for
-``bc_iters`` updates) is RLlib's; ``VLACQLLearner`` only mends RLlib 2.60's count of updates.
+``bc_iters`` updates) is RLlib's. ``VLACQLLearner`` and ``VLACQL`` mend RLlib 2.60 where its CQL
+does not do what it says: the actor never left the BC warm-up, a local learner crashed, and an
+offline iteration was as many updates as fit in a second.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ SAC checkpoint of ``vla-ray train``), the script
 1. measures the reference returns: the random policy (score 0) and the expert (score 100);
 2. collects three datasets with ``vla-ray collect``'s machinery:
    ``medium`` (the expert with Gaussian action noise ``--medium-noise``), ``medium-replay``
-   (episodes at noise levels from 1.0 down to ``--medium-noise``, like a replay buffer of a
-   learning agent) and ``medium-expert`` (medium + noiseless expert episodes);
+   (the medium policy taking a uniformly random action at each step with probability 1.0,
+   0.75, 0.5 or 0.25, a quarter of the episodes each: from a random agent to a nearly medium
+   one, like a learning agent's replay buffer) and ``medium-expert`` (medium + noiseless
+   expert episodes);
 3. trains each algorithm of ``--algos`` (presets ``hopper-ALGO`` with the env swapped in) for a
    fixed budget of ``--iters`` updates, evaluating every ``--eval-every`` updates on
    ``--eval-episodes`` episodes;
@@ -54,35 +56,56 @@ def reference_return(env_id: str, policy: str, episodes: int, out: Path) -> floa
     return collect(env_id, policy, episodes, out, seed=10_000, progress=False)["mean_return"]
 
 
+# medium-replay: the medium policy with a uniformly random action at each step with these
+# probabilities (from a random agent to a nearly medium one, as in a learning agent's replay)
+REPLAY_RANDOM_PROBS = (1.0, 0.75, 0.5, 0.25)
+
+
 def build_datasets(
     env_id: str, expert: str, root: Path, episodes: int, medium_noise: float
 ) -> dict[str, Path]:
-    """The three datasets of ``env_id`` under ``root`` (reused when present)."""
+    """The three datasets of ``env_id`` under ``root`` (each reused when present)."""
     from vla_ray.data import collect, read_episodes, write_episodes
 
     paths = {name: root / name for name in DATASETS}
-    if all((p / "dataset.json").is_file() for p in paths.values()):
-        return paths
-    collect(env_id, expert, episodes, paths["medium"], noise=medium_noise, seed=0, progress=False)
-    parts = []
-    levels = [1.0, 0.75, 0.5, medium_noise]
-    for i, noise in enumerate(levels):
-        part = root / f".replay-{i}"
-        n = max(1, episodes // len(levels))
-        collect(env_id, expert, n, part, noise=noise, seed=1000 * (i + 1), progress=False)
-        parts.append(part)
-    write_episodes(
-        (ep for part in parts for ep in read_episodes(part)),
-        paths["medium-replay"],
-        dict(env=env_id, policy=expert, noise=levels, style="medium-replay"),
-    )
-    expert_part = root / ".expert"
-    collect(env_id, expert, episodes, expert_part, seed=5000, progress=False)
-    write_episodes(
-        (ep for part in (paths["medium"], expert_part) for ep in read_episodes(part)),
-        paths["medium-expert"],
-        dict(env=env_id, policy=expert, noise=[medium_noise, 0.0], style="medium-expert"),
-    )
+
+    def missing(name: str) -> bool:
+        return not (paths[name] / "dataset.json").is_file()
+
+    if missing("medium"):
+        collect(
+            env_id, expert, episodes, paths["medium"], noise=medium_noise, seed=0, progress=False
+        )
+    if missing("medium-replay"):
+        parts = []
+        n = max(1, episodes // len(REPLAY_RANDOM_PROBS))
+        for i, p in enumerate(REPLAY_RANDOM_PROBS):
+            part = root / f".replay-{i}"
+            if part.exists():
+                shutil.rmtree(part)
+            kw = dict(noise=medium_noise, random_prob=p, seed=1000 * (i + 1), progress=False)
+            collect(env_id, expert, n, part, **kw)
+            parts.append(part)
+        write_episodes(
+            (ep for part in parts for ep in read_episodes(part)),
+            paths["medium-replay"],
+            dict(
+                env=env_id,
+                policy=expert,
+                noise=medium_noise,
+                random_prob=list(REPLAY_RANDOM_PROBS),
+                style="medium-replay",
+            ),
+        )
+    if missing("medium-expert"):
+        expert_part = root / ".expert"
+        if not (expert_part / "dataset.json").is_file():
+            collect(env_id, expert, episodes, expert_part, seed=5000, progress=False)
+        write_episodes(
+            (ep for part in (paths["medium"], expert_part) for ep in read_episodes(part)),
+            paths["medium-expert"],
+            dict(env=env_id, policy=expert, noise=[medium_noise, 0.0], style="medium-expert"),
+        )
     return paths
 
 
