@@ -15,15 +15,8 @@ from typing import Any
 
 from ray.rllib.algorithms.cql import CQL, CQLConfig
 from ray.rllib.algorithms.cql.torch.cql_torch_learner import CQLTorchLearner
-from ray.rllib.core.learner.training_data import TrainingData
-from ray.rllib.utils.metrics import (
-    ALL_MODULES,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    OFFLINE_SAMPLING_TIMER,
-    TIMERS,
-)
+from ray.rllib.algorithms.marwil import MARWIL
+from ray.rllib.utils.metrics import ALL_MODULES
 from ray.tune.result import TRAINING_ITERATION
 
 from vla_ray.sac_module import VLACQLModule
@@ -86,41 +79,12 @@ class VLACQLLearner(CQLTorchLearner):
 
 
 class VLACQL(CQL):
-    """RLlib's CQL with its offline training step mended for RLlib 2.60: CQL hands a local
-    learner a bare batch as ``data_iterators`` (``KeyError: 0``) when it should hand it as a
-    batch. This is MARWIL's training step: one batch per update, ``dataset_num_iters_per_learner``
-    updates per iteration."""
+    """RLlib's CQL with RLlib's offline training step (MARWIL's, which IQL inherits): RLlib 2.60's
+    CQL step hands a local learner a bare batch as ``data_iterators`` (``KeyError: 0``) where
+    MARWIL's wraps it in ``TrainingData(batch=...)``; ``dataset_num_iters_per_learner`` updates
+    per iteration."""
 
-    def training_step(self) -> None:
-        cfg = self.config
-        with self.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
-            use_iterator = cfg.num_learners > 0 or cfg.dataset_num_iters_per_learner != 1
-            data = self.offline_data.sample(
-                num_samples=cfg.train_batch_size_per_learner,
-                num_shards=cfg.num_learners,
-                return_iterator=use_iterator,
-            )
-            self.metrics.log_value(
-                NUM_ENV_STEPS_SAMPLED_LIFETIME,
-                cfg.train_batch_size_per_learner * max(1, cfg.num_learners),
-                reduce="lifetime_sum",
-            )
-            training_data = (
-                TrainingData(data_iterators=data) if use_iterator else TrainingData(batch=data)
-            )
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            results = self.learner_group.update(
-                training_data=training_data,
-                minibatch_size=cfg.train_batch_size_per_learner,
-                num_iters=cfg.dataset_num_iters_per_learner,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                        NUM_ENV_STEPS_SAMPLED_LIFETIME
-                    )
-                },
-                **self.offline_data.iter_batches_kwargs,
-            )
-            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+    training_step = MARWIL.training_step
 
 
 class VLACQLConfig(CQLConfig):
