@@ -18,7 +18,10 @@ Each iteration
   4. minimises ``-mean(min(r A, clip(r, 1 - clip_param, 1 + clip_param) A)) + kl_coeff * KL``
      over ``num_epochs`` passes of minibatches, with ``r = pi(a|s) / pi_old(a|s)`` and KL the
      divergence of the policy from a frozen reference policy. No value function (the module is
-     built with ``value="none"``), no GAE;
+     built with ``value="none"``), no GAE. ``step_kl_coeff > 0`` (default 0: the paper's loss)
+     adds ``step_kl_coeff * KL(pi_old || pi)``, PPO's penalty on the divergence from the
+     policy that sampled the batch: it bounds each iteration's step, where the reference KL
+     only bounds the distance from the start;
   5. syncs the new weights to the EnvRunners.
 
 Reference policy: a frozen copy of the module's initial weights, taken inside the learner when it
@@ -85,6 +88,7 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     clip_param=0.2,
     kl_coeff=0.04,
     kl_estimator="analytic",
+    step_kl_coeff=0.0,
     advantage="outcome",
     num_epochs=4,
     minibatch_size=256,
@@ -278,11 +282,17 @@ class GRPOTorchLearner(TorchLearner):
         policy_loss = -surrogate.mean()
         kl_loss = kl.mean()
         total = policy_loss + config.kl_coeff * kl_loss
+        # PPO's penalty on the step from the sampling policy (its logits are in the batch)
+        old_dist = dist_cls.from_logits(batch[Columns.ACTION_DIST_INPUTS])
+        step_kl = old_dist.kl(dist).mean()
+        if config.step_kl_coeff > 0.0:
+            total = total + config.step_kl_coeff * step_kl
         clipped = ((ratio - 1.0).abs() > clip).float().mean()
         self.metrics.log_dict(
             {
                 "policy_loss": policy_loss.item(),
                 "mean_kl_loss": kl_loss.item(),
+                "step_kl": step_kl.item(),
                 "total_loss": total.item(),
                 "entropy": dist.entropy().mean().item(),
                 "clip_fraction": clipped.item(),
@@ -314,7 +324,7 @@ class GRPOTorchLearner(TorchLearner):
 # -- config -------------------------------------------------------------------------------------
 class GRPOConfig(AlgorithmConfig):
     """GRPO settings: group size and count, reward kind, advantage kind, clip range, KL
-    coefficient/estimator."""
+    coefficient/estimator, per-iteration KL penalty."""
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GRPO)
@@ -326,6 +336,7 @@ class GRPOConfig(AlgorithmConfig):
         self.clip_param = 0.2
         self.kl_coeff = 0.04
         self.kl_estimator = "analytic"
+        self.step_kl_coeff = 0.0
         self.advantage = "outcome"
         self.num_epochs = 4
         self.minibatch_size = 256
@@ -346,6 +357,7 @@ class GRPOConfig(AlgorithmConfig):
         clip_param: float = NotProvided,
         kl_coeff: float = NotProvided,
         kl_estimator: str = NotProvided,
+        step_kl_coeff: float = NotProvided,
         advantage: str = NotProvided,
         **kwargs,
     ) -> GRPOConfig:
@@ -357,6 +369,7 @@ class GRPOConfig(AlgorithmConfig):
             clip_param=clip_param,
             kl_coeff=kl_coeff,
             kl_estimator=kl_estimator,
+            step_kl_coeff=step_kl_coeff,
             advantage=advantage,
         ).items():
             if value is not NotProvided:
@@ -392,6 +405,8 @@ class GRPOConfig(AlgorithmConfig):
             self._value_error(f"clip_param: must be in (0, 1), got {self.clip_param}")
         if float(self.kl_coeff) < 0.0:
             self._value_error(f"kl_coeff: must be >= 0, got {self.kl_coeff}")
+        if float(self.step_kl_coeff) < 0.0:
+            self._value_error(f"step_kl_coeff: must be >= 0, got {self.step_kl_coeff}")
 
     def get_default_learner_class(self):
         return GRPOTorchLearner

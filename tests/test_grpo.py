@@ -119,6 +119,7 @@ def test_config_refuses_bad_settings():
         (dict(kl_estimator="k2"), "kl_estimator"),
         (dict(clip_param=0.0), "clip_param"),
         (dict(kl_coeff=-1.0), "kl_coeff"),
+        (dict(step_kl_coeff=-0.1), "step_kl_coeff"),
         (dict(advantage="value"), "advantage"),
         (dict(advantage="process", reward_kind="success"), "advantage: 'process'.*reward_kind"),
     ):
@@ -193,7 +194,59 @@ def test_grpo_two_iterations_with_two_env_runners_and_group_seeding(ray_session,
         for key in ("policy_loss", "mean_kl_loss", "total_loss", "entropy"):
             assert np.isfinite(stats[key]), key
         assert stats["mean_kl_loss"] > 0.0  # the policy moved away from the reference
+        assert stats["step_kl"] > 0.0  # ... and from the policy that sampled the batch
         assert result["env_runners"]["num_episodes_lifetime"] >= 24
+    finally:
+        algo.stop()
+
+
+def test_step_kl_penalty_adds_the_divergence_from_the_sampling_policy(ray_session):
+    """``step_kl_coeff`` adds ``coeff * KL(pi_old || pi)``; the logits of pi_old come from the
+    batch (what the EnvRunner stored), so a batch sampled by the current policy adds nothing."""
+    import copy
+
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.evaluation.postprocessing import Postprocessing
+
+    spec = resolve("langreach-grpo", TINY, num_env_runners=0)
+    algo = build_algorithm_config(spec).build_algo()
+    try:
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"].unwrapped()
+        env = gym.make(LANGREACH, **TINY["env_config"])
+        obs = [env.reset(seed=s)[0] for s in range(4)]
+        env.close()
+        batch = {Columns.OBS: {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in obs[0]}}
+        with torch.no_grad():
+            fwd = module.forward_train(batch)
+        dist_cls = module.get_train_action_dist_cls()
+        dist = dist_cls.from_logits(fwd[Columns.ACTION_DIST_INPUTS])
+        actions = dist.sample()
+        batch.update(
+            {
+                Columns.ACTIONS: actions,
+                Columns.ACTION_LOGP: dist.logp(actions),
+                Columns.ACTION_DIST_INPUTS: fwd[Columns.ACTION_DIST_INPUTS],
+                Postprocessing.ADVANTAGES: torch.tensor([1.0, -1.0, 0.5, -0.5]),
+            }
+        )
+
+        def loss(coeff: float, old_inputs: torch.Tensor) -> float:
+            config = copy.copy(learner.config)
+            config.step_kl_coeff = coeff
+            b = {**batch, Columns.ACTION_DIST_INPUTS: old_inputs}
+            out = learner.compute_loss_for_module(
+                module_id="default_policy", config=config, batch=b, fwd_out=fwd
+            )
+            return float(out)
+
+        same = fwd[Columns.ACTION_DIST_INPUTS]
+        assert loss(5.0, same) == pytest.approx(loss(0.0, same), abs=1e-6)
+        moved = same.clone()
+        moved[:, :2] += 0.3  # the sampling policy's mean was 0.3 away (inputs: mean, log std)
+        expected = dist_cls.from_logits(moved).kl(dist).mean().item()
+        assert expected > 0.0
+        assert loss(5.0, moved) - loss(0.0, moved) == pytest.approx(5.0 * expected, rel=1e-4)
     finally:
         algo.stop()
 
