@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import nn
@@ -63,6 +65,24 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
         bias="none",
     )
     return get_peft_model(lm, cfg)
+
+
+def cache_keyword(decoder: nn.Module) -> str:
+    """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older releases, where ``cache`` does not exist)."""
+    return _cache_keyword(type(decoder))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a decoder output, under either transformers naming."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def decoder_of(lm: nn.Module) -> nn.Module:

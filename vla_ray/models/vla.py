@@ -33,7 +33,13 @@ from torch import nn
 from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
 from vla_ray.models.heads import ActionHead, build_head
-from vla_ray.models.language import apply_lora, build_language_model, decoder_of
+from vla_ray.models.language import (
+    apply_lora,
+    build_language_model,
+    cache_keyword,
+    decoder_of,
+    output_cache,
+)
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer
@@ -215,7 +221,8 @@ class VLATrunk(nn.Module):
             scores = (h @ self.context_query.to(h.dtype)) / math.sqrt(h.shape[-1])
             scores = scores.masked_fill(full_mask == 0, float("-inf"))
             context = (scores.softmax(-1).unsqueeze(-1) * h).sum(1)
-        return Prefix([(layer.keys, layer.values) for layer in out.past_key_values.layers], context)
+        kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        return Prefix(kv, context)
 
     def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
         """Per-sample prefix key/values and context, computing each distinct instruction once."""
@@ -294,12 +301,13 @@ class VLATrunk(nn.Module):
         )
         start = prefix_mask.sum(1, keepdim=True)
         pos = start + torch.arange(S, device=mask.device)[None]
-        out = decoder_of(self.lm)(
+        decoder = decoder_of(self.lm)
+        out = decoder(
             inputs_embeds=suffix.to(prefix.kv[0][0].dtype),
             attention_mask=full_mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(decoder): cache},
         )
         feats = [out.last_hidden_state[:, -1].float()]
         if self.config.vision_skip and vis is not None:
