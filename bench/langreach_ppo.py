@@ -48,7 +48,12 @@ def run_variant(
         eval=final,
         minutes_to_80pct_train_success=None if first_80 is None else round(first_80 / 60.0, 1),
         curve=[
-            dict(time_s=r["time_s"], env_steps=r["env_steps"], success_rate=r["success_rate"])
+            dict(
+                time_s=r["time_s"],
+                env_steps=r["env_steps"],
+                success_rate=r["success_rate"],
+                success_by_target=r.get("success_by_target") or {},
+            )
             for r in curve
         ],
     )
@@ -124,6 +129,13 @@ def main() -> None:
         print(
             f"{r['variant']:<12} {r['env_steps']:>10} {r['eval']['success_rate']:>13.2f} "
             f"{r['eval']['mean_return']:>12.2f} {('-' if m80 is None else m80):>11}"
+        )
+    for r in results:
+        by_target = r["eval"].get("success_by_target") or {}
+        counts = r["eval"].get("episodes_by_target") or {}
+        print(
+            f"{r['variant']} eval per target: "
+            + "  ".join(f"{t} {v:.2f} ({counts.get(t)} eps)" for t, v in by_target.items())
         )
     print(f"\nwrote {out / 'langreach_ppo.json'} and {out / 'langreach_ppo.png'}")
 

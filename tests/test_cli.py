@@ -82,6 +82,9 @@ def test_train_local_then_eval_both_checkpoint_kinds(ray_session, tmp_path, caps
     learner = rows[0]["learner"]  # PPO's learner statistics ride along with the env metrics
     assert {"policy_loss", "vf_loss", "entropy", "mean_kl_loss"} <= set(learner)
     assert all(np.isfinite(v) for v in learner.values())
+    # 128 steps hold finished 50-step episodes: success is also reported per target colour
+    assert rows[0]["success_by_target"]
+    assert set(rows[0]["success_by_target"]) <= {"red", "green", "blue"}
     ckpt = out / "checkpoints" / "last"
     results = {}
     for name, path in (("rllib", ckpt), ("pretrained", ckpt / "vla")):
@@ -91,6 +94,12 @@ def test_train_local_then_eval_both_checkpoint_kinds(ray_session, tmp_path, caps
         assert {"success_rate", "mean_return", "mean_length"} <= set(results[name])
         assert 0.0 <= results[name]["success_rate"] <= 1.0
         assert 1 <= results[name]["mean_length"] <= 50
+        # LangReach names the goal: per-colour success whose weighted mean is the overall one
+        counts, by_target = results[name]["episodes_by_target"], results[name]["success_by_target"]
+        assert set(counts) == set(by_target) <= {"red", "green", "blue"}
+        assert sum(counts.values()) == 3
+        weighted = sum(counts[t] * by_target[t] for t in counts) / 3
+        assert weighted == pytest.approx(results[name]["success_rate"])
     # the same deterministic policy on the same seeds, whichever way it is loaded
     assert results["rllib"] == results["pretrained"]
 

@@ -7,12 +7,17 @@ from typing import Any
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 SUCCESS_KEY = "success_rate"
+# per-goal success, logged when the env's info names the goal (LangReach: the target colour)
+SUCCESS_BY_TARGET_KEY = "success_by_target"
+TARGET_INFO_KEY = "target_color"
 
 
 class SuccessRateCallback(RLlibCallback):
     """Logs ``env_runners/success_rate``: the mean of the final ``info["is_success"]`` per episode.
 
-    Episodes whose env reports no ``is_success`` are not counted.
+    Episodes whose env reports no ``is_success`` are not counted. When the final info also names
+    the goal (``info["target_color"]``), ``env_runners/success_by_target/<goal>`` is logged too, so a
+    policy that solves two colours and never the third shows as such rather than as a 0.67 mean.
     """
 
     def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
@@ -20,6 +25,10 @@ class SuccessRateCallback(RLlibCallback):
             return
         info = episode.get_infos(-1)
         if isinstance(info, dict) and "is_success" in info:
-            metrics_logger.log_value(
-                SUCCESS_KEY, float(bool(info["is_success"])), reduce="mean", window=100
-            )
+            success = float(bool(info["is_success"]))
+            metrics_logger.log_value(SUCCESS_KEY, success, reduce="mean", window=100)
+            target = info.get(TARGET_INFO_KEY)
+            if target is not None:
+                metrics_logger.log_value(
+                    (SUCCESS_BY_TARGET_KEY, str(target)), success, reduce="mean", window=100
+                )

@@ -103,6 +103,13 @@ def _print_eval(result: dict[str, Any]) -> None:
         f"mean_return {result['mean_return']:.3f}  mean_length {result['mean_length']:.1f}  "
         f"({result['episodes']} episodes)"
     )
+    by_target = result.get("success_by_target")
+    if by_target:
+        counts = result.get("episodes_by_target", {})
+        print(
+            "  per target: "
+            + "  ".join(f"{t} {v:.3f} ({counts.get(t, '?')} eps)" for t, v in by_target.items())
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

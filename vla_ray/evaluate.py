@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vla_ray.callbacks import TARGET_INFO_KEY
 from vla_ray.train import META_NAME, MODULE_SUBDIR
 
 ObsDict = dict[str, np.ndarray]
@@ -112,7 +113,8 @@ def evaluate(
     """Run ``episodes`` seeded episodes; success rate, mean return and mean length.
 
     Seeds start at ``seed`` (away from training seeds). With ``video``, every episode's frames
-    are written to one mp4.
+    are written to one mp4. When the env's info names the goal (``info["target_color"]``), the
+    result also has ``success_by_target`` and ``episodes_by_target`` (per goal).
     """
     import gymnasium as gym
     from tqdm import tqdm
@@ -130,6 +132,7 @@ def evaluate(
     env = gym.make(env_id, **cfg)
     frames: list[np.ndarray] = []
     returns, lengths, successes = [], [], []
+    targets: list[str | None] = []
     try:
         for ep in tqdm(range(episodes), disable=not progress, desc="eval", unit="ep"):
             obs, info = env.reset(seed=seed + ep)
@@ -147,6 +150,8 @@ def evaluate(
             returns.append(ret)
             lengths.append(length)
             successes.append(float(bool(info.get("is_success", False))))
+            target = info.get(TARGET_INFO_KEY)
+            targets.append(None if target is None else str(target))
     finally:
         env.close()
     if video:
@@ -154,10 +159,18 @@ def evaluate(
 
         Path(video).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(str(video), frames, fps=env.metadata.get("render_fps", 10))
-    return dict(
+    result: dict[str, Any] = dict(
         env=env_id,
         episodes=episodes,
         success_rate=float(np.mean(successes)),
         mean_return=float(np.mean(returns)),
         mean_length=float(np.mean(lengths)),
     )
+    named = sorted({t for t in targets if t is not None})
+    if named:
+        result["episodes_by_target"] = {t: targets.count(t) for t in named}
+        result["success_by_target"] = {
+            t: float(np.mean([s for s, g in zip(successes, targets, strict=True) if g == t]))
+            for t in named
+        }
+    return result

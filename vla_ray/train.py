@@ -335,6 +335,9 @@ def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]
         episode_return_mean=_num(runners.get("episode_return_mean")),
         episode_len_mean=_num(runners.get("episode_len_mean")),
         success_rate=_num(runners.get("success_rate")),
+        success_by_target={
+            str(k): _num(v) for k, v in (runners.get("success_by_target") or {}).items()
+        },
         learner=_learner_stats(result),
     )
 
@@ -535,9 +538,15 @@ def _fmt(x: float | None) -> str:
 
 
 def _format_row(row: dict[str, Any]) -> str:
+    by_target = row.get("success_by_target") or {}
+    per_target = (
+        " (" + " ".join(f"{k} {_fmt(v)}" for k, v in sorted(by_target.items())) + ")"
+        if by_target
+        else ""
+    )
     return (
         f"iter {row['iteration']:>4}  steps {row['env_steps']:>8}  "
-        f"return {_fmt(row['episode_return_mean']):>7}  success {_fmt(row['success_rate']):>5}  "
-        f"len {_fmt(row['episode_len_mean']):>5}  steps/s {_fmt(row['steps_per_s']):>6}  "
-        f"t {row['time_s']:.0f}s"
+        f"return {_fmt(row['episode_return_mean']):>7}  success {_fmt(row['success_rate']):>5}"
+        f"{per_target}  len {_fmt(row['episode_len_mean']):>5}  "
+        f"steps/s {_fmt(row['steps_per_s']):>6}  t {row['time_s']:.0f}s"
     )
