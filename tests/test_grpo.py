@@ -337,7 +337,15 @@ def test_grpo_raises_the_return_of_a_weak_bc_policy(bc_run, tmp_path):
         {
             "env_config": EASY_ENV,
             "model": {"pretrained_path": str(bc_run)},
-            "training": {"lr": 1e-3, "group_size": 8, "groups_per_iteration": 4, "kl_coeff": 0.0},
+            # the paper's loss (outcome advantage, no step penalty), as calibrated below
+            "training": {
+                "lr": 1e-3,
+                "group_size": 8,
+                "groups_per_iteration": 4,
+                "kl_coeff": 0.0,
+                "advantage": "outcome",
+                "step_kl_coeff": 0.0,
+            },
             "env_runners": {"num_envs_per_env_runner": 4},
         },
     )

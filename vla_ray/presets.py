@@ -121,11 +121,16 @@ PRESETS: dict[str, Preset] = {
                 head_config={"init_log_std": -1.0},
                 value="none",
             ),
+            # Per-step credit (process advantage on the shaped reward) and PPO's penalty on
+            # each iteration's step: with the paper's outcome advantage and no step penalty,
+            # GRPO did not improve LangReach from any start (docs/benchmarks.md).
             training=dict(
                 lr=1e-4,
                 group_size=8,
                 groups_per_iteration=8,
                 reward_kind="return",
+                advantage="process",
+                step_kl_coeff=0.5,
                 clip_param=0.2,
                 kl_coeff=0.04,
                 num_epochs=4,
