@@ -331,3 +331,31 @@ def test_attention_context_pool_starts_as_the_mean_and_ignores_padding():
         torch.testing.assert_close(att_model.trunk.prefix(ids2, mask).context, ctx)
     with pytest.raises(ConfigError, match="context_pool"):
         VLAConfig(context_pool="max")
+
+
+def test_kv_cache_keyword_follows_the_transformers_release():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from vla_ray.models.language import cache_keyword, output_cache
+
+    class NewDecoder(nn.Module):  # transformers >= 5.2x: `cache`
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):
+            return None
+
+    class OldDecoder(nn.Module):  # earlier releases: `past_key_values`
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_keyword(NewDecoder()) == "cache"
+    assert cache_keyword(OldDecoder()) == "past_key_values"
+    assert output_cache(SimpleNamespace(cache="new")) == "new"
+    assert output_cache(SimpleNamespace(past_key_values="old")) == "old"
+    # the installed release: the keyword the tiny default LM's decoder really takes
+    import inspect
+
+    from vla_ray.models.language import decoder_of
+
+    decoder = decoder_of(VLA(VLAConfig()).trunk.lm)
+    assert cache_keyword(decoder) in inspect.signature(decoder.forward).parameters
