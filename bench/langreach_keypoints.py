@@ -54,7 +54,7 @@ def render_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple[str,
 @torch.no_grad()
 def keypoints(vla: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per image and channel: (x, y, peak) keypoints (n, C, 3) and softmax entropies (n, C)."""
-    from vla_ray.models.vision import CNNEncoder, images_to_float
+    from vla_ray.models.vision import CNNEncoder
 
     enc = vla.trunk.vision
     if not isinstance(enc, CNNEncoder) or enc.tokens != "keypoints" or enc.film is not None:
@@ -64,11 +64,9 @@ def keypoints(vla: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.
         )
     feats, ents = [], []
     for start in range(0, len(images), 256):
-        x = images_to_float(torch.as_tensor(images[start : start + 256]), "cnn")
-        x = torch.cat([x, enc.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        flat = enc.net(x).flatten(2)
-        p = flat.softmax(-1)
-        feats.append(torch.cat([p @ enc.grid_xy, flat.amax(-1, keepdim=True)], -1))
+        x = enc.feature_map(torch.as_tensor(images[start : start + 256]))
+        p, xy, peak = enc.spatial_keypoints(x)
+        feats.append(torch.cat([xy, peak], -1))
         ents.append(-(p * p.clamp_min(1e-12).log()).sum(-1))
     return torch.cat(feats).numpy(), torch.cat(ents).numpy()
 

@@ -125,24 +125,35 @@ class CNNEncoder(nn.Module):
             # can tell channels apart from the start
             self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
 
-    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def feature_map(
+        self, images: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last conv layer's output (B, C, h, w) for uint8 or float images (B, H, W, 3)."""
         x = images_to_float(images, "cnn")
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         if self.film is None:
-            x = self.net(x)  # (B, C, h, w)
-        else:
-            if context is None:
-                raise ValueError("CNNEncoder(film=True): forward needs the instruction `context`")
-            x = self.net[:-2](x)
-            scale, shift = self.film(context.to(x.dtype)).chunk(2, dim=-1)
-            x = x * (1.0 + scale[:, :, None, None]) + shift[:, :, None, None]
-            x = self.net[-2:](x)
+            return self.net(x)
+        if context is None:
+            raise ValueError("CNNEncoder(film=True): forward needs the instruction `context`")
+        x = self.net[:-2](x)
+        scale, shift = self.film(context.to(x.dtype)).chunk(2, dim=-1)
+        x = x * (1.0 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.net[-2:](x)
+
+    def spatial_keypoints(
+        self, feature_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per channel of a ``tokens="keypoints"`` encoder's feature map: the spatial softmax
+        (B, C, h*w), its expected (x, y) in [-1, 1] (B, C, 2) and the peak activation (B, C, 1)."""
+        flat = feature_map.flatten(2)
+        attn = flat.softmax(-1)
+        return attn, attn @ self.grid_xy, flat.amax(-1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.feature_map(images, context)
         if self.tokens == "patches":
             return x.flatten(2).transpose(1, 2) + self.pos
-        flat = x.flatten(2)  # (B, C, h*w)
-        attn = flat.softmax(-1)
-        xy = attn @ self.grid_xy  # (B, C, 2) expected coordinates per channel
-        peak = flat.amax(-1, keepdim=True)
+        _, xy, peak = self.spatial_keypoints(x)
         return self.kp_proj(torch.cat([xy, peak], -1)) + self.pos
 
 
