@@ -6,8 +6,9 @@ instruction, so every colour the policy must reach has to be visible in them. Th
 ``--frames`` LangReach frames (seeded resets plus a few random steps), reads the keypoints of a
 checkpoint and of the same architecture at random initialisation, and reports per colour the
 held-out R^2 of a ridge regression from all keypoints to that target's (x, y) position, plus
-how many channels track each colour (a channel's own keypoint decodes that target with R^2 > 0.5) and the mean softmax entropy (log(64) = 4.16 is uniform over
-an 8x8 grid). A colour with R^2 near 0 is invisible to the policy: PPO cannot learn to reach it.
+how many channels track each colour (a channel's own keypoint decodes that target with
+R^2 > 0.5) and the mean softmax entropy (log(64) = 4.16 is uniform over an 8x8 grid). A
+colour with R^2 near 0 is invisible to the policy: PPO cannot learn to reach it.
 
     python bench/langreach_keypoints.py --checkpoint RUN/checkpoints/best --out OUT
 """
@@ -102,17 +103,18 @@ def analyse(vla: torch.nn.Module, images: np.ndarray, targets: np.ndarray, names
 
 
 def load_vla(path: Path) -> torch.nn.Module:
-    from vla_ray.models.vla import CONFIG_NAME, VLA
+    """The VLA of a save_pretrained directory, a vla-ray checkpoint or a run directory."""
+    from vla_ray.models.vla import VLA
+    from vla_ray.rl_module import resolve_pretrained_dir
 
-    for candidate in (path, path / "vla"):
-        if (candidate / CONFIG_NAME).is_file():
-            return VLA.from_pretrained(candidate).eval()
-    raise FileNotFoundError(f"checkpoint: no save_pretrained VLA in {path} or {path / 'vla'}")
+    return VLA.from_pretrained(resolve_pretrained_dir(path)).eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run checkpoint or VLA directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoint or VLA directory"
+    )
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=200_000)
     parser.add_argument("--out", default="bench/results")
