@@ -14,7 +14,9 @@ SAC checkpoint of ``vla-ray train``), the script
    fixed budget of ``--iters`` updates, evaluating every ``--eval-every`` updates on
    ``--eval-episodes`` episodes;
 4. reports the normalised score ``100 * (R - R_random) / (R_expert - R_random)`` of the final
-   and of the best evaluation.
+   and of the best evaluation, and of the last checkpoint re-evaluated on ``--final-episodes``
+   seeded episodes (the in-training evaluations are few episodes each, so one episode moves
+   them; the re-evaluation is the steadier number).
 
 Algorithms (or presets) missing from this checkout are skipped with a message (CQL and IQL come
 from the SAC work). Prints a table, writes ``OUT/offline.json`` and ``OUT/offline.md``.
@@ -139,6 +141,18 @@ def train_one(
     ]
 
 
+FINAL_EVAL_SEED = 20_000  # seeds of the last checkpoint's re-evaluation (away from training)
+
+
+def final_evaluation(run_dir: Path, episodes: int) -> dict[str, Any]:
+    """Mean return and length of the run's last checkpoint over ``episodes`` seeded episodes."""
+    from vla_ray.evaluate import evaluate, load_policy
+
+    policy = load_policy(run_dir / "checkpoints" / "last")
+    res = evaluate(policy, episodes=episodes, seed=FINAL_EVAL_SEED, progress=False)
+    return dict(episodes=episodes, mean_return=res["mean_return"], mean_length=res["mean_length"])
+
+
 def normalised(ret: float, random_ret: float, expert_ret: float) -> float:
     return 100.0 * (ret - random_ret) / max(expert_ret - random_ret, 1e-9)
 
@@ -153,6 +167,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20_000, help="updates per run (fixed budget)")
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-episodes", type=int, default=5)
+    ap.add_argument(
+        "--final-episodes",
+        type=int,
+        default=10,
+        help="re-evaluate each run's last checkpoint on this many episodes (0: skip)",
+    )
     ap.add_argument("--work", default="bench_runs/offline", help="datasets and runs")
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument(
@@ -211,10 +231,19 @@ def main() -> None:
         for ds in args.datasets.split(","):
             for algo in algos:
                 key = (env_id, ds, algo)
-                if key in done:  # --resume: finished in an earlier invocation
-                    results.append(done[key])
-                    continue
                 run_dir = root / "runs" / f"{ds}-{algo}"
+                if key in done:  # --resume: finished in an earlier invocation
+                    row = done[key]
+                    if args.final_episodes and "final_eval" not in row:
+                        if (run_dir / "checkpoints" / "last").is_dir():
+                            add_final_evaluation(
+                                row, run_dir, args.final_episodes, r_random, r_expert
+                            )
+                        else:
+                            print(f"{run_dir}: no last checkpoint, not re-evaluated")
+                    results.append(row)
+                    save(results)
+                    continue
                 if run_dir.exists():  # an interrupted run: start it again
                     shutil.rmtree(run_dir)
                 t0 = time.time()
@@ -237,9 +266,14 @@ def main() -> None:
                     evals=evals,
                     wall_s=round(time.time() - t0, 1),
                 )
+                if args.final_episodes:
+                    add_final_evaluation(row, run_dir, args.final_episodes, r_random, r_expert)
                 results.append(row)
                 save(results)
-                print(f"{name:<14} {ds:<14} {algo:<7} final {row['final']}  best {row['best']}")
+                print(
+                    f"{name:<14} {ds:<14} {algo:<7} final {row['final']}  best {row['best']}  "
+                    f"last checkpoint {row.get('final_eval', {}).get('score')}"
+                )
 
     write_report(
         dict(args=vars(args), machine=machine, references=refs, results=results),
@@ -249,11 +283,32 @@ def main() -> None:
     )
 
 
+def add_final_evaluation(
+    row: dict[str, Any], run_dir: Path, episodes: int, r_random: float, r_expert: float
+) -> None:
+    """Add ``final_eval`` (return, length, normalised score of the last checkpoint) to ``row``."""
+    ev = final_evaluation(run_dir, episodes)
+    ev["score"] = round(normalised(ev["mean_return"], r_random, r_expert), 1)
+    row["final_eval"] = ev
+
+
+def cell(row: dict[str, Any] | None) -> str:
+    """``final / best`` of the in-training evaluations, ``/ last checkpoint`` when re-evaluated."""
+    if row is None:
+        return "-"
+    text = f"{row['final']} / {row['best']}"
+    if "final_eval" in row:
+        text += f" / {row['final_eval']['score']}"
+    return text
+
+
 def write_report(payload: dict[str, Any], algos: list[str], datasets: list[str], out: Path) -> None:
     """Print the table of normalised scores; write ``OUT/offline.md`` and ``OUT/offline.json``."""
     results, refs = payload["results"], payload["references"]
+    reeval = sorted({r["final_eval"]["episodes"] for r in results if "final_eval" in r})
+    suffix = f" / last ckpt ({'/'.join(map(str, reeval))} ep)" if reeval else ""
     lines = [
-        "| env | dataset | " + " | ".join(f"{a} final / best" for a in algos) + " |",
+        "| env | dataset | " + " | ".join(f"{a} final / best{suffix}" for a in algos) + " |",
         "|---|---|" + "---|" * len(algos),
     ]
     for env_id in refs:
@@ -268,7 +323,7 @@ def write_report(payload: dict[str, Any], algos: list[str], datasets: list[str],
                     ),
                     None,
                 )
-                cells.append("-" if r is None else f"{r['final']} / {r['best']}")
+                cells.append(cell(r))
             lines.append(f"| {env_id.split('/')[-1]} | {ds} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
