@@ -144,11 +144,16 @@ def train_one(
 FINAL_EVAL_SEED = 20_000  # seeds of the last checkpoint's re-evaluation (away from training)
 
 
-def final_evaluation(run_dir: Path, episodes: int) -> dict[str, Any]:
-    """Mean return and length of the run's last checkpoint over ``episodes`` seeded episodes."""
+def final_evaluation(run_dir: Path, episodes: int) -> dict[str, Any] | None:
+    """Mean return and length of the run's last checkpoint over ``episodes`` seeded episodes;
+    None for a policy that only runs on the EnvRunners (the Decision Transformer's context)."""
     from vla_ray.evaluate import evaluate, load_policy
 
-    policy = load_policy(run_dir / "checkpoints" / "last")
+    try:
+        policy = load_policy(run_dir / "checkpoints" / "last")
+    except ValueError as err:
+        print(f"{run_dir}: not re-evaluated: {err}")
+        return None
     res = evaluate(policy, episodes=episodes, seed=FINAL_EVAL_SEED, progress=False)
     return dict(episodes=episodes, mean_return=res["mean_return"], mean_length=res["mean_length"])
 
@@ -286,8 +291,12 @@ def main() -> None:
 def add_final_evaluation(
     row: dict[str, Any], run_dir: Path, episodes: int, r_random: float, r_expert: float
 ) -> None:
-    """Add ``final_eval`` (return, length, normalised score of the last checkpoint) to ``row``."""
+    """Add ``final_eval`` (return, length, normalised score of the last checkpoint) to ``row``;
+    ``{"score": None}`` when the checkpoint cannot be evaluated on its own."""
     ev = final_evaluation(run_dir, episodes)
+    if ev is None:
+        row["final_eval"] = dict(episodes=episodes, score=None)
+        return
     ev["score"] = round(normalised(ev["mean_return"], r_random, r_expert), 1)
     row["final_eval"] = ev
 
@@ -298,7 +307,8 @@ def cell(row: dict[str, Any] | None) -> str:
         return "-"
     text = f"{row['final']} / {row['best']}"
     if "final_eval" in row:
-        text += f" / {row['final_eval']['score']}"
+        score = row["final_eval"]["score"]
+        text += f" / {'-' if score is None else score}"
     return text
 
 
