@@ -146,12 +146,12 @@ FINAL_EVAL_SEED = 20_000  # seeds of the last checkpoint's re-evaluation (away f
 
 def final_evaluation(run_dir: Path, episodes: int) -> dict[str, Any] | None:
     """Mean return and length of the run's last checkpoint over ``episodes`` seeded episodes;
-    None for a policy that only runs on the EnvRunners (the Decision Transformer's context)."""
+    None when there is none or it only runs on the EnvRunners (the Decision Transformer)."""
     from vla_ray.evaluate import evaluate, load_policy
 
     try:
         policy = load_policy(run_dir / "checkpoints" / "last")
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"{run_dir}: not re-evaluated: {err}")
         return None
     res = evaluate(policy, episodes=episodes, seed=FINAL_EVAL_SEED, progress=False)
@@ -240,12 +240,7 @@ def main() -> None:
                 if key in done:  # --resume: finished in an earlier invocation
                     row = done[key]
                     if args.final_episodes and "final_eval" not in row:
-                        if (run_dir / "checkpoints" / "last").is_dir():
-                            add_final_evaluation(
-                                row, run_dir, args.final_episodes, r_random, r_expert
-                            )
-                        else:
-                            print(f"{run_dir}: no last checkpoint, not re-evaluated")
+                        add_final_evaluation(row, run_dir, args.final_episodes, r_random, r_expert)
                     results.append(row)
                     save(results)
                     continue
