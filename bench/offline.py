@@ -32,7 +32,9 @@ One process per env (e.g. on two cores), then one report:
     python bench/offline.py --env vla_ray/HalfCheetah-v5=... --work W2 --out O2
     python bench/offline.py merge docs/bench O1 O2
 
-An interrupted run continues with ``--resume`` (finished runs are kept in WORK).
+An interrupted run continues with ``--resume`` (finished runs are kept in WORK). A setting of
+one algorithm's runs is changed with ``--set ALGO:KEY=VALUE`` (keys as in ``vla-ray train
+--set``, e.g. ``--set cql:training.min_q_weight=10``); each row records its settings.
 """
 
 from __future__ import annotations
@@ -123,15 +125,45 @@ def available(algo: str) -> str | None:
     return None
 
 
+def algo_overrides(items: list[str], algos: list[str]) -> dict[str, dict[str, Any]]:
+    """``["cql:training.alpha_lr=1e-3"]`` -> ``{"cql": {"training": {"alpha_lr": 0.001}}}``;
+    ValueError naming the item when it is malformed or names an algorithm not run."""
+    from vla_ray.train import parse_overrides
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        algo, sep, setting = item.partition(":")
+        if not sep or algo not in algos:
+            raise ValueError(
+                f"--set {item!r}: expected ALGO:KEY=VALUE with ALGO one of {', '.join(algos)} "
+                "(e.g. cql:training.alpha_lr=1e-3)"
+            )
+        sub = parse_overrides([setting])
+        for key, value in sub.items():
+            if isinstance(value, dict):
+                out.setdefault(algo, {}).setdefault(key, {}).update(value)
+            else:
+                out.setdefault(algo, {})[key] = value
+    return out
+
+
 def train_one(
-    algo: str, env_id: str, data: Path, run_dir: Path, iters: int, eval_every: int, eval_eps: int
+    algo: str,
+    env_id: str,
+    data: Path,
+    run_dir: Path,
+    iters: int,
+    eval_every: int,
+    eval_eps: int,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluation returns [(iteration, return)] of one training run."""
     from vla_ray.presets import get_preset
     from vla_ray.train import resolve, train
 
     preset = dataclasses.replace(get_preset(f"hopper-{algo}"), env=env_id)
-    spec = resolve(preset, {"eval_every": eval_every, "eval_episodes": eval_eps}, data=str(data))
+    settings = {**(overrides or {}), "eval_every": eval_every, "eval_episodes": eval_eps}
+    spec = resolve(preset, settings, data=str(data))
     train(spec, run_dir, stop_iters=iters, progress=False)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [
@@ -178,6 +210,14 @@ def main() -> None:
         default=10,
         help="re-evaluate each run's last checkpoint on this many episodes (0: skip)",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ALGO:KEY=VALUE",
+        help="a setting of one algorithm's runs, as vla-ray train --set "
+        "(e.g. cql:training.alpha_lr=1e-3); repeatable, recorded in each row",
+    )
     ap.add_argument("--work", default="bench_runs/offline", help="datasets and runs")
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument(
@@ -197,6 +237,10 @@ def main() -> None:
         if why:
             print(f"skipping {algo}: {why}")
     algos = [a for a in algos if available(a) is None]
+    try:
+        overrides = algo_overrides(args.set, algos)
+    except ValueError as err:
+        ap.error(str(err))
     results: list[dict[str, Any]] = []
     refs: dict[str, dict[str, float]] = {}
     machine = f"{platform.machine()} {os.cpu_count()} cores"
@@ -255,6 +299,7 @@ def main() -> None:
                     args.iters,
                     args.eval_every,
                     args.eval_episodes,
+                    overrides.get(algo),
                 )
                 scores = [normalised(e["episode_return_mean"], r_random, r_expert) for e in evals]
                 row = dict(
@@ -266,6 +311,8 @@ def main() -> None:
                     evals=evals,
                     wall_s=round(time.time() - t0, 1),
                 )
+                if algo in overrides:
+                    row["overrides"] = overrides[algo]
                 if args.final_episodes:
                     add_final_evaluation(row, run_dir, args.final_episodes, r_random, r_expert)
                 results.append(row)
