@@ -12,9 +12,9 @@ maximises the discriminator reward ``r = -log(1 - D(s, a))`` instead of the env'
 - Reward relabelling is a learner connector piece (``DiscriminatorReward``), placed right before
   RLlib's ``GeneralAdvantageEstimation`` in PPO's learner pipeline: advantages and value
   targets are computed on the discriminator reward.
-- The learner (``GAILLearner``, RLlib's PPO learner) adds the discriminator's binary
-  cross-entropy (expert = 1, policy = 0; one expert sample per policy step of each minibatch)
-  to PPO's loss. The two losses touch disjoint parameters (the reward is computed without
+- The learner (``GAILLearner``, the PPO learner of ``ppo.py``) adds the discriminator's
+  binary cross-entropy (expert = 1, policy = 0; one expert sample per policy step of each
+  minibatch) to PPO's loss. The two losses touch disjoint parameters (the reward is computed without
   gradients), so one backward pass trains both.
 
 Expert demos are loaded into the learner process once (they are small: a few thousand steps).
@@ -29,12 +29,12 @@ import torch
 import tree
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
-from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from torch.nn import functional as F
 
+from vla_ray.algorithms.ppo import VLAPPOLearner
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import VLATrunk
 from vla_ray.rl_module import VLAModule
@@ -133,7 +133,7 @@ class DiscriminatorReward(ConnectorV2):
 
 
 # -- learner ------------------------------------------------------------------------------------
-class GAILLearner(PPOTorchLearner):
+class GAILLearner(VLAPPOLearner):
     """PPO's loss + the discriminator's cross-entropy against the expert demos."""
 
     def build(self) -> None:

@@ -2,7 +2,8 @@
 
 RLlib's own PPO (clipped surrogate, GAE, value loss, entropy bonus) drives ``VLAModule``, which
 supplies the Gaussian action distribution and the value function (``ValueFunctionAPI``). Nothing
-of the loss is rewritten here: this file is the algorithm's defaults and the config it starts from.
+of RLlib's loss is rewritten here: this file is the algorithm's defaults, the config it starts
+from, and a learner that adds the module's auxiliary loss when the module has one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+
+from vla_ray.rl_module import AUX_LOSS
 
 NAME = "ppo"
 # Heads that give the log-probabilities PPO needs.
@@ -32,6 +36,21 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
 MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
 
 
+class VLAPPOLearner(PPOTorchLearner):
+    """RLlib's PPO loss plus the module's auxiliary loss when it has one (``AUX_LOSS`` in the
+    forward output: the keypoint reconstruction of ``vision_config.recon_coeff``)."""
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        total = super().compute_loss_for_module(
+            module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+        )
+        aux = fwd_out.get(AUX_LOSS)
+        if aux is None:
+            return total
+        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
+        return total + aux
+
+
 def make_config() -> PPOConfig:
     """A fresh PPO config; the caller adds env, module, runners and training settings."""
-    return PPOConfig()
+    return PPOConfig().learners(learner_class=VLAPPOLearner)

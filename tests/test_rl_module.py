@@ -48,6 +48,24 @@ def test_forward_outputs_and_values(langreach_spaces, langreach_obs_batch):
     assert dist.sample().shape == (8, 2)
 
 
+def test_keypoint_reconstruction_is_a_training_output_only_when_enabled(
+    langreach_spaces, langreach_obs_batch
+):
+    from vla_ray.rl_module import AUX_LOSS
+
+    batch = to_batch(langreach_obs_batch)
+    assert AUX_LOSS not in make_module(langreach_spaces).forward_train(batch)
+    module = make_module(
+        langreach_spaces, vision_config={"tokens": "keypoints", "recon_coeff": 0.5}
+    )
+    aux = module.forward_train(batch)[AUX_LOSS]
+    assert aux.shape == () and 0.0 < aux.item() < 5.0
+    aux.backward()  # reaches the conv stack, not only the decoder
+    assert module.vla.trunk.vision.net[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert AUX_LOSS not in module.forward_exploration(batch)
+
+
 def test_inference_only_drops_value_function(langreach_spaces):
     full = make_module(langreach_spaces, value="separate")
     assert hasattr(full, "vf") and hasattr(full, "vf_trunk")

@@ -49,6 +49,9 @@ from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import VLA, VLATrunk
 
+# ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
+# ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (PPO, GAIL)
+AUX_LOSS = "aux_loss"
 MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path")
 SPACE_DERIVED_KEYS = (
     "image_size",
@@ -197,6 +200,9 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         features = self.vla.trunk(batch[Columns.OBS])
         out = self._policy_out(features)
         out[Columns.EMBEDDINGS] = features
+        vision = self.vla.trunk.vision
+        if getattr(vision, "recon", None) is not None:  # cnn with recon_coeff > 0
+            out[AUX_LOSS] = vision.reconstruction_loss(batch[Columns.OBS]["image"])
         return out
 
     @override(ValueFunctionAPI)

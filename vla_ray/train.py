@@ -350,6 +350,7 @@ LEARNER_KEYS = (
     "vf_explained_var",
     "entropy",
     "mean_kl_loss",
+    "aux_loss",  # the module's auxiliary loss (keypoint reconstruction), when it has one
     # SAC family (sac, cql, iql)
     "qf_loss",
     "qf_mean",

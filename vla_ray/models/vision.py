@@ -54,6 +54,9 @@ def images_to_float(images: torch.Tensor, family: str) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
+RECON_SIZE = 16  # side of the image the keypoint decoder reconstructs (recon_coeff > 0)
+
+
 class CNNEncoder(nn.Module):
     """Small conv net for fast RL from pixels: CoordConv input and a patchify stem.
 
@@ -68,6 +71,12 @@ class CNNEncoder(nn.Module):
     and shift computed from the ``context`` vector passed to ``forward``, initialised to the
     identity. The last layer then sees only what the instruction asks about, so keypoints can
     point at "the red target" directly.
+
+    ``recon_coeff > 0`` (keypoints only) adds a deep-spatial-autoencoder decoder (Finn et al.
+    2016): an MLP maps the keypoints to the image at 16x16 with the batch's mean image
+    subtracted (what moves from frame to frame: the arm, the targets). ``reconstruction_loss``
+    is that error relative to predicting the mean image, times ``recon_coeff``; a learner adds it
+    to its loss so every object stays decodable from the keypoints while RL shapes them.
     """
 
     family = "cnn"
@@ -79,9 +88,15 @@ class CNNEncoder(nn.Module):
         tokens: str = "patches",
         film: bool = False,
         context_dim: int | None = None,
+        recon_coeff: float = 0.0,
     ):
         super().__init__()
         check_choice("vision_config.tokens", tokens, ("patches", "keypoints"))
+        if recon_coeff and (tokens != "keypoints" or film):
+            raise ValueError(
+                "vision_config.recon_coeff: the reconstruction decodes instruction-free keypoints; "
+                f"needs tokens='keypoints' and film=False, got tokens={tokens!r}, film={film}"
+            )
         if film and not context_dim:
             raise ValueError("vision_config.film: needs the instruction context size (context_dim)")
         if film and len(layers) < 2:
@@ -124,6 +139,17 @@ class CNNEncoder(nn.Module):
             # channel identity, at the scale of the projected coordinates so the pooling attention
             # can tell channels apart from the start
             self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
+        self.recon_coeff = float(recon_coeff)
+        self.recon: nn.Module | None = None
+        if self.recon_coeff:
+            if h % RECON_SIZE or w % RECON_SIZE:
+                raise ValueError(
+                    f"vision_config.recon_coeff: image size {h}x{w} is not a multiple of "
+                    f"{RECON_SIZE}"
+                )
+            self.recon = nn.Sequential(
+                nn.Linear(3 * in_ch, 256), nn.GELU(), nn.Linear(256, 3 * RECON_SIZE**2)
+            )
 
     def feature_map(
         self, images: torch.Tensor, context: torch.Tensor | None = None
@@ -148,6 +174,19 @@ class CNNEncoder(nn.Module):
         flat = feature_map.flatten(2)
         attn = flat.softmax(-1)
         return attn, attn @ self.grid_xy, flat.amax(-1, keepdim=True)
+
+    def reconstruction_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """``recon_coeff`` x the keypoints' reconstruction error of the (B, H, W, 3) images at
+        16x16, mean image of the batch subtracted, relative to predicting that mean image."""
+        if self.recon is None:
+            raise ValueError("reconstruction_loss: this encoder has recon_coeff=0 (no decoder)")
+        _, xy, peak = self.spatial_keypoints(self.feature_map(images))
+        pred = self.recon(torch.cat([xy, peak], -1).flatten(1))
+        x = images_to_float(images, "cnn")
+        target = nn.functional.adaptive_avg_pool2d(x, RECON_SIZE).flatten(1)
+        target = target - target.mean(0, keepdim=True)
+        err = (pred - target).pow(2).mean()
+        return self.recon_coeff * err / target.pow(2).mean().detach().clamp_min(1e-6)
 
     def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.feature_map(images, context)
