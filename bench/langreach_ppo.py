@@ -11,6 +11,7 @@ each run's best checkpoint on ``--eval-episodes`` held-out seeds. Prints a table
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -88,17 +89,32 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--skip-blind", action="store_true")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of both variants, as vla-ray train --set (e.g. "
+        "model.vision_config.recon_coeff=0.05); repeatable",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="evaluate finished runs in OUT/runs instead of retraining",
     )
     args = parser.parse_args()
+    from vla_ray.train import parse_overrides
+
+    try:
+        common = parse_overrides(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    variants = [("instruction", {})]
+    variants = [("instruction", copy.deepcopy(common))]
     if not args.skip_blind:
-        variants.append(("blind", {"env_config": {"instruction_mode": "blind"}}))
+        env_config = {**common.get("env_config", {}), "instruction_mode": "blind"}
+        variants.append(("blind", {**copy.deepcopy(common), "env_config": env_config}))
     results = []
     for name, overrides in variants:
         results.append(
@@ -114,6 +130,7 @@ def main() -> None:
         command=(
             f"python bench/langreach_ppo.py --minutes {args.minutes:g} --out {args.out}"
             + (" --skip-blind" if args.skip_blind else "")
+            + "".join(f" --set {item}" for item in args.set)
         ),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         minutes_per_variant=args.minutes,

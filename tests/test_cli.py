@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vla_ray.cli import main
+from vla_ray.presets import get_preset
 from vla_ray.train import parse_overrides
 
 SMALL = [
@@ -172,5 +173,12 @@ def test_quickstart_runs_demos_bc_then_ppo_from_the_bc_policy(ray_session, tmp_p
     ppo_config = json.loads((out / "ppo" / "config.json").read_text())
     pretrained = ppo_config["model"]["pretrained_path"]
     assert pretrained.startswith(str(out / "bc" / "checkpoints")) and pretrained.endswith("vla")
+    # the cloned VLA has the PPO preset's vision encoder, so PPO trains its reconstruction loss
+    bc_config = json.loads((out / "bc" / "config.json").read_text())
+    ppo_vision = get_preset("langreach-ppo").model["vision_config"]
+    assert ppo_vision["recon_coeff"] > 0
+    assert bc_config["model"]["vision_config"] == ppo_vision
+    ppo_rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert ppo_rows and ppo_rows[-1]["learner"]["aux_loss"] > 0
     result = json.loads((out / "eval.json").read_text())
     assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0

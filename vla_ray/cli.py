@@ -212,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
     from vla_ray.evaluate import evaluate, load_policy
+    from vla_ray.presets import get_preset
     from vla_ray.train import resolve, train
 
     output = Path(args.output or _default_output("quickstart"))
@@ -226,9 +227,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         print(f"quickstart 2: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
+        # the RL stage continues from the cloned VLA, whose architecture wins: build it with the
+        # RL preset's vision encoder (langreach-ppo's keypoint-reconstruction decoder)
+        rl_vision = get_preset(f"langreach-{getattr(args, 'rl', 'ppo')}").model["vision_config"]
         bc_spec = resolve(
             "langreach-bc",
-            {"eval_every": max(1, args.bc_iters // 4), "eval_episodes": 10},
+            {
+                "eval_every": max(1, args.bc_iters // 4),
+                "eval_episodes": 10,
+                "model": {"vision_config": dict(rl_vision)},
+            },
             data=output / "demos",
         )
         bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=not args.quiet)

@@ -57,8 +57,12 @@ PRESETS: dict[str, Preset] = {
             algorithm="ppo",
             env="vla_ray/LangReach-v0",
             description="PPO from 64x64 pixels + instruction on LangReach (tiny CNN/Qwen2 VLA)",
+            # A small keypoint-reconstruction loss keeps every target decodable from the CNN's
+            # keypoints; without it PPO lets one colour drop out of them and plateaus at ~0.70
+            # (docs/benchmarks.md, "Keeping every colour in the keypoints").
             model=dict(
                 TINY_VLA,
+                vision_config={"tokens": "keypoints", "recon_coeff": 0.05},
                 vision_skip=True,
                 head="gaussian",
                 head_config={"init_log_std": -1.0},
