@@ -25,11 +25,14 @@ NAME = "cql"
 HEADS = ("tanh_gaussian",)
 # Trains from a dataset (``--data PATH``); EnvRunners only evaluate.
 OFFLINE = True
-# CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC warm-up).
+# CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC warm-up), but
+# the entropy temperature's lr at 1e-3: from alpha 1.0, at 1e-4 it was still at 0.6-0.75 after
+# the 3,000-5,000 updates of a CPU budget (the actor weighing entropy, not Q); at 1e-3 it reaches
+# ~0.1 by 2,500 updates (docs/benchmarks.md, "CQL's entropy temperature").
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=1e-4,
     critic_lr=3e-4,
-    alpha_lr=1e-4,
+    alpha_lr=1e-3,
     gamma=0.99,
     tau=0.005,
     initial_alpha=1.0,
