@@ -14,8 +14,8 @@ maximises the discriminator reward ``r = -log(1 - D(s, a))`` instead of the env'
   targets are computed on the discriminator reward.
 - The learner (``GAILLearner``, the PPO learner of ``ppo.py``) adds the discriminator's
   binary cross-entropy (expert = 1, policy = 0; one expert sample per policy step of each
-  minibatch) to PPO's loss. The two losses touch disjoint parameters (the reward is computed without
-  gradients), so one backward pass trains both.
+  minibatch) to PPO's loss. The two losses touch disjoint parameters (the reward is computed
+  without gradients), so one backward pass trains both.
 
 Expert demos are loaded into the learner process once (they are small: a few thousand steps).
 """

@@ -306,6 +306,9 @@ def test_keypoint_reconstruction_loss_is_relative_error_and_learns():
     for bad in ({"tokens": "patches"}, {"film": True, "context_dim": 8}):
         with pytest.raises(ValueError, match="vision_config.recon_coeff"):
             CNNEncoder((64, 64), recon_coeff=1.0, **{"tokens": "keypoints", **bad})
+    # one image is its own mean: nothing moves, the error is the decoder's output, not divided
+    one = enc.reconstruction_loss(test[:1])
+    assert torch.isfinite(one) and one.item() < 10.0
     with pytest.raises(ValueError, match="multiple of 16"):
         CNNEncoder((40, 40), tokens="keypoints", recon_coeff=1.0)
 

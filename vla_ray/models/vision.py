@@ -186,7 +186,8 @@ class CNNEncoder(nn.Module):
         target = nn.functional.adaptive_avg_pool2d(x, RECON_SIZE).flatten(1)
         target = target - target.mean(0, keepdim=True)
         err = (pred - target).pow(2).mean()
-        return self.recon_coeff * err / target.pow(2).mean().detach().clamp_min(1e-6)
+        energy = float(target.pow(2).mean())  # 0 for one image or identical ones: error as is
+        return self.recon_coeff * (err / energy if energy > 1e-6 else err)
 
     def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.feature_map(images, context)
