@@ -130,7 +130,7 @@ def algo_overrides(items: list[str], algos: list[str]) -> dict[str, dict[str, An
     ValueError naming the item when it is malformed or names an algorithm not run."""
     from vla_ray.train import parse_overrides
 
-    out: dict[str, dict[str, Any]] = {}
+    settings: dict[str, list[str]] = {}
     for item in items:
         algo, sep, setting = item.partition(":")
         if not sep or algo not in algos:
@@ -138,13 +138,8 @@ def algo_overrides(items: list[str], algos: list[str]) -> dict[str, dict[str, An
                 f"--set {item!r}: expected ALGO:KEY=VALUE with ALGO one of {', '.join(algos)} "
                 "(e.g. cql:training.alpha_lr=1e-3)"
             )
-        sub = parse_overrides([setting])
-        for key, value in sub.items():
-            if isinstance(value, dict):
-                out.setdefault(algo, {}).setdefault(key, {}).update(value)
-            else:
-                out.setdefault(algo, {})[key] = value
-    return out
+        settings.setdefault(algo, []).append(setting)
+    return {algo: parse_overrides(group) for algo, group in settings.items()}
 
 
 def train_one(
