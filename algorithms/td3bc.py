@@ -16,9 +16,10 @@ observations work too; gradients of the actor loss never reach it) with one MLP 
 ``[trunk features, action]``. Target copies of actor and critics implement RLlib's
 ``TargetNetworkAPI``. With ``normalize_states`` (default, as in the paper) the ``state``
 observation is standardised with the dataset's mean/std, computed by one ``ray.data`` pass when
-the algorithm is built and stored in the module (so evaluation and checkpoints use it too).
+the algorithm is built and kept in the VLA's config (every trunk applies it; evaluation and
+checkpoints use it too).
 
-Because normalisation and squashing live in the module, the RLlib checkpoint is the policy
+Because the tanh squashing lives in the module, the RLlib checkpoint is the policy
 (no separate ``vla/`` export). Data and training loop: RLlib's offline pipeline (BC's
 ``training_step``); the learner connector adds next observations.
 """
@@ -39,6 +40,7 @@ from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from torch.nn import functional as F
 
 from vla_ray.config import ConfigError
+from vla_ray.data.stats import add_state_normalisation
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import VLATrunk
 from vla_ray.rl_module import VLAModule
@@ -46,7 +48,7 @@ from vla_ray.rl_module import VLAModule
 NAME = "td3bc"
 HEADS = ("mlp",)
 OFFLINE = True
-# normalisation and tanh squashing are part of the module: its RLlib checkpoint is the policy
+# tanh squashing is part of the module (not the VLA): its RLlib checkpoint is the policy
 EXPORTS_VLA = False
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=3e-4,
@@ -62,7 +64,7 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
 )
 MODEL_DEFAULTS: dict[str, Any] = dict(head="mlp", value="none")
 # model_config keys of the TD3+BC module (not VLAConfig fields)
-MODULE_KEYS = ("state_mean", "state_std", "q_hidden")
+MODULE_KEYS = ("q_hidden",)
 
 
 # -- losses (pure functions, unit-tested) --------------------------------------------------------
@@ -105,20 +107,6 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
                 f"head: TD3+BC needs the deterministic 'mlp' head, got {self.vla.config.head!r}"
             )
         self._low, self._high = head.low, head.high
-        mean, std = extra.get("state_mean"), extra.get("state_std")
-        if (mean is None) != (std is None):
-            raise ConfigError("model_config: give both state_mean and state_std, or neither")
-        if mean is not None:
-            dim = self.vla.config.state_dim
-            if len(mean) != dim or len(std) != dim:
-                raise ConfigError(
-                    f"state_mean/state_std: expected {dim} values (the state size), "
-                    f"got {len(mean)} and {len(std)}"
-                )
-            self.register_buffer("state_mean", torch.tensor(mean, dtype=torch.float32))
-            self.register_buffer("state_std", torch.tensor(std, dtype=torch.float32))
-        else:
-            self.state_mean = self.state_std = None
         if not self.inference_only:
             cfg = self.vla.config
             hidden = int(extra.get("q_hidden", 256))
@@ -128,24 +116,18 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
             self.qf_twin = mlp(in_dim, hidden, 1)
 
     # ---- pieces used by the learner ------------------------------------------------------------
-    def normalize(self, obs: dict[str, Any]) -> dict[str, Any]:
-        """The observation with its ``state`` standardised (unchanged without statistics)."""
-        if self.state_mean is None or "state" not in obs:
-            return obs
-        return {**obs, "state": (obs["state"].float() - self.state_mean) / self.state_std}
-
     def actor(self, obs: dict[str, Any], trunk=None, head=None) -> torch.Tensor:
         """Actions (B, chunk * action_dim) in the action bounds (tanh-squashed MLP head)."""
         trunk = self.vla.trunk if trunk is None else trunk
         head = self.vla.head if head is None else head
-        raw = head.net(trunk(self.normalize(obs)))
+        raw = head.net(trunk(obs))
         return self._low + (torch.tanh(raw) + 1.0) * 0.5 * (self._high - self._low)
 
     def q_values(self, obs, actions, trunk=None, nets=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Twin Q values (B,), (B,) of (obs, actions)."""
         trunk = self.qf_trunk if trunk is None else trunk
         q1, q2 = (self.qf, self.qf_twin) if nets is None else nets
-        x = torch.cat([trunk(self.normalize(obs)), actions.float()], dim=-1)
+        x = torch.cat([trunk(obs), actions.float()], dim=-1)
         return q1(x).squeeze(-1), q2(x).squeeze(-1)
 
     def target_q_of_next(self, next_obs: dict[str, Any], noise_fn) -> tuple[torch.Tensor, ...]:
@@ -358,17 +340,8 @@ class TD3BCConfig(BCConfig):
                 self._value_error(f"{name}: must be >= 0, got {getattr(self, name)}")
 
     def build_algo(self, *args, **kwargs):
-        spec = self._rl_module_spec
-        if self.normalize_states and spec is not None:
-            from vla_ray.data.stats import episode_stats
-
-            stats = episode_stats(self.input_)
-            if stats["state_mean"] is not None:
-                spec.model_config = {
-                    **(spec.model_config or {}),
-                    "state_mean": stats["state_mean"],
-                    "state_std": stats["state_std"],
-                }
+        if self.normalize_states:
+            add_state_normalisation(self)
         return super().build_algo(*args, **kwargs)
 
     def get_default_learner_class(self):

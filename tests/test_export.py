@@ -190,6 +190,26 @@ def test_diffusion_head_takes_noise_as_input(tmp_path):
     assert not np.allclose(sampled, runner(inputs), atol=1e-3)  # the noise matters
 
 
+def test_state_normalisation_is_inside_the_exported_graph(tmp_path):
+    """A VLA trained on standardised states (``state_mean``/``state_std``) exports a graph that
+    takes the raw env state; the spec says so and gives the statistics."""
+    mean, std = [10.0, -5.0, 0.0, 2.0], [4.0, 0.5, 1.0, 3.0]
+    cfg = VLAConfig(vision="none", head="mlp", state_mean=mean, state_std=std)
+    torch.manual_seed(0)
+    src = VLA(cfg).save_pretrained(tmp_path / "vla")
+    summary = export(src, "onnx", tmp_path / "out", progress=None)
+    assert summary["formats"]["onnx"]["max_abs_diff"] < FP32_TOLERANCE
+    spec = read_spec(tmp_path / "out" / "onnx")
+    state = spec["normalisation"]["state"]
+    assert state["applied"] == "inside the model"
+    assert state["mean"] == mean and state["std"] == std
+    vla = VLA.from_pretrained(src).eval()
+    inputs = random_inputs(vla.config, len(vla.tokenizer), 3, seed=1)
+    inputs["state"] = inputs["state"] * 10 + 5  # raw, far from standardised
+    actions = load_runner(tmp_path / "out" / "onnx")(inputs)
+    np.testing.assert_allclose(actions, reference_actions(vla, inputs), atol=FP32_TOLERANCE)
+
+
 def test_transformer_head_and_rllib_module_dir(tmp_path, langreach_spaces):
     """An RLlib RLModule checkpoint directory exports too (here: autoregressive head)."""
     from vla_ray.rl_module import VLAModule

@@ -406,3 +406,36 @@ def test_kv_cache_keyword_follows_the_transformers_release():
 
     decoder = decoder_of(VLA(VLAConfig()).trunk.lm)
     assert cache_keyword(decoder) in inspect.signature(decoder.forward).parameters
+
+
+def test_state_normalisation_lives_in_the_config_and_survives_save(tmp_path):
+    """``state_mean``/``state_std`` standardise the state inside the trunk (the same features as
+    the plain model fed the standardised state); saved and loaded with the config."""
+    mean, std = [1.0, -2.0, 0.5, 3.0], [2.0, 0.5, 1.0, 4.0]
+    torch.manual_seed(0)
+    plain = VLA(VLAConfig(vision="none", head="mlp"))
+    normed = VLA(VLAConfig(vision="none", head="mlp", state_mean=mean, state_std=std))
+    normed.load_state_dict(plain.state_dict())  # the statistics are not weights
+    obs = make_obs()
+    obs.pop("image")
+    scaled = {**obs, "state": (obs["state"] - torch.tensor(mean)) / torch.tensor(std)}
+    with torch.no_grad():
+        torch.testing.assert_close(normed.trunk(obs), plain.trunk(scaled))
+        assert not torch.allclose(normed.trunk(obs), plain.trunk(obs))
+    loaded = VLA.from_pretrained(normed.save_pretrained(tmp_path / "vla"))
+    assert loaded.config.state_mean == mean and loaded.config.state_std == std
+    torch.testing.assert_close(loaded.predict(obs), normed.predict(obs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"state_mean": [0.0] * 4}, "give both"),
+        ({"state_mean": [0.0] * 3, "state_std": [1.0] * 3}, "expected 4 values each"),
+        ({"state_mean": [0.0] * 4, "state_std": [1.0, 0.0, 1.0, 1.0]}, "positive finite stds"),
+        ({"state_mean": [float("nan")] * 4, "state_std": [1.0] * 4}, "finite means"),
+    ],
+)
+def test_bad_state_normalisation_names_the_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        VLAConfig(vision="none", **fields)

@@ -282,11 +282,13 @@ def test_td3bc_two_iterations(ray_session, hopper_data, tmp_path):
     assert "actor_loss" in rows[0]["learner"] and "critic_loss" in rows[1]["learner"]
     assert "actor_loss" not in rows[1]["learner"]
     ckpt = tmp_path / "run" / "checkpoints" / "last"
-    assert not (ckpt / "vla").exists()  # the module (normalisation + squashing) is the policy
+    assert not (ckpt / "vla").exists()  # the module (with its squashing) is the policy
     module = RLModule.from_checkpoint(ckpt / MODULE_SUBDIR)
     stats = json.loads((ckpt / "vla_ray_meta.json").read_text())
     assert stats["iteration"] == 2
-    assert module.state_mean is not None and module.state_mean.shape == (11,)
+    # the dataset's state statistics are in the VLA's config; every trunk applies them
+    assert len(module.vla.config.state_mean) == 11
+    assert module.vla.trunk.state_mean.shape == module.qf_trunk.state_std.shape == (11,)
     obs = gym.make(HOPPER).reset(seed=0)[0]
     batch = {"obs": {k: torch.as_tensor(v)[None] for k, v in obs.items()}}
     action = module.forward_inference(batch)["actions"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class VLAConfig:
     freeze_llm: bool = False
     # feed the proprioceptive state to the head beside the trunk features
     state_skip: bool = True
+    # standardise the state inside the model, ``(state - state_mean) / state_std`` (e.g. an
+    # offline dataset's statistics, ``vla_ray.data.stats.state_normalisation``); None: raw state
+    state_mean: list[float] | None = None
+    state_std: list[float] | None = None
     # feed the projector's (instruction-conditioned) vision tokens to the head as well
     vision_skip: bool = False
     # how the instruction prefix is pooled into one context vector: masked "mean", or
@@ -90,6 +95,7 @@ class VLAConfig:
                 )
             if self.vision_skip:
                 raise ConfigError("vision_skip: there are no vision tokens with vision='none'")
+        self._check_state_normalisation()
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise ConfigError(f"image_size: expected (H, W) with H, W >= 8, got {self.image_size}")
         if self.projector_tokens < 1:
@@ -98,6 +104,27 @@ class VLAConfig:
             raise ConfigError(
                 f"action_low/action_high: expected low < high, got {self.action_low}, {self.action_high}"
             )
+
+    def _check_state_normalisation(self) -> None:
+        if (self.state_mean is None) != (self.state_std is None):
+            raise ConfigError("state_mean/state_std: give both, or neither")
+        if self.state_mean is None:
+            return
+        mean = [float(v) for v in self.state_mean]
+        std = [float(v) for v in self.state_std]
+        if len(mean) != self.state_dim or len(std) != self.state_dim:
+            raise ConfigError(
+                f"state_mean/state_std: expected {self.state_dim} values each (state_dim), "
+                f"got {len(mean)} and {len(std)}"
+            )
+        if not all(math.isfinite(v) for v in mean) or not all(
+            math.isfinite(v) and v > 0 for v in std
+        ):
+            raise ConfigError(
+                "state_mean/state_std: expected finite means and positive finite stds, "
+                f"got mean={mean}, std={std}"
+            )
+        self.state_mean, self.state_std = mean, std
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLAConfig:

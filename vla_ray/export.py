@@ -269,6 +269,14 @@ def _normalisation(vla: VLA) -> dict[str, Any]:
         "state": {"applied": "none", "note": "raw env state, as the policy was trained on"},
         "actions": {"applied": "none", "note": "actions are in [low, high] of the action space"},
     }
+    cfg = vla.config
+    if cfg.state_mean is not None:
+        norm["state"] = {
+            "applied": "inside the model",
+            "steps": "(state - mean) / std per dimension; send the raw env state",
+            "mean": list(cfg.state_mean),
+            "std": list(cfg.state_std),
+        }
     if vision is None:  # state-only VLA
         return norm
     mean, std = _NORM[vision.family]

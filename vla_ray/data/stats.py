@@ -66,6 +66,23 @@ def episode_stats(path: str | os.PathLike | list[str]) -> dict[str, Any]:
     )
 
 
+def add_state_normalisation(config: Any) -> None:
+    """Put the offline dataset's ``state`` mean/std (``config.input_``) into the module spec's
+    ``model_config`` as the VLA's ``state_mean``/``state_std``: every VLA trunk of the module
+    (policy, critics, targets) then standardises the state, and checkpoints and exports keep
+    it. Nothing when the observations have no ``state`` or there is no module spec yet."""
+    spec = config._rl_module_spec
+    if spec is None:
+        return
+    stats = episode_stats(config.input_)
+    if stats["state_mean"] is not None:
+        spec.model_config = {
+            **(spec.model_config or {}),
+            "state_mean": stats["state_mean"],
+            "state_std": stats["state_std"],
+        }
+
+
 def top_percent_threshold(returns: np.ndarray, percent: float) -> float:
     """The return an episode needs to be among the top ``percent`` % (at least one episode)."""
     if not 0.0 < percent <= 100.0:

@@ -161,6 +161,14 @@ class VLATrunk(nn.Module):
         self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
         self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
+        # state standardisation from the config (not in the weights: the config carries it)
+        mean, std = config.state_mean, config.state_std
+        self.register_buffer(
+            "state_mean", None if mean is None else torch.tensor(mean), persistent=False
+        )
+        self.register_buffer(
+            "state_std", None if std is None else torch.tensor(std), persistent=False
+        )
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         # attention pooling of the prefix; zero query = uniform weights = the masked mean at init
         self.context_query = (
@@ -287,6 +295,8 @@ class VLATrunk(nn.Module):
         state = None
         if self.state_proj is not None:
             state = obs["state"].float()
+            if self.state_mean is not None:
+                state = (state - self.state_mean) / self.state_std
             parts.append(self.state_proj(state)[:, None])
         parts.append(self.query.expand(B, -1, -1))
         suffix = torch.cat(parts, dim=1)
