@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.cql import CQL, CQLConfig
 from ray.rllib.algorithms.cql.torch.cql_torch_learner import CQLTorchLearner
 from ray.rllib.algorithms.marwil import MARWIL
 from ray.rllib.utils.metrics import ALL_MODULES
 from ray.tune.result import TRAINING_ITERATION
 
+from vla_ray.data.stats import add_state_normalisation
 from vla_ray.sac_module import VLACQLModule
 
 NAME = "cql"
@@ -28,7 +30,9 @@ OFFLINE = True
 # CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC warm-up), but
 # the entropy temperature's lr at 1e-3: from alpha 1.0, at 1e-4 it was still at 0.6-0.75 after
 # the 3,000-5,000 updates of a CPU budget (the actor weighing entropy, not Q); at 1e-3 it reaches
-# ~0.1 by 2,500 updates (docs/benchmarks.md, "CQL's entropy temperature").
+# ~0.1 by 2,500 updates (docs/benchmarks.md, "CQL's entropy temperature"). States standardised
+# with the dataset's statistics (as CORL's CQL and our TD3+BC): without it, CQL on HalfCheetah
+# medium-replay peaked early and fell to BC's level ("CQL with standardised states").
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=1e-4,
     critic_lr=3e-4,
@@ -42,6 +46,7 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     min_q_weight=5.0,
     bc_iters=100,  # learner updates of BC warm-up for the actor (VLACQLLearner counts them)
     deterministic_backup=True,
+    normalize_states=True,
 )
 MODEL_DEFAULTS: dict[str, Any] = dict(head="tanh_gaussian", q_hidden=256)
 
@@ -91,10 +96,24 @@ class VLACQL(CQL):
 
 
 class VLACQLConfig(CQLConfig):
-    """RLlib's CQLConfig building ``VLACQL`` with ``VLACQLLearner``."""
+    """RLlib's CQLConfig building ``VLACQL`` with ``VLACQLLearner``, plus ``normalize_states``:
+    standardise the ``state`` observation with the dataset's mean/std (kept in the VLA's config,
+    so every trunk, checkpoint and export applies it), as TD3+BC does."""
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or VLACQL)
+        self.normalize_states = False
+
+    def training(self, *, normalize_states: bool = NotProvided, **kwargs) -> VLACQLConfig:
+        super().training(**kwargs)
+        if normalize_states is not NotProvided:
+            self.normalize_states = bool(normalize_states)
+        return self
+
+    def build_algo(self, *args, **kwargs):
+        if self.normalize_states:
+            add_state_normalisation(self)
+        return super().build_algo(*args, **kwargs)
 
     def get_default_learner_class(self) -> type:
         return VLACQLLearner

@@ -192,6 +192,61 @@ def test_cql_repeated_actions_match_rllibs_repeated_observations(given_actions):
         torch.testing.assert_close(our_grads[n], ref_grads[n], msg=n)
 
 
+def test_cql_penalty_scores_next_state_policy_actions_at_the_current_state():
+    """As in the CQL paper (and RLlib's old API stack): the penalty's third action set is sampled
+    from the policy at ``s'`` and scored by the Q functions at ``s`` (RLlib 2.60's new-stack
+    module scored it at ``s'``)."""
+    from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import (
+        DefaultCQLTorchRLModule,
+    )
+
+    from vla_ray.sac_module import _ObsBatch
+
+    obs_space, act_space = _spaces(PENDULUM)
+    torch.manual_seed(0)
+    module = VLACQLModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"twin_q": True, **SMALL_MODEL, "num_actions": 4},
+    )
+    module.make_target_networks()
+    batch = _batch(PENDULUM)
+    obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+    assert not torch.equal(obs["state"], next_obs["state"])
+
+    def q_at(observations, actions, encoder, head):
+        features = encoder.trunk(observations).repeat_interleave(4, dim=0)
+        return head(torch.cat([features, actions.float()], dim=-1)).view(6, 4, 1)
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ours = module._repeat_actions(obs, policy_obs=next_obs)
+        torch.manual_seed(1)
+        rllib = DefaultCQLTorchRLModule._repeat_actions(module, _ObsBatch(next_obs))
+        # the same actions and log-probs (the policy at s') ...
+        torch.testing.assert_close(ours[Columns.ACTIONS], rllib[Columns.ACTIONS])
+        torch.testing.assert_close(ours[Columns.ACTION_LOGP], rllib[Columns.ACTION_LOGP])
+        # ... scored at s, where RLlib's are scored at s'
+        a = ours[Columns.ACTIONS]
+        torch.testing.assert_close(ours["qf_preds"], q_at(obs, a, module.qf_encoder, module.qf))
+        torch.testing.assert_close(
+            rllib["qf_preds"], q_at(next_obs, a, module.qf_encoder, module.qf)
+        )
+        assert not torch.allclose(ours["qf_preds"], rllib["qf_preds"])
+
+        out = module.forward_train(batch)
+        for name in ("rand", "curr", "next"):
+            a = out[f"actions_{name}_repeat"]
+            torch.testing.assert_close(
+                out[f"q_{name}_repeat"], q_at(obs, a, module.qf_encoder, module.qf)
+            )
+            torch.testing.assert_close(
+                out[f"q_twin_{name}_repeat"],
+                q_at(obs, a, module.qf_twin_encoder, module.qf_twin),
+            )
+    assert all(p.requires_grad for p in module.vla.parameters())  # unfrozen after the pass
+
+
 def test_inference_only_module_drops_critics_and_acts_in_the_env_bounds():
     obs_space, act_space = _spaces(PENDULUM)  # actions in [-2, 2]
     learner = VLAIQLModule(
@@ -326,6 +381,28 @@ def test_cql_actor_leaves_the_bc_warmup_after_bc_iters_updates(ray_session, hopp
     switched, _ = _cql_weights(hopper_data, bc_iters=2)  # updates 3-4 on the Q functions
     assert all(np.array_equal(bc_only[k], same[k]) for k in bc_only)
     assert not all(np.array_equal(bc_only[k], switched[k]) for k in bc_only)
+
+
+def test_cql_normalize_states_puts_the_datasets_statistics_in_every_trunk(ray_session, hopper_data):
+    from vla_ray.data.stats import episode_stats
+
+    overrides = {
+        "model": SMALL_MODEL,
+        "training": {"train_batch_size_per_learner": 32, "normalize_states": True},
+        "eval_every": 0,
+    }
+    algo = build_algorithm_config(resolve("hopper-cql", overrides, data=str(hopper_data)))
+    algo = algo.build_algo()
+    try:
+        algo.train()
+        module = algo.learner_group._learner.module["default_policy"]
+        stats = episode_stats(hopper_data)
+        assert module.vla.config.state_mean == pytest.approx(stats["state_mean"])
+        assert module.vla.config.state_std == pytest.approx(stats["state_std"])
+        for trunk in (module.vla.trunk, module.qf_encoder.trunk, module.qf_twin_encoder.trunk):
+            assert trunk.state_mean.tolist() == pytest.approx(stats["state_mean"])
+    finally:
+        algo.stop()
 
 
 def test_sac_checkpoint_evaluates_alike_from_rllib_and_save_pretrained(ray_session, tmp_path):

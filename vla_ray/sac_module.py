@@ -234,7 +234,11 @@ class VLASACModule(DefaultSACTorchRLModule):
                     stack.enter_context(m.shared_prefixes())
                 elif isinstance(m, StateActionEncoder):
                     stack.enter_context(m.reuse_features())
-            return super()._forward_train(batch)
+            return self._train_outputs(batch)
+
+    def _train_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training pass's outputs (RLlib's default module's, for this algorithm)."""
+        return super()._forward_train(batch)
 
     # ---- action distributions ---------------------------------------------------------------
     @override(TorchRLModule)
@@ -251,11 +255,52 @@ class VLASACModule(DefaultSACTorchRLModule):
 
 
 class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
-    """RLlib's default CQL module (SAC + conservative Q penalty samples) with the VLA."""
+    """RLlib's default CQL module (SAC + conservative Q penalty samples) with the VLA.
+
+    The penalty's samples are those of the CQL paper (Kumar et al., 2020, and RLlib's old API
+    stack, ``cql_torch_policy.py``): ``num_actions`` uniform actions, actions of the policy at
+    ``s`` and actions of the policy at ``s'``, all three scored by the Q functions at ``s``.
+    RLlib 2.60's new-stack module scores the third set at ``s'`` (``q_next_repeat`` =
+    ``Q(s', a' ~ pi(s'))``), so a third of the log-sum-exp over "actions at ``s``" held values of
+    other states, and the penalty pushed down the next states' values instead of out-of-data
+    actions at ``s``.
+    """
+
+    def _train_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = DefaultSACTorchRLModule._forward_train(self, batch)
+        obs = batch[Columns.OBS]
+        policy = list(self.vla.trunk.parameters()) + list(self.vla.head.parameters())
+        for p in policy:  # as RLlib: the penalty's samples train the critics only
+            p.requires_grad = False
+        try:
+            low = torch.as_tensor(self.action_space.low, device=out[QF_PREDS].device)
+            high = torch.as_tensor(self.action_space.high, device=out[QF_PREDS].device)
+            n = int(self.model_config["num_actions"]) * batch[Columns.ACTIONS].shape[0]
+            uniform = low + (high - low) * torch.rand((n, low.shape[0]), device=low.device)
+            sets = {
+                "rand": self._repeat_actions(obs, uniform),
+                "curr": self._repeat_actions(obs),
+                "next": self._repeat_actions(obs, policy_obs=batch[Columns.NEXT_OBS]),
+            }
+        finally:
+            for p in policy:
+                p.requires_grad = True
+        for name, samples in sets.items():
+            out[f"actions_{name}_repeat"] = samples[Columns.ACTIONS]
+            out[f"q_{name}_repeat"] = samples[QF_PREDS]
+            if Columns.ACTION_LOGP in samples:
+                out[f"logps_{name}_repeat"] = samples[Columns.ACTION_LOGP]
+            if self.twin_q:
+                out[f"q_twin_{name}_repeat"] = samples[QF_TWIN_PREDS]
+        return out
 
     @override(DefaultCQLTorchRLModule)
-    def _repeat_actions(self, obs: Any, actions: torch.Tensor | None = None) -> dict[str, Any]:
-        """RLlib's CQL sampling of ``num_actions`` actions (and their Q values) per observation.
+    def _repeat_actions(
+        self, obs: Any, actions: torch.Tensor | None = None, *, policy_obs: Any = None
+    ) -> dict[str, Any]:
+        """RLlib's CQL sampling of ``num_actions`` actions (and their Q values) per observation:
+        the given ``actions``, or samples of the policy at ``policy_obs`` (default ``obs``),
+        scored by the Q functions at ``obs``.
 
         RLlib repeats the observations ``num_actions`` times and runs every encoder on the
         copies; here each trunk runs once on the observations and its features are repeated
@@ -265,7 +310,8 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
         n = int(self.model_config["num_actions"])
         output: dict[str, Any] = {}
         if actions is None:
-            features = self.pi_encoder({Columns.OBS: obs})[ENCODER_OUT]
+            policy_obs = obs if policy_obs is None else policy_obs
+            features = self.pi_encoder({Columns.OBS: policy_obs})[ENCODER_OUT]
             dist = self.get_train_action_dist_cls().from_logits(
                 self.pi(self._repeat_tensor(features, n))
             )
