@@ -69,7 +69,7 @@ class VLAConfig:
     # feed the proprioceptive state to the head beside the trunk features
     state_skip: bool = True
     # standardise the state inside the model, ``(state - state_mean) / state_std`` (e.g. an
-    # offline dataset's statistics, ``vla_ray.data.stats.state_normalisation``); None: raw state
+    # offline dataset's statistics, ``vla_ray.data.stats.add_state_normalisation``); None: raw state
     state_mean: list[float] | None = None
     state_std: list[float] | None = None
     # feed the projector's (instruction-conditioned) vision tokens to the head as well
