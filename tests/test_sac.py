@@ -8,12 +8,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import DefaultCQLTorchRLModule
 from ray.rllib.core.columns import Columns
 
 from vla_ray.cli import main
 from vla_ray.config import ConfigError
 from vla_ray.data import collect
-from vla_ray.sac_module import VLACQLModule, VLAIQLModule, VLASACModule
+from vla_ray.sac_module import VLACQLModule, VLAIQLModule, VLASACModule, _ObsBatch
 from vla_ray.train import build_algorithm_config, resolve, train
 
 PENDULUM = "vla_ray/Pendulum-v1"
@@ -150,24 +151,23 @@ def test_shared_prefixes_and_critic_features_keep_outputs_and_gradients(cls, ext
         torch.testing.assert_close(cached_grads[n], plain_grads[n], msg=n)
 
 
+def _cql_module(num_actions: int) -> VLACQLModule:
+    """A small CQL module on Pendulum, seeded."""
+    obs_space, act_space = _spaces(PENDULUM)
+    torch.manual_seed(0)
+    return VLACQLModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={"twin_q": True, **SMALL_MODEL, "num_actions": num_actions},
+    )
+
+
 @pytest.mark.parametrize("given_actions", [False, True])
 def test_cql_repeated_actions_match_rllibs_repeated_observations(given_actions):
     """VLACQLModule runs each trunk once and repeats its features; RLlib's own
     ``_repeat_actions`` runs the trunks on ``num_actions`` copies of the observations: the same
     actions, log-probs, Q values and parameter gradients."""
-    from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import (
-        DefaultCQLTorchRLModule,
-    )
-
-    from vla_ray.sac_module import _ObsBatch
-
-    obs_space, act_space = _spaces(PENDULUM)
-    torch.manual_seed(0)
-    module = VLACQLModule(
-        observation_space=obs_space,
-        action_space=act_space,
-        model_config={"twin_q": True, **SMALL_MODEL, "num_actions": 4},
-    )
+    module = _cql_module(num_actions=4)
     obs = _batch(PENDULUM)[Columns.OBS]
     given = torch.rand(6 * 4, 1) * 4 - 2 if given_actions else None
 
@@ -196,19 +196,7 @@ def test_cql_penalty_scores_next_state_policy_actions_at_the_current_state():
     """As in the CQL paper (and RLlib's old API stack): the penalty's third action set is sampled
     from the policy at ``s'`` and scored by the Q functions at ``s`` (RLlib 2.60's new-stack
     module scored it at ``s'``)."""
-    from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import (
-        DefaultCQLTorchRLModule,
-    )
-
-    from vla_ray.sac_module import _ObsBatch
-
-    obs_space, act_space = _spaces(PENDULUM)
-    torch.manual_seed(0)
-    module = VLACQLModule(
-        observation_space=obs_space,
-        action_space=act_space,
-        model_config={"twin_q": True, **SMALL_MODEL, "num_actions": 4},
-    )
+    module = _cql_module(num_actions=4)
     module.make_target_networks()
     batch = _batch(PENDULUM)
     obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
