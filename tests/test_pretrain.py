@@ -4,6 +4,8 @@ and loading the exported VLM into VLAModule."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,14 @@ from vla_ray.pretrain.data import (
     make_vlm_data,
     position_phrase,
 )
-from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, build_vla, pretrain
+from vla_ray.pretrain.trainer import (
+    PretrainConfig,
+    PretrainError,
+    build_vla,
+    pretrain,
+    shard_fsdp,
+    vla_config_for,
+)
 from vla_ray.tokenizer import load_tokenizer
 
 
@@ -154,8 +163,8 @@ def test_bad_records_are_reported_by_id_and_skipped(vlm_data, tmp_path):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(strategy="fsdp"), "fsdp needs --use-gpu"),
-        (dict(precision="bf16"), "bf16 autocast is for GPUs"),
+        (dict(strategy="zero3"), "valid names are ddp, fsdp"),
+        (dict(precision="fp16"), "valid names are fp32, bf16"),
         (dict(batch_size=6, num_workers=4), "divisible by num_workers x grad_accum"),
         (dict(stage="align", lora=True), "LoRA is for instruct"),
         (dict(stage="caption"), "valid names are align, instruct"),
@@ -168,28 +177,88 @@ def test_bad_settings_are_rejected_before_starting(tmp_path, kw, match):
 
 
 # ----------------------------------------------------------------------------- Ray Train runs
-@pytest.mark.slow
-def test_one_and_two_workers_give_the_same_losses(ray_session, vlm_data, tmp_path):
-    """DDP correctness: the global batch (all 8 records) is the same, so every step must match."""
-    one = run_pretrain(vlm_data, tmp_path / "w1", stage="instruct", num_workers=1)
-    two = run_pretrain(vlm_data, tmp_path / "w2", stage="instruct", num_workers=2)
-    assert one["steps"] == two["steps"] == 3
-    l1, l2 = losses(tmp_path / "w1"), losses(tmp_path / "w2")
-    assert [s for s, _ in l1] == [1, 2, 3]
-    np.testing.assert_allclose([x for _, x in l1], [x for _, x in l2], rtol=1e-4)
-    assert l1[-1][1] < l1[0][1]  # it learns
+def exported_weights(output) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    w1 = load_file(str(tmp_path / "w1" / "vlm" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "w2" / "vlm" / "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    return load_file(str(output / "vlm" / "model.safetensors"))
+
+
+def assert_same_run(reference, output) -> None:
+    """Same losses at every step and the same exported weights as the reference run."""
+    ref, got = losses(reference), losses(output)
+    assert [s for s, _ in got] == [s for s, _ in ref]
+    np.testing.assert_allclose([x for _, x in got], [x for _, x in ref], rtol=1e-4)
+    w_ref, w_got = exported_weights(reference), exported_weights(output)
+    assert w_ref.keys() == w_got.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w_got[k], w_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_session, vlm_data, tmp_path_factory):
+    """The reference run: stage instruct, 1 worker, 4 steps over the same global batch."""
+    out = tmp_path_factory.mktemp("w1")
+    summary = run_pretrain(vlm_data, out, stage="instruct", num_workers=1, max_steps=4)
+    assert summary["steps"] == 4
+    steps = losses(out)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    assert steps[-1][1] < steps[0][1]  # it learns
+    return out
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_give_the_same_losses(one_worker, vlm_data, tmp_path):
+    """DDP correctness: the global batch (all 8 records) is the same, so every step must match."""
+    two = run_pretrain(vlm_data, tmp_path / "w2", stage="instruct", num_workers=2, max_steps=4)
+    assert two["steps"] == 4
+    assert_same_run(one_worker, tmp_path / "w2")
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_worker_through_an_interruption(one_worker, vlm_data, tmp_path):
+    """FSDP2 over 2 CPU workers (gloo), activation checkpointing on, killed before step 4 and
+    resumed from the step-2 checkpoint: the same losses and weights as the 1-worker run, so the
+    sharded gradients, the gathered checkpoint and the restored optimiser state are right."""
+    out = tmp_path / "fsdp"
+    kw = dict(
+        stage="instruct",
+        num_workers=2,
+        strategy="fsdp",
+        gradient_checkpointing=True,
+        max_steps=4,
+        checkpoint_every=2,
+    )
+    with pytest.raises(PretrainError, match="fault injection"):
+        run_pretrain(vlm_data, out, fail_at_step=4, **kw)
+    assert [s for s, _ in losses(out)] == [1, 2, 3]
+    summary = run_pretrain(vlm_data, out, resume=True, **kw)
+    assert summary["steps"] == 4
+    assert_same_run(one_worker, out)  # step 4 needs Adam's moments from steps 1-3
+
+
+@pytest.mark.slow
+def test_bf16_autocast_runs_and_stays_close_to_fp32(one_worker, vlm_data, tmp_path):
+    out = tmp_path / "bf16"
+    run_pretrain(vlm_data, out, stage="instruct", precision="bf16", max_steps=2)
+    ref, got = [x for _, x in losses(one_worker)[:2]], [x for _, x in losses(out)]
+    np.testing.assert_allclose(got, ref, rtol=0.03)
+    assert not np.allclose(got, ref, rtol=1e-6, atol=0)  # autocast did run in bf16
+    assert {w.dtype for w in exported_weights(out).values()} == {torch.float32}
 
 
 @pytest.fixture(scope="module")
 def aligned(ray_session, vlm_data, tmp_path_factory):
+    """Stage align, started from the data's folder with relative paths, as users type them (the
+    Ray Train workers run in another directory)."""
     out = tmp_path_factory.mktemp("align")
-    summary = run_pretrain(vlm_data, out, stage="align", max_steps=2)
+    cwd = os.getcwd()
+    os.chdir(vlm_data.parent)
+    try:
+        summary = run_pretrain(
+            Path(vlm_data.name), Path(os.path.relpath(out)), stage="align", max_steps=2
+        )
+    finally:
+        os.chdir(cwd)
     return out, summary
 
 
@@ -265,6 +334,38 @@ def test_exported_vlm_loads_into_vla_module(aligned, langreach_spaces, langreach
         )
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_shards_each_decoder_layer_and_the_rest_at_the_root(lora, tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
+
+    cfg = PretrainConfig(stage="instruct", data="x.json", output=str(tmp_path), lora=lora)
+    vla = build_vla(vla_config_for(cfg).to_dict(), None, seed=0)
+    set_trainable(vla.trunk, "instruct")
+    vlm = VisionLanguageModel(vla.trunk)
+    with socket.socket() as s:  # a free port for a one-process gloo group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        shard_fsdp(vlm)
+        layers = [m for m in vlm.modules() if isinstance(m, Qwen2DecoderLayer)]
+        assert len(layers) == vla.trunk.lm.config.num_hidden_layers
+        assert all(isinstance(m, FSDPModule) for m in [vlm, *layers])
+        assert not isinstance(vlm.trunk.vision, FSDPModule)  # in the root unit
+        assert all(isinstance(p, DTensor) for p in vlm.parameters())
+        trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+        assert trainable and all(("lora_" in n) == lora for n in trainable if ".layers." in n)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_trunk_weights_load_into_a_lora_wrapped_lm(tmp_path):
     from vla_ray.config import VLAConfig
     from vla_ray.models.vla import VLA, load_trunk_weights
@@ -313,8 +414,10 @@ def test_cli_pretrain_reports_bad_input(tmp_path, capsys):
             "x.json",
             "--output",
             str(tmp_path / "run"),
-            "--strategy",
-            "fsdp",
+            "--batch-size",
+            "6",
+            "--num-workers",
+            "4",
         ]
     )
-    assert code == 2 and "fsdp needs --use-gpu" in capsys.readouterr().err
+    assert code == 2 and "divisible by num_workers x grad_accum" in capsys.readouterr().err

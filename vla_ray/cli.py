@@ -332,6 +332,12 @@ def cmd_make_vlm_data(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, pretrain
 
+    try:
+        model_config = json.loads(args.model_config) if args.model_config else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-config: not valid JSON ({err})") from None
+    if not isinstance(model_config, dict):
+        raise ValueError(f"--model-config: expected a JSON object, got {args.model_config!r}")
     cfg = PretrainConfig(
         stage=args.stage,
         data=args.data,
@@ -343,6 +349,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         projector=args.projector,
         projector_tokens=args.projector_tokens,
+        image_size=args.image_size,
+        extra_model_config=model_config,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         cpus_per_worker=args.cpus_per_worker,
@@ -351,6 +359,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         train_vision=args.train_vision,
         strategy=args.strategy,
         precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         epochs=args.epochs,
@@ -548,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer path (default: the LLM's, else the shipped one)")
     p.add_argument("--projector", default="attention", choices=["mlp", "attention", "perceiver"])
     p.add_argument("--projector-tokens", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64, help="square images, pixels per side")
+    p.add_argument(
+        "--model-config",
+        metavar="JSON",
+        help='more VLA config keys, e.g. \'{"llm_config": {"hidden_size": 512, '
+        '"num_hidden_layers": 8}}\'',
+    )
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -556,8 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-vision", action="store_true", help="instruct: train the vision encoder too"
     )
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="ddp (replicated model) or fsdp (FSDP2: sharded per decoder layer; GPU or CPU)",
+    )
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute the LM's activations in backward (default: on with --use-gpu)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all workers)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--epochs", type=int, help="default 1 (unbounded with --max-steps)")

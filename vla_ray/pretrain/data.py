@@ -324,7 +324,7 @@ def load_records(
     p = Path(path)
     if image_folder is None:
         image_folder = p.parent / IMAGE_DIR if (p.parent / IMAGE_DIR).is_dir() else p.parent
-    folder = Path(image_folder)
+    folder = Path(image_folder).resolve()  # workers run in another directory
     raw = read_json_records(p)
     good, bad = [], []
     for i, rec in enumerate(raw):

@@ -5,8 +5,10 @@ them to the workers as a ``ray.data`` dataset (split equally between workers), a
 final checkpoint as a ``VLA.save_pretrained`` directory (``OUTPUT/vlm``) whose trunk
 ``VLAModule`` loads with ``model_config["vlm_path"]``.
 
-Each worker builds the same model from the seed, wraps it with ``ray.train.torch.prepare_model``
-(DDP, or FSDP), decodes and tokenises its batches in ``iter_torch_batches``'s collate function
+Each worker builds the same model from the seed, wraps it for data parallelism (DDP through
+``ray.train.torch.prepare_model``, or FSDP2's ``fully_shard`` per decoder layer, which shards
+parameters, gradients and optimiser state over the workers on GPUs and, over gloo, on CPUs),
+decodes and tokenises its batches in ``iter_torch_batches``'s collate function
 and normalises the loss by the global number of labelled tokens, so N workers compute the same
 update as one worker with the same global batch. Run directory::
 
@@ -31,8 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from vla_ray.config import VISION_ENCODERS, ConfigError, VLAConfig, check_choice
 from vla_ray.pretrain.model import STAGES
@@ -72,7 +72,8 @@ class PretrainConfig:
     lora_r: int = 8
     train_vision: bool = False  # instruct: also train the vision encoder (from-scratch encoders)
     strategy: str = "ddp"
-    precision: str = "fp32"
+    precision: str = "fp32"  # bf16: autocast on the worker's device (CUDA, or CPU)
+    gradient_checkpointing: bool | None = None  # None: on with use_gpu
     batch_size: int = 32  # global, over all workers and accumulation steps
     grad_accum: int = 1
     epochs: int | None = None
@@ -109,17 +110,17 @@ class PretrainConfig:
                 f"batch_size: the global batch {self.batch_size} must be divisible by "
                 f"num_workers x grad_accum = {self.num_workers} x {self.grad_accum}"
             )
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ConfigError(
-                "strategy: fsdp needs --use-gpu (Ray Train's prepare_model supports FSDP on "
-                "GPUs only); use ddp on CPU"
-            )
-        if self.precision == "bf16" and not self.use_gpu:
-            raise ConfigError("precision: bf16 autocast is for GPUs; use --use-gpu or fp32")
         if self.train_vision and self.stage == "align":
             raise ConfigError("train_vision: stage align trains only the projector")
         if self.lora and self.stage == "align":
             raise ConfigError("lora: stage align trains only the projector; LoRA is for instruct")
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Whether the language model recomputes activations in the backward pass."""
+        if self.gradient_checkpointing is None:
+            return self.use_gpu
+        return self.gradient_checkpointing
 
     @property
     def learning_rate(self) -> float:
@@ -181,6 +182,84 @@ def vla_config_for(cfg: PretrainConfig) -> VLAConfig:
     return VLAConfig.from_dict(data)
 
 
+def shard_fsdp(vlm: Any) -> None:
+    """FSDP2: one ``fully_shard`` unit per decoder layer of the LM (its ``_no_split_modules``),
+    everything else (vision encoder, projector, embeddings, LM head) in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    lm = vlm.trunk.lm
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    layer_classes = set(getattr(inner, "_no_split_modules", None) or ())
+    for module in list(lm.modules()):
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(vlm)
+
+
+def build_vlm(vla_config: dict[str, Any], cfg: PretrainConfig) -> tuple[Any, Any]:
+    """The model one worker trains, on the CPU and unwrapped: ``(vla, vlm)``, the VLA built from
+    the seed (and ``cfg.init``) with the stage's parameters trainable and activation
+    checkpointing as configured, and the ``VisionLanguageModel`` over its trunk."""
+    from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
+
+    vla = build_vla(vla_config, cfg.init, cfg.seed)
+    set_trainable(vla.trunk, cfg.stage, cfg.train_vision)
+    if cfg.checkpoint_activations:
+        lm, kwargs = vla.trunk.lm, {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return vla, VisionLanguageModel(vla.trunk)
+
+
+def optimizer_step(
+    model: Any,
+    micro_batches: list[dict[str, Any]],
+    opt: Any,
+    cfg: PretrainConfig,
+    *,
+    device: Any,
+    global_count: float,
+    world: int = 1,
+) -> float:
+    """One optimiser step over ``micro_batches`` (gradient accumulation); returns their summed
+    token loss.
+
+    ``global_count`` is the number of labelled tokens in this step over all ``world`` workers:
+    the loss is a sum over tokens divided by it, so any split of the global batch over workers
+    and micro-batches makes the same update. ``model`` is DDP-wrapped when ``cfg.strategy`` is
+    ddp and ``world > 1``, sharded by ``shard_fsdp`` when it is fsdp and ``world > 1``.
+    """
+    import torch
+
+    is_ddp = cfg.strategy == "ddp" and world > 1
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    loss_total = 0.0
+    for j, b in enumerate(micro_batches):
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        last = j == len(micro_batches) - 1
+        sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+            model.set_requires_gradient_sync(last)
+        with sync, autocast:
+            loss_sum, _ = model(**b)
+            # DDP and FSDP average gradients over workers: scale so the sum is over all tokens
+            (loss_sum * (world / global_count)).backward()
+        loss_total += float(loss_sum.detach())
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if cfg.max_grad_norm:  # FSDP2's sharded (DTensor) gradients included
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_total
+
+
 def build_vla(config: dict[str, Any], init: str | None, seed: int):
     """The same model on every worker: seeded construction, then the ``init`` weights if any."""
     import torch
@@ -202,8 +281,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
+    from vla_ray.pretrain.ray_data import CollateBatch
 
     cfg = PretrainConfig(**loop_config["pretrain"])
     ctx = ray.train.get_context()
@@ -211,19 +296,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = get_device() if cfg.use_gpu else torch.device("cpu")
 
-    vla = build_vla(loop_config["vla_config"], cfg.init, cfg.seed)
-    set_trainable(vla.trunk, cfg.stage, cfg.train_vision)
-    vlm = VisionLanguageModel(vla.trunk)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        decoder_lm = vla.trunk.lm
-        decoder_lm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    vla, vlm = build_vlm(loop_config["vla_config"], cfg)
     tokenizer = vla.tokenizer
     num_image_tokens = vlm.num_image_tokens
     image_size = tuple(vla.config.image_size)
 
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    is_ddp = cfg.strategy == "ddp" and world > 1
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     opt_state = None
     ckpt = ray.train.get_checkpoint()
@@ -234,45 +313,38 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if (Path(d) / "optimizer.pt").is_file():
                 opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
 
-    strategy_kwargs = {"use_orig_params": True} if cfg.strategy == "fsdp" else None
-    model = prepare_model(
-        vlm,
-        move_to_device=device,
-        parallel_strategy=cfg.strategy if world > 1 else None,
-        parallel_strategy_kwargs=strategy_kwargs,
-    )
+    # Ray Train's prepare_model wraps FSDP1 on GPUs only; FSDP2 shards on CPUs (gloo) as well
+    model = prepare_model(vlm, move_to_device=device, parallel_strategy="ddp" if is_ddp else None)
+    if fsdp:
+        shard_fsdp(vlm)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if opt_state is not None and cfg.strategy == "ddp":
-        opt.load_state_dict(opt_state)
+    if opt_state is not None:  # full (unsharded), keyed by parameter name: any strategy/world
+        set_optimizer_state_dict(
+            vlm, opt, opt_state, options=StateDictOptions(full_state_dict=True)
+        )
 
-    fsdp = cfg.strategy == "fsdp" and world > 1
-    is_ddp = cfg.strategy == "ddp" and world > 1
+    def full_state() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(model, optimiser) state dicts, unsharded, on rank 0; (None, None) elsewhere.
 
-    def full_state() -> dict[str, Any] | None:
-        if fsdp:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            with FSDP.state_dict_type(
-                model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(True, True)
-            ):
-                sd = model.state_dict()
-            return sd if rank == 0 else None
-        return {k: v.detach().cpu() for k, v in vlm.state_dict().items()} if rank == 0 else None
+        Collective under FSDP: every rank takes part, rank 0 receives the full tensors.
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(vlm, options=options)
+        osd = get_optimizer_state_dict(vlm, opt, options=options)
+        return (sd, osd) if rank == 0 else (None, None)
 
     saved = {"step": state["step"]}
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         saved["step"] = state["step"]
-        sd = full_state()
+        sd, osd = full_state()
         if rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save(sd, Path(d) / "model.pt")
-            if cfg.strategy == "ddp" or world == 1:
-                torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
+            torch.save(osd, Path(d) / "optimizer.pt")
             (Path(d) / "state.json").write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
@@ -296,13 +368,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if line and json.loads(line)["step"] <= state["step"]
         ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.precision == "bf16"
-        else contextlib.nullcontext()
-    )
-
-    collate_fn = _CollateBatch(tokenizer, num_image_tokens, image_size, cfg.max_length)
+    collate_fn = CollateBatch(tokenizer, num_image_tokens, image_size, cfg.max_length)
 
     model.train()
     last_metrics: dict[str, Any] = {}
@@ -324,27 +390,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 continue
             if cfg.fail_at_step is not None and state["step"] + 1 == cfg.fail_at_step:
                 raise RuntimeError(f"fault injection: failing before step {cfg.fail_at_step}")
-            local_count = sum(int((b["labels"] != -100).sum()) for b in pending)
+            local_count = sum(int((b["labels"] != -100).sum()) for b in pending)  # labelled
             global_count = max(all_sum(local_count), 1.0)
-            loss_total = 0.0
-            for j, b in enumerate(pending):
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                sync = contextlib.nullcontext()
-                if is_ddp and j < len(pending) - 1:
-                    sync = model.no_sync()
-                with sync, autocast:
-                    loss_sum, _ = model(**b)
-                    # DDP averages gradients over workers: scale so the sum is over all tokens
-                    (loss_sum * (world / global_count)).backward()
-                loss_total += float(loss_sum.detach())
+            loss_total = optimizer_step(
+                model, pending, opt, cfg, device=device, global_count=global_count, world=world
+            )
             pending = []
-            if cfg.max_grad_norm:
-                if fsdp:
-                    model.clip_grad_norm_(cfg.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             loss = all_sum(loss_total) / global_count
             step_in_epoch += 1
             state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
@@ -380,22 +431,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         save_checkpoint(last_metrics)
 
 
-class _CollateBatch(NumpyBatchCollateFn):
-    """Ray Data collate function: decode images and tokenise in the training worker."""
-
-    def __init__(self, tokenizer: Any, num_image_tokens: int, image_size, max_length: int):
-        self.args = (tokenizer, num_image_tokens, tuple(image_size), max_length)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        from vla_ray.pretrain.data import collate
-
-        out = collate(batch, *self.args)
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
-
-
 # ---------------------------------------------------------------------------------- driver
 def _clean_failure(err: BaseException) -> str:
     """The most useful line of a worker failure (a RecordError / PretrainError message)."""
@@ -406,6 +441,21 @@ def _clean_failure(err: BaseException) -> str:
             return m[-1].strip()
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else repr(err)
+
+
+def _with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local paths made absolute: the Ray Train workers do not run in the caller's directory.
+
+    ``vision``, ``llm`` and ``tokenizer`` may also be hub ids; only existing paths change.
+    """
+    changes: dict[str, str] = {}
+    for name in ("data", "output", "image_folder", "init", "vision", "llm", "tokenizer"):
+        value = getattr(cfg, name)
+        if name == "vision" and value in VISION_ENCODERS:
+            continue
+        if value and (name in ("data", "output") or Path(value).exists()):
+            changes[name] = str(Path(value).resolve())
+    return dataclasses.replace(cfg, **changes)
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -419,6 +469,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from vla_ray.train import init_ray
 
     cfg.check()
+    cfg = _with_absolute_paths(cfg)
+    vla_config = vla_config_for(cfg)
     out = Path(cfg.output).resolve()
     run_dir = out / RUN_NAME
     if cfg.resume and not run_dir.is_dir():
@@ -429,7 +481,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "or choose another --output"
         )
     out.mkdir(parents=True, exist_ok=True)
-    vla_config = vla_config_for(cfg)
 
     loaded = load_records(cfg.data, cfg.image_folder, cfg.max_bad_fraction)
     with open(out / "bad_records.jsonl", "w") as f:
