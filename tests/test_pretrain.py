@@ -208,22 +208,27 @@ def one_worker(ray_session, vlm_data, tmp_path_factory):
 
 @pytest.mark.slow
 def test_one_and_two_workers_give_the_same_losses(one_worker, vlm_data, tmp_path):
-    """DDP correctness: the global batch (all 8 records) is the same, so every step must match."""
-    two = run_pretrain(vlm_data, tmp_path / "w2", stage="instruct", num_workers=2, max_steps=4)
+    """DDP correctness: the global batch (all 8 records) is the same, so every step must match,
+    also when each worker accumulates its share over 2 micro-batches (DDP's no_sync)."""
+    two = run_pretrain(
+        vlm_data, tmp_path / "w2", stage="instruct", num_workers=2, grad_accum=2, max_steps=4
+    )
     assert two["steps"] == 4
     assert_same_run(one_worker, tmp_path / "w2")
 
 
 @pytest.mark.slow
 def test_fsdp_matches_one_worker_through_an_interruption(one_worker, vlm_data, tmp_path):
-    """FSDP2 over 2 CPU workers (gloo), activation checkpointing on, killed before step 4 and
-    resumed from the step-2 checkpoint: the same losses and weights as the 1-worker run, so the
-    sharded gradients, the gathered checkpoint and the restored optimiser state are right."""
+    """FSDP2 over 2 CPU workers (gloo), 2 micro-batches per step, activation checkpointing on,
+    killed before step 4 and resumed from the step-2 checkpoint: the same losses and weights as
+    the 1-worker run, so the sharded gradients, the gathered checkpoint and the restored
+    optimiser state are right."""
     out = tmp_path / "fsdp"
     kw = dict(
         stage="instruct",
         num_workers=2,
         strategy="fsdp",
+        grad_accum=2,
         gradient_checkpointing=True,
         max_steps=4,
         checkpoint_every=2,
@@ -421,3 +426,8 @@ def test_cli_pretrain_reports_bad_input(tmp_path, capsys):
         ]
     )
     assert code == 2 and "divisible by num_workers x grad_accum" in capsys.readouterr().err
+    code = main(
+        ["pretrain", "--stage", "align", "--data", "x.json", "--output", "o"]
+        + ["--model-config", '{"llm_config": {"hidden_size": 32}']
+    )
+    assert code == 2 and "--model-config: not valid JSON" in capsys.readouterr().err
