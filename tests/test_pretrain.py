@@ -27,6 +27,7 @@ from vla_ray.pretrain.trainer import (
     PretrainConfig,
     PretrainError,
     build_vla,
+    build_vlm,
     pretrain,
     shard_fsdp,
     vla_config_for,
@@ -220,7 +221,7 @@ def test_one_and_two_workers_give_the_same_losses(one_worker, vlm_data, tmp_path
 @pytest.mark.slow
 def test_fsdp_matches_one_worker_through_an_interruption(one_worker, vlm_data, tmp_path):
     """FSDP2 over 2 CPU workers (gloo), 2 micro-batches per step, activation checkpointing on,
-    killed before step 4 and resumed from the step-2 checkpoint: the same losses and weights as
+    failing before step 4 and resumed from the step-2 checkpoint: the same losses and weights as
     the 1-worker run, so the sharded gradients, the gathered checkpoint and the restored
     optimiser state are right."""
     out = tmp_path / "fsdp"
@@ -348,12 +349,8 @@ def test_fsdp_shards_each_decoder_layer_and_the_rest_at_the_root(lora, tmp_path)
     from torch.distributed.tensor import DTensor
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
-
     cfg = PretrainConfig(stage="instruct", data="x.json", output=str(tmp_path), lora=lora)
-    vla = build_vla(vla_config_for(cfg).to_dict(), None, seed=0)
-    set_trainable(vla.trunk, "instruct")
-    vlm = VisionLanguageModel(vla.trunk)
+    vla, vlm = build_vlm(vla_config_for(cfg).to_dict(), cfg)
     with socket.socket() as s:  # a free port for a one-process gloo group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
