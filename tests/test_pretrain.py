@@ -323,7 +323,15 @@ def test_exported_vlm_loads_into_vla_module(aligned, langreach_spaces, langreach
     module = VLAModule(
         observation_space=obs_space, action_space=act_space, model_config=model_config
     )
+    # the preset's training-only keypoint reconstruction stays (fresh decoder, VLM encoder)
+    assert model_config["vision_config"]["recon_coeff"] > 0
+    assert (
+        module.vla.config.vision_config["recon_coeff"]
+        == model_config["vision_config"]["recon_coeff"]
+    )
+    assert module.vla.trunk.vision.recon is not None
     saved = load_file(str(vlm / "model.safetensors"))
+    assert not any(k.startswith("trunk.vision.recon.") for k in saved)
     state = module.vla.state_dict()
     for k, v in saved.items():
         if k.startswith(("trunk.vision.", "trunk.projector.", "trunk.lm.", "trunk.bos")):

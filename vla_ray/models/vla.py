@@ -59,6 +59,9 @@ TRUNK_KEYS = (
     "llm_path",
     "llm_config",
 )
+# vision_config keys that add training-only parts (initialised fresh) around an unchanged encoder:
+# when a pretrained VLM's trunk replaces the RL config's, these stay as the RL config sets them.
+RL_VISION_KEYS = ("recon_coeff",)
 
 
 class ObservationError(ValueError):
@@ -437,8 +440,10 @@ class VLA(nn.Module):
         """A VLA with ``config``'s head and I/O whose trunk comes from a pretrained VLM directory.
 
         The VLM's trunk architecture (vision, projector, language model, tokenizer: the
-        ``TRUNK_KEYS`` of its ``vla_config.json``) replaces ``config``'s; its weights are loaded
-        into the trunk. The action head, state projection and action query start fresh.
+        ``TRUNK_KEYS`` of its ``vla_config.json``) replaces ``config``'s, except the training-only
+        vision options of ``RL_VISION_KEYS`` (e.g. the keypoint reconstruction loss), which stay
+        as ``config`` sets them; its weights are loaded into the trunk. The action head, state
+        projection, action query and any such training-only part start fresh.
         """
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
@@ -449,6 +454,10 @@ class VLA(nn.Module):
         saved = VLAConfig.load(directory / CONFIG_NAME).to_dict()
         data = config.to_dict()
         data.update({k: saved[k] for k in TRUNK_KEYS})
+        data["vision_config"] = {
+            **saved["vision_config"],
+            **{k: v for k, v in config.vision_config.items() if k in RL_VISION_KEYS},
+        }
         data["tokenizer_path"] = (
             str(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
         )
@@ -479,8 +488,8 @@ def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:
         if k.startswith("trunk.")
         and k not in mapped
         and "lora_" not in k
-        # RL-only parts a VLM does not have
-        and not k.startswith(("trunk.state_proj", "trunk.query"))
+        # RL-only parts a VLM does not have (the keypoint decoder of recon_coeff included)
+        and not k.startswith(("trunk.state_proj", "trunk.query", "trunk.vision.recon."))
     ]
     if missing:
         raise ValueError(
