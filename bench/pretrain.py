@@ -4,7 +4,7 @@ Makes a synthetic LLaVA-layout dataset (``vla-ray make-vlm-data``) unless ``--da
 then runs ``vla-ray pretrain`` for each stage, strategy and worker count with the same global
 batch, and reports samples/s over the steps after ``--warmup`` (time per optimiser step as
 measured in the workers: data loading + forward + backward + all-reduce + optimiser). Prints a
-table and writes ``OUT/pretrain.json``.
+table and writes ``OUT/pretrain.json`` (``OUT/pretrain_no_ray.json`` with ``--no-ray``).
 
 Model FLOPs per sample are counted once on the driver (``torch.utils.flop_counter`` over one
 forward + backward of the stage's trainable set, on real batches; gradient-checkpointing
@@ -325,11 +325,10 @@ def main() -> None:
 
         meta["ray"] = ray.__version__
         ray.shutdown()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "pretrain.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2)
-    )
-    print(f"wrote {Path(args.out) / 'pretrain.json'}")
+    path = Path(args.out) / ("pretrain_no_ray.json" if args.no_ray else "pretrain.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
