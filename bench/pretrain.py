@@ -180,6 +180,7 @@ def run_local(data: Path, stage: str, args) -> dict:
     beforehand; wall time per step with the device synchronised."""
     import torch
 
+    from vla_ray.pretrain.data import IGNORE_INDEX
     from vla_ray.pretrain.trainer import build_vlm, optimizer_step, vla_config_for
 
     cfg = bench_config(data, stage, args, data / "unused")
@@ -195,7 +196,7 @@ def run_local(data: Path, stage: str, args) -> dict:
     t_start = time.perf_counter()
     for batch in batches:
         t0 = time.perf_counter()
-        count = float(max(int((batch["labels"] != -100).sum()), 1))
+        count = float(max(int((batch["labels"] != IGNORE_INDEX).sum()), 1))
         loss = optimizer_step(vlm, [batch], opt, cfg, device=device, global_count=count)
         if device.type == "cuda":
             torch.cuda.synchronize()

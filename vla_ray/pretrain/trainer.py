@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ray.config import VISION_ENCODERS, ConfigError, VLAConfig, check_choice
+from vla_ray.pretrain.data import IGNORE_INDEX
 from vla_ray.pretrain.model import STAGES
 
 RUN_NAME = "train"
@@ -392,7 +393,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 continue
             if cfg.fail_at_step is not None and state["step"] + 1 == cfg.fail_at_step:
                 raise RuntimeError(f"fault injection: failing before step {cfg.fail_at_step}")
-            local_count = sum(int((b["labels"] != -100).sum()) for b in pending)  # labelled
+            local_count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in pending)
             global_count = max(all_sum(local_count), 1.0)
             loss_total = optimizer_step(
                 model, pending, opt, cfg, device=device, global_count=global_count, world=world
