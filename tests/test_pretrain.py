@@ -333,6 +333,8 @@ def test_exported_vlm_loads_into_vla_module(aligned, langreach_spaces, langreach
     saved = load_file(str(vlm / "model.safetensors"))
     assert not any(k.startswith("trunk.vision.recon.") for k in saved)
     state = module.vla.state_dict()
+    # the action query is RL's own: it starts fresh, not from the VLM's untrained copy
+    assert not torch.equal(state["trunk.query"], saved["trunk.query"])
     for k, v in saved.items():
         if k.startswith(("trunk.vision.", "trunk.projector.", "trunk.lm.", "trunk.bos")):
             torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)

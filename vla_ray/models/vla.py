@@ -62,6 +62,9 @@ TRUNK_KEYS = (
 # vision_config keys that add training-only parts (initialised fresh) around an unchanged encoder:
 # when a pretrained VLM's trunk replaces the RL config's, these stay as the RL config sets them.
 RL_VISION_KEYS = ("recon_coeff",)
+# Trunk parameters only RL uses (state projection, action query, keypoint decoder): a pretrained
+# VLM's copies (untrained, or absent) are not loaded; they start fresh.
+RL_ONLY_PREFIXES = ("trunk.state_proj", "trunk.query", "trunk.vision.recon.")
 
 
 class ObservationError(ValueError):
@@ -469,7 +472,8 @@ class VLA(nn.Module):
 def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:
     """Copy the trunk weights of a VLM/VLA ``save_pretrained`` directory into ``vla`` (in place).
 
-    LoRA-merged weights load into a LoRA-wrapped LM through the peft base-layer names.
+    LoRA-merged weights load into a LoRA-wrapped LM through the peft base-layer names; the
+    RL-only parts (``RL_ONLY_PREFIXES``) keep ``vla``'s own weights.
     """
     from safetensors.torch import load_file
 
@@ -477,7 +481,7 @@ def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:
     target = vla.state_dict()
     mapped = {}
     for key in target:
-        if not key.startswith("trunk."):
+        if not key.startswith("trunk.") or key.startswith(RL_ONLY_PREFIXES):
             continue
         src = _peft_to_plain(key)
         if src in saved:
@@ -488,8 +492,7 @@ def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:
         if k.startswith("trunk.")
         and k not in mapped
         and "lora_" not in k
-        # RL-only parts a VLM does not have (the keypoint decoder of recon_coeff included)
-        and not k.startswith(("trunk.state_proj", "trunk.query", "trunk.vision.recon."))
+        and not k.startswith(RL_ONLY_PREFIXES)
     ]
     if missing:
         raise ValueError(
