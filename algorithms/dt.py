@@ -4,7 +4,7 @@ A causal transformer over interleaved (return-to-go, observation, action) tokens
 window of ``K = context_length`` steps predicts each step's action from its observation token
 (masked MSE to the dataset's actions).
 
-- Observations are encoded by the VLA trunk (``VLATrunk``: state-only or image + instruction),
+- Observations are encoded by the VLA trunk (``build_trunk``: state-only or image + instruction),
   one feature vector per step; returns-to-go, actions and the episode timestep are embedded
   linearly / by lookup. The sequence model is a small GPT-2 built locally from a
   ``transformers.GPT2Config`` (no download).
@@ -41,9 +41,8 @@ from torch import nn
 
 from vla_ray.config import ConfigError
 from vla_ray.data.stream import BUFFER_STEPS, VLAPreLearner
-from vla_ray.models.vla import VLATrunk
+from vla_ray.models.vla import build_trunk, load_vla_tokenizer
 from vla_ray.rl_module import vla_config_from_spaces
-from vla_ray.tokenizer import load_tokenizer
 
 NAME = "dt"
 HEADS = ("mlp",)  # the action predictor is the DT's own (tanh-squashed linear) output layer
@@ -254,7 +253,7 @@ class DTModule(TorchRLModule):
             {**mc, "head": "mlp"}, self.observation_space, self.action_space
         )
         self.config = config
-        self.trunk = VLATrunk(config, vocab_size=len(load_tokenizer(config.tokenizer_path)))
+        self.trunk = build_trunk(config, load_vla_tokenizer(config))
         H = int(extra.get("dt_hidden", 128))
         heads = int(extra.get("dt_heads", 1))
         if H % heads:

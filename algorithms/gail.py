@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from vla_ray.algorithms.ppo import VLAPPOLearner
 from vla_ray.models.heads import mlp
-from vla_ray.models.vla import VLATrunk
+from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import VLAModule
 
 NAME = "gail"
@@ -81,7 +81,7 @@ class GAILModule(VLAModule):
             self.model_config = full  # checkpoints rebuild the module from the full config
         if not self.inference_only:
             cfg = self.vla.config
-            self.disc_trunk = VLATrunk(cfg, vocab_size=len(self.vla.tokenizer))
+            self.disc_trunk = build_trunk(cfg, self.vla.tokenizer)
             in_dim = self.disc_trunk.feature_dim + self.vla.head.out_dim
             self.disc = mlp(in_dim, int(extra.get("disc_hidden", 256)), 1)
 

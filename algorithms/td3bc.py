@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from vla_ray.config import ConfigError
 from vla_ray.data.stats import add_state_normalisation
 from vla_ray.models.heads import mlp
-from vla_ray.models.vla import VLATrunk
+from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import VLAModule
 
 NAME = "td3bc"
@@ -110,7 +110,7 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
         if not self.inference_only:
             cfg = self.vla.config
             hidden = int(extra.get("q_hidden", 256))
-            self.qf_trunk = VLATrunk(cfg, vocab_size=len(self.vla.tokenizer))
+            self.qf_trunk = build_trunk(cfg, self.vla.tokenizer)
             in_dim = self.qf_trunk.feature_dim + head.out_dim
             self.qf = mlp(in_dim, hidden, 1)
             self.qf_twin = mlp(in_dim, hidden, 1)

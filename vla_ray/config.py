@@ -16,6 +16,10 @@ PROJECTORS = ("mlp", "attention", "perceiver")
 ACTION_HEADS = ("mlp", "gaussian", "tanh_gaussian", "diffusion", "transformer")
 CONTEXT_POOLS = ("mean", "attention")
 VALUE_MODES = ("shared", "separate", "none")
+# "vla": separate vision encoder + projector + causal LM; "vlm": one transformers
+# image-text-to-text model (``vla_ray.models.vlm``)
+BACKBONES = ("vla", "vlm")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -40,12 +44,26 @@ class VLAConfig:
 
     # I/O contract
     image_size: tuple[int, int] = (64, 64)
+    # cameras per observation: 1 reads ``image`` (B, H, W, 3); N > 1 reads ``images``
+    # (B, N, H, W, 3) (backbone="vlm" only)
+    num_cameras: int = 1
     state_dim: int = 4
     action_dim: int = 2
     chunk_size: int = 1
     instruction_max_length: int = 16
     action_low: float = -1.0
     action_high: float = 1.0
+    # trunk: "vla" (the parts below) or "vlm" (an integrated image-text-to-text model: a
+    # from_pretrained ``vlm_path``, or a small ``vlm_family`` config with ``vlm_config`` overrides)
+    backbone: str = "vla"
+    vlm_family: str | None = None
+    vlm_path: str | None = None
+    vlm_config: dict[str, Any] = field(default_factory=dict)
+    # the image processor's from_pretrained directory (set when loading a saved VLA)
+    image_processor_path: str | None = None
+    # weights of the trunk's transformers models; gradient checkpointing in training passes
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
     # vision ("none": no image input, the trunk sees instruction + state only)
     vision: str = "cnn"
     vision_path: str | None = None
@@ -84,6 +102,9 @@ class VLAConfig:
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("head", self.head, ACTION_HEADS)
         check_choice("context_pool", self.context_pool, CONTEXT_POOLS)
+        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("dtype", self.dtype, DTYPES)
+        self._check_backbone()
         for name in ("state_dim", "action_dim", "chunk_size", "instruction_max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "state_dim" else 1):
@@ -104,6 +125,43 @@ class VLAConfig:
             raise ConfigError(
                 f"action_low/action_high: expected low < high, got {self.action_low}, {self.action_high}"
             )
+
+    def _check_backbone(self) -> None:
+        if not isinstance(self.num_cameras, int) or self.num_cameras < 1:
+            raise ConfigError(f"num_cameras: expected a positive integer, got {self.num_cameras!r}")
+        if self.backbone == "vla":
+            given = [
+                k
+                for k in ("vlm_family", "vlm_path", "image_processor_path")
+                if getattr(self, k) is not None
+            ]
+            if self.vlm_config:
+                given.append("vlm_config")
+            if self.num_cameras != 1:
+                given.append("num_cameras")
+            if given:
+                raise ConfigError(f"{', '.join(given)}: only used with backbone='vlm'")
+            return
+        from vla_ray.models.vlm import VLM_FAMILIES, family_of_directory
+
+        if self.vision == "none":
+            raise ConfigError("backbone: 'vlm' needs image observations; got vision='none'")
+        if self.vision_skip:
+            raise ConfigError("vision_skip: not available with backbone='vlm'")
+        if self.vlm_path is not None and Path(self.vlm_path).is_dir():
+            family = family_of_directory(self.vlm_path)
+            if self.vlm_family not in (None, family):
+                raise ConfigError(
+                    f"vlm_family: {self.vlm_family!r} does not match vlm_path {self.vlm_path} "
+                    f"(a {family!r} checkpoint)"
+                )
+            self.vlm_family = family
+        if self.vlm_family is None:
+            raise ConfigError(
+                "vlm_family: backbone='vlm' needs vlm_path (a from_pretrained directory) or "
+                f"vlm_family, one of {', '.join(VLM_FAMILIES)}"
+            )
+        check_choice("vlm_family", self.vlm_family, VLM_FAMILIES)
 
     def _check_state_normalisation(self) -> None:
         if (self.state_mean is None) != (self.state_std is None):

@@ -47,7 +47,7 @@ from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
-from vla_ray.models.vla import VLA, VLATrunk
+from vla_ray.models.vla import VLA, build_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
 # ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (PPO, GAIL)
@@ -180,7 +180,7 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         config = self.vla.config
         self.value_mode = value
         if not self.inference_only and value == "separate":
-            self.vf_trunk = VLATrunk(config, vocab_size=len(self.vla.tokenizer))
+            self.vf_trunk = build_trunk(config, self.vla.tokenizer)
         if not self.inference_only and value != "none":
             self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
 

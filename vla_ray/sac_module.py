@@ -53,7 +53,8 @@ from torch import nn
 
 from vla_ray.config import ConfigError
 from vla_ray.models.heads import ActionHead, mlp
-from vla_ray.models.vla import VLATrunk
+from vla_ray.models.prefix import CachedPrefixTrunk
+from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import build_vla
 
 # model_config keys of these modules (and of RLlib's SAC-family configs) that are not VLAConfig's
@@ -88,7 +89,7 @@ class VLASquashedGaussian(TorchSquashedGaussian):
 class TrunkEncoder(nn.Module):
     """A VLA trunk as an RLlib encoder: ``{obs: dict}`` -> ``{ENCODER_OUT: features}``."""
 
-    def __init__(self, trunk: VLATrunk):
+    def __init__(self, trunk: CachedPrefixTrunk):
         super().__init__()
         self.trunk = trunk
 
@@ -105,7 +106,7 @@ class StateActionEncoder(TrunkEncoder):
     detached, as the trunk's own frozen parameters would have made them.
     """
 
-    def __init__(self, trunk: VLATrunk):
+    def __init__(self, trunk: CachedPrefixTrunk):
         super().__init__(trunk)
         self._features: dict[int, tuple[Any, torch.Tensor, bool]] | None = None
 
@@ -200,9 +201,9 @@ class VLASACModule(DefaultSACTorchRLModule):
             self.qf_twin_encoder = StateActionEncoder(self._critic_trunk())
             self.qf_twin = mlp(q_in, self.q_hidden, 1)
 
-    def _critic_trunk(self) -> VLATrunk:
+    def _critic_trunk(self) -> CachedPrefixTrunk:
         """A fresh trunk of the policy's architecture (own weights)."""
-        return VLATrunk(self.vla.config, vocab_size=len(self.vla.tokenizer))
+        return build_trunk(self.vla.config, self.vla.tokenizer)
 
     # The policy parts RLlib's forward passes and optimisers use are views of ``self.vla``
     # (not registered twice: the state dict holds the VLA once, under ``vla.``).
@@ -230,7 +231,7 @@ class VLASACModule(DefaultSACTorchRLModule):
         # encode each instruction once per trunk, and each observation batch once per critic
         with contextlib.ExitStack() as stack:
             for m in self.modules():
-                if isinstance(m, VLATrunk):
+                if isinstance(m, CachedPrefixTrunk):
                     stack.enter_context(m.shared_prefixes())
                 elif isinstance(m, StateActionEncoder):
                     stack.enter_context(m.reuse_features())

@@ -67,6 +67,16 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
     return get_peft_model(lm, cfg)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing of a transformers model, non-reentrant, under
+    either transformers naming."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def cache_keyword(decoder: nn.Module) -> str:
     """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (older releases, where ``cache`` does not exist)."""

@@ -16,13 +16,11 @@ proprioceptive state), which every action head and value head reads.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from vla_ray.models.language import (
     decoder_of,
     output_cache,
 )
+from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer
@@ -48,6 +47,7 @@ OBS_KEYS = ("image", "state", "instruction", "instruction_mask")
 CONFIG_NAME = "vla_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+IMAGE_PROCESSOR_DIR = "image_processor"
 # VLAConfig fields that define the trunk's weights (what a pretrained VLM fixes).
 TRUNK_KEYS = (
     "vision",
@@ -76,7 +76,10 @@ def expected_obs_shapes(config: VLAConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     if config.vision != "none":
         h, w = config.image_size
-        shapes["image"] = (h, w, 3)
+        if config.num_cameras > 1:
+            shapes["images"] = (config.num_cameras, h, w, 3)
+        else:
+            shapes["image"] = (h, w, 3)
     shapes["instruction"] = (config.instruction_max_length,)
     shapes["instruction_mask"] = (config.instruction_max_length,)
     if config.state_dim > 0:
@@ -110,34 +113,14 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
             raise ObservationError(
                 f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
             )
-    if config.vision != "none" and obs["image"].dtype not in (torch.uint8, np.uint8):
-        raise ObservationError(
-            f"observation field 'image': expected dtype uint8, got {obs['image'].dtype}"
-        )
+    for key in ("image", "images"):
+        if key in expected_obs_shapes(config) and obs[key].dtype not in (torch.uint8, np.uint8):
+            raise ObservationError(
+                f"observation field {key!r}: expected dtype uint8, got {obs[key].dtype}"
+            )
 
 
-@dataclass
-class Prefix:
-    """Encoded instruction prefixes: per-layer (keys, values) and a pooled context vector."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    context: torch.Tensor
-
-    def select(self, index: int | torch.Tensor) -> Prefix:
-        """Rows ``index`` of every tensor."""
-        return Prefix([(k[index], v[index]) for k, v in self.kv], self.context[index])
-
-    @staticmethod
-    def stack(rows: list[Prefix]) -> Prefix:
-        """Stack single-row prefixes (as returned by ``select(int)``) into a batch."""
-        kv = [
-            (torch.stack([r.kv[i][0] for r in rows]), torch.stack([r.kv[i][1] for r in rows]))
-            for i in range(len(rows[0].kv))
-        ]
-        return Prefix(kv, torch.stack([r.context for r in rows]))
-
-
-class VLATrunk(nn.Module):
+class VLATrunk(CachedPrefixTrunk):
     """Vision encoder, projector and language model: observation dict -> features (B, F)."""
 
     def __init__(self, config: VLAConfig, vocab_size: int):
@@ -187,10 +170,6 @@ class VLATrunk(nn.Module):
         )
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
             self.lm.requires_grad_(not config.freeze_llm)
-        self._prefix_cache: dict[bytes, Prefix] = {}
-        self._cache_key: tuple[int, ...] | None = None
-        # set inside ``shared_prefixes()``: encodings made under autograd in one training pass
-        self._pass_prefixes: dict[bytes, Prefix] | None = None
 
     # ---- instruction prefix -------------------------------------------------------------------
     def _prefix_params(self) -> list[nn.Parameter]:
@@ -198,26 +177,6 @@ class VLATrunk(nn.Module):
         if self.context_query is not None:
             params.append(self.context_query)
         return params
-
-    def _lm_version(self) -> tuple[int, ...]:
-        """Changes whenever any language-model (or BOS) weight is modified or moved."""
-        params = self._prefix_params()
-        return (sum(p._version for p in params), params[-1].data_ptr(), self.bos.data_ptr())
-
-    @contextlib.contextmanager
-    def shared_prefixes(self):
-        """Within the block, each distinct instruction is encoded once even under autograd.
-
-        For one training forward pass that runs this trunk several times (e.g. SAC's policy on
-        the observations and on the next observations): the encodings join the same graph, so
-        gradients from every use add up. Leave the block before the weights change.
-        """
-        outer = self._pass_prefixes
-        self._pass_prefixes = {} if outer is None else outer
-        try:
-            yield
-        finally:
-            self._pass_prefixes = outer
 
     def _encode_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
         """Key/values and pooled context of [BOS] + instruction for each row of ``ids`` (U, L)."""
@@ -237,38 +196,6 @@ class VLATrunk(nn.Module):
             context = (scores.softmax(-1).unsqueeze(-1) * h).sum(1)
         kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         return Prefix(kv, context)
-
-    def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
-        """Per-sample prefix key/values and context, computing each distinct instruction once."""
-        ids = ids.long() * mask.long()
-        rows = torch.cat([ids, mask.long()], dim=1)
-        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        L = ids.shape[1]
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._prefix_params())
-        if needs_grad:
-            key = uniq.cpu().numpy().tobytes() if self._pass_prefixes is not None else None
-            encoded = self._pass_prefixes.get(key) if key is not None else None
-            if encoded is None:
-                encoded = self._encode_prefix(uniq[:, :L], uniq[:, L:])
-                if key is not None:
-                    self._pass_prefixes[key] = encoded
-        else:  # no gradient reaches the prefix (inference, or a frozen LM): memoise
-            key = self._lm_version()
-            if key != self._cache_key:
-                self._prefix_cache.clear()
-                self._cache_key = key
-            row_keys = [r.cpu().numpy().tobytes() for r in uniq]
-            missing = [i for i, k in enumerate(row_keys) if k not in self._prefix_cache]
-            if missing:
-                if len(self._prefix_cache) + len(missing) > 4096:  # bound memory
-                    self._prefix_cache.clear()
-                    missing = list(range(len(row_keys)))
-                sel = uniq[missing]
-                new = self._encode_prefix(sel[:, :L], sel[:, L:])
-                for j, i in enumerate(missing):
-                    self._prefix_cache[row_keys[i]] = new.select(j)
-            encoded = Prefix.stack([self._prefix_cache[k] for k in row_keys])
-        return encoded.select(inverse)
 
     # ---- full trunk ---------------------------------------------------------------------------
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -343,8 +270,8 @@ class VLA(nn.Module):
     def __init__(self, config: VLAConfig):
         super().__init__()
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer_path)
-        self.trunk = VLATrunk(config, vocab_size=len(self.tokenizer))
+        self.tokenizer = load_vla_tokenizer(config)
+        self.trunk = build_trunk(config, self.tokenizer)
         self.head: ActionHead = build_head(
             config.head,
             self.trunk.feature_dim,
@@ -391,6 +318,11 @@ class VLA(nn.Module):
     def portable_config(self) -> VLAConfig:
         """This model's config with every part described inline (no external paths)."""
         data = self.config.to_dict()
+        if self.config.backbone == "vlm":
+            data.update(vlm_config=self.trunk.config_dict(), vlm_path=None)
+            data["image_processor_path"] = None  # saved beside the weights
+            data["tokenizer_path"] = None
+            return VLAConfig.from_dict(data)
         if isinstance(self.trunk.vision, HFVisionEncoder):
             data["vision_config"] = self.trunk.vision.config_dict()
         data["vision_path"] = None
@@ -413,6 +345,9 @@ class VLA(nn.Module):
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(_untie(state), str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            processor = getattr(self.trunk, "image_processor", None)
+            if processor is not None:
+                processor.save_pretrained(str(tmp / IMAGE_PROCESSOR_DIR))
             replace_dir(tmp, directory)
         finally:
             if tmp.exists():
@@ -433,6 +368,8 @@ class VLA(nn.Module):
         data = VLAConfig.load(directory / CONFIG_NAME).to_dict()
         if (directory / TOKENIZER_DIR).is_dir():
             data["tokenizer_path"] = str(directory / TOKENIZER_DIR)
+        if (directory / IMAGE_PROCESSOR_DIR).is_dir():
+            data["image_processor_path"] = str(directory / IMAGE_PROCESSOR_DIR)
         data.update(overrides)
         model = cls(VLAConfig.from_dict(data))
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
@@ -450,9 +387,14 @@ class VLA(nn.Module):
         """
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
+            if (directory / "config.json").is_file() or not directory.exists():
+                # a transformers image-text-to-text checkpoint (or a hub id): the VLM backbone
+                data = {**config.to_dict(), "backbone": "vlm", "vlm_path": str(directory)}
+                return cls(VLAConfig.from_dict(data))
             raise FileNotFoundError(
-                f"vlm_path {directory}: not a VLM directory (no {CONFIG_NAME}); expected the "
-                "OUTPUT/vlm directory written by `vla-ray pretrain`"
+                f"vlm_path {directory}: not a VLM directory (no {CONFIG_NAME} or config.json); "
+                "expected the OUTPUT/vlm directory written by `vla-ray pretrain` or a "
+                "transformers image-text-to-text checkpoint"
             )
         saved = VLAConfig.load(directory / CONFIG_NAME).to_dict()
         data = config.to_dict()
@@ -467,6 +409,24 @@ class VLA(nn.Module):
         model = cls(VLAConfig.from_dict(data))
         load_trunk_weights(model, directory)
         return model
+
+
+def load_vla_tokenizer(config: VLAConfig) -> Any:
+    """The tokenizer of a VLA built from ``config`` (the VLM's own for backbone='vlm')."""
+    if config.backbone == "vlm":
+        from vla_ray.models.vlm import vlm_tokenizer
+
+        return vlm_tokenizer(config)
+    return load_tokenizer(config.tokenizer_path)
+
+
+def build_trunk(config: VLAConfig, tokenizer: Any) -> CachedPrefixTrunk:
+    """The trunk ``config.backbone`` names: observation dict -> features (B, feature_dim)."""
+    if config.backbone == "vlm":
+        from vla_ray.models.vlm import VLMTrunk
+
+        return VLMTrunk(config, tokenizer)
+    return VLATrunk(config, vocab_size=len(tokenizer))
 
 
 def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:

@@ -203,16 +203,13 @@ def build_vlm(vla_config: dict[str, Any], cfg: PretrainConfig) -> tuple[Any, Any
     """The model one worker trains, on the CPU and unwrapped: ``(vla, vlm)``, the VLA built from
     the seed (and ``cfg.init``) with the stage's parameters trainable and activation
     checkpointing as configured, and the ``VisionLanguageModel`` over its trunk."""
+    from vla_ray.models.language import enable_activation_checkpointing
     from vla_ray.pretrain.model import VisionLanguageModel, set_trainable
 
     vla = build_vla(vla_config, cfg.init, cfg.seed)
     set_trainable(vla.trunk, cfg.stage, cfg.train_vision)
     if cfg.checkpoint_activations:
-        lm, kwargs = vla.trunk.lm, {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(vla.trunk.lm)
     return vla, VisionLanguageModel(vla.trunk)
 
 
