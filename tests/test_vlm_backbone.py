@@ -186,3 +186,16 @@ def test_config_errors():
         VLAConfig(num_cameras=2)
     with pytest.raises(ConfigError, match="dtype: unknown name 'fp8'"):
         VLAConfig(dtype="fp8")
+
+
+def test_export_refuses_graph_formats_and_the_torch_spec_describes_the_processor(tmp_path):
+    from vla_ray.export import PYTORCH_DIR, ExportError, build_spec, export
+
+    vla = make("smolvlm")
+    vla.save_pretrained(tmp_path / "vla")
+    with pytest.raises(ExportError, match=r"onnx cannot hold a backbone='vlm'.*--backend torch"):
+        export(tmp_path / "vla", "onnx", tmp_path / "out", progress=None)
+    assert not (tmp_path / "out").exists()
+    spec = build_spec(vla, PYTORCH_DIR, "pytorch", {"model_version": "x"})
+    image = spec["normalisation"]["image"]
+    assert "SmolVLMImageProcessor" in image["steps"] and len(image["mean"]) == 3

@@ -279,6 +279,16 @@ def _normalisation(vla: VLA) -> dict[str, Any]:
         }
     if vision is None:  # state-only VLA
         return norm
+    processor = getattr(vla.trunk, "image_processor", None)
+    if processor is not None:  # backbone="vlm": the VLM's own image processor
+        image = {
+            "applied": "inside the model",
+            "steps": f"the VLM's image processor ({type(processor).__name__}): resize, x / 255, "
+            "then (x - mean) / std per RGB channel",
+            "mean": list(processor.image_mean),
+            "std": list(processor.image_std),
+        }
+        return {"image": image, **norm}
     mean, std = _NORM[vision.family]
     image = {
         "applied": "inside the model",
@@ -546,6 +556,12 @@ def export(
     if vla is None:  # pragma: no cover - load_policy always sets it
         raise ExportError(f"checkpoint: {checkpoint} did not yield a VLA model")
     vla = vla.cpu().float().eval()
+    if vla.config.backbone == "vlm":
+        raise ExportError(
+            f"format: {', '.join(fmts)} cannot hold a backbone='vlm' policy (its VLM image "
+            "processor runs in Python, outside the graph); serve its save_pretrained folder "
+            f"(the checkpoint's vla/) with `vla-ray serve --model DIR --backend torch`"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

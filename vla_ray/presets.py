@@ -88,6 +88,36 @@ PRESETS: dict[str, Preset] = {
             stop=dict(timesteps=1_000_000),
         ),
         Preset(
+            name="langreach-smolvlm-ppo",
+            algorithm="ppo",
+            env="vla_ray/LangReach-v0",
+            description=(
+                "PPO on LangReach with an integrated VLM trunk (SmolVLM architecture; a small "
+                "config here, --set model.vlm_path=DIR for a real checkpoint)"
+            ),
+            model=dict(
+                backbone="vlm",
+                vlm_family="smolvlm",
+                head="gaussian",
+                head_config={"init_log_std": -1.0},
+                value="shared",
+            ),
+            training=dict(
+                lr=5e-4,
+                gamma=0.9,
+                lambda_=0.8,
+                train_batch_size_per_learner=2048,
+                minibatch_size=256,
+                num_epochs=4,
+                entropy_coeff=0.0,
+                vf_loss_coeff=0.01,
+                kl_coeff=0.5,
+                kl_target=0.02,
+            ),
+            env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+            stop=dict(timesteps=1_000_000),
+        ),
+        Preset(
             name="langreach-bc",
             algorithm="bc",
             env="vla_ray/LangReach-v0",
