@@ -68,6 +68,7 @@ LLAMA_EMPTY_TOKEN_ID = 29871
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_STRATEGIES = ("resize-naive", "letterbox", "resize-crop")
+ROTARY_BUFFER = "rotary_emb.inv_freq"
 
 
 class OpenVLAError(ConfigError):
@@ -722,7 +723,9 @@ class OpenVLA(nn.Module):
         with torch.device("meta"):
             model = cls(config, vits, lm, tokenizer, transforms, norm_stats)
         expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-        check_names(expected, shapes)
+        # rotary frequencies are recomputed, whether or not an older export saved them
+        files = {n: f for n, f in files.items() if not n.endswith(ROTARY_BUFFER)}
+        check_names(expected, {n: shapes[n] for n in files})
         model.load_state_dict(load_tensors(files, dtype), strict=True, assign=True)
         _rebuild_meta_buffers(model, lm_config)
         model.unnorm_key = unnorm_key
@@ -807,7 +810,7 @@ class OpenVLA(nn.Module):
         (placeholders attend causally, as the LM was built)."""
         head = self.action_head
         emb = self.embed(input_ids, pixel_values)
-        slots = torch.zeros(1, head.chunk * head.action_dim, emb.shape[-1], dtype=emb.dtype)
+        slots = emb.new_zeros(1, head.chunk * head.action_dim, emb.shape[-1])
         out = self.language_model.model(inputs_embeds=torch.cat([emb, slots], dim=1))
         hidden = out.last_hidden_state[:, -slots.shape[1] :]
         return torch.tanh(head(hidden))
@@ -818,13 +821,17 @@ class OpenVLA(nn.Module):
         """De-normalised action (A,) for one uint8 (H, W, 3) image and instruction; with
         ``l1_parallel`` decoding, a chunk (K, A)."""
         stats = self.action_stats(unnorm_key)
-        pixel_values = preprocess_image(image, self.transforms)[None]
-        input_ids = self.encode_prompt(instruction)
+        device = self.language_model.lm_head.weight.device
+        pixel_values = preprocess_image(image, self.transforms)[None].to(device)
+        input_ids = self.encode_prompt(instruction).to(device)
         if self.action_decoding == "l1_parallel":
-            normalized = self.predict_normalized_chunk(pixel_values, input_ids)[0].float().numpy()
+            chunk = self.predict_normalized_chunk(pixel_values, input_ids)
+            normalized = chunk[0].float().cpu().numpy()
         else:
             ids = self.predict_action_tokens(pixel_values, input_ids, len(stats["q01"]))
-            normalized = decode_action_tokens(ids[0].numpy(), self.vocab_size, self.n_action_bins)
+            normalized = decode_action_tokens(
+                ids[0].cpu().numpy(), self.vocab_size, self.n_action_bins
+            )
         return unnormalize_actions(normalized, stats)
 
 
