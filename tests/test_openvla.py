@@ -23,6 +23,7 @@ from vla_ray.models.openvla import (
     OpenVLATrunk,
     bin_centers,
     decode_action_tokens,
+    language_model_config,
     prompt_text,
     unnormalize_actions,
 )
@@ -354,6 +355,43 @@ def test_bin_arithmetic_on_hand_picked_ids():
     )
     no_mask = {"q01": [-2.0, 0.0], "q99": [2.0, 1.0]}
     np.testing.assert_allclose(unnormalize_actions(np.array([-1.0, 1.0]), no_mask), [-2.0, 1.0])
+
+
+def test_minimal_published_text_config_gives_llama2_7b_sizes():
+    """openvla-7b's text_config keeps only the keys that differ from transformers 4.40's
+    LlamaConfig defaults; the rest must come out as Llama-2-7B's sizes."""
+    cfg = language_model_config(
+        {
+            "model_type": "llama",
+            "pad_token_id": 32000,
+            "torch_dtype": "bfloat16",
+            "vocab_size": 32064,
+        }
+    )
+    assert type(cfg).__name__ == "LlamaConfig"
+    got = {
+        k: getattr(cfg, k)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+        )
+    }
+    assert got == {
+        "vocab_size": 32064,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
 
 
 def test_other_model_type_is_rejected_naming_both(checkpoint, tmp_path):

@@ -576,6 +576,37 @@ def check_names(
         )
 
 
+# transformers 4.40.1's LlamaConfig defaults (Llama-2-7B sizes). openvla-7b's text_config stores
+# only what differs from them (model_type, pad_token_id, torch_dtype, vocab_size), so these fill
+# the rest whatever the installed transformers' defaults are. rms_norm_eps is 4.40's default 1e-6,
+# which is what OpenVLA runs with (Llama-2's own config says 1e-5).
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+
+
+def language_model_config(text_config: Mapping[str, Any]) -> Any:
+    """The transformers config of the LM from config.json's ``text_config``."""
+    from transformers import AutoConfig
+
+    text_config = dict(text_config)
+    lm_type = text_config.pop("model_type", "llama")
+    if lm_type == "llama":
+        text_config = {**LLAMA_DEFAULTS, **text_config}
+        text_config.setdefault("num_key_value_heads", text_config["num_attention_heads"])
+    return AutoConfig.for_model(lm_type, **text_config)
+
+
 def _config_dtype(config: Mapping[str, Any]) -> torch.dtype:
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     return getattr(torch, str(name).removeprefix("torch."))
@@ -660,7 +691,7 @@ class OpenVLA(nn.Module):
         statistics un-normalise actions (required when norm_stats has several). Tensors are
         matched strictly: any missing, unexpected or wrongly shaped name raises, listing them.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         directory = Path(directory)
         config_path = directory / "config.json"
@@ -712,9 +743,7 @@ class OpenVLA(nn.Module):
             std = tuple(pre["stds"][i]) if "stds" in pre else family.std
             transforms.append(ImageTransform(size, mean, std, strategy))
 
-        text_config = dict(config["text_config"])
-        lm_type = text_config.pop("model_type", "llama")
-        lm_config = AutoConfig.for_model(lm_type, **text_config)
+        lm_config = language_model_config(config["text_config"])
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(lm_config)
         # the tokenizer class directly: AutoTokenizer would consult config.json, whose auto_map
