@@ -39,6 +39,7 @@ SIGLIP = dict(dim=32, depth=3, patch=14, mlp=119, reg=0, cls=False, ls=False, po
 STATS_Q01 = [-0.05, -0.1, -0.2, -0.3, -0.4, -0.5, 0.0]
 STATS_Q99 = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0]
 MASK = [True] * 6 + [False]
+IMAGENET, IMAGENET_SD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _stats(scale: float) -> dict:
@@ -339,6 +340,22 @@ def test_predict_action_decodes_the_greedy_action_tokens(checkpoint, tmp_path):
     stats = NORM_STATS["bridge_orig"]["action"]
     options = np.stack([unnormalize_actions(np.full(7, centers[i]), stats) for i in (9, 249)])
     assert np.isclose(action[None], options).any(0).all(), (action, options)
+
+
+def test_image_geometry_follows_the_published_processor():
+    from vla_ray.models.openvla import ImageTransform, _resize_pil
+
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[:, :, 0] = np.arange(20, dtype=np.uint8)[None] * 10  # red = 10 * column
+    naive = _resize_pil(image, ImageTransform(8, IMAGENET, IMAGENET_SD, "resize-naive"))
+    assert naive.shape == (8, 8, 3)
+    crop = _resize_pil(image, ImageTransform(10, IMAGENET, IMAGENET_SD, "resize-crop"))
+    assert crop.shape == (10, 10, 3)
+    np.testing.assert_array_equal(crop[0, :, 0], np.arange(5, 15) * 10)  # the centre columns
+    box = _resize_pil(image, ImageTransform(20, IMAGENET, IMAGENET_SD, "letterbox"))
+    assert box.shape == (20, 20, 3)
+    np.testing.assert_array_equal(box[0, 0], [123, 116, 103])  # int(255 * ImageNet mean)
+    np.testing.assert_array_equal(box[5:15, :, 0], image[:, :, 0])
 
 
 def test_bin_arithmetic_on_hand_picked_ids():

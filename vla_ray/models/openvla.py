@@ -424,27 +424,27 @@ class ImageTransform:
 
 
 def _resize_pil(image: np.ndarray, t: ImageTransform) -> np.ndarray:
-    """PIL bicubic, as torchvision's functional resize does on PIL images."""
-    from PIL import Image
+    """The published processor's geometry with PIL bicubic (what torchvision's functional
+    transforms do on PIL images): ``resize-naive`` squashes to (S, S); ``resize-crop`` resizes the
+    shorter side to S and centre-crops; ``letterbox`` first pads to (nearly) square with the mean
+    colour, then does the same."""
+    from PIL import Image, ImageOps
 
     img = Image.fromarray(image)
-    if t.strategy == "letterbox":
+    if t.strategy == "resize-naive":
+        return np.asarray(img.resize((t.size, t.size), Image.BICUBIC))
+    if t.strategy == "letterbox":  # int((max - side) / 2) on each side, as the processor pads
         w, h = img.size
-        side = max(w, h)
+        pad_w, pad_h = int((max(w, h) - w) / 2), int((max(w, h) - h) / 2)
         fill = tuple(int(m * 255) for m in t.mean)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas
-    if t.strategy == "resize-crop":  # shorter side to size, then centre crop
-        w, h = img.size
-        scale = t.size / min(w, h)
-        img = img.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - t.size) // 2, (h - t.size) // 2
-        img = img.crop((left, top, left + t.size, top + t.size))
-    else:
-        img = img.resize((t.size, t.size), Image.BICUBIC)
-    return np.asarray(img)
+        img = ImageOps.expand(img, border=(pad_w, pad_h, pad_w, pad_h), fill=fill)
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(t.size * long / short)  # torchvision truncates the longer side
+    img = img.resize((t.size, new_long) if w <= h else (new_long, t.size), Image.BICUBIC)
+    w, h = img.size
+    left, top = int(round((w - t.size) / 2.0)), int(round((h - t.size) / 2.0))
+    return np.asarray(img.crop((left, top, left + t.size, top + t.size)))
 
 
 def preprocess_image(image: np.ndarray, transforms: Sequence[ImageTransform]) -> torch.Tensor:
@@ -607,6 +607,20 @@ def language_model_config(text_config: Mapping[str, Any]) -> Any:
     return AutoConfig.for_model(lm_type, **text_config)
 
 
+def load_tokenizer(directory: Path) -> Any:
+    """The checkpoint's tokenizer, by class rather than AutoTokenizer: AutoTokenizer would read
+    config.json, whose auto_map points at the authors' remote code."""
+    if (directory / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    if (directory / "tokenizer.model").exists():  # SentencePiece only (not tried here)
+        from transformers import LlamaTokenizer
+
+        return LlamaTokenizer.from_pretrained(str(directory))
+    raise OpenVLAError(f"tokenizer: {directory} has neither tokenizer.json nor tokenizer.model")
+
+
 def _config_dtype(config: Mapping[str, Any]) -> torch.dtype:
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     return getattr(torch, str(name).removeprefix("torch."))
@@ -620,6 +634,36 @@ def _rebuild_meta_buffers(module: nn.Module, lm_config: Any) -> None:
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, attr, type(child)(config=lm_config))
+
+
+def build_vision(
+    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], pre: Mapping[str, Any]
+) -> tuple[list[TimmViT], list[ImageTransform]]:
+    """The ViTs (on the meta device, sized from the tensor ``shapes``) and their image transforms
+    (from ``preprocessor_config.json`` contents ``pre``, else the timm family's defaults)."""
+    strategy = pre.get("image_resize_strategy", config.get("image_resize_strategy", "resize-naive"))
+    if strategy not in RESIZE_STRATEGIES:
+        raise OpenVLAError(
+            f"image_resize_strategy: unknown {strategy!r}; valid: {', '.join(RESIZE_STRATEGIES)}"
+        )
+    prefixes = ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.")
+    vits, transforms = [], []
+    for i, timm_id in enumerate(config["timm_model_ids"]):
+        family = vit_family(timm_id)
+        shape = read_vit_shape(shapes, prefixes[i], f"timm_model_ids[{i}] ({timm_id})")
+        size = int(config["image_sizes"][i])
+        grid = size // shape.patch
+        if grid * grid != shape.num_patches:
+            raise OpenVLAError(
+                f"config.json image_sizes[{i}]: {size} px with patch {shape.patch} gives "
+                f"{grid * grid} patches, but {prefixes[i]}pos_embed has {shape.num_patches}"
+            )
+        with torch.device("meta"):
+            vits.append(TimmViT(family, shape))
+        mean = tuple(pre["means"][i]) if "means" in pre else family.mean
+        std = tuple(pre["stds"][i]) if "stds" in pre else family.std
+        transforms.append(ImageTransform(size, mean, std, strategy))
+    return vits, transforms
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -656,7 +700,7 @@ class OpenVLA(nn.Module):
         self.norm_stats = norm_stats
         self.n_action_bins = int(config.get("n_action_bins", 256))
         # the action bins are the last ids of the vocabulary before padding to a multiple of 64
-        self.vocab_size = int(config["text_config"]["vocab_size"]) - int(
+        self.vocab_size = int(language_model.config.vocab_size) - int(
             config.get("pad_to_multiple_of", 0)
         )
         self.empty_token_id = self._empty_token_id()
@@ -691,7 +735,7 @@ class OpenVLA(nn.Module):
         statistics un-normalise actions (required when norm_stats has several). Tensors are
         matched strictly: any missing, unexpected or wrongly shaped name raises, listing them.
         """
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers import AutoModelForCausalLM
 
         directory = Path(directory)
         config_path = directory / "config.json"
@@ -713,42 +757,15 @@ class OpenVLA(nn.Module):
 
         files = weight_files(directory)
         shapes = tensor_shapes(files)
-        vits, transforms = [], []
-        pre = (
-            _read_json(directory / PREPROCESSOR_NAME)
-            if (directory / PREPROCESSOR_NAME).exists()
-            else {}
+        pre_path = directory / PREPROCESSOR_NAME
+        vits, transforms = build_vision(
+            config, shapes, _read_json(pre_path) if pre_path.exists() else {}
         )
-        strategy = pre.get(
-            "image_resize_strategy", config.get("image_resize_strategy", "resize-naive")
-        )
-        if strategy not in RESIZE_STRATEGIES:
-            raise OpenVLAError(
-                f"image_resize_strategy: unknown {strategy!r}; valid: {', '.join(RESIZE_STRATEGIES)}"
-            )
-        prefixes = ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.")
-        for i, timm_id in enumerate(config["timm_model_ids"]):
-            family = vit_family(timm_id)
-            shape = read_vit_shape(shapes, prefixes[i], f"timm_model_ids[{i}] ({timm_id})")
-            size = int(config["image_sizes"][i])
-            grid = size // shape.patch
-            if grid * grid != shape.num_patches:
-                raise OpenVLAError(
-                    f"config.json image_sizes[{i}]: {size} px with patch {shape.patch} gives "
-                    f"{grid * grid} patches, but {prefixes[i]}pos_embed has {shape.num_patches}"
-                )
-            with torch.device("meta"):
-                vits.append(TimmViT(family, shape))
-            mean = tuple(pre["means"][i]) if "means" in pre else family.mean
-            std = tuple(pre["stds"][i]) if "stds" in pre else family.std
-            transforms.append(ImageTransform(size, mean, std, strategy))
 
         lm_config = language_model_config(config["text_config"])
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(lm_config)
-        # the tokenizer class directly: AutoTokenizer would consult config.json, whose auto_map
-        # points at the authors' remote code
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        tokenizer = load_tokenizer(directory)
         with torch.device("meta"):
             model = cls(config, vits, lm, tokenizer, transforms, norm_stats)
         expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
