@@ -514,6 +514,12 @@ def test_trunk_features_are_the_first_action_token_readout(model):
             emb = model.embed(model.encode_prompt(text), pixels)
             ref = model.language_model.model(inputs_embeds=emb).last_hidden_state[0, -1]
         torch.testing.assert_close(feats[row], ref, rtol=1e-4, atol=1e-4)
+    # trainable as a trunk: gradients reach the vision backbone, projector and LM
+    trunk(obs).square().sum().backward()
+    for p in (model.vision_backbone.featurizer.pos_embed, model.projector.fc1.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
 
 def test_parallel_decoding_returns_a_chunk(checkpoint, tmp_path):

@@ -852,14 +852,15 @@ class OpenVLA(nn.Module):
     def predict_normalized_chunk(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor
     ) -> torch.Tensor:
-        """OFT-style: hidden states at K*A zero placeholder embeddings -> (1, K, A) in [-1, 1]
-        (placeholders attend causally, as the LM was built)."""
+        """OFT-style: hidden states at K*A zero placeholder embeddings -> (1, K, A), clipped to
+        [-1, 1] (placeholders attend causally, as the LM was built)."""
         head = self.action_head
         emb = self.embed(input_ids, pixel_values)
         slots = emb.new_zeros(1, head.chunk * head.action_dim, emb.shape[-1])
         out = self.language_model.model(inputs_embeds=torch.cat([emb, slots], dim=1))
         hidden = out.last_hidden_state[:, -slots.shape[1] :]
-        return torch.tanh(head(hidden))
+        # the head is linear at the output (as OFT's); its targets were clipped to [-1, 1]
+        return head(hidden).clamp(-1.0, 1.0)
 
     def predict_action(
         self, image: np.ndarray, instruction: str, unnorm_key: str | None = None
