@@ -411,6 +411,38 @@ def test_minimal_published_text_config_gives_llama2_7b_sizes():
     }
 
 
+def test_full_size_architecture_matches_the_published_total_size():
+    """On the meta device: openvla-7b's architecture (timm's ViT-L/14-reg4 DINOv2 and So400M/14
+    SigLIP sizes, the minimal published text_config) holds 7,541,237,184 parameters, i.e. the
+    15,082,474,368 bf16 bytes that openvla-7b's model.safetensors.index.json reports as
+    total_size (figure as recorded by third parties; not downloaded here)."""
+    from transformers import AutoModelForCausalLM
+
+    from vla_ray.models.openvla import (
+        PrismaticProjector,
+        PrismaticVisionBackbone,
+        TimmViT,
+        ViTShape,
+        vit_family,
+    )
+
+    dino = ViTShape(1024, 24, 14, 4096, 256, 4, 0)
+    siglip = ViTShape(1152, 27, 14, 4304, 256, 0, 4304)
+    text = {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16"}
+    with torch.device("meta"):
+        vision = PrismaticVisionBackbone(
+            [
+                TimmViT(vit_family("vit_large_patch14_reg4_dinov2.lvd142m"), dino),
+                TimmViT(vit_family("vit_so400m_patch14_siglip_224"), siglip),
+            ]
+        )
+        projector = PrismaticProjector(True, vision.embed_dim, 4096)
+        lm = AutoModelForCausalLM.from_config(language_model_config({**text, "vocab_size": 32064}))
+    modules = (vision, projector, lm)
+    total = sum(t.numel() for m in modules for t in m.state_dict().values())
+    assert total * 2 == 15_082_474_368
+
+
 def test_other_model_type_is_rejected_naming_both(checkpoint, tmp_path):
     d = _edit(
         checkpoint, tmp_path, model_type="llava", architectures=["LlavaForConditionalGeneration"]
