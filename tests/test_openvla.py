@@ -488,7 +488,7 @@ def test_wrong_image_is_a_named_error(model):
     with pytest.raises(OpenVLAError, match="image: expected dtype uint8, given float32"):
         model.predict_action(np.zeros((32, 32, 3), np.float32), "open", unnorm_key="bridge_orig")
     trunk = OpenVLATrunk(model)
-    ids, mask = encode_instructions([prompt_text("open")], 24, model.tokenizer)
+    ids, mask = encode_instructions([prompt_text("open")], 64, model.tokenizer)
     obs = {
         "image": torch.zeros(1, 30, 30, 3, dtype=torch.uint8),
         "instruction": torch.from_numpy(ids),
@@ -498,6 +498,10 @@ def test_wrong_image_is_a_named_error(model):
         OpenVLAError,
         match=r"obs\['image'\]: expected shape \(1, 28, 28, 3\), given \(1, 30, 30, 3\)",
     ):
+        trunk(obs)
+    obs["image"] = torch.zeros(1, IMAGE, IMAGE, 3, dtype=torch.uint8)
+    obs["instruction_mask"] = torch.from_numpy(mask[:, ::-1].copy())  # left padding
+    with pytest.raises(OpenVLAError, match=r"obs\['instruction_mask'\]: expected right padding"):
         trunk(obs)
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vla_ray.config import ConfigError
-from vla_ray.models.language import cache_keyword, output_cache
+from vla_ray.models.language import cache_keyword, decoder_of, output_cache
 
 SUPPORTED_MODEL_TYPES = ("openvla",)
 SUPPORTED_ARCHITECTURES = ("OpenVLAForActionPrediction",)
@@ -857,7 +857,7 @@ class OpenVLA(nn.Module):
         head = self.action_head
         emb = self.embed(input_ids, pixel_values)
         slots = emb.new_zeros(1, head.chunk * head.action_dim, emb.shape[-1])
-        out = self.language_model.model(inputs_embeds=torch.cat([emb, slots], dim=1))
+        out = decoder_of(self.language_model)(inputs_embeds=torch.cat([emb, slots], dim=1))
         hidden = out.last_hidden_state[:, -slots.shape[1] :]
         # the head is linear at the output (as OFT's); its targets were clipped to [-1, 1]
         return head(hidden).clamp(-1.0, 1.0)
@@ -959,6 +959,12 @@ class OpenVLATrunk(nn.Module):
                 f"obs['instruction_mask']: expected the shape of obs['instruction'] "
                 f"{tuple(obs['instruction'].shape)}, given {tuple(obs['instruction_mask'].shape)}"
             )
+        mask = obs["instruction_mask"].long()
+        steps = torch.arange(mask.shape[1], device=mask.device)[None]
+        if not torch.equal(mask, (steps < mask.sum(1, keepdim=True)).long()):
+            raise OpenVLAError(
+                "obs['instruction_mask']: expected right padding (ones, then zeros) in every row"
+            )
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Features (B, hidden_size), float32."""
@@ -983,7 +989,7 @@ class OpenVLATrunk(nn.Module):
         full_mask = torch.cat(
             [seq_mask[:, :1], torch.ones(B, P, dtype=torch.long, device=dev), seq_mask[:, 1:]], 1
         )
-        out = m.language_model.model(inputs_embeds=emb, attention_mask=full_mask)
+        out = decoder_of(m.language_model)(inputs_embeds=emb, attention_mask=full_mask)
         readout = P + lengths + 1  # index of the empty token in the full sequence
         return out.last_hidden_state[rows, readout].float()
 
