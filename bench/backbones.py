@@ -100,37 +100,49 @@ def model_config(name: str, dtype: str, lora: bool) -> dict[str, Any]:
 
 
 # ---- one measurement (runs in its own process) ---------------------------------------------------
-def _module(mc: dict[str, Any], inference_only: bool, device: str):
-    import gymnasium as gym
-    import torch
-
-    import vla_ray.envs  # noqa: F401  (registers the env ids)
-    from vla_ray.rl_module import VLAModule
-
-    env = gym.make(ENV)
-    torch.manual_seed(0)
-    module = VLAModule(
-        observation_space=env.observation_space,
-        action_space=env.action_space,
-        inference_only=inference_only,
-        model_config=mc,
-    )
-    obs = [env.reset(seed=s)[0] for s in range(32)]
-    env.close()
-    return module.to(device), obs
+# LangReach's spaces (64x64 RGB, 4-D state, 2-D action, 16 instruction tokens); the latency,
+# memory and learner rows use observations of that shape without the env or Ray, so they also
+# run on a GPU machine that has only torch + transformers + peft
+IMAGE_SIZE, STATE_DIM, ACTION_DIM = (64, 64), 4, 2
+TEXTS = ["reach the red target", "go to the green ball", "move to the blue goal"]
 
 
-def _batch(obs: list[dict], n: int, device: str) -> dict:
+def _model(mc: dict[str, Any], with_value: bool, device: str):
+    """The VLA of ``mc`` (+ a value MLP, as VLAModule's learner has) and 32 observations."""
     import numpy as np
     import torch
-    from ray.rllib.core.columns import Columns
 
-    rows = [obs[i % len(obs)] for i in range(n)]
-    return {
-        Columns.OBS: {
-            k: torch.as_tensor(np.stack([r[k] for r in rows])).to(device) for k in rows[0]
-        }
+    from vla_ray.config import VLAConfig
+    from vla_ray.models.heads import mlp
+    from vla_ray.models.vla import VLA
+    from vla_ray.tokenizer import encode_instructions
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in mc.items() if k != "value"}
+    cfg.update(
+        image_size=IMAGE_SIZE,
+        state_dim=STATE_DIM,
+        action_dim=ACTION_DIM,
+        instruction_max_length=INSTRUCTION_LENGTH,
+    )
+    vla = VLA(VLAConfig.from_dict(cfg))
+    vf = mlp(vla.trunk.feature_dim, 256, 1) if with_value else None
+    rng = np.random.default_rng(0)
+    texts = [TEXTS[i % len(TEXTS)] for i in range(32)]
+    ids, mask = encode_instructions(texts, INSTRUCTION_LENGTH, vla.tokenizer)
+    obs = {
+        "image": rng.integers(0, 256, size=(32, *IMAGE_SIZE, 3), dtype=np.uint8),
+        "state": rng.normal(size=(32, STATE_DIM)).astype(np.float32),
+        "instruction": ids,
+        "instruction_mask": mask,
     }
+    obs = {k: torch.as_tensor(v).to(device) for k, v in obs.items()}
+    vla = vla.to(device)
+    return vla, (vf.to(device) if vf is not None else None), obs
+
+
+def _batch(obs: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in obs.items()}
 
 
 def _sync(device: str) -> None:
@@ -149,64 +161,77 @@ def _peak_mb(device: str) -> dict[str, float]:
     return out
 
 
+def _prompt_tokens(vla: Any) -> int:
+    """Tokens the LM runs per sample without the prefix cache (for tokens/s)."""
+    trunk = vla.trunk
+    if hasattr(trunk, "suffix_ids"):  # backbone="vlm"
+        return (
+            len(trunk.prefix_ids)
+            + INSTRUCTION_LENGTH
+            + len(trunk.mid_ids)
+            + len(trunk.suffix_ids)
+            + len(trunk.post_ids)
+        )
+    return 1 + INSTRUCTION_LENGTH + trunk.projector.num_tokens + 2
+
+
 def one_latency(mc: dict[str, Any], device: str, repeats: int) -> dict[str, Any]:
-    """Parameters and inference latency (ms) at batch 1 and 32, prefix cache on and off."""
+    """Inference latency (ms) at batch 1 and 32, prefix cache on and off."""
     import torch
 
-    module, obs = _module(mc, inference_only=True, device=device)
-    trunk = module.vla.trunk
-    params = sum(p.numel() for p in module.parameters())
-    out: dict[str, Any] = {"params_inference": params}
+    vla, _, obs = _model(mc, with_value=False, device=device)
+    vla.eval()
+    trunk, head = vla.trunk, vla.head
+    out: dict[str, Any] = {}
     with torch.no_grad():
         for b in (1, 32):
-            batch = _batch(obs, b, device)
-            for mode, fn in (
-                ("cache", lambda x: module.forward_inference(x)),
-                ("no_cache", lambda x: module.vla.head.dist_inputs(trunk.forward_functional(x))),
-            ):
-                arg = batch if mode == "cache" else batch["obs"]
-                fn(arg)  # warm-up (fills the prefix memo)
+            batch = _batch(obs, b)
+            for mode, fn in (("cache", trunk), ("no_cache", trunk.forward_functional)):
+                head.dist_inputs(fn(batch))  # warm-up (fills the prefix memo)
                 times = []
                 for _ in range(repeats):
                     _sync(device)
                     t0 = time.perf_counter()
-                    fn(arg)
+                    head.dist_inputs(fn(batch))
                     _sync(device)
                     times.append(time.perf_counter() - t0)
                 ms = statistics.median(times) * 1000
                 out[f"latency_ms_b{b}_{mode}"] = round(ms, 2)
-                if device == "cuda" and b == 32:
-                    out[f"samples_per_s_b32_{mode}"] = round(32 / ms * 1000, 1)
+                if device == "cuda" and b == 32 and mode == "no_cache":
+                    out["tokens_per_s_b32"] = round(32 * _prompt_tokens(vla) / ms * 1000)
     return {**out, **_peak_mb(device)}
 
 
 def one_envrunner(mc: dict[str, Any], device: str, envs: int) -> dict[str, Any]:
-    """Peak memory of an EnvRunner's module: inference-only, ``envs`` observations a step."""
+    """Peak memory of an EnvRunner's policy: inference only, ``envs`` observations a step."""
     import torch
 
-    module, obs = _module(mc, inference_only=True, device=device)
-    batch = _batch(obs, envs, device)
+    vla, _, obs = _model(mc, with_value=False, device=device)
+    vla.eval()
     with torch.no_grad():
         for _ in range(3):
-            module.forward_exploration(batch)
+            vla.head.dist_inputs(vla.trunk(_batch(obs, envs)))
     return _peak_mb(device)
 
 
 def one_learner(mc: dict[str, Any], device: str, batch_size: int, steps: int) -> dict[str, Any]:
-    """Trainable parameters, updates/s and peak memory of forward + backward + AdamW."""
+    """Parameters, updates/s and peak memory of forward + backward + AdamW (policy NLL +
+    value loss on a shared trunk, as PPO's learner differentiates)."""
     import torch
 
-    module, obs = _module(mc, inference_only=False, device=device)
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
+    vla, vf, obs = _model(mc, with_value=True, device=device)
+    vla.train()
+    params = [p for m in (vla, vf) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    batch = _batch(obs, batch_size, device)
-    target = torch.zeros(batch_size, 1, module.vla.config.action_dim, device=device)
+    batch = {
+        k: v.repeat(-(-batch_size // 32), *([1] * (v.ndim - 1)))[:batch_size]
+        for k, v in obs.items()
+    }
+    target = torch.zeros(batch_size, 1, ACTION_DIM, device=device)
 
     def step() -> None:
-        out = module.forward_train(batch)
-        feats = out["embeddings"]
-        loss = module.vla.head.loss(feats, target) + module.vf(feats).pow(2).mean()
+        feats = vla.trunk(batch)
+        loss = vla.head.loss(feats, target) + vf(feats).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,8 +243,9 @@ def one_learner(mc: dict[str, Any], device: str, batch_size: int, steps: int) ->
         step()
     _sync(device)
     rate = steps / (time.perf_counter() - t0)
+    total = sum(p.numel() for m in (vla, vf) for p in m.parameters())
     return {
-        "params_total": sum(p.numel() for p in module.parameters()),
+        "params_total": total,
         "params_trainable": sum(p.numel() for p in params),
         "updates_per_s": round(rate, 3),
         **_peak_mb(device),
@@ -227,7 +253,7 @@ def one_learner(mc: dict[str, Any], device: str, batch_size: int, steps: int) ->
 
 
 def one_sampling(mc: dict[str, Any], runners: int, envs: int, steps: int) -> dict[str, Any]:
-    """Env steps/s sampling LangReach with ``runners`` EnvRunners (PPO's), model ``mc``."""
+    """Env steps/s sampling LangReach with ``runners`` EnvRunners (PPO's), model ``mc`` (CPU, needs Ray)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from sampling import measure
 
@@ -243,23 +269,38 @@ def one_sampling(mc: dict[str, Any], runners: int, envs: int, steps: int) -> dic
     return {"steps_per_s": round(rate, 2)}
 
 
-def child(args: argparse.Namespace) -> None:
-    job = json.loads(args.one)
+def measure_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     mc = model_config(job["config"], job["dtype"], job["lora"])
     kind = job["kind"]
     if kind == "latency":
-        res = one_latency(mc, args.device, args.repeats)
-    elif kind == "envrunner":
-        res = one_envrunner(mc, args.device, args.envs_per_runner)
-    elif kind == "learner":
-        res = one_learner(mc, args.device, args.batch, args.learner_steps)
-    else:
-        res = one_sampling(mc, job["runners"], args.envs_per_runner, args.steps)
-    print("RESULT " + json.dumps(res), flush=True)
+        return one_latency(mc, args.device, args.repeats)
+    if kind == "envrunner":
+        return one_envrunner(mc, args.device, args.envs_per_runner)
+    if kind == "learner":
+        return one_learner(mc, args.device, args.batch, args.learner_steps)
+    return one_sampling(mc, job["runners"], args.envs_per_runner, args.steps)
+
+
+def child(args: argparse.Namespace) -> None:
+    print("RESULT " + json.dumps(measure_job(json.loads(args.one), args)), flush=True)
 
 
 # ---- driver -------------------------------------------------------------------------------------
 def run_child(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in a fresh process (CPU: clean peak RSS), or in this process on a GPU
+    (peak GPU memory reset per measurement; saves a process start per row)."""
+    if args.device == "cuda":
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            return measure_job(job, args)
+        except Exception as err:  # noqa: BLE001 - a row's failure is reported, the rest run
+            return {"error": f"{type(err).__name__}: {err}"[:300]}
     cmd = [
         sys.executable,
         __file__,
