@@ -199,3 +199,34 @@ def test_export_refuses_graph_formats_and_the_torch_spec_describes_the_processor
     spec = build_spec(vla, PYTORCH_DIR, "pytorch", {"model_version": "x"})
     image = spec["normalisation"]["image"]
     assert "SmolVLMImageProcessor" in image["steps"] and len(image["mean"]) == 3
+
+
+def test_rl_modules_take_the_vlm_trunk(langreach_spaces, langreach_obs_batch):
+    """VLAModule (PPO/GRPO/BC) and the SAC module build on the VLM trunk and backpropagate."""
+    from ray.rllib.core.columns import Columns
+
+    from vla_ray.rl_module import VLAModule
+    from vla_ray.sac_module import VLASACModule
+
+    obs_space, act_space = langreach_spaces
+    obs = {k: torch.as_tensor(v[:4]) for k, v in langreach_obs_batch.items()}
+    vlm = {"backbone": "vlm", "vlm_family": "qwen2_vl"}
+    module = VLAModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={**vlm, "value": "separate", "lora": {"r": 4}},
+    )
+    out = module.forward_train({Columns.OBS: obs})
+    values = module.compute_values({Columns.OBS: obs})
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (4, 4) and values.shape == (4,)
+    (out[Columns.ACTION_DIST_INPUTS].sum() + values.sum()).backward()
+    assert module.vla.trunk.query.grad is not None
+    sac = VLASACModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config={**vlm, "head": "tanh_gaussian", "twin_q": True, "q_hidden": 32},
+    )
+    sac.make_target_networks()
+    acts = torch.zeros(4, act_space.shape[0])
+    fwd = sac.forward_train({Columns.OBS: obs, Columns.NEXT_OBS: obs, Columns.ACTIONS: acts})
+    assert fwd["qf_preds"].shape == (4,) and torch.isfinite(fwd["logp_resampled"]).all()
