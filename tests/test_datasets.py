@@ -301,3 +301,22 @@ def test_a_missing_format_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # what an uninstalled package looks like
     with pytest.raises(ImportError, match=r"'d4rl' dataset format needs the 'h5py' package: "):
         require("h5py", "d4rl")
+
+
+def test_collect_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demos"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"demos already exists and is not empty.*--overwrite"):
+        collect(LANGREACH, "expert", 1, out, seed=0, progress=False)
+    args = ["collect", "--env", LANGREACH, "--episodes", "1", "--output", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+    (tmp_path / "data.hdf5").write_text("an older file")  # d4rl writes OUTPUT.hdf5
+    with pytest.raises(ValueError, match="data.hdf5 already exists"):
+        collect(LANGREACH, "expert", 1, tmp_path / "data", fmt="d4rl", progress=False)
+    assert main([*args, "--overwrite"]) == 0
+    assert len(read_episodes(out)) == 1 and not (out / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    collect(LANGREACH, "expert", 1, tmp_path / "empty", progress=False)

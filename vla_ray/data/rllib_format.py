@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import check_output, replace_dir, temp_dir
 
 FORMAT = "rllib"
 META_NAME = "dataset.json"
@@ -56,16 +56,20 @@ def _unpack(item: bytes) -> Any:
 
 
 def write_episodes(
-    episodes: Iterable[Any], output: str | os.PathLike, meta: dict[str, Any] | None = None
+    episodes: Iterable[Any],
+    output: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write finished ``SingleAgentEpisode``s to ``output`` (replaced atomically); returns it."""
+    """Write finished ``SingleAgentEpisode``s to ``output`` (replaced atomically); returns it.
+    An existing non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(output)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output(out, overwrite)
+    tmp = temp_dir(out)
     batch: list[bytes] = []
     n_files = n_eps = n_steps = 0
 
@@ -76,15 +80,19 @@ def write_episodes(
             n_files += 1
             batch.clear()
 
-    for ep in episodes:
-        if not ep.is_done:
-            raise DataError(f"write_episodes: episode {ep.id_} is not finished (not done)")
-        batch.append(_pack(ep.to_numpy() if not ep.is_numpy else ep))
-        n_eps += 1
-        n_steps += len(ep)
-        if len(batch) == EPISODES_PER_FILE:
-            flush()
-    flush()
+    try:
+        for ep in episodes:
+            if not ep.is_done:
+                raise DataError(f"write_episodes: episode {ep.id_} is not finished (not done)")
+            batch.append(_pack(ep.to_numpy() if not ep.is_numpy else ep))
+            n_eps += 1
+            n_steps += len(ep)
+            if len(batch) == EPISODES_PER_FILE:
+                flush()
+        flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if n_eps == 0:
         shutil.rmtree(tmp)
         raise DataError("write_episodes: no episodes to write")
