@@ -36,7 +36,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vla_ray.train import parse_overrides, resolve, train
+    from vla_ray.train import parse_overrides, prepare_run_dir, resolve, train
 
     spec = resolve(
         args.preset,
@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_gpus_per_env_runner=args.num_gpus_per_env_runner,
     )
     output = args.output or _default_output(args.preset)
+    # before the trackers write into it: a reused run directory is an error unless resumed
+    resume = prepare_run_dir(output, args.resume, args.resume_if_exists)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
     from vla_ray.tracking import open_trackers
 
@@ -62,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_iters=args.stop_iters,
         stop_timesteps=args.stop_timesteps,
         stop_seconds=args.stop_seconds,
-        resume=args.resume,
+        resume=resume,
+        resume_if_exists=args.resume_if_exists,
         progress=not args.quiet,
         trackers=trackers,
     )
@@ -277,6 +280,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         env_config=env_config,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -432,7 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
         "episodes, a Minari dataset or id, a D4RL .hdf5 file or a LeRobotDataset folder (format "
         "detected from the path)",
     )
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
+    resume = t.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoints/last (an error when there is none)",
+    )
+    resume.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue from OUTPUT/checkpoints/last when it exists, else start fresh",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress display")
     _add_tracking_flags(t)
     t.set_defaults(fn=cmd_train)
@@ -474,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     c.add_argument("--env-config", help="JSON env kwargs")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --output"
+    )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
