@@ -8,6 +8,7 @@ the episodes came from (env id and config, policy, counts); readers need only th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -80,24 +81,31 @@ def _safe_array(obj: dict, path: str) -> Any:
     return mnp.decode(obj)
 
 
-def _check_space(d: dict, path: str) -> None:
-    """A serialised gym space: its arrays must load without pickle (RLlib loads them with
-    ``allow_pickle=True``)."""
+@functools.lru_cache(maxsize=256)
+def _plain_npy(value: str) -> str | None:
+    """None when the base64 zlib ``.npy`` bytes load without pickle, else the reason (cached:
+    every episode of a dataset repeats the same spaces)."""
     import base64
     import io
     import zlib
 
+    try:
+        np.load(io.BytesIO(zlib.decompress(base64.b64decode(value))), allow_pickle=False)
+    except Exception as e:
+        return str(e)
+    return None
+
+
+def _check_space(d: dict, path: str) -> None:
+    """A serialised gym space: its arrays must load without pickle (RLlib loads them with
+    ``allow_pickle=True``)."""
     for key in _SPACE_ARRAYS:
         value = d.get(key)
-        if isinstance(value, str):
-            try:
-                raw = zlib.decompress(base64.b64decode(value))
-                np.load(io.BytesIO(raw), allow_pickle=False)
-            except Exception as e:
-                raise UnsafeDataError(
-                    f"field {path}.{key}: not a plain numeric .npy array ({e}); refusing to "
-                    "unpickle untrusted data"
-                ) from e
+        if isinstance(value, str) and (why := _plain_npy(value)) is not None:
+            raise UnsafeDataError(
+                f"field {path}.{key}: not a plain numeric .npy array ({why}); refusing to "
+                "unpickle untrusted data"
+            )
 
 
 def _decode_tree(obj: Any, path: str) -> Any:
