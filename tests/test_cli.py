@@ -177,6 +177,14 @@ def test_train_refuses_a_used_output_without_resume(tmp_path, capsys, monkeypatc
     assert (out / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
 
 
+def test_quickstart_refuses_a_used_output(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "eval.json").write_text("{}")
+    assert main(["quickstart", "--output", str(tmp_path / "qs"), "--quiet"]) == 2
+    assert "qs already exists and is not empty" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -273,10 +273,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
     from vla_ray.evaluate import evaluate, load_policy
+    from vla_ray.fsutil import check_output
     from vla_ray.presets import get_preset
     from vla_ray.train import resolve, train
 
     output = Path(args.output or _default_output("quickstart"))
+    check_output(output, False, "choose another --output")  # each stage writes a new folder
     overrides: dict[str, Any] = {}
     if args.demos > 0:
         print(f"quickstart 1: {args.demos} expert demonstrations on LangReach -> {output}/demos")

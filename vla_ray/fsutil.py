@@ -17,17 +17,18 @@ class OutputExistsError(ValueError):
     """An output path already holds data and the caller did not ask to overwrite it."""
 
 
-def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+def check_output(
+    path: str | os.PathLike, overwrite: bool, hint: str = "pass --overwrite to replace it"
+) -> None:
     """Refuse an existing non-empty ``path`` (a file, or a folder with anything in it) unless
-    ``overwrite``; the error names the path and ``flag``."""
+    ``overwrite``; the error names the path and ends with ``hint``."""
     p = Path(path)
     if overwrite or not p.exists():
         return
     if p.is_dir() and not any(p.iterdir()):
         return
     raise OutputExistsError(
-        f"output: {p} already exists and is not empty; expected a new or empty path "
-        f"(pass {flag} to replace it)"
+        f"output: {p} already exists and is not empty; expected a new or empty path ({hint})"
     )
 
 
