@@ -57,7 +57,8 @@ DATASETS = ("medium", "medium-replay", "medium-expert")
 def reference_return(env_id: str, policy: str, episodes: int, out: Path) -> float:
     from vla_ray.data import collect
 
-    return collect(env_id, policy, episodes, out, seed=10_000, progress=False)["mean_return"]
+    summary = collect(env_id, policy, episodes, out, seed=10_000, progress=False, overwrite=True)
+    return summary["mean_return"]
 
 
 # medium-replay: the medium policy with a uniformly random action at each step with these
@@ -78,7 +79,14 @@ def build_datasets(
 
     if missing("medium"):
         collect(
-            env_id, expert, episodes, paths["medium"], noise=medium_noise, seed=0, progress=False
+            env_id,
+            expert,
+            episodes,
+            paths["medium"],
+            noise=medium_noise,
+            seed=0,
+            progress=False,
+            overwrite=True,  # an incomplete one (no dataset.json)
         )
     if missing("medium-replay"):
         parts = []
@@ -100,15 +108,19 @@ def build_datasets(
                 random_prob=list(REPLAY_RANDOM_PROBS),
                 style="medium-replay",
             ),
+            overwrite=True,
         )
     if missing("medium-expert"):
         expert_part = root / ".expert"
         if not (expert_part / "dataset.json").is_file():
-            collect(env_id, expert, episodes, expert_part, seed=5000, progress=False)
+            collect(
+                env_id, expert, episodes, expert_part, seed=5000, progress=False, overwrite=True
+            )
         write_episodes(
             (ep for part in (paths["medium"], expert_part) for ep in read_episodes(part)),
             paths["medium-expert"],
             dict(env=env_id, policy=expert, noise=[medium_noise, 0.0], style="medium-expert"),
+            overwrite=True,
         )
     return paths
 

@@ -8,11 +8,13 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
 # inside replicas that unpickle this class by value.
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ from vla_ray.serve.schema import (
     ErrorResponse,
     RequestError,
     RequestParser,
+    limit_image_pixels,
 )
-from vla_ray.serve.shield import Shield
+from vla_ray.serve.shield import Shield, ShieldInputError
 
 API_KEY_HEADER = "X-API-Key"
 logger = logging.getLogger("ray.serve")
@@ -53,8 +56,31 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (413, "body too large"),
         (422, "invalid field (named in the answer)"),
+        (500, "the model produced no usable action for this observation (named in the answer)"),
     )
 }
+
+
+def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without server file-system paths (the export's ``source`` and any absolute
+    path): what ``/v1/spec`` shows."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k != "source"}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and (value.startswith(("/", "~", "\\")) or value[1:3] == ":\\"):
+            return "<server path>"
+        return value
+
+    return clean(spec)
+
+
+async def parse_off_loop(executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` (request parsing: JSON, base64, image decoding) on ``executor``, off
+    the event loop, so one large or slow body does not stall the replica's other requests."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 @dataclass
@@ -88,6 +114,27 @@ def _example_body(spec: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
+def predict_each(predict: Any, items: list[dict[str, np.ndarray]]) -> list[np.ndarray | Exception]:
+    """One model call over a batch of requests (each a batch of one); if that call fails, each
+    request alone, so a request that breaks the model fails only itself (its slot holds the
+    exception)."""
+    try:
+        batch = {k: np.concatenate([it[k] for it in items]) for k in items[0]}
+        return list(predict(batch))
+    except Exception as err:
+        if len(items) == 1:
+            return [err]
+        return [predict_failure(predict, it) for it in items]
+
+
+def predict_failure(predict: Any, item: dict[str, np.ndarray]) -> np.ndarray | Exception:
+    """``predict(item)[0]``, or the exception it raised."""
+    try:
+        return predict(item)[0]
+    except Exception as err:
+        return err
+
+
 @serve.deployment(name="VLAPolicy")
 @serve.ingress(app)
 class VLAPolicy:
@@ -107,6 +154,11 @@ class VLAPolicy:
             self.settings.max_instruction_chars,
         )
         self.shield = Shield(self.settings.shield, self.spec)
+        if self.parser.has_image:
+            limit_image_pixels(self.parser.height, self.parser.width)
+        self._parse_pool = ThreadPoolExecutor(
+            max_workers=max(2, int(self.settings.threads)), thread_name_prefix="parse"
+        )
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
@@ -115,14 +167,13 @@ class VLAPolicy:
         self.backend.predict(warm.inputs)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        batch = {k: np.concatenate([it[k] for it in items]) for k in items[0]}
+    async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray | Exception]:
         self.stats["requests"] += len(items)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         # called inline: Serve already runs this code on its own event-loop thread, and a
         # thread hand-off per batch costs more than the model (~0.3 ms for the default policy)
-        return list(self.backend.predict(batch))
+        return predict_each(self.backend.predict, items)
 
     def _authorize(self, key: str | None) -> None:
         expected = self.settings.api_key
@@ -161,15 +212,32 @@ class VLAPolicy:
         t0 = time.perf_counter()
         try:
             self._authorize(api_key)
-            parsed = self.parser.parse(await self._read_body(request))
+            body = await self._read_body(request)
+            parsed = await parse_off_loop(self._parse_pool, self.parser.parse, body)
+            previous = self.shield.check_previous_action(parsed.previous_action)
         except RequestError as err:
             return JSONResponse(err.payload(), status_code=err.status)
+        except ShieldInputError as err:
+            payload = RequestError(422, err.field, err.message).payload()
+            return JSONResponse(payload, status_code=422)
         except Exception as err:  # a parser gap must not become a 500: it is still bad input
-            logger.exception("unexpected error while parsing a /v1/act body")
-            payload = RequestError(422, "body", f"could not be read ({err})").payload()
+            # one line, no traceback and no exception text in the answer: a client can send
+            # such bodies at will
+            logger.warning("unreadable /v1/act body (%s)", type(err).__name__)
+            payload = RequestError(422, "body", "could not be read as an observation").payload()
             return JSONResponse(payload, status_code=422)
         chunk = await self._batched(parsed.inputs)
-        actions, report = self.shield.apply(chunk, parsed.state, parsed.previous_action)
+        try:
+            if isinstance(chunk, Exception):
+                raise chunk
+            actions, report = self.shield.apply(chunk, parsed.state, previous)
+        except ShieldInputError as err:  # the model's output for this observation is unusable
+            logger.warning("no action for a /v1/act request: %s", err)
+            return JSONResponse({"detail": str(err), "field": err.field}, status_code=500)
+        except Exception as err:
+            logger.warning("the model failed on a /v1/act request (%s)", type(err).__name__)
+            payload = {"detail": "model: failed on this observation", "field": "model"}
+            return JSONResponse(payload, status_code=500)
         return JSONResponse(
             {
                 "action": actions[0].tolist(),
@@ -205,7 +273,7 @@ class VLAPolicy:
         serving.update(api_key_required=bool(self.settings.api_key), **self.scaling)
         return JSONResponse(
             {
-                **self.spec,
+                **public_spec(self.spec),
                 "shield": self.shield.describe(),
                 "serving": serving,
                 "request_schema": ActRequest.model_json_schema(),

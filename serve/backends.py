@@ -75,6 +75,12 @@ class Backend:
         raise NotImplementedError  # pragma: no cover
 
 
+# formats whose activations are quantised with ranges computed over the whole input tensor
+# (ONNX DynamicQuantizeLinear): in a batch, one request's values would change the others'
+# answers, so such models run one request at a time
+PER_REQUEST_FORMATS = ("onnx-int8",)
+
+
 class OnnxBackend(Backend):
     """onnxruntime (CPU) over ``model.onnx`` of an ONNX-family export folder."""
 
@@ -87,8 +93,13 @@ class OnnxBackend(Backend):
         model_file = folder / self.spec["model_file"]
         self.runner = OnnxRunner(model_file, threads=threads)
         self.tokenizer = load_tokenizer(str(folder / self.spec["instruction"]["tokenizer"]))
+        self.per_request = self.spec["format"] in PER_REQUEST_FORMATS
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(inputs.values())))
+        if self.per_request and n > 1:
+            rows = [self.runner({k: v[i : i + 1] for k, v in inputs.items()}) for i in range(n)]
+            return np.concatenate(rows)
         return self.runner(inputs)
 
 

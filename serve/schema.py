@@ -2,9 +2,12 @@
 
 The parser turns a raw body into model inputs (batch of one) or raises ``RequestError`` with an
 HTTP status and a message that names the offending field, the expected value and what was given:
-400 for a body that is not JSON, 413 for an oversized body, 422 for everything else (missing or
-extra fields, wrong types, NaN/inf, undecodable base64, wrong image size or channels, too-long
-instructions).
+400 for a body that is not JSON (or nested too deeply), 413 for an oversized body, 422 for
+everything else (missing or extra fields, wrong types, NaN/inf or numbers beyond float32,
+undecodable base64, wrong image size or channels, too-long instructions). Messages never carry
+Python exception text.
+
+Images are checked by their header's size before any pixel is decoded or converted.
 """
 
 from __future__ import annotations
@@ -18,11 +21,46 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+def _json_number(value: Any) -> Any:
+    """Only JSON numbers are numbers (pydantic's lax mode would take true and "1.5")."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected a number, got a {type(value).__name__}")
+    return value
+
+
+FiniteFloat = Annotated[float, BeforeValidator(_json_number), Field(allow_inf_nan=False)]
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 64x64 image as a JSON list is ~50 kB
 DEFAULT_MAX_INSTRUCTION_CHARS = 512
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def limit_image_pixels(height: int, width: int) -> None:
+    """Set Pillow's decompression-bomb limit to what a model of ``height`` x ``width`` needs
+    (4x its pixel count warns, 8x is refused by ``Image.open``): for a server process."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max(4 * int(height) * int(width), 1024)
+
+
+def float32_vector(field: str, values: list[float], n: int) -> np.ndarray:
+    """``values`` as float32 (n,): 422 naming ``field`` for a wrong length, a non-finite value
+    or one beyond float32's range (finite in float64, infinite in float32)."""
+    if len(values) != n:
+        raise RequestError(422, field, f"expected {n} numbers, got {len(values)}")
+    arr = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(arr) | (np.abs(arr) > FLOAT32_MAX)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise RequestError(
+            422,
+            field,
+            f"expected finite numbers within float32 range (|x| <= {FLOAT32_MAX:.4g}), "
+            f"got {float(arr[i])!r} at index {i}",
+        )
+    return arr.astype(np.float32)
 
 
 class ActRequest(BaseModel):
@@ -96,6 +134,13 @@ class ParsedRequest:
     inputs: dict[str, np.ndarray]
     state: np.ndarray | None
     previous_action: np.ndarray | None
+
+
+def _json_error(err: ValueError) -> str:
+    """Where a body stopped being JSON, without echoing the body."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno} column {err.colno}"
+    return "not UTF-8 text"
 
 
 class RequestParser:
@@ -210,20 +255,24 @@ class RequestParser:
         except (binascii.Error, ValueError) as err:
             raise RequestError(422, "image", f"not valid base64 ({err})") from None
         try:
-            img = Image.open(io.BytesIO(raw))
+            # reads the header only: no pixel is decoded before the size is checked
+            img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG"))
         except (UnidentifiedImageError, OSError):
             raise RequestError(
                 422, "image", "base64 decodes to bytes that are not a PNG or JPEG image"
             ) from None
-        except Exception as err:  # e.g. PIL's DecompressionBombError
-            raise RequestError(422, "image", f"unreadable image ({err})") from None
-        if img.format not in ("PNG", "JPEG"):
-            raise RequestError(422, "image", f"expected PNG or JPEG, got {img.format}")
+        except Exception:  # e.g. PIL's DecompressionBombError: far too many pixels
+            raise RequestError(
+                422, "image", f"unreadable or oversized image; expected {self.height}x{self.width}"
+            ) from None
         w, h = img.size
         channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "I": 1, "I;16": 1, "F": 1}
-        if img.mode == "P":
-            img = img.convert("RGB")  # a palette image is an RGB image stored compactly
-        if img.mode != "RGB":
+        if (h, w) != (self.height, self.width):
+            n = 3 if img.mode in ("RGB", "P") else channels.get(img.mode, "?")
+            raise RequestError(
+                422, "image", f"expected size {self.height}x{self.width}x3, got {h}x{w}x{n}"
+            )
+        if img.mode not in ("RGB", "P"):  # a palette image is an RGB image stored compactly
             n = channels.get(img.mode, "?")
             raise RequestError(
                 422,
@@ -231,14 +280,12 @@ class RequestParser:
                 f"expected 3 channels (RGB), got {n} (mode {img.mode}); "
                 f"image must be {self.height}x{self.width}x3",
             )
-        if (h, w) != (self.height, self.width):
-            raise RequestError(
-                422, "image", f"expected size {self.height}x{self.width}x3, got {h}x{w}x3"
-            )
         try:
+            if img.mode == "P":
+                img = img.convert("RGB")
             return np.asarray(img, dtype=np.uint8)
-        except Exception as err:
-            raise RequestError(422, "image", f"truncated or corrupt image data ({err})") from None
+        except Exception:
+            raise RequestError(422, "image", "truncated or corrupt image data") from None
 
     # ---- whole body ----------------------------------------------------------------------------
     def parse(self, body: bytes) -> ParsedRequest:
@@ -247,7 +294,13 @@ class RequestParser:
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, "body", f"not valid JSON ({err})") from None
+            raise RequestError(400, "body", f"not valid JSON ({_json_error(err)})") from None
+        except RecursionError:
+            raise RequestError(
+                400,
+                "body",
+                "JSON nested too deeply; expected an object of image, instruction, state",
+            ) from None
         if not isinstance(data, dict):
             raise RequestError(
                 422,
@@ -259,9 +312,10 @@ class RequestParser:
         except ValidationError as err:
             first = err.errors()[0]
             messages = [
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
+                f"{'.'.join(str(p)[:64] for p in e['loc']) or 'body'}: {e['msg']}"
+                for e in err.errors()[:10]
             ]
-            field = str(first["loc"][0]) if first["loc"] else "body"
+            field = str(first["loc"][0])[:64] if first["loc"] else "body"
             raise RequestError(422, field, first["msg"], detail="; ".join(messages)) from None
         inputs: dict[str, np.ndarray] = {}
         if self.has_image:
@@ -276,11 +330,7 @@ class RequestParser:
         if self.state_dim:
             if req.state is None:
                 raise RequestError(422, "state", f"field required: {self.state_dim} finite numbers")
-            if len(req.state) != self.state_dim:
-                raise RequestError(
-                    422, "state", f"expected {self.state_dim} numbers, got {len(req.state)}"
-                )
-            state = np.asarray(req.state, dtype=np.float32)
+            state = float32_vector("state", req.state, self.state_dim)
             inputs["state"] = state[None]
         elif req.state is not None:
             raise RequestError(422, "state", "this model takes no state; leave it out")
@@ -290,11 +340,5 @@ class RequestParser:
             inputs["noise"] = np.zeros((1, self.noise_dim), dtype=np.float32)
         previous = None
         if req.previous_action is not None:
-            if len(req.previous_action) != self.action_dim:
-                raise RequestError(
-                    422,
-                    "previous_action",
-                    f"expected {self.action_dim} numbers (one step), got {len(req.previous_action)}",
-                )
-            previous = np.asarray(req.previous_action, dtype=np.float32)
+            previous = float32_vector("previous_action", req.previous_action, self.action_dim)
         return ParsedRequest(inputs, state, previous)

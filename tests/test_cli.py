@@ -136,6 +136,55 @@ def test_eval_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "neither an RLlib checkpoint" in capsys.readouterr().err
 
 
+def _no_training(monkeypatch):
+    """Starting Ray means the run directory was accepted: fail fast instead of training."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run directory was accepted and Ray was started")
+
+    monkeypatch.setattr("vla_ray.train.init_ray", refuse)
+
+
+def test_train_resume_without_checkpoint_is_a_named_error(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    base = ["train", "--preset", "langreach-ppo", "--local", "--quiet", "--stop-iters", "1"]
+    assert main([*base, "--output", str(tmp_path / "new"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: no checkpoint to resume from" in err and "--resume-if-exists" in err
+    from vla_ray.train import ResumeError, resolve, train
+
+    with pytest.raises(ResumeError, match="checkpoints/last"):
+        train(resolve("langreach-ppo"), tmp_path / "new", stop_iters=1, resume=True)
+    # --resume-if-exists without a checkpoint starts fresh (here: reaches init_ray)
+    with pytest.raises(AssertionError, match="Ray was started"):
+        main([*base, "--output", str(tmp_path / "new"), "--resume-if-exists"])
+
+
+def test_train_refuses_a_used_output_without_resume(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    base = ["train", "--preset", "langreach-ppo", "--local", "--quiet", "--stop-iters", "1"]
+    assert main([*base, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--resume" in err and "another --output" in err
+    from vla_ray.fsutil import OutputExistsError
+    from vla_ray.train import resolve, train
+
+    with pytest.raises(OutputExistsError, match="metrics.jsonl"):
+        train(resolve("langreach-ppo"), out, stop_iters=1)
+    assert (out / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+
+
+def test_quickstart_refuses_a_used_output(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "eval.json").write_text("{}")
+    assert main(["quickstart", "--output", str(tmp_path / "qs"), "--quiet"]) == 2
+    assert "qs already exists and is not empty" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -160,6 +209,20 @@ def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatc
     assert rows[1]["env_steps"] > rows[0]["env_steps"]  # env-step counter restored, not reset
     meta = json.loads((out / "checkpoints" / "last" / "vla_ray_meta.json").read_text())
     assert meta["iteration"] == 2
+    # a crash after iteration 3's row, in the middle of saving its checkpoint: the row is in
+    # metrics.jsonl, the old `last` was moved aside and the new one is half-written
+    ckpt = out / "checkpoints"
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"iteration": 3, "env_steps": -1}) + "\n")
+    (ckpt / "last").rename(ckpt / ".last.old-1-dead")
+    (ckpt / ".last.tmp-1-dead").mkdir()
+    assert main([*base, "--stop-iters", "3", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]  # iteration 3 once, the resumed one
+    assert rows[2]["env_steps"] > rows[1]["env_steps"]
+    meta = json.loads((ckpt / "last" / "vla_ray_meta.json").read_text())
+    assert meta["iteration"] == 3
+    assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.slow

@@ -301,3 +301,90 @@ def test_a_missing_format_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # what an uninstalled package looks like
     with pytest.raises(ImportError, match=r"'d4rl' dataset format needs the 'h5py' package: "):
         require("h5py", "d4rl")
+
+
+def test_collect_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demos"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"demos already exists and is not empty.*--overwrite"):
+        collect(LANGREACH, "expert", 1, out, seed=0, progress=False)
+    args = ["collect", "--env", LANGREACH, "--episodes", "1", "--output", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+    (tmp_path / "data.hdf5").write_text("an older file")  # d4rl writes OUTPUT.hdf5
+    with pytest.raises(ValueError, match="data.hdf5 already exists"):
+        collect(LANGREACH, "expert", 1, tmp_path / "data", fmt="d4rl", progress=False)
+    assert main([*args, "--overwrite"]) == 0
+    assert len(read_episodes(out)) == 1 and not (out / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    collect(LANGREACH, "expert", 1, tmp_path / "empty", progress=False)
+
+
+class _Touch:
+    """Unpickling this creates a file: the proof that untrusted data ran code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _tampered(tmp_path, name, edit):
+    """A one-episode RLlib dataset whose packed state was changed by ``edit(state)``."""
+    import msgpack
+    import msgpack_numpy as mnp
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    ep = SingleAgentEpisode(
+        observation_space=gym.spaces.Box(-1, 1, (1,)), action_space=gym.spaces.Box(-1, 1, (1,))
+    )
+    ep.add_env_reset(observation=np.zeros(1, np.float32))
+    ep.add_env_step(
+        observation=np.ones(1, np.float32),
+        action=np.zeros(1, np.float32),
+        reward=1.0,
+        terminated=True,
+    )
+    state = ep.to_numpy().get_state()
+    edit(state)
+    out = tmp_path / name
+    out.mkdir()
+    item = msgpack.packb(state, default=mnp.encode)
+    pq.write_table(pa.table({"item": [item]}), out / "part-000000.parquet")
+    return out, ep.id_, item
+
+
+def test_episode_data_that_would_unpickle_is_refused(tmp_path):
+    import base64
+    import io
+    import zlib
+
+    marker = tmp_path / "code-ran"
+    evil = np.array([_Touch(str(marker))], dtype=object)
+
+    def object_rewards(state):
+        state["rewards"]["data"] = evil
+
+    def pickled_space(state):
+        buf = io.BytesIO()
+        np.save(buf, evil, allow_pickle=True)
+        state["_action_space"]["low"] = base64.b64encode(zlib.compress(buf.getvalue())).decode()
+
+    for name, edit, field in (
+        ("rewards", object_rewards, "rewards.data"),
+        ("space", pickled_space, "_action_space.low"),
+    ):
+        path, episode_id, item = _tampered(tmp_path, name, edit)
+        with pytest.raises(DataError) as err:
+            read_episodes(path)
+        text = str(err.value)
+        assert "part-000000.parquet row 0" in text and f"episode {episode_id}" in text, text
+        assert field in text and "unpickle" in text, text
+        from vla_ray.data.rllib_format import check_packed
+
+        with pytest.raises(DataError, match=field):
+            check_packed([item], source="in the pre-learner")  # what VLAPreLearner runs
+        assert not marker.exists(), "decoding the dataset ran code"

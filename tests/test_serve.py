@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium as gym
@@ -74,15 +75,29 @@ def direct(vla, obs, instruction) -> np.ndarray:
     return vla.act(obs["image"], instruction, obs["state"])
 
 
+# the ONNX app's shield: bounds [-1, 1], rate limit 0.25 from the neutral action (0, 0) when a
+# request has no previous_action
+ONNX_SHIELD = Shield(
+    {"max_delta": 0.25}, {"inputs": [], "action": {"dim": 2, "low": [-1.0] * 2, "high": [1.0] * 2}}
+)
+
+
+def shielded(raw: np.ndarray, previous=None) -> np.ndarray:
+    return ONNX_SHIELD.apply(raw, previous_action=previous)[0]
+
+
 def test_act_over_http_equals_module(endpoint, tiny_vla, observations, tiny_export):
     spec = json.loads((tiny_export / "onnx" / "spec.json").read_text())
     for i, (obs, text) in enumerate(observations):
-        body = act_body(obs["image"], text, obs["state"])
+        raw = direct(tiny_vla, obs, text)
+        # from the clamped action itself: the rate limit does not move it
+        previous = np.clip(raw[0], -1.0, 1.0)
+        body = act_body(obs["image"], text, obs["state"], previous_action=previous)
         if i % 2:  # the other image encoding: a nested uint8 list
             body["image"] = obs["image"].tolist()
         status, answer = request(f"{endpoint}/v1/act", body)
         assert status == 200, answer
-        want = np.clip(direct(tiny_vla, obs, text), -1.0, 1.0)  # the default shield: bounds
+        want = np.clip(raw, -1.0, 1.0)  # the default shield: bounds
         np.testing.assert_allclose(answer["actions"], want, atol=1e-4)
         assert answer["action"] == answer["actions"][0] and answer["chunk_size"] == 1
         assert answer["model_version"] == spec["model_version"] and answer["backend"] == "onnx"
@@ -126,7 +141,7 @@ def test_concurrent_requests_are_batched(endpoint, tiny_vla, observations):
     after = request(f"{endpoint}/v1/health")[1]
     for (status, answer), (obs, text) in zip(answers, observations * 4, strict=True):
         assert status == 200
-        want = np.clip(direct(tiny_vla, obs, text), -1, 1)
+        want = shielded(direct(tiny_vla, obs, text))  # rate-limited from the neutral action
         np.testing.assert_allclose(answer["actions"], want, atol=1e-4)
     assert after["requests"] - before["requests"] == len(bodies)
     assert after["batches"] - before["batches"] < len(bodies)  # some requests shared a batch
@@ -207,10 +222,40 @@ def _bad_cases(obs, text):
             "previous_action",
             "finite",
         ),
+        "state beyond float32": (with_(state=[1e39, 0.0, 0.0, 0.0]), 422, "state", "float32"),
+        "previous_action beyond float32": (
+            with_(previous_action=[0.0, -1e39]),
+            422,
+            "previous_action",
+            "float32",
+        ),
+        "previous_action outside the bounds": (
+            with_(previous_action=[0.0, 5.0]),
+            422,
+            "previous_action",
+            "within the action bounds [-1, -1]..[1, 1], got [0, 5]",
+        ),
+        "previous_action not numbers": (
+            with_(previous_action=["a", "b"]),
+            422,
+            "previous_action",
+            "expected a number",
+        ),
+        "deeply nested JSON": (b"[" * 100_000 + b"]" * 100_000, 400, "body", "nested too deeply"),
+        "deeply nested image": (
+            with_(image=json.loads("[" * 500 + "]" * 500)),
+            422,
+            "image",
+            "expected",
+        ),
+        "state wrong type": (with_(state={"x": 1}), 422, "state", "valid list"),
         "not JSON": (b"{image: nope", 400, "body", "not valid JSON"),
         "JSON list": (b"[1, 2, 3]", 422, "body", "JSON object"),
         "oversized body": (b"{" + b" " * 300_000 + b"}", 413, "body", "200000 bytes"),
     }
+
+
+INTERNALS = ("Error", "Traceback", "recursion", 'File "', "site-packages")
 
 
 def test_bad_input_matrix(endpoint, observations):
@@ -221,9 +266,42 @@ def test_bad_input_matrix(endpoint, observations):
         assert got == status, (name, got, answer)
         assert answer["field"] == field, (name, answer)
         assert answer["detail"].startswith(field) and words in answer["detail"], (name, answer)
+        # no Python internals in the answer
+        assert not any(w in answer["detail"] for w in INTERNALS), (name, answer)
     # the replica survived all of it
     got, answer = request(f"{endpoint}/v1/act", act_body(obs["image"], text, obs["state"]))
     assert got == 200 and request(f"{endpoint}/v1/health")[0] == 200
+
+
+def test_non_finite_model_output_is_a_clear_error_and_spares_its_batch(
+    endpoint, tiny_vla, observations
+):
+    """A state within float32 that drives the model to NaN: that request gets a 500 naming the
+    actions (JSON, no traceback); the requests batched with it get their normal answers."""
+    good = [(o, t, act_body(o["image"], t, o["state"])) for o, t in observations]
+    obs, text = observations[3]
+    bad = act_body(obs["image"], text, [3e38] * 4)
+    bodies = [b for _, _, b in good] + [bad] * 4
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda b: request(f"{endpoint}/v1/act", b), bodies))
+    for (status, answer), (o, t, _) in zip(answers, good, strict=False):
+        assert status == 200, answer
+        np.testing.assert_allclose(answer["actions"], shielded(direct(tiny_vla, o, t)), atol=1e-4)
+    for status, answer in answers[len(good) :]:
+        assert status == 500 and answer["field"] == "actions", answer
+        assert "non-finite" in answer["detail"] and "Traceback" not in answer["detail"]
+    assert request(f"{endpoint}/v1/health")[1]["largest_batch"] > 1
+
+
+def test_first_step_is_rate_limited_from_the_neutral_action(endpoint, tiny_vla, observations):
+    obs, text = observations[0]
+    raw = direct(tiny_vla, obs, text)
+    assert np.abs(raw[0, 0]) > 0.25  # the model wants more than one step from the midpoint
+    status, answer = request(f"{endpoint}/v1/act", act_body(obs["image"], text, obs["state"]))
+    assert status == 200 and answer["shield"]["rate_limited"] is True
+    assert np.abs(answer["action"]).max() <= 0.25 + 1e-6  # from (0, 0), by max_delta at most
+    status, spec = request(f"{endpoint}/v1/spec")
+    assert spec["shield"]["neutral_action"] == [0.0, 0.0]
 
 
 def test_jpeg_image_is_accepted(endpoint, observations):
@@ -263,6 +341,9 @@ def test_health_spec_docs(endpoint, tiny_export):
     assert spec["shield"]["bounds"] == {"low": [-1.0, -1.0], "high": [1.0, 1.0]}
     assert spec["serving"]["max_batch_size"] == 16 and spec["serving"]["api_key_required"] is False
     assert "api_key" not in spec["serving"]
+    # no server file-system paths (the export's source checkpoint, the model folder)
+    text = json.dumps(spec)
+    assert str(tiny_export.parent) not in text and "/tmp" not in text, text[:2000]
     assert set(spec["request_schema"]["properties"]) == {
         "image",
         "instruction",
@@ -274,6 +355,145 @@ def test_health_spec_docs(endpoint, tiny_export):
     status, openapi = request(f"{endpoint}/openapi.json")
     assert {"/v1/act", "/v1/health", "/v1/spec"} <= set(openapi["paths"])
     assert "requestBody" in openapi["paths"]["/v1/act"]["post"]
+
+
+# ---- request validation without HTTP ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def parser(tiny_export):
+    from vla_ray.serve.schema import RequestParser
+    from vla_ray.tokenizer import load_tokenizer
+
+    spec = json.loads((tiny_export / "onnx" / "spec.json").read_text())
+    return RequestParser(spec, load_tokenizer(str(tiny_export / "onnx" / "tokenizer")))
+
+
+def _body(obs, text, **kw) -> bytes:
+    return json.dumps({**act_body(obs["image"], text, obs["state"]), **kw}).encode()
+
+
+def test_parser_rejects_float32_overflow_and_deep_json(parser, observations):
+    from vla_ray.serve.schema import RequestError
+
+    obs, text = observations[0]
+    cases = {
+        _body(obs, text, state=[0.0, 1e39, 0.0, 0.0]): (422, "state", "1e+39 at index 1"),
+        _body(obs, text, previous_action=[-1e39, 0.0]): (422, "previous_action", "float32"),
+        b"[" * 200_000 + b"]" * 200_000: (400, "body", "nested too deeply"),
+        b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b"}": (400, "body", "nested"),
+        _body(obs, text, instruction=["go"]): (422, "instruction", "string"),
+        _body(obs, text, image=7): (422, "image", "image"),
+        _body(obs, text, state=[True, 0, 0, 0]): (422, "state", "number"),
+    }
+    for body, (status, field, words) in cases.items():
+        with pytest.raises(RequestError) as err:
+            parser.parse(body)
+        e = err.value
+        assert (e.status, e.field) == (status, field) and words in e.detail, (body[:60], e.detail)
+        assert not any(w in e.detail for w in INTERNALS), e.detail
+    assert parser.parse(_body(obs, text, state=[3e38, 0, 0, 0])).state[0] == np.float32(3e38)
+
+
+def test_image_size_is_checked_before_any_pixel_is_decoded(parser, monkeypatch):
+    """A palette PNG of 4000x4000 (tiny compressed, 48 MB as RGB) is refused from its header;
+    beyond Pillow's limit (set to what the model needs) Image.open refuses it."""
+    from PIL import Image
+
+    from vla_ray.serve.schema import RequestError, limit_image_pixels
+
+    big = Image.new("P", (4000, 4000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    body = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "instruction": "go"})
+    decoded = []
+    for name in ("convert", "load"):
+        real = getattr(Image.Image, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            decoded.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(Image.Image, name, spy)
+    with pytest.raises(RequestError, match="expected size 64x64x3, got 4000x4000x3"):
+        parser.parse(body.encode())
+    assert decoded == []
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    limit_image_pixels(64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 4 * 64 * 64
+    with pytest.raises(RequestError, match="oversized image") as err:
+        parser.parse(body.encode())
+    assert "Decompression" not in str(err.value)
+
+
+def test_parsing_runs_off_the_event_loop():
+    import asyncio
+    import threading
+
+    from vla_ray.serve.app import parse_off_loop
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            return threading.get_ident(), await parse_off_loop(pool, threading.get_ident)
+
+    loop_thread, parse_thread = asyncio.run(main())
+    assert parse_thread != loop_thread
+
+
+def test_one_failing_request_does_not_fail_its_batch():
+    from vla_ray.serve.app import predict_each
+
+    def predict(batch):
+        if np.any(batch["state"] < 0):
+            raise RuntimeError("model failed")
+        return batch["state"][:, None, :2] * 2
+
+    items = [{"state": np.full((1, 4), v, np.float32)} for v in (1.0, -1.0, 2.0)]
+    out = predict_each(predict, items)
+    np.testing.assert_allclose(out[0], [[2.0, 2.0]])
+    assert isinstance(out[1], RuntimeError)
+    np.testing.assert_allclose(out[2], [[4.0, 4.0]])
+
+
+def test_int8_model_answers_do_not_depend_on_the_batch(tiny_export, observations):
+    """INT8 dynamic quantisation computes its ranges over the whole input: batched with an
+    extreme (valid) state, another request's answer would change; the backend runs such
+    models one request at a time."""
+    from vla_ray.serve.backends import load_backend
+    from vla_ray.serve.schema import RequestParser
+
+    backend = load_backend(tiny_export / "onnx-int8", "onnx")
+    parse = RequestParser(backend.spec, backend.tokenizer).parse
+    obs, text = observations[0]
+    alone = backend.predict(parse(_body(obs, text)).inputs)
+    extreme = parse(_body(obs, text, state=[1e30, -1e30, 1e30, -1e30])).inputs
+    mixed = {k: np.concatenate([parse(_body(obs, text)).inputs[k], extreme[k]]) for k in extreme}
+    np.testing.assert_array_equal(backend.predict(mixed)[0], alone[0])
+
+
+def test_shield_checks_previous_action_and_starts_from_neutral():
+    from vla_ray.serve.shield import ShieldInputError
+
+    shield = Shield({"max_delta": 0.1}, SPEC)
+    # no previous_action: the first step is limited from the midpoint of the bounds
+    out, report = shield.apply(np.array([[0.9, -0.9]]))
+    np.testing.assert_allclose(out, [[0.1, -0.1]], atol=1e-7)
+    assert report["rate_limited"]
+    for bad, words in (
+        ([float("nan"), 0.0], "expected finite numbers, got [nan, 0]"),
+        ([2.0, 0.0], "within the action bounds [-1, -1]..[1, 1], got [2, 0]"),
+        ([0.0], "expected 2 numbers (one step), got shape (1,)"),
+        ("ab", "expected 2 numbers"),
+    ):
+        with pytest.raises(ShieldInputError, match=re.escape(words)) as err:
+            shield.check_previous_action(bad)
+        assert err.value.field == "previous_action"
+        with pytest.raises(ShieldInputError):
+            shield.apply(np.zeros((1, 2)), previous_action=bad)
+    with pytest.raises(ShieldInputError, match="non-finite"):
+        shield.apply(np.array([[float("nan"), 0.0]]))  # NaN never passes
+    shield = Shield({"max_delta": 0.1, "neutral_action": [0.5, 0.0]}, SPEC)
+    np.testing.assert_allclose(shield.apply(np.array([[0.9, 0.0]]))[0], [[0.6, 0.0]], atol=1e-7)
+    with pytest.raises(ShieldConfigError, match="neutral_action"):
+        Shield({"neutral_action": [3.0, 0.0]}, SPEC)
 
 
 # ---- the shield on its own ------------------------------------------------------------------
@@ -338,3 +558,83 @@ def test_cli_serve_argument_errors(tmp_path, capsys, tiny_export):
     assert "max_delta" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_export / "torchscript"), "--backend", "onnx"]) == 2
     assert "needs onnx" in capsys.readouterr().err
+
+
+def test_cli_serve_api_key_sources_and_exposure_warning(tmp_path, capsys, monkeypatch):
+    from vla_ray.cli import main
+
+    monkeypatch.delenv("VLA_RAY_API_KEY", raising=False)
+    # every run below stops at the model check (not an export), after the key and the warning
+    model = ["serve", "--model", str(tmp_path)]
+    assert main([*model, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--host 0.0.0.0 accepts requests from other machines and no API key" in err
+    assert main([*model, "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert "--api-key-file" in capsys.readouterr().err
+    (tmp_path / "key").write_text("s3cret\n")
+    assert main([*model, "--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")]) == 2
+    assert "no API key" not in capsys.readouterr().err
+    monkeypatch.setenv("VLA_RAY_API_KEY", "from-env")
+    assert main([*model, "--host", "0.0.0.0"]) == 2
+    assert "no API key" not in capsys.readouterr().err
+    assert main([*model, "--api-key", "visible"]) == 2
+    assert "--api-key VALUE is deprecated" in capsys.readouterr().err
+
+
+def test_cli_serve_stops_cleanly_on_sigterm(tiny_export, tmp_path):
+    """`vla-ray serve` in its own process (own Ray): answers with the key from --api-key-file,
+    then SIGTERM drains and shuts Serve and Ray down: exit status 0, no abort."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    (tmp_path / "key").write_text("k3y\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1")
+    log = (tmp_path / "serve.log").open("w+")
+    args = ["serve", "--model", str(tiny_export), "--port", str(port), "--replica-cpus", "0.5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_ray.cli", *args, "--api-key-file", str(tmp_path / "key")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if request(f"{url}/v1/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, log.seek(0) or log.read()
+        assert request(f"{url}/v1/spec")[0] == 401
+        assert request(f"{url}/v1/spec", api_key="k3y")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    out = log.read()
+    assert rc == 0, out[-3000:]
+    assert "Aborted" not in out and "Traceback" not in out, out[-3000:]
+    assert "SIGTERM: draining in-flight requests" in out and "stopped" in out
+
+
+def test_torch_backend_takes_the_weights_only_vla_folder(tiny_vla_dir, tiny_vla, observations):
+    """`vla-ray serve --backend torch --model CKPT/vla`: the safetensors folder, no pickle."""
+    from vla_ray.serve.backends import load_backend
+    from vla_ray.serve.schema import RequestParser
+
+    backend = load_backend(tiny_vla_dir, "torch")
+    obs, text = observations[0]
+    inputs = RequestParser(backend.spec, backend.tokenizer).parse(_body(obs, text)).inputs
+    np.testing.assert_allclose(backend.predict(inputs)[0], direct(tiny_vla, obs, text), atol=1e-5)
+    assert not list(tiny_vla_dir.rglob("*.pkl")) and not list(tiny_vla_dir.rglob("*.pt"))

@@ -36,7 +36,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vla_ray.train import parse_overrides, resolve, train
+    from vla_ray.train import parse_overrides, prepare_run_dir, resolve, train
 
     spec = resolve(
         args.preset,
@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_gpus_per_env_runner=args.num_gpus_per_env_runner,
     )
     output = args.output or _default_output(args.preset)
+    # before the trackers write into it: a reused run directory is an error unless resumed
+    resume = prepare_run_dir(output, args.resume, args.resume_if_exists)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
     from vla_ray.tracking import open_trackers
 
@@ -62,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_iters=args.stop_iters,
         stop_timesteps=args.stop_timesteps,
         stop_seconds=args.stop_seconds,
-        resume=args.resume,
+        resume=resume,
+        resume_if_exists=args.resume_if_exists,
         progress=not args.quiet,
         trackers=trackers,
     )
@@ -163,6 +166,50 @@ def _parse_autoscale(text: str | None) -> tuple[int, int] | None:
     return int(lo), int(hi)
 
 
+API_KEY_ENV = "VLA_RAY_API_KEY"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The serve API key: ``--api-key-file``, else $VLA_RAY_API_KEY, else the deprecated
+    ``--api-key VALUE`` (visible to every user in ``ps``)."""
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--api-key-file: {path} does not exist")
+        key = path.read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file: {path} is empty; expected the key on one line")
+        return key
+    if args.api_key:
+        print(
+            "vla-ray serve: warning: --api-key VALUE is deprecated (other users see it in `ps`); "
+            f"use --api-key-file PATH or ${API_KEY_ENV}",
+            file=sys.stderr,
+        )
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def _catch_stop_signals() -> Any:
+    """Handle SIGTERM and SIGINT alike from now on: each sets the returned event (with the
+    signal's name as ``event.name``). Installed after Ray starts, whose own handler would abort
+    the process."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    event.name = ""
+
+    def stop(signum, frame):
+        event.name = event.name or signal.Signals(signum).name
+        event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    return event
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from vla_ray.serve.app import ServeSettings, start
 
@@ -178,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
         threads=args.threads,
         shield=shield or None,
-        api_key=args.api_key or os.environ.get("VLA_RAY_API_KEY") or None,
+        api_key=_api_key(args),
         max_body_bytes=args.max_body_bytes,
         max_instruction_chars=args.max_instruction_chars,
     )
@@ -191,31 +238,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    # start() checks the model and the settings before it starts Ray or Serve
-    url = start(settings, host=args.host, port=args.port, **options)
-    print(f"serving {args.model} ({args.backend}) at {url}")
-    print(f"  POST {url}/v1/act   GET {url}/v1/health   GET {url}/v1/spec   docs {url}/docs")
-    if settings.api_key:
-        print("  requests need the X-API-Key header")
-    print("Ctrl-C stops it")
+    if args.host not in _LOOPBACK and not settings.api_key:
+        print(
+            f"vla-ray serve: warning: --host {args.host} accepts requests from other machines "
+            f"and no API key is set; anyone who can reach port {args.port} can drive the "
+            f"policy (set --api-key-file PATH or ${API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    from vla_ray.serve.app import build_app
+    from vla_ray.train import init_ray
+
+    build_app(settings, **options)  # the model and the settings, before Ray starts
+    # a server's replicas run at normal priority (Ray's default worker niceness is 15)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    init_ray()
+    stop = _catch_stop_signals()
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        url = start(settings, host=args.host, port=args.port, **options)
+        print(f"serving {args.model} ({args.backend}) at {url}")
+        print(f"  POST {url}/v1/act   GET {url}/v1/health   GET {url}/v1/spec   docs {url}/docs")
+        if settings.api_key:
+            print("  requests need the X-API-Key header")
+        print("Ctrl-C or SIGTERM stops it", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print(f"{stop.name}: draining in-flight requests and stopping Serve", flush=True)
     finally:
-        serve.shutdown()
+        serve.shutdown()  # replicas finish their in-flight requests first
         ray.shutdown()
+    print("stopped", flush=True)
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
     from vla_ray.evaluate import evaluate, load_policy
+    from vla_ray.fsutil import check_output
     from vla_ray.presets import get_preset
     from vla_ray.train import resolve, train
 
     output = Path(args.output or _default_output("quickstart"))
+    check_output(output, False, "choose another --output")  # each stage writes a new folder
     overrides: dict[str, Any] = {}
     if args.demos > 0:
         print(f"quickstart 1: {args.demos} expert demonstrations on LangReach -> {output}/demos")
@@ -277,6 +340,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         env_config=env_config,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -432,7 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
         "episodes, a Minari dataset or id, a D4RL .hdf5 file or a LeRobotDataset folder (format "
         "detected from the path)",
     )
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
+    resume = t.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoints/last (an error when there is none)",
+    )
+    resume.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue from OUTPUT/checkpoints/last when it exists, else start fresh",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress display")
     _add_tracking_flags(t)
     t.set_defaults(fn=cmd_train)
@@ -474,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     c.add_argument("--env-config", help="JSON env kwargs")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --output"
+    )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
@@ -507,7 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
         help='shield: JSON {"state_indices": [0, 1], "low": [-0.95, -0.95], "high": [0.95, 0.95]}',
     )
     v.add_argument("--shield", help='shield: JSON settings, e.g. {"low": -0.5, "high": 0.5}')
-    v.add_argument("--api-key", help="require this X-API-Key header (default: $VLA_RAY_API_KEY)")
+    v.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="require the X-API-Key header to equal the key in this file (default: "
+        "$VLA_RAY_API_KEY)",
+    )
+    v.add_argument(
+        "--api-key",
+        help="deprecated: the key on the command line (visible in ps); use "
+        "--api-key-file or $VLA_RAY_API_KEY",
+    )
     v.add_argument("--max-body-bytes", type=int, default=1 << 20)
     v.add_argument("--max-instruction-chars", type=int, default=512)
     v.add_argument("--no-access-log", action="store_true", help="no log line per request")

@@ -13,13 +13,14 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import OutputExistsError, recover_dir, replace_dir, temp_path
 from vla_ray.presets import Preset, get_preset
 
 SECTIONS = (
@@ -410,10 +411,85 @@ def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any])
 def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> Path:
     """Write an RLlib checkpoint + meta + ``vla/`` export to ``target``, replacing it atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(algo, spec, tmp, info)
+    tmp = temp_path(target)
+    try:
+        write_checkpoint(algo, spec, tmp, info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return replace_dir(tmp, target)
+
+
+class ResumeError(FileNotFoundError):
+    """``--resume`` was asked for but the run directory has no checkpoint to resume from."""
+
+
+# entries a tracker may create in the run directory before training starts (``--wandb``)
+_TRACKER_ENTRIES = frozenset({"wandb"})
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?:-.*)?$")
+
+
+def recover_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Recover or clean up after an interrupted checkpoint save in ``ckpt_dir``: a checkpoint
+    moved aside but not yet replaced is put back, unfinished temporary ones are removed.
+    Returns the removed paths."""
+    if not ckpt_dir.is_dir():
+        return []
+    names = {m["name"] for p in ckpt_dir.iterdir() if (m := _LEFTOVER.match(p.name))}
+    return [p for name in sorted(names) for p in recover_dir(ckpt_dir / name)]
+
+
+def prepare_run_dir(
+    output: str | os.PathLike, resume: bool, resume_if_exists: bool = False
+) -> bool:
+    """Check ``output`` before a run and say whether the run resumes.
+
+    ``resume``: ``OUTPUT/checkpoints/last`` must exist (``ResumeError`` otherwise);
+    ``resume_if_exists``: resume when it exists, else start fresh; neither: ``output`` must be
+    new or empty (``OutputExistsError``; a tracker's ``wandb/`` folder does not count).
+    Interrupted checkpoint saves are recovered or cleaned up first.
+    """
+    out = Path(output)
+    ckpt_dir = out / "checkpoints"
+    recover_checkpoints(ckpt_dir)
+    has_last = (ckpt_dir / "last" / META_NAME).is_file()
+    if resume and not has_last:
+        raise ResumeError(
+            f"--resume: no checkpoint to resume from at {ckpt_dir / 'last'}; expected the run "
+            "directory of an earlier `vla-ray train` (--resume-if-exists starts fresh when "
+            "there is none)"
+        )
+    if resume or (resume_if_exists and has_last):
+        return True
+    leftover = (
+        sorted(p.name for p in out.iterdir() if p.name not in _TRACKER_ENTRIES)
+        if out.is_dir()
+        else []
+    )
+    if leftover and not resume_if_exists:
+        raise OutputExistsError(
+            f"--output: {out} is not empty (holds {', '.join(leftover[:5])}); pass --resume to "
+            "continue that run, or choose another --output"
+        )
+    return False
+
+
+def _trim_metrics(path: Path, upto: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to iteration ``upto`` (a resumed run writes the
+    later ones again; an unreadable trailing line from a crash is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and int(row.get("iteration", 0)) <= upto:
+            kept.append(line)
+    tmp = temp_path(path)
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def train(
@@ -424,11 +500,15 @@ def train(
     stop_timesteps: int | None = None,
     stop_seconds: float | None = None,
     resume: bool = False,
+    resume_if_exists: bool = False,
     progress: bool = True,
     num_cpus: int | None = None,
     trackers: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train until a stop criterion; returns the final summary with the checkpoint paths.
+
+    ``output`` must be new or empty unless ``resume`` (continue from its last checkpoint, which
+    must exist) or ``resume_if_exists`` (continue when there is one); see ``prepare_run_dir``.
 
     ``trackers`` (see :mod:`vla_ray.tracking`) get each iteration's row and the final summary.
     """
@@ -437,6 +517,7 @@ def train(
     from vla_ray.algorithms import get_algorithm
 
     out = Path(output)
+    resume = prepare_run_dir(out, resume, resume_if_exists)
     out.mkdir(parents=True, exist_ok=True)
     if stop_iters is None and stop_timesteps is None and stop_seconds is None:
         # no explicit criterion: the preset's (explicit ones replace it entirely)
@@ -457,11 +538,13 @@ def train(
     metric = spec.settings["checkpoint_metric"]
     best_value = -math.inf
     start_iter, t_offset = 0, 0.0
-    if resume and (ckpt_dir / "last").exists():
+    if resume:
         algo.restore_from_path(str((ckpt_dir / "last").resolve()))
         meta = json.loads((ckpt_dir / "last" / META_NAME).read_text())
         start_iter, t_offset = meta["iteration"], meta.get("time_s", 0.0)
         best_value = meta.get("best_value", -math.inf)
+    # rows past the checkpoint we continue from (written before a crash) would repeat
+    _trim_metrics(out / "metrics.jsonl", start_iter)
     metrics_file = (out / "metrics.jsonl").open("a")
     # the bar follows one criterion: env steps, else iterations, else seconds
     unit = "steps" if stop_timesteps else ("it" if stop_iters else "s")

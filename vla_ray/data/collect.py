@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from vla_ray.data.d4rl_format import d4rl_path
 from vla_ray.data.rllib_format import FORMAT as RLLIB_FORMAT
 from vla_ray.data.rllib_format import write_episodes
+from vla_ray.fsutil import check_output
 
 # rllib: RLlib episode parquet; minari: Minari dataset; lerobot: LeRobotDataset v3.0 folder;
 # d4rl: D4RL-style HDF5 file (see vla_ray/data/*_format.py)
@@ -56,6 +58,7 @@ def collect(
     seed: int = 0,
     env_config: dict[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Collect ``episodes`` episodes (episode i reset with ``seed + i``) into ``output``.
 
@@ -63,7 +66,8 @@ def collect(
     medium style data; ``random_prob`` replaces the policy's action, at each step with that
     probability, by a uniformly random one (epsilon-greedy exploration: replay style data whose
     mistakes do not average out). Returns the dataset summary (also written to
-    ``dataset.json``).
+    ``dataset.json``). An existing non-empty ``output`` is refused (``OutputExistsError``,
+    before any rollout) unless ``overwrite``.
     """
     import gymnasium as gym
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
@@ -79,6 +83,7 @@ def collect(
         raise ValueError(f"--noise: must be >= 0, got {noise}")
     if not 0.0 <= random_prob <= 1.0:
         raise ValueError(f"--random-prob: must be in [0, 1], got {random_prob}")
+    check_output(d4rl_path(output) if fmt == "d4rl" else output, overwrite)
     env = gym.make(env_id, **(env_config or {}))
     act = make_actor(policy, env, env_id, seed)
     rng = np.random.default_rng(seed)
@@ -120,7 +125,7 @@ def collect(
     if random_prob > 0:
         meta["random_prob"] = random_prob
     try:
-        path = _write(fmt, generate(), output, meta, env)
+        path = _write(fmt, generate(), output, meta, env, overwrite)
     finally:
         env.close()
     summary = dict(
@@ -133,14 +138,21 @@ def collect(
     return summary
 
 
-def _write(fmt: str, episodes: Any, output: str | os.PathLike, meta: dict[str, Any], env: Any):
+def _write(
+    fmt: str,
+    episodes: Any,
+    output: str | os.PathLike,
+    meta: dict[str, Any],
+    env: Any,
+    overwrite: bool,
+):
     """Write ``episodes`` in ``fmt``; returns the dataset's path."""
     if fmt == RLLIB_FORMAT:
-        return write_episodes(episodes, output, meta)
+        return write_episodes(episodes, output, meta, overwrite=overwrite)
     if fmt == "d4rl":
         from vla_ray.data.d4rl_format import write_d4rl
 
-        return write_d4rl(episodes, output, meta)
+        return write_d4rl(episodes, output, meta, overwrite=overwrite)
     if fmt == "minari":
         from vla_ray.data.minari_format import write_minari
 
@@ -151,6 +163,7 @@ def _write(fmt: str, episodes: Any, output: str | os.PathLike, meta: dict[str, A
             observation_space=env.observation_space,
             action_space=env.action_space,
             meta=meta,
+            overwrite=overwrite,
         )
     from vla_ray.data.lerobot_format import write_lerobot
 
@@ -166,4 +179,5 @@ def _write(fmt: str, episodes: Any, output: str | os.PathLike, meta: dict[str, A
         fps=int(fps),
         task="",  # envs without an instruction: empty task text (readers use the env's own)
         meta=meta,
+        overwrite=overwrite,
     )

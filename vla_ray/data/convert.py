@@ -29,7 +29,7 @@ from vla_ray.data.rllib_format import (
     dataset_files,
     read_episodes,
 )
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import check_output, replace_dir, temp_path
 
 READERS = {
     d4rl_format.FORMAT: d4rl_format,
@@ -108,10 +108,12 @@ def convert_to_rllib(
     env_config: dict[str, Any] | None = None,
     *,
     batch_size: int = 8,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Minari / D4RL / LeRobotDataset dataset to an RLlib episode dataset at ``output``
     (replaced atomically) with ``ray.data``: references -> ``map_batches`` (read, map onto the
-    env's spaces, validate, pack) -> ``write_parquet``. Needs Ray to be initialised."""
+    env's spaces, validate, pack) -> ``write_parquet``. Needs Ray to be initialised. An existing
+    non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import ray
 
     fmt = detect_format(path)
@@ -122,8 +124,8 @@ def convert_to_rllib(
     if not refs:
         raise DataError(f"data: {path} has no episodes")
     out = Path(output)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_output(out, overwrite)
+    tmp = temp_path(out)
     rows = [{"i": i, "ref": json.dumps(r)} for i, r in enumerate(refs)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 16)))
     ds = ds.map_batches(
@@ -209,5 +211,6 @@ def offline_input(
             file=sys.stderr,
         )
         target.parent.mkdir(parents=True, exist_ok=True)
-        convert_to_rllib(data, target, env_id, env_config)
+        # a content-addressed cache entry: an incomplete one (no dataset.json) is replaced
+        convert_to_rllib(data, target, env_id, env_config, overwrite=True)
     return dataset_files(target)

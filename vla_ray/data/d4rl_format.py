@@ -27,6 +27,7 @@ import numpy as np
 
 from vla_ray.data.contract import RawEpisode, episode_arrays, instruction_text
 from vla_ray.data.rllib_format import DataError, require
+from vla_ray.fsutil import check_output, temp_path
 
 FORMAT = "d4rl"
 REQUIRED = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -35,14 +36,18 @@ log = logging.getLogger(__name__)
 
 
 def write_d4rl(
-    episodes: Iterable[Any], output: str | os.PathLike, meta: dict[str, Any] | None = None
+    episodes: Iterable[Any],
+    output: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write finished ``SingleAgentEpisode``s as one D4RL HDF5 file (atomically); returns it."""
+    """Write finished ``SingleAgentEpisode``s as one D4RL HDF5 file (atomically); returns it.
+    An existing ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     h5py = require("h5py", "d4rl")
 
-    out = Path(output)
-    if out.suffix not in SUFFIXES:
-        out = out.with_suffix(".hdf5")
+    out = d4rl_path(output)
+    check_output(out, overwrite)
     cols: dict[str, list] = {k: [] for k in (*REQUIRED, "next_observations")}
     extra: dict[str, list] = {}
     extra_next: dict[str, list] = {}
@@ -74,7 +79,17 @@ def write_d4rl(
     if not cols["actions"]:
         raise DataError("write_d4rl: no episodes to write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = temp_path(out)
+    try:
+        _write_h5(h5py, tmp, cols, extra, extra_next, texts, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return out
+
+
+def _write_h5(h5py, tmp, cols, extra, extra_next, texts, meta) -> None:
     with h5py.File(tmp, "w") as f:
         for k, parts in cols.items():
             f.create_dataset(k, data=np.concatenate(parts), compression="gzip")
@@ -85,8 +100,13 @@ def write_d4rl(
             f.create_dataset("infos/instruction", data=texts, dtype=h5py.string_dtype())
         for k, v in (meta or {}).items():
             f.attrs[k] = v if isinstance(v, (int, float, str)) else str(v)
-    os.replace(tmp, out)
-    return out
+
+
+def d4rl_path(output: str | os.PathLike) -> Path:
+    """The file ``write_d4rl`` writes for ``output`` (``.hdf5`` added when it has no suffix
+    of the format)."""
+    out = Path(output)
+    return out if out.suffix in SUFFIXES else out.with_suffix(".hdf5")
 
 
 def is_d4rl(path: Path) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 
 from vla_ray.data.contract import INSTRUCTION_KEYS, RawEpisode, episode_arrays, instruction_text
 from vla_ray.data.rllib_format import DataError, require
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import check_output, replace_dir, temp_dir
 
 FORMAT = "lerobot"
 VERSIONS = ("v3.0", "v2.1")
@@ -197,8 +197,10 @@ def write_lerobot(
     codec: str = "libx264rgb",
     robot_type: str | None = None,
     meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write finished ``SingleAgentEpisode``s as a LeRobotDataset folder (replaced atomically).
+    """Write finished ``SingleAgentEpisode``s as a LeRobotDataset folder (replaced atomically;
+    an existing non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``).
 
     Each episode's task is its instruction text (see :func:`instruction_text`), else ``task``.
     """
@@ -209,9 +211,8 @@ def write_lerobot(
     if codec not in CODECS:
         raise ValueError(f"write_lerobot: codec must be one of {tuple(CODECS)}, got {codec!r}")
     out = Path(output)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output(out, overwrite)
+    tmp = temp_dir(out)
     features = _features(observation_space, action_space, fps, codec)
     video_keys = [n for n, (_, s) in features.items() if s["dtype"] == "video"]
     tasks: dict[str, int] = {}

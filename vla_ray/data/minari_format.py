@@ -25,7 +25,7 @@ import numpy as np
 
 from vla_ray.data.contract import RawEpisode, episode_arrays, instruction_text
 from vla_ray.data.rllib_format import DataError, require
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import check_output, replace_dir, temp_dir
 
 FORMAT = "minari"
 ID_PATTERN = re.compile(r"^([\w.-]+/){0,2}[\w.-]+-v\d+$")
@@ -59,9 +59,11 @@ def write_minari(
     observation_space: Any,
     action_space: Any,
     meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write finished ``SingleAgentEpisode``s as a Minari dataset at ``output`` (replaced
-    atomically; ``output/data/`` holds minari's files). Returns ``output``."""
+    atomically; ``output/data/`` holds minari's files). Returns ``output``. An existing
+    non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import gymnasium as gym
 
     minari = require("minari", "minari")
@@ -69,9 +71,8 @@ def write_minari(
     from minari.dataset.minari_storage import MinariStorage
 
     out = Path(output)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output(out, overwrite)
+    tmp = temp_dir(out)
     try:
         spec = gym.spec(env_id)
     except gym.error.Error:

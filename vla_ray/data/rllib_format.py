@@ -8,6 +8,7 @@ the episodes came from (env id and config, policy, counts); readers need only th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_ray.fsutil import replace_dir
+from vla_ray.fsutil import check_output, replace_dir, temp_dir
 
 FORMAT = "rllib"
 META_NAME = "dataset.json"
@@ -47,25 +48,127 @@ def _pack(episode: Any) -> bytes:
     return msgpack.packb(episode.get_state(), default=mnp.encode)
 
 
-def _unpack(item: bytes) -> Any:
-    import msgpack
+class UnsafeDataError(DataError):
+    """Packed data that would run code when decoded (a pickled object array): never decoded."""
+
+
+# gym space fields RLlib stores as base64 ``.npy`` bytes (loaded with ``allow_pickle=True``)
+_SPACE_ARRAYS = ("low", "high", "nvec")
+
+
+def _safe_array(obj: dict, path: str) -> Any:
+    """One msgpack-numpy array/scalar, decoded without pickle: object arrays are refused."""
     import msgpack_numpy as mnp
+
+    kind = obj.get(b"kind")
+    if kind == b"O":
+        raise UnsafeDataError(
+            f"field {path or '(root)'}: a pickled object array (numpy kind 'O'); refusing to "
+            "unpickle untrusted data (expected a numeric array)"
+        )
+    try:
+        descr = obj[b"type"]
+        if kind == b"V":
+            descr = [tuple(t.decode() if isinstance(t, bytes) else t for t in d) for d in descr]
+        dtype = np.dtype(mnp._unpack_dtype(descr))
+    except Exception as e:
+        raise DataError(f"field {path or '(root)'}: not a valid packed array ({e})") from e
+    if dtype.hasobject:
+        raise UnsafeDataError(
+            f"field {path or '(root)'}: an array of Python objects ({dtype}); expected a numeric "
+            "array"
+        )
+    return mnp.decode(obj)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_npy(value: str) -> str | None:
+    """None when the base64 zlib ``.npy`` bytes load without pickle, else the reason (cached:
+    every episode of a dataset repeats the same spaces)."""
+    import base64
+    import io
+    import zlib
+
+    try:
+        np.load(io.BytesIO(zlib.decompress(base64.b64decode(value))), allow_pickle=False)
+    except Exception as e:
+        return str(e)
+    return None
+
+
+def _check_space(d: dict, path: str) -> None:
+    """A serialised gym space: its arrays must load without pickle (RLlib loads them with
+    ``allow_pickle=True``)."""
+    for key in _SPACE_ARRAYS:
+        value = d.get(key)
+        if isinstance(value, str) and (why := _plain_npy(value)) is not None:
+            raise UnsafeDataError(
+                f"field {path}.{key}: not a plain numeric .npy array ({why}); refusing to "
+                "unpickle untrusted data"
+            )
+
+
+def _decode_tree(obj: Any, path: str) -> Any:
+    """Decode msgpack-numpy arrays inside an unpacked tree, refusing anything that unpickles."""
+    if isinstance(obj, dict):
+        if b"nd" in obj:
+            return _safe_array(obj, path)
+        if b"complex" in obj:
+            return complex(obj[b"data"].decode())
+        if isinstance(obj.get("space"), str):
+            _check_space(obj, path)
+        return {k: _decode_tree(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_tree(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def unpack_state(item: bytes) -> dict[str, Any]:
+    """A packed ``SingleAgentEpisode`` state (msgpack + msgpack-numpy) decoded safely: object
+    arrays (which msgpack-numpy would unpickle) and pickled gym-space arrays are refused with an
+    ``UnsafeDataError`` naming the field."""
+    import msgpack
+
+    raw = msgpack.unpackb(item)
+    if not isinstance(raw, dict):
+        raise DataError(f"not a packed episode state (got {type(raw).__name__})")
+    try:
+        return _decode_tree(raw, "")
+    except DataError as e:
+        raise type(e)(f"episode {raw.get('id_')!s}: {e}") from None
+
+
+def _unpack(item: bytes) -> Any:
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-    return SingleAgentEpisode.from_state(msgpack.unpackb(item, object_hook=mnp.decode))
+    return SingleAgentEpisode.from_state(unpack_state(item))
+
+
+def check_packed(items: Iterable[bytes], source: str = "data") -> None:
+    """Decode every packed episode of ``items`` safely (``unpack_state``): a DataError naming
+    ``source``, the row and the field on the first that cannot be decoded or would unpickle."""
+    for i, item in enumerate(items):
+        try:
+            unpack_state(item)
+        except DataError as e:
+            raise type(e)(f"data: {source} row {i}: {e}") from None
 
 
 def write_episodes(
-    episodes: Iterable[Any], output: str | os.PathLike, meta: dict[str, Any] | None = None
+    episodes: Iterable[Any],
+    output: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write finished ``SingleAgentEpisode``s to ``output`` (replaced atomically); returns it."""
+    """Write finished ``SingleAgentEpisode``s to ``output`` (replaced atomically); returns it.
+    An existing non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(output)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output(out, overwrite)
+    tmp = temp_dir(out)
     batch: list[bytes] = []
     n_files = n_eps = n_steps = 0
 
@@ -76,15 +179,19 @@ def write_episodes(
             n_files += 1
             batch.clear()
 
-    for ep in episodes:
-        if not ep.is_done:
-            raise DataError(f"write_episodes: episode {ep.id_} is not finished (not done)")
-        batch.append(_pack(ep.to_numpy() if not ep.is_numpy else ep))
-        n_eps += 1
-        n_steps += len(ep)
-        if len(batch) == EPISODES_PER_FILE:
-            flush()
-    flush()
+    try:
+        for ep in episodes:
+            if not ep.is_done:
+                raise DataError(f"write_episodes: episode {ep.id_} is not finished (not done)")
+            batch.append(_pack(ep.to_numpy() if not ep.is_numpy else ep))
+            n_eps += 1
+            n_steps += len(ep)
+            if len(batch) == EPISODES_PER_FILE:
+                flush()
+        flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if n_eps == 0:
         shutil.rmtree(tmp)
         raise DataError("write_episodes: no episodes to write")
@@ -113,6 +220,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def read_episodes(path: str | os.PathLike) -> list[Any]:
     """All episodes of a dataset, in file order; DataError naming the file on a bad one."""
     import pyarrow.parquet as pq
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
     episodes = []
     for f in dataset_files(path):
@@ -122,9 +230,18 @@ def read_episodes(path: str | os.PathLike) -> list[Any]:
             raise DataError(f"data: cannot read {f} as RLlib episodes: {e}") from e
         for i, item in enumerate(table.column("item").to_pylist()):
             try:
-                episodes.append(_unpack(item))
+                state = unpack_state(item)
+            except DataError as e:
+                raise type(e)(f"data: {f} row {i}: {e}") from None
             except Exception as e:
                 raise DataError(f"data: {f} row {i}: not a packed episode ({e})") from e
+            try:
+                episodes.append(SingleAgentEpisode.from_state(state))
+            except Exception as e:
+                raise DataError(
+                    f"data: {f} row {i} (episode {state.get('id_')}): not a packed episode "
+                    f"({type(e).__name__}: {e})"
+                ) from e
     return episodes
 
 

@@ -31,6 +31,8 @@ from ray.data import ActorPoolStrategy
 from ray.rllib.offline.offline_data import OfflineData
 from ray.rllib.offline.offline_prelearner import OfflinePreLearner
 
+from vla_ray.data.rllib_format import check_packed
+
 # the pre-learner's episode buffer: batches are uniform over up to this many steps
 BUFFER_STEPS = 1_000_000
 # a stream at least this many episodes long before it is restarted (one episode per iteration)
@@ -71,12 +73,21 @@ class RepeatedOfflineData(OfflineData):
 
 
 class VLAPreLearner(OfflinePreLearner):
-    """RLlib's ``OfflinePreLearner`` with its buffer's sampling seeded by ``config.seed``."""
+    """RLlib's ``OfflinePreLearner`` with its buffer's sampling seeded by ``config.seed``, that
+    refuses packed episodes which would unpickle objects (RLlib decodes them with
+    msgpack-numpy, which unpickles object arrays) before RLlib decodes them."""
 
     def __init__(self, *, config: Any, **kwargs: Any):
         super().__init__(config=config, **kwargs)
         if hasattr(self, "episode_buffer"):
             self.episode_buffer.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.config.input_read_episodes:
+            files = self.config.input_
+            source = files if isinstance(files, str) else f"{files[0]} (of {len(files)} files)"
+            check_packed(batch["item"], source=str(source))
+        return super().__call__(batch)
 
 
 def offline_data_settings(input_: list[str]) -> dict[str, Any]:

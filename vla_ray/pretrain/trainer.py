@@ -308,10 +308,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            vlm.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
+            vlm.load_state_dict(
+                torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
+            )
             state = json.loads((Path(d) / "state.json").read_text())
             if (Path(d) / "optimizer.pt").is_file():
-                opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
+                opt_state = torch.load(
+                    Path(d) / "optimizer.pt", map_location="cpu", weights_only=True
+                )
 
     # Ray Train's prepare_model wraps FSDP1 on GPUs only; FSDP2 shards on CPUs (gloo) as well
     model = prepare_model(vlm, move_to_device=device, parallel_strategy="ddp" if is_ddp else None)
@@ -566,7 +570,7 @@ def export_vlm(checkpoint, vla_config: VLAConfig, cfg: PretrainConfig, target: P
     torch.manual_seed(cfg.seed)
     vla = VLA(vla_config)
     with checkpoint.as_directory() as d:
-        sd = torch.load(Path(d) / "model.pt", map_location="cpu")
+        sd = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
         step = json.loads((Path(d) / "state.json").read_text())["step"]
     missing, unexpected = vla.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
