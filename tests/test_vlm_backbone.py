@@ -199,6 +199,12 @@ def test_export_refuses_graph_formats_and_the_torch_spec_describes_the_processor
     spec = build_spec(vla, PYTORCH_DIR, "pytorch", {"model_version": "x"})
     image = spec["normalisation"]["image"]
     assert "SmolVLMImageProcessor" in image["steps"] and len(image["mean"]) == 3
+    # Serve's torch backend loads the folder and answers as the model does
+    from vla_ray.serve.backends import load_backend
+
+    backend = load_backend(tmp_path / "vla", "torch")
+    obs = {k: v.numpy() for k, v in observations(vla).items()}
+    np.testing.assert_allclose(backend.predict(obs), vla.predict(obs).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_rl_modules_take_the_vlm_trunk(langreach_spaces, langreach_obs_batch):
