@@ -582,3 +582,73 @@ def test_parallel_decoding_returns_a_chunk(checkpoint, tmp_path):
     )
     with pytest.raises(OpenVLAError, match="action_decoding: unknown name 'diffusion'"):
         OpenVLA.from_pretrained(checkpoint[0], action_decoding="diffusion")
+
+
+def test_openvla_backbone_in_the_vla_and_the_rl_module(checkpoint, tmp_path):
+    """``vlm_path`` of an OpenVLA checkpoint gives backbone='openvla': the env's bare
+    instruction ids are wrapped in OpenVLA's prompt, heads train on the readout, LoRA adapts
+    the LM only, and save_pretrained/from_pretrained round-trips."""
+    import gymnasium as gym
+    from ray.rllib.core.columns import Columns
+
+    import vla_ray.envs  # noqa: F401
+    from vla_ray.config import ConfigError, VLAConfig
+    from vla_ray.models.vla import VLA
+    from vla_ray.rl_module import VLAModule
+
+    directory, _ = checkpoint
+    env = gym.make(
+        "vla_ray/LangReach-v0",
+        image_size=IMAGE,
+        tokenizer=str(directory),
+        instruction_max_length=24,
+    )
+    obs = [env.reset(seed=s)[0] for s in range(3)]
+    batch = {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in obs[0]}
+    module = VLAModule(
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config={"vlm_path": str(directory), "lora": {"r": 4}, "value": "shared"},
+    )
+    env.close()
+    vla = module.vla
+    assert vla.config.backbone == "openvla"
+    out = module.forward_train({Columns.OBS: batch})
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (3, 4)
+    trained = {n for n, p in vla.trunk.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and "language_model" in n for n in trained)
+    # the wrapped prompt is OpenVLA's own: the same feature as the prompt encoded whole
+    trunk = vla.trunk
+    ids, mask = encode_instructions(["reach the red target"], 24, vla.tokenizer)
+    full_ids, full_mask = encode_instructions(
+        [prompt_text("reach the red target")], 64, vla.tokenizer
+    )
+    image = torch.as_tensor(np.stack([_image(IMAGE, IMAGE, seed=3)]))
+    with torch.no_grad():
+        wrapped = trunk(
+            {
+                "image": image,
+                "instruction": torch.as_tensor(ids),
+                "instruction_mask": torch.as_tensor(mask),
+            }
+        )
+        trunk.wrap_prompt = False
+        whole = trunk(
+            {
+                "image": image,
+                "instruction": torch.as_tensor(full_ids),
+                "instruction_mask": torch.as_tensor(full_mask),
+            }
+        )
+        trunk.wrap_prompt = True
+    torch.testing.assert_close(wrapped, whole)
+    # save and load through the VLA (the architecture comes from vlm_path)
+    vla.save_pretrained(tmp_path / "vla")
+    again = VLA.from_pretrained(tmp_path / "vla")
+    with torch.no_grad():
+        torch.testing.assert_close(again.trunk(batch), vla.trunk(batch), rtol=0, atol=0)
+    # an env image size the checkpoint does not take is named
+    with pytest.raises(
+        ConfigError, match=r"image_size: .* takes \(28, 28\) images, the env gives \(32, 32\)"
+    ):
+        VLA(VLAConfig(backbone="openvla", vlm_path=str(directory), image_size=(32, 32)))

@@ -18,7 +18,8 @@ CONTEXT_POOLS = ("mean", "attention")
 VALUE_MODES = ("shared", "separate", "none")
 # "vla": separate vision encoder + projector + causal LM; "vlm": one transformers
 # image-text-to-text model (``vla_ray.models.vlm``)
-BACKBONES = ("vla", "vlm")
+# "openvla": an OpenVLA checkpoint in its published layout (``vlm_path``)
+BACKBONES = ("vla", "vlm", "openvla")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -144,6 +145,9 @@ class VLAConfig:
             return
         from vla_ray.models.vlm import VLM_FAMILIES, family_of_directory
 
+        if self.backbone == "openvla":
+            self._check_openvla()
+            return
         if self.vision == "none":
             raise ConfigError("backbone: 'vlm' needs image observations; got vision='none'")
         if self.vision_skip:
@@ -162,6 +166,19 @@ class VLAConfig:
                 f"vlm_family, one of {', '.join(VLM_FAMILIES)}"
             )
         check_choice("vlm_family", self.vlm_family, VLM_FAMILIES)
+
+    def _check_openvla(self) -> None:
+        if self.vlm_path is None or not (Path(self.vlm_path) / "config.json").is_file():
+            raise ConfigError(
+                f"vlm_path: backbone='openvla' needs an OpenVLA checkpoint directory "
+                f"(config.json + safetensors), got {self.vlm_path!r}"
+            )
+        given = [k for k in ("vlm_family", "image_processor_path") if getattr(self, k)]
+        given += ["vlm_config"] if self.vlm_config else []
+        given += ["num_cameras"] if self.num_cameras != 1 else []
+        given += ["vision_skip"] if self.vision_skip else []
+        if given:
+            raise ConfigError(f"{', '.join(given)}: not used with backbone='openvla'")
 
     def _check_state_normalisation(self) -> None:
         if (self.state_mean is None) != (self.state_std is None):

@@ -67,6 +67,28 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
     return get_peft_model(lm, cfg)
 
 
+LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "vision")
+
+
+def inject_lora(module: nn.Module, lora: dict[str, Any], targets: list[str]) -> None:
+    """peft LoRA adapters injected in place into ``module``'s ``targets`` (weight names keep the
+    module's layout, with ``base_layer`` / ``lora_A`` / ``lora_B`` beside them)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ValueError(f"lora: unknown key(s) {unknown}; valid: {', '.join(LORA_KEYS)}")
+    cfg = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=targets,
+        bias="none",
+    )
+    inject_adapter_in_model(cfg, module)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Activation (gradient) checkpointing of a transformers model, non-reentrant, under
     either transformers naming."""

@@ -921,10 +921,18 @@ class OpenVLATrunk(nn.Module):
     ``OpenVLATrunk.from_pretrained(directory)``.
     """
 
-    def __init__(self, model: OpenVLA):
+    def __init__(self, model: OpenVLA, wrap_prompt: bool = False):
         super().__init__()
         self.model = model
         self.tokenizer = model.tokenizer
+        # wrap_prompt: ``instruction`` holds the bare instruction's ids (as an env encodes it
+        # with the checkpoint's tokenizer); the trunk puts the prompt's fixed text around them
+        self.wrap_prompt = wrap_prompt
+        before, after = PROMPT.split("{instruction}")
+        self._prompt_before = self._ids(before.strip())
+        # tokenised as a continuation (alone, SentencePiece would prefix a word boundary)
+        anchor = self._ids("a")
+        self._prompt_after = self._ids("a" + after)[len(anchor) :]
         self.vision = model.vision_backbone
         self.hidden_size = model.hidden_size
         self.feature_dim = model.hidden_size
@@ -935,12 +943,17 @@ class OpenVLATrunk(nn.Module):
                 f"{[t.size for t in model.transforms]}"
             )
 
+    def _ids(self, text: str) -> list[int]:
+        if self.tokenizer is None or not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None
+        cls, directory: str | os.PathLike, dtype: torch.dtype | None = None, wrap_prompt=False
     ) -> OpenVLATrunk:
         """Load the checkpoint (see :meth:`OpenVLA.from_pretrained`) and wrap it."""
-        return cls(OpenVLA.from_pretrained(directory, dtype=dtype))
+        return cls(OpenVLA.from_pretrained(directory, dtype=dtype), wrap_prompt=wrap_prompt)
 
     def shared_prefixes(self) -> contextlib.AbstractContextManager[None]:
         """No prefix cache to share: a null context, for the trunk contract."""
@@ -972,6 +985,8 @@ class OpenVLATrunk(nn.Module):
         m = self.model
         ids = obs["instruction"].long()
         mask = obs["instruction_mask"].long()
+        if self.wrap_prompt:
+            ids, mask = self._wrap(ids, mask)
         B, L = ids.shape
         dev = ids.device
         lengths = mask.sum(1)
@@ -992,6 +1007,21 @@ class OpenVLATrunk(nn.Module):
         out = decoder_of(m.language_model)(inputs_embeds=emb, attention_mask=full_mask)
         readout = P + lengths + 1  # index of the empty token in the full sequence
         return out.last_hidden_state[rows, readout].float()
+
+    def _wrap(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids of the prompt's text before, the instruction, the text after."""
+        B, L = ids.shape
+        before = torch.tensor(self._prompt_before, dtype=torch.long, device=ids.device)
+        after = torch.tensor(self._prompt_after, dtype=torch.long, device=ids.device)
+        n0, n1 = len(before), len(after)
+        out = torch.zeros(B, n0 + L + n1, dtype=torch.long, device=ids.device)
+        out[:, :n0] = before
+        out[:, n0 : n0 + L] = ids * mask
+        lengths = mask.sum(1)
+        cols = n0 + lengths[:, None] + torch.arange(n1, device=ids.device)[None]
+        out.scatter_(1, cols, after.expand(B, -1))
+        steps = torch.arange(out.shape[1], device=ids.device)[None]
+        return out, (steps < (n0 + lengths + n1)[:, None]).long()
 
     def forward_functional(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The same features as ``forward`` (it keeps no cache), for export."""

@@ -16,6 +16,7 @@ proprioceptive state), which every action head and value head reads.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_ray.config import VLAConfig
+from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.fsutil import replace_dir
 from vla_ray.models.heads import ActionHead, build_head
 from vla_ray.models.language import (
@@ -36,6 +37,7 @@ from vla_ray.models.language import (
     build_language_model,
     cache_keyword,
     decoder_of,
+    enable_activation_checkpointing,
     output_cache,
 )
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
@@ -318,6 +320,9 @@ class VLA(nn.Module):
     def portable_config(self) -> VLAConfig:
         """This model's config with every part described inline (no external paths)."""
         data = self.config.to_dict()
+        if self.config.backbone == "openvla":  # the architecture is read from vlm_path
+            data["tokenizer_path"] = None
+            return VLAConfig.from_dict(data)
         if self.config.backbone == "vlm":
             data.update(vlm_config=self.trunk.config_dict(), vlm_path=None)
             data["image_processor_path"] = None  # saved beside the weights
@@ -388,8 +393,17 @@ class VLA(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             if (directory / "config.json").is_file() or not directory.exists():
-                # a transformers image-text-to-text checkpoint (or a hub id): the VLM backbone
-                data = {**config.to_dict(), "backbone": "vlm", "vlm_path": str(directory)}
+                # a transformers image-text-to-text checkpoint (or a hub id): the VLM backbone;
+                # an OpenVLA checkpoint: the openvla backbone
+                backbone = "vlm"
+                if (directory / "config.json").is_file():
+                    model_type = json.loads((directory / "config.json").read_text()).get(
+                        "model_type"
+                    )
+                    backbone = "openvla" if model_type == "openvla" else "vlm"
+                data = {**config.to_dict(), "backbone": backbone, "vlm_path": str(directory)}
+                if backbone == "openvla":
+                    data.update(vlm_family=None, vlm_config={}, vision_skip=False)
                 return cls(VLAConfig.from_dict(data))
             raise FileNotFoundError(
                 f"vlm_path {directory}: not a VLM directory (no {CONFIG_NAME} or config.json); "
@@ -412,7 +426,12 @@ class VLA(nn.Module):
 
 
 def load_vla_tokenizer(config: VLAConfig) -> Any:
-    """The tokenizer of a VLA built from ``config`` (the VLM's own for backbone='vlm')."""
+    """The tokenizer of a VLA built from ``config`` (the VLM's own for backbone='vlm' or
+    'openvla')."""
+    if config.backbone == "openvla":
+        from vla_ray.models.openvla import load_tokenizer as load_openvla_tokenizer
+
+        return load_openvla_tokenizer(Path(config.tokenizer_path or config.vlm_path))
     if config.backbone == "vlm":
         from vla_ray.models.vlm import vlm_tokenizer
 
@@ -426,7 +445,40 @@ def build_trunk(config: VLAConfig, tokenizer: Any) -> CachedPrefixTrunk:
         from vla_ray.models.vlm import VLMTrunk
 
         return VLMTrunk(config, tokenizer)
+    if config.backbone == "openvla":
+        return _openvla_trunk(config)
     return VLATrunk(config, vocab_size=len(tokenizer))
+
+
+def _openvla_trunk(config: VLAConfig) -> nn.Module:
+    """An OpenVLA checkpoint as the trunk: instruction ids of the checkpoint's tokenizer, images
+    at its size; LoRA in its language model and the freeze switches as for the other trunks."""
+    from vla_ray.models.language import LM_LORA_TARGETS, inject_lora
+    from vla_ray.models.openvla import OpenVLATrunk
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    trunk = OpenVLATrunk.from_pretrained(config.vlm_path, dtype=dtype, wrap_prompt=True)
+    size = (trunk.image_size, trunk.image_size)
+    if tuple(config.image_size) != size:
+        raise ConfigError(
+            f"image_size: the OpenVLA checkpoint {config.vlm_path} takes {size} images, the "
+            f"env gives {tuple(config.image_size)} (set the env's image size to match)"
+        )
+    lm = trunk.model.language_model
+    if config.lora:
+        inject_lora(lm, config.lora, list(config.lora.get("target_modules", LM_LORA_TARGETS)))
+        trunk.requires_grad_(False)
+        for name, p in trunk.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        lm.requires_grad_(not config.freeze_llm)
+    if config.freeze_vision:
+        trunk.model.vision_backbone.requires_grad_(False)
+    if config.freeze_projector:
+        trunk.model.projector.requires_grad_(False)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(lm)
+    return trunk
 
 
 def load_trunk_weights(vla: VLA, directory: str | os.PathLike) -> None:

@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from vla_ray.config import ConfigError, VLAConfig
-from vla_ray.models.language import cache_keyword, enable_activation_checkpointing, output_cache
+from vla_ray.models.language import (
+    LM_LORA_TARGETS,
+    cache_keyword,
+    enable_activation_checkpointing,
+    inject_lora,
+    output_cache,
+)
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 
 # the instruction's place in the rendered chat template
@@ -51,6 +57,8 @@ _TINY_TEXT = dict(
     num_key_value_heads=2,
     max_position_embeddings=1024,
 )
+# LoRA targets of the vision towers (SigLIP/CLIP: q/k/v/out_proj, fc1/fc2; Qwen2-VL: qkv, proj)
+VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj", "fc1", "fc2")
 _TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
 )
@@ -435,42 +443,16 @@ class VLMTrunk(CachedPrefixTrunk):
     def _apply_lora(self, lora: dict[str, Any]) -> None:
         """LoRA adapters (peft) in the language model, and in the vision tower with
         ``lora["vision"]``; injected in place, so weight names keep the VLM's layout."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        def inject(module: nn.Module, targets: list[str]) -> None:
-            cfg = LoraConfig(
-                r=int(lora.get("r", 8)),
-                lora_alpha=int(lora.get("alpha", 16)),
-                lora_dropout=float(lora.get("dropout", 0.0)),
-                target_modules=targets,
-                bias="none",
-            )
-            inject_adapter_in_model(cfg, module)
-
-        unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules", "vision"})
-        if unknown:
-            raise ConfigError(
-                f"lora: unknown key(s) {unknown}; valid: r, alpha, dropout, target_modules, vision"
-            )
         base = self.vlm.model
-        inject(
-            base.get_decoder(),
-            list(
-                lora.get(
-                    "target_modules",
-                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                )
-            ),
-        )
-        if lora.get("vision"):
-            vision = _first_attr(base, ("vision_model", "vision_tower", "visual"))
-            names = {n.rsplit(".", 1)[-1] for n, m in vision.named_modules()}
-            targets = [
-                t
-                for t in ("q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj", "fc1", "fc2")
-                if t in names
-            ]
-            inject(vision, targets)
+        try:
+            inject_lora(base.get_decoder(), lora, list(lora.get("target_modules", LM_LORA_TARGETS)))
+            if lora.get("vision"):
+                vision = _first_attr(base, ("vision_model", "vision_tower", "visual"))
+                names = {n.rsplit(".", 1)[-1] for n, _ in vision.named_modules()}
+                targets = [t for t in VISION_LORA_TARGETS if t in names]
+                inject_lora(vision, lora, targets)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _set_trainable(self, config: VLAConfig) -> None:
         lora = bool(config.lora)
