@@ -514,3 +514,90 @@ def test_grouped_and_legacy_stats(checkpoint, policy, tmp_path):
     save_file(weights, str(legacy / "model.safetensors"))
     got = SmolVLA.from_pretrained(legacy).sample_actions(images, "push the box", state, noise=noise)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _joint_reference(policy, prefix_embs, prefix_pad, prefix_blocks, x_t, t):
+    """LeRobot's training pass written out: one loop over layers with both streams, the VLM
+    and the expert concatenated in self-attention layers, the expert reading the VLM's keys and
+    values in cross-attention layers; returns the velocity (B, chunk, max_action_dim)."""
+    m = policy.model
+    vwe = m.vlm_with_expert
+    H, D = TEXT["num_attention_heads"], HEAD_DIM
+    Hkv = TEXT["num_key_value_heads"]
+    a = m.action_in_proj(x_t)
+    frac = torch.linspace(0.0, 1.0, EXPERT // 2, dtype=torch.float64)
+    period = 0.004 * (4.0 / 0.004) ** frac
+    arg = t.double()[:, None] * (2 * np.pi / period)
+    te = torch.cat([torch.sin(arg), torch.cos(arg)], -1).float()[:, None].expand_as(a)
+    suffix = m.action_time_mlp_out(
+        torch.nn.functional.silu(m.action_time_mlp_in(torch.cat([a, te], 2)))
+    )
+    B, P, S = prefix_embs.shape[0], prefix_embs.shape[1], suffix.shape[1]
+    pad = torch.cat([prefix_pad, torch.ones(B, S, dtype=torch.bool)], 1)
+    blocks = torch.cat([prefix_blocks.long(), torch.ones(B, S, dtype=torch.long)], 1)
+    cum = blocks.cumsum(1)
+    mask = (cum[:, None, :] <= cum[:, :, None]) & pad[:, None, :] & pad[:, :, None]
+    pos = pad.long().cumsum(1) - 1
+
+    def rope(x, p):
+        half = D // 2
+        ts = 10_000 ** ((2.0 / D) * torch.arange(half))
+        ang = (p[..., None].float() / ts)[..., None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+
+    def attend(q, k, v, msk):
+        L = k.shape[1]
+        k = k[:, :, :, None].expand(B, L, Hkv, H // Hkv, D).reshape(B, L, H, D)
+        v = v[:, :, :, None].expand(B, L, Hkv, H // Hkv, D).reshape(B, L, H, D)
+        w = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * D**-0.5
+        w = torch.where(msk[:, None], w, torch.finfo(w.dtype).min).softmax(-1)
+        return (w @ v.transpose(1, 2)).transpose(1, 2).reshape(B, -1, H * D)
+
+    h = [prefix_embs, suffix]
+    for i in range(NUM_VLM_LAYERS):
+        layers = [vwe.vlm.model.text_model.layers[i], vwe.lm_expert.layers[i]]
+        x = [lay.input_layernorm(hs) for lay, hs in zip(layers, h, strict=True)]
+
+        def qkv(lay, xs):
+            sa = lay.self_attn
+            return [sa.q_proj(xs).view(B, -1, H, D)] + [
+                p(xs).view(B, -1, Hkv, D) for p in (sa.k_proj, sa.v_proj)
+            ]
+
+        proj = [qkv(layers[0], x[0])] + ([qkv(layers[1], x[1])] if i % 2 == 0 else [])
+        if i % 2 == 0:  # self-attention over both streams
+            q, k, v = (torch.cat([proj[0][j], proj[1][j]], 1) for j in range(3))
+            att = attend(rope(q, pos), rope(k, pos), v, mask)
+            outs = [att[:, :P], att[:, P:]]
+        else:  # cross-attention: the expert reads the VLM's (rotated) keys and values
+            q, k, v = proj[0]
+            k = rope(k, pos[:, :P])
+            vlm_out = attend(rope(q, pos[:, :P]), k, v, mask[:, :P, :P])
+            ex = layers[1].self_attn
+            ek = ex.k_proj(k.reshape(B, P, -1)).view(B, P, Hkv, D)
+            ev = ex.v_proj(v.reshape(B, P, -1)).view(B, P, Hkv, D)
+            eq = layers[1].self_attn.q_proj(x[1]).view(B, S, H, D)
+            epos = pos[:, P:] - pos[:, P:].min(1, keepdim=True).values
+            outs = [vlm_out, attend(rope(eq, epos), ek, ev, mask[:, P:, :P])]
+        new = []
+        for lay, hs, o in zip(layers, h, outs, strict=True):
+            r = lay.self_attn.o_proj(o) + hs
+            new.append(lay.mlp(lay.post_attention_layernorm(r)) + r)
+        h = new
+    return m.action_out_proj(vwe.lm_expert.norm(h[1])[:, -CHUNK:])
+
+
+def test_velocity_equals_lerobots_joint_pass(policy):
+    """The prefix pass + expert pass (and its cached use in sampling) computes the same velocity
+    as LeRobot's single joint pass over both streams, on padded language."""
+    images, state = observation(6, batch=2)
+    inputs = policy.prepare(images, ["pick the red cube", "open the drawer"], state)
+    g = torch.Generator().manual_seed(2)
+    x_t, t = torch.randn(2, CHUNK, MAX_ACTION, generator=g), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        embs, pad, blocks = policy.embed_prefix(*inputs)
+        assert not bool(pad.all())  # the shorter instruction is padded
+        want = _joint_reference(policy, embs, pad, blocks, x_t, t)
+        got = policy.velocity(x_t, t, policy.encode_prefix(*inputs))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
