@@ -333,6 +333,14 @@ def test_sample_actions_shape_and_determinism(policy):
     assert np.abs(c - a).max() > 1e-5 and np.abs(d - a).max() > 1e-5
 
 
+def test_loads_in_bfloat16(checkpoint):
+    half = SmolVLA.from_pretrained(checkpoint[0], dtype=torch.bfloat16)
+    assert half.model.vlm_with_expert.lm_expert.norm.weight.dtype == torch.bfloat16
+    images, state = observation(1)
+    a = half.sample_actions(images, "pick the red cube", state, generator=torch.Generator())
+    assert a.shape == (CHUNK, ACTION_DIM) and a.dtype == np.float32 and np.isfinite(a).all()
+
+
 def test_euler_loop_matches_hand_written_reference(policy):
     # a known velocity field: v = t, so x_0 = noise - (1/N) * sum_k (1 - k/N)
     noise = torch.zeros(1, CHUNK, MAX_ACTION)

@@ -64,8 +64,10 @@ What is simplified or different:
   is only read), no real-time chunking, no ``adapt_to_pi_aloha`` gripper conversions, no
   ``torch.compile``;
 * all named cameras must be given (LeRobot allows missing ones up to ``empty_cameras``);
-* the image processor of the VLM is not used, as in LeRobot (images go straight to the vision
-  tower at ``resize_imgs_with_padding``); its config is still read when present.
+* flow-matching times are drawn by inverting Beta(1.5, 1)'s CDF (``u ** (1 / 1.5)``): the same
+  distribution as LeRobot's ``torch.distributions.Beta``, another random stream;
+* the VLM's image processor is not used, as in LeRobot (images go straight to the vision tower
+  at ``resize_imgs_with_padding``).
 """
 
 from __future__ import annotations
@@ -765,7 +767,7 @@ class SmolVLA(nn.Module):
         embs.append(lang * math.sqrt(lang.shape[-1]))
         pads.append(token_mask)
         blocks.append(torch.zeros_like(token_mask))
-        s = self.model.state_proj(state)[:, None]
+        s = self.model.state_proj(state.to(self.model.state_proj.weight.dtype))[:, None]
         embs.append(s.to(lang.dtype))
         pads.append(torch.ones(B, 1, dtype=torch.bool, device=self.device))
         blocks.append(torch.ones(B, 1, dtype=torch.bool, device=self.device))
@@ -793,7 +795,7 @@ class SmolVLA(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prefix: Prefix) -> torch.Tensor:
         """The expert's velocity (B, chunk, max_action_dim) at noisy actions x_t and times t (B,)."""
         m, cfg = self.model, self.config
-        a = m.action_in_proj(x_t)
+        a = m.action_in_proj(x_t.to(m.action_in_proj.weight.dtype))
         e = m.vlm_with_expert.expert_hidden_size
         te = sincos_time_embedding(t, e, cfg.min_period, cfg.max_period).to(a.dtype)
         h = m.action_time_mlp_out(
@@ -804,7 +806,8 @@ class SmolVLA(nn.Module):
         suffix_mask = attention_2d_mask(ones, ones)  # causal over action tokens
         positions = prefix.pad.long().sum(1, keepdim=True) + torch.arange(S, device=h.device)
         out = m.vlm_with_expert.expert(h, prefix.kv, prefix.pad, suffix_mask, positions)
-        return m.action_out_proj(out[:, -cfg.chunk_size :].float())
+        out = out[:, -cfg.chunk_size :].to(m.action_out_proj.weight.dtype)
+        return m.action_out_proj(out).float()
 
     # -- public API ---------------------------------------------------------------------------
     def prepare(
