@@ -4,7 +4,8 @@ RLlib's BC reads episodes with its offline pipeline and calls the learner on bat
 (observation, action). Its stock loss is the action distribution's log-likelihood, which exists
 only for stochastic heads; here the loss is the head's own behaviour-cloning loss instead, so
 every head trains: MSE (``mlp``), Gaussian NLL (``gaussian``, ``tanh_gaussian``), noise
-prediction (``diffusion``) and cross-entropy over action tokens (``transformer``).
+prediction (``diffusion``), velocity regression (``flow_matching``) and cross-entropy over
+action tokens (``transformer``).
 
 Two options select which demonstrations are imitated, both applied per episode in the data
 path (``ReturnSelectionPreLearner``, RLlib's ``OfflinePreLearner`` running inside ``ray.data``,

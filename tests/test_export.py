@@ -1,5 +1,5 @@
 """Export: parity of every format with the PyTorch module, the spec and tokenizer beside each
-model, the Triton repository, the functional (cache-free) graph, diffusion noise input, errors."""
+model, the Triton repository, the functional (cache-free) graph, the noise input of sampling heads, errors."""
 
 from __future__ import annotations
 
@@ -159,9 +159,12 @@ def test_triton_model_repository(tiny_export):
         assert [int(d) for d in dims.split(",")] == graph_io[name][1]  # batch dim excluded
 
 
-def test_diffusion_head_takes_noise_as_input(tmp_path):
+@pytest.mark.parametrize("head", ["diffusion", "flow_matching"])
+def test_noise_sampling_head_takes_noise_as_input(tmp_path, head):
+    """Heads that sample from noise export it as an input (flow matching: the Euler steps are
+    unrolled in the graph) and match the PyTorch module for given and for zero noise."""
     cfg = VLAConfig(
-        head="diffusion",
+        head=head,
         chunk_size=3,
         head_config={"inference_steps": 3, "hidden": 64},
         vision_config={"tokens": "keypoints"},
@@ -173,7 +176,7 @@ def test_diffusion_head_takes_noise_as_input(tmp_path):
     spec = read_spec(tmp_path / "out" / "onnx")
     assert spec["inputs"][-1]["name"] == "noise" and spec["inputs"][-1]["shape"] == ["batch", 6]
     assert spec["head"] == {
-        "name": "diffusion",
+        "name": head,
         "deterministic": True,
         "inference_steps": 3,
         "noise_input": "noise",

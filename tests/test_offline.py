@@ -114,13 +114,20 @@ def test_bc_needs_data_and_online_algorithms_refuse_it(demos):
 
 
 @pytest.mark.slow
-def test_bc_trains_from_collected_demos_and_exports(ray_session, demos, tmp_path):
+@pytest.mark.parametrize("head", ["gaussian", "flow_matching"])
+def test_bc_trains_from_collected_demos_and_exports(ray_session, demos, tmp_path, head):
     path, _ = demos
     spec = resolve(
         "langreach-bc",
-        {"training": {"train_batch_size_per_learner": 32}, "eval_every": 2, "eval_episodes": 2},
+        {
+            "model": {"head": head},
+            "training": {"train_batch_size_per_learner": 32},
+            "eval_every": 2,
+            "eval_episodes": 2,
+        },
         data=str(path),
     )
+    assert spec.settings["model"]["head"] == head
     summary = train(spec, tmp_path / "run", stop_iters=4, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["learner"]["total_loss"] for r in rows]

@@ -13,7 +13,14 @@ VISION_ENCODERS = ("cnn", "siglip", "clip", "dinov2")
 # ``vision="none"``: no image input (state-only tasks such as MuJoCo locomotion from proprioception)
 VISION_CHOICES = (*VISION_ENCODERS, "none")
 PROJECTORS = ("mlp", "attention", "perceiver")
-ACTION_HEADS = ("mlp", "gaussian", "tanh_gaussian", "diffusion", "transformer")
+ACTION_HEADS = (
+    "mlp",
+    "gaussian",
+    "tanh_gaussian",
+    "diffusion",
+    "flow_matching",
+    "transformer",
+)
 CONTEXT_POOLS = ("mean", "attention")
 VALUE_MODES = ("shared", "separate", "none")
 # "vla": separate vision encoder + projector + causal LM; "vlm": one transformers

@@ -17,8 +17,8 @@ normalisation, parity result) and ``tokenizer/``, so a client needs nothing else
 
 The exported graph is a plain function of its inputs: observation tensors (``image`` uint8
 (B, H, W, 3), ``state`` float32 (B, S), ``instruction`` / ``instruction_mask`` int64 (B, L)) and,
-for the diffusion head, the initial DDIM ``noise`` float32 (B, K*A) (zeros = the deterministic
-action) -> ``actions`` float32 (B, K, A). The batch axis is dynamic. The trunk's memoised
+for heads that sample from noise (``diffusion``: DDIM; ``flow_matching``: Euler steps, unrolled),
+the initial ``noise`` float32 (B, K*A) (zeros = the deterministic action) -> ``actions`` float32 (B, K, A). The batch axis is dynamic. The trunk's memoised
 instruction-prefix cache is not part of the graph (``VLATrunk.forward_functional``); parity against
 the memoised PyTorch module is checked for every format on random valid inputs.
 """
@@ -45,6 +45,7 @@ from torch import nn
 
 from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
+from vla_ray.models.heads import takes_noise
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
 EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
@@ -97,7 +98,7 @@ def input_names(config: VLAConfig) -> list[str]:
     if config.state_dim > 0:
         names.append("state")
     names += ["instruction", "instruction_mask"]
-    if config.head == "diffusion":
+    if takes_noise(config.head):
         names.append("noise")
     return names
 
@@ -136,7 +137,7 @@ def reference_actions(vla: VLA, inputs: Inputs) -> np.ndarray:
 
 def random_inputs(config: VLAConfig, vocab_size: int, batch: int, seed: int = 0) -> Inputs:
     """Random valid inputs: uint8 images, normal states, random token ids of random lengths
-    (right-padded with id 0, mask 1 on the tokens) and normal diffusion noise."""
+    (right-padded with id 0, mask 1 on the tokens) and normal noise for heads that take it."""
     rng = np.random.default_rng(seed)
     h, w = config.image_size
     L = config.instruction_max_length
@@ -149,14 +150,14 @@ def random_inputs(config: VLAConfig, vocab_size: int, batch: int, seed: int = 0)
         out["state"] = rng.normal(size=(batch, config.state_dim)).astype(np.float32)
     out["instruction"] = rng.integers(1, vocab_size, size=(batch, L)).astype(np.int64) * mask
     out["instruction_mask"] = mask
-    if config.head == "diffusion":
+    if takes_noise(config.head):
         shape = (batch, config.chunk_size * config.action_dim)
         out["noise"] = rng.normal(size=shape).astype(np.float32)
     return {k: out[k] for k in input_names(config)}
 
 
 def zero_noise(spec: dict[str, Any], batch: int) -> np.ndarray | None:
-    """The deterministic diffusion input (zeros) for ``batch`` rows, or None without a noise input."""
+    """The deterministic noise input (zeros) for ``batch`` rows, or None without a noise input."""
     for item in spec["inputs"]:
         if item["name"] == "noise":
             return np.zeros((batch, *item["shape"][1:]), dtype=np.float32)
@@ -318,12 +319,12 @@ def build_spec(vla: VLA, fmt: str, model_file: str, meta: dict[str, Any]) -> dic
         "noise": (
             "float32",
             ["batch", K * A],
-            "initial DDIM noise; zeros give the deterministic action, N(0, 1) samples",
+            "initial sampler noise; zeros give the deterministic action, N(0, 1) samples",
         ),
     }
     tok = vla.tokenizer
     head: dict[str, Any] = {"name": cfg.head, "deterministic": True}
-    if cfg.head == "diffusion":
+    if takes_noise(cfg.head):
         head.update(inference_steps=int(vla.head.inference_steps), noise_input="noise")
     elif cfg.head in ("gaussian", "tanh_gaussian"):
         head["output"] = "distribution mean" + (

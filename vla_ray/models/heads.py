@@ -29,9 +29,14 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequentia
 
 
 class ActionHead(nn.Module):
-    """Base class: holds the chunk geometry and the action bounds."""
+    """Base class: holds the chunk geometry and the action bounds.
+
+    ``takes_noise``: the head maps an initial noise chunk (B, K*A) to actions through
+    ``sample(features, noise, steps=None)``; exported graphs then take ``noise`` as an input.
+    """
 
     stochastic = False
+    takes_noise = False
 
     def __init__(self, in_dim: int, action_dim: int, chunk_size: int, low: float, high: float):
         super().__init__()
@@ -160,6 +165,8 @@ class DiffusionHead(ActionHead):
     ``noise`` the result is deterministic. ``deterministic=True`` starts from zero noise.
     """
 
+    takes_noise = True
+
     def __init__(
         self,
         in_dim,
@@ -227,6 +234,94 @@ class DiffusionHead(ActionHead):
                 eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
                 x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
         return self._chunk(self._from_unit(x0))
+
+    def predict(self, features, deterministic=True):
+        shape = (features.shape[0], self.out_dim)
+        noise = (
+            torch.zeros(shape, device=features.device)
+            if deterministic
+            else torch.randn(shape, device=features.device)
+        )
+        return self.sample(features, noise)
+
+
+class FlowMatchingHead(ActionHead):
+    """Flow-matching head (pi0 / SmolVLA convention): velocity regression, Euler sampling.
+
+    Training: actions in unit space ``x0``, ``eps ~ N(0, I)``, ``t ~ Beta(1.5, 1)`` rescaled to
+    [0.001, 1] (t = 1 is pure noise), ``x_t = t * eps + (1 - t) * x0``; the network regresses
+    the velocity ``u = eps - x0``. Sampling: ``inference_steps`` Euler steps from ``noise`` at
+    t = 1 to t = 0. ``deterministic=True`` starts from zero noise.
+    """
+
+    takes_noise = True
+    # t in [0, 1] is scaled by this before the sinusoidal embedding, so that its frequencies
+    # (1 .. 1/10000 per unit) resolve the time as they resolve integer diffusion steps
+    time_scale = 1000.0
+
+    def __init__(
+        self,
+        in_dim,
+        action_dim,
+        chunk_size,
+        low,
+        high,
+        hidden: int = 256,
+        inference_steps: int = 10,
+        time_dim: int = 32,
+        time_alpha: float = 1.5,
+        time_beta: float = 1.0,
+        min_time: float = 0.001,
+    ):
+        super().__init__(in_dim, action_dim, chunk_size, low, high)
+        if isinstance(inference_steps, bool) or not (
+            isinstance(inference_steps, int) and inference_steps >= 1
+        ):
+            raise ValueError(
+                f"head_config.inference_steps: expected an integer >= 1, got {inference_steps!r}"
+            )
+        self.inference_steps, self.time_dim = inference_steps, time_dim
+        self.time_alpha, self.time_beta, self.min_time = time_alpha, time_beta, min_time
+        self.v_net = nn.Sequential(
+            nn.Linear(self.out_dim + time_dim + in_dim, hidden),
+            nn.Mish(),
+            nn.Linear(hidden, hidden),
+            nn.Mish(),
+            nn.Linear(hidden, hidden),
+            nn.Mish(),
+            nn.Linear(hidden, self.out_dim),
+        )
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """v_theta(x_t, t, features) for x_t (B, K*A) and continuous times t (B,) in [0, 1]."""
+        emb = timestep_embedding(t * self.time_scale, self.time_dim)
+        return self.v_net(torch.cat([x_t, emb, features], -1))
+
+    def sample_time(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Training times (B,): Beta(time_alpha, time_beta) rescaled to [min_time, 1]."""
+        a = torch.tensor(self.time_alpha, device=device)
+        b = torch.tensor(self.time_beta, device=device)
+        t = torch.distributions.Beta(a, b).sample((batch,))
+        return t * (1.0 - self.min_time) + self.min_time
+
+    def loss(self, features, actions):
+        x0 = self._to_unit(actions.flatten(1))
+        eps = torch.randn_like(x0)
+        t = self.sample_time(x0.shape[0], x0.device)
+        x_t = t[:, None] * eps + (1.0 - t[:, None]) * x0
+        return F.mse_loss(self.velocity(x_t, t, features), eps - x0)
+
+    def sample(
+        self, features: torch.Tensor, noise: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """Euler integration from ``noise`` (B, K*A) at t = 1 to t = 0 -> action chunk (B, K, A)."""
+        steps = steps or self.inference_steps
+        dt = -1.0 / steps
+        x = noise
+        for i in range(steps):
+            t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device, dtype=x.dtype)
+            x = x + dt * self.velocity(x, t, features)
+        return self._chunk(self._from_unit(x.clamp(-1.0, 1.0)))
 
     def predict(self, features, deterministic=True):
         shape = (features.shape[0], self.out_dim)
@@ -310,8 +405,15 @@ HEADS = {
     "gaussian": GaussianHead,
     "tanh_gaussian": TanhGaussianHead,
     "diffusion": DiffusionHead,
+    "flow_matching": FlowMatchingHead,
     "transformer": TransformerHead,
 }
+
+
+def takes_noise(name: str) -> bool:
+    """Whether the head registered as ``name`` samples from an initial noise input."""
+    check_choice("head", name, ACTION_HEADS)
+    return HEADS[name].takes_noise
 
 
 def build_head(
