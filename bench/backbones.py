@@ -355,7 +355,9 @@ def main() -> None:
         args.runners = [1, 2]
     rows = []
     for name in args.configs:
-        for dtype in args.dtypes:
+        # the default trunk has no bf16 weights option (dtype is the transformers trunks')
+        dtypes = args.dtypes if CONFIGS[name].get("backbone") else ["float32"]
+        for dtype in dtypes:
             for lora in args.lora:
                 job = dict(config=name, dtype=dtype, lora=lora == "on")
                 row: dict[str, Any] = dict(job)

@@ -184,6 +184,8 @@ def test_config_errors():
         VLAConfig(vlm_family="smolvlm")
     with pytest.raises(ConfigError, match="num_cameras"):
         VLAConfig(num_cameras=2)
+    with pytest.raises(ConfigError, match="dtype: only used with backbone='vlm'"):
+        VLAConfig(dtype="bfloat16")
     with pytest.raises(ConfigError, match="dtype: unknown name 'fp8'"):
         VLAConfig(dtype="fp8")
 

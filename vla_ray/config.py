@@ -147,8 +147,13 @@ class VLAConfig:
                 given.append("vlm_config")
             if self.num_cameras != 1:
                 given.append("num_cameras")
+            if self.dtype != "float32":
+                given.append("dtype")
             if given:
-                raise ConfigError(f"{', '.join(given)}: only used with backbone='vlm'")
+                raise ConfigError(
+                    f"{', '.join(given)}: only used with backbone='vlm' (dtype also with "
+                    "'openvla'); the default trunk trains in float32"
+                )
             return
         from vla_ray.models.vlm import VLM_FAMILIES, family_of_directory
 
