@@ -93,3 +93,37 @@ def tiny_export(tiny_vla_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "export"
     export(tiny_vla_dir, formats, out, progress=None)
     return out
+
+
+# one-target LangReach: no colour to ground, small images, short episodes (the PPO learning tests)
+EASY_LANGREACH = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
+
+
+def ppo_one_target_returns(preset: str, run_dir, iters: int) -> tuple[float, float]:
+    """Mean eval return (32 episodes) of ``preset``'s PPO on one-target LangReach after one
+    iteration (close to the initial policy) and after ``iters``; 2 EnvRunners x 4 envs."""
+    from vla_ray.evaluate import evaluate, load_policy
+    from vla_ray.train import resolve, train
+
+    spec = resolve(
+        preset,
+        {
+            "env_config": EASY_LANGREACH,
+            "training": {"train_batch_size_per_learner": 1024, "minibatch_size": 256},
+            "env_runners": {"num_envs_per_env_runner": 4},
+            "checkpoint_every": 1,
+        },
+        num_env_runners=2,
+    )
+    last = run_dir / "checkpoints" / "last"
+
+    def score() -> float:
+        policy = load_policy(last)
+        return evaluate(policy, env_config=EASY_LANGREACH, episodes=32, progress=False)[
+            "mean_return"
+        ]
+
+    train(spec, run_dir, stop_iters=1, progress=False)
+    before = score()
+    train(spec, run_dir, stop_iters=iters, resume=True, progress=False)
+    return before, score()

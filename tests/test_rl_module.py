@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import ppo_one_target_returns
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
 
@@ -162,29 +163,6 @@ PPO_LEARNING_ITERS = 12
 @pytest.mark.slow
 def test_ppo_from_scratch_raises_the_return_on_one_target_langreach(ray_session, tmp_path):
     """The PPO learning check: one target (no colour to ground), small images, short episodes."""
-    from vla_ray.evaluate import evaluate, load_policy
-
-    easy = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
-    spec = resolve(
-        "langreach-ppo",
-        {
-            "env_config": easy,
-            "training": {"train_batch_size_per_learner": 1024, "minibatch_size": 256},
-            "env_runners": {"num_envs_per_env_runner": 4},
-            "checkpoint_every": 1,
-        },
-        num_env_runners=2,
-    )
-    last = tmp_path / "run" / "checkpoints" / "last"
-
-    def score() -> float:
-        return evaluate(load_policy(last), env_config=easy, episodes=32, progress=False)[
-            "mean_return"
-        ]
-
-    train(spec, tmp_path / "run", stop_iters=1, progress=False)
-    before = score()  # after one update: close to the initial policy
-    train(spec, tmp_path / "run", stop_iters=PPO_LEARNING_ITERS, resume=True, progress=False)
-    after = score()
+    before, after = ppo_one_target_returns("langreach-ppo", tmp_path / "run", PPO_LEARNING_ITERS)
     print(f"PPO on one-target LangReach: eval return {before:.2f} -> {after:.2f}")
     assert after > before + 1.0  # observed: -0.2 -> 1.8 to 2.3 in 8-15 iterations

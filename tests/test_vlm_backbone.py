@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ppo_one_target_returns
 
 from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.models.vla import VLA, ObservationError
@@ -175,6 +176,15 @@ def test_several_cameras(family):
         vla.trunk(bad)
 
 
+def test_the_shared_project_tokenizer_is_left_as_it_is():
+    """A small-config VLM extends a copy of the (cached, shared) project tokenizer."""
+    from vla_ray.tokenizer import load_tokenizer
+
+    before = len(load_tokenizer(None))
+    vla = make("qwen2_vl")
+    assert len(vla.tokenizer) > before == len(load_tokenizer(None))
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="vlm_family: unknown name 'gpt'.*smolvlm"):
         VLAConfig(backbone="vlm", vlm_family="gpt")
@@ -247,31 +257,7 @@ VLM_PPO_ITERS = 12
 def test_ppo_with_a_smolvlm_trunk_raises_the_return_on_one_target_langreach(ray_session, tmp_path):
     """The learning check of the VLM backbone: PPO (preset langreach-smolvlm-ppo, a small
     SmolVLM config) on one-target LangReach, small images, short episodes."""
-    from vla_ray.evaluate import evaluate, load_policy
-    from vla_ray.train import resolve, train
-
-    easy = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
-    spec = resolve(
-        "langreach-smolvlm-ppo",
-        {
-            "env_config": easy,
-            "training": {"train_batch_size_per_learner": 1024, "minibatch_size": 256},
-            "env_runners": {"num_envs_per_env_runner": 4},
-            "checkpoint_every": 1,
-        },
-        num_env_runners=2,
-    )
-    last = tmp_path / "run" / "checkpoints" / "last"
-
-    def score() -> float:
-        return evaluate(load_policy(last), env_config=easy, episodes=32, progress=False)[
-            "mean_return"
-        ]
-
-    train(spec, tmp_path / "run", stop_iters=1, progress=False)
-    before = score()  # after one update: close to the initial policy
-    train(spec, tmp_path / "run", stop_iters=VLM_PPO_ITERS, resume=True, progress=False)
-    after = score()
+    before, after = ppo_one_target_returns("langreach-smolvlm-ppo", tmp_path / "run", VLM_PPO_ITERS)
     print(
         f"PPO with a SmolVLM trunk on one-target LangReach: eval return {before:.2f} -> {after:.2f}"
     )

@@ -16,6 +16,24 @@ TINY_VLA: dict[str, Any] = dict(
 )
 
 
+# PPO on LangReach (langreach-ppo and the VLM-trunk preset). The shaped reward scores each
+# step's progress: a short credit horizon (gamma 0.9, lambda 0.8) keeps advantage noise low. A
+# KL penalty (adaptive, target 0.02 per iteration) and a small value-loss weight on the shared
+# trunk keep each update from undoing the colour grounding of the last one (docs/benchmarks.md).
+LANGREACH_PPO_TRAINING: dict[str, Any] = dict(
+    lr=5e-4,
+    gamma=0.9,
+    lambda_=0.8,
+    train_batch_size_per_learner=2048,
+    minibatch_size=256,
+    num_epochs=4,
+    entropy_coeff=0.0,
+    vf_loss_coeff=0.01,
+    kl_coeff=0.5,
+    kl_target=0.02,
+)
+
+
 @dataclass(frozen=True)
 class Preset:
     """A runnable training recipe; every section can be overridden with ``--set section.key=v``."""
@@ -68,22 +86,7 @@ PRESETS: dict[str, Preset] = {
                 head_config={"init_log_std": -1.0},
                 value="shared",
             ),
-            # The shaped reward scores each step's progress: a short credit horizon
-            # (gamma 0.9, lambda 0.8) keeps advantage noise low. A KL penalty (adaptive, target
-            # 0.02 per iteration) and a small value-loss weight on the shared trunk keep each
-            # update from undoing the colour grounding of the last one (docs/benchmarks.md).
-            training=dict(
-                lr=5e-4,
-                gamma=0.9,
-                lambda_=0.8,
-                train_batch_size_per_learner=2048,
-                minibatch_size=256,
-                num_epochs=4,
-                entropy_coeff=0.0,
-                vf_loss_coeff=0.01,
-                kl_coeff=0.5,
-                kl_target=0.02,
-            ),
+            training=dict(LANGREACH_PPO_TRAINING),
             env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
             stop=dict(timesteps=1_000_000),
         ),
@@ -102,18 +105,7 @@ PRESETS: dict[str, Preset] = {
                 head_config={"init_log_std": -1.0},
                 value="shared",
             ),
-            training=dict(
-                lr=5e-4,
-                gamma=0.9,
-                lambda_=0.8,
-                train_batch_size_per_learner=2048,
-                minibatch_size=256,
-                num_epochs=4,
-                entropy_coeff=0.0,
-                vf_loss_coeff=0.01,
-                kl_coeff=0.5,
-                kl_target=0.02,
-            ),
+            training=dict(LANGREACH_PPO_TRAINING),
             env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
             stop=dict(timesteps=1_000_000),
         ),

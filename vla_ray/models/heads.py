@@ -158,14 +158,47 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class DiffusionHead(ActionHead):
+def denoiser_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """The noise/velocity network of the generative heads: 3 Mish hidden layers."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.Mish(),
+        nn.Linear(hidden, hidden),
+        nn.Mish(),
+        nn.Linear(hidden, hidden),
+        nn.Mish(),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class NoiseSampledHead(ActionHead):
+    """A head that maps an initial noise chunk to actions (``sample(features, noise)``);
+    ``predict`` starts from zero noise when deterministic, else from N(0, 1)."""
+
+    takes_noise = True
+
+    def sample(
+        self, features: torch.Tensor, noise: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """Action chunk (B, K, A) from ``noise`` (B, K*A)."""
+        raise NotImplementedError  # pragma: no cover - every head overrides
+
+    def predict(self, features, deterministic=True):
+        shape = (features.shape[0], self.out_dim)
+        noise = (
+            torch.zeros(shape, device=features.device)
+            if deterministic
+            else torch.randn(shape, device=features.device)
+        )
+        return self.sample(features, noise)
+
+
+class DiffusionHead(NoiseSampledHead):
     """Diffusion Policy head: DDPM noise-prediction training, DDIM sampling.
 
     ``inference_steps`` DDIM steps (eta = 0) map an initial noise chunk to actions; with a given
     ``noise`` the result is deterministic. ``deterministic=True`` starts from zero noise.
     """
-
-    takes_noise = True
 
     def __init__(
         self,
@@ -189,15 +222,7 @@ class DiffusionHead(ActionHead):
             inference_steps,
             time_dim,
         )
-        self.eps_net = nn.Sequential(
-            nn.Linear(self.out_dim + time_dim + in_dim, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, self.out_dim),
-        )
+        self.eps_net = denoiser_mlp(self.out_dim + time_dim + in_dim, hidden, self.out_dim)
         # squared-cosine schedule (Nichol & Dhariwal) as in Diffusion Policy
         s = 0.008
         steps = torch.arange(train_steps + 1, dtype=torch.float64) / train_steps
@@ -235,17 +260,8 @@ class DiffusionHead(ActionHead):
                 x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
         return self._chunk(self._from_unit(x0))
 
-    def predict(self, features, deterministic=True):
-        shape = (features.shape[0], self.out_dim)
-        noise = (
-            torch.zeros(shape, device=features.device)
-            if deterministic
-            else torch.randn(shape, device=features.device)
-        )
-        return self.sample(features, noise)
 
-
-class FlowMatchingHead(ActionHead):
+class FlowMatchingHead(NoiseSampledHead):
     """Flow-matching head (pi0 / SmolVLA convention): velocity regression, Euler sampling.
 
     Training: actions in unit space ``x0``, ``eps ~ N(0, I)``, ``t ~ Beta(1.5, 1)`` rescaled to
@@ -254,7 +270,6 @@ class FlowMatchingHead(ActionHead):
     t = 1 to t = 0. ``deterministic=True`` starts from zero noise.
     """
 
-    takes_noise = True
     # t in [0, 1] is scaled by this before the sinusoidal embedding, so that its frequencies
     # (1 .. 1/10000 per unit) resolve the time as they resolve integer diffusion steps
     time_scale = 1000.0
@@ -282,15 +297,7 @@ class FlowMatchingHead(ActionHead):
             )
         self.inference_steps, self.time_dim = inference_steps, time_dim
         self.time_alpha, self.time_beta, self.min_time = time_alpha, time_beta, min_time
-        self.v_net = nn.Sequential(
-            nn.Linear(self.out_dim + time_dim + in_dim, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, hidden),
-            nn.Mish(),
-            nn.Linear(hidden, self.out_dim),
-        )
+        self.v_net = denoiser_mlp(self.out_dim + time_dim + in_dim, hidden, self.out_dim)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """v_theta(x_t, t, features) for x_t (B, K*A) and continuous times t (B,) in [0, 1]."""
@@ -322,15 +329,6 @@ class FlowMatchingHead(ActionHead):
             t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device, dtype=x.dtype)
             x = x + dt * self.velocity(x, t, features)
         return self._chunk(self._from_unit(x.clamp(-1.0, 1.0)))
-
-    def predict(self, features, deterministic=True):
-        shape = (features.shape[0], self.out_dim)
-        noise = (
-            torch.zeros(shape, device=features.device)
-            if deterministic
-            else torch.randn(shape, device=features.device)
-        )
-        return self.sample(features, noise)
 
 
 class TransformerHead(ActionHead):

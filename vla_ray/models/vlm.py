@@ -26,6 +26,7 @@ the image + prompt prefix, causal over the state token and the action query).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -241,51 +242,36 @@ _QWEN2_VL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
+def _idefics3_family(name: str, cls_prefix: str) -> VLMFamily:
+    """SmolVLM and Idefics3 share their token layout, template and processor (``cls_prefix``
+    names the transformers classes: ``{prefix}Config``, ``{prefix}ImageProcessorPil``)."""
+    return VLMFamily(
+        name=name,
+        model_types=(name,),
+        special_tokens=(
+            "<|im_start|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<global-img>",
+        ),
+        image_marker="<image>",
+        image_block=lambda n: (
+            "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>"
+        ),
+        chat_template=_SMOLVLM_TEMPLATE,
+        tiny_config=_idefics3_config(f"{cls_prefix}Config"),
+        tiny_image_processor=_idefics3_processor(f"{cls_prefix}ImageProcessorPil"),
+        nested_images=True,
+        extra_image_inputs=("pixel_attention_mask",),
+    )
+
+
 FAMILIES: dict[str, VLMFamily] = {
     f.name: f
     for f in (
-        VLMFamily(
-            name="smolvlm",
-            model_types=("smolvlm",),
-            special_tokens=(
-                "<|im_start|>",
-                "<end_of_utterance>",
-                "<fake_token_around_image>",
-                "<global-img>",
-            ),
-            image_marker="<image>",
-            image_block=lambda n: (
-                "<fake_token_around_image><global-img>"
-                + "<image>" * n
-                + "<fake_token_around_image>"
-            ),
-            chat_template=_SMOLVLM_TEMPLATE,
-            tiny_config=_idefics3_config("SmolVLMConfig"),
-            tiny_image_processor=_idefics3_processor("SmolVLMImageProcessorPil"),
-            nested_images=True,
-            extra_image_inputs=("pixel_attention_mask",),
-        ),
-        VLMFamily(
-            name="idefics3",
-            model_types=("idefics3",),
-            special_tokens=(
-                "<|im_start|>",
-                "<end_of_utterance>",
-                "<fake_token_around_image>",
-                "<global-img>",
-            ),
-            image_marker="<image>",
-            image_block=lambda n: (
-                "<fake_token_around_image><global-img>"
-                + "<image>" * n
-                + "<fake_token_around_image>"
-            ),
-            chat_template=_SMOLVLM_TEMPLATE,
-            tiny_config=_idefics3_config("Idefics3Config"),
-            tiny_image_processor=_idefics3_processor("Idefics3ImageProcessorPil"),
-            nested_images=True,
-            extra_image_inputs=("pixel_attention_mask",),
-        ),
+        _idefics3_family("smolvlm", "SmolVLM"),
+        _idefics3_family("idefics3", "Idefics3"),
         VLMFamily(
             name="llava",
             model_types=("llava",),
@@ -365,6 +351,9 @@ def vlm_tokenizer(config: VLAConfig):
     tok = load_tokenizer(path)
     fam = FAMILIES[config.vlm_family]
     if path is None:
+        # a copy: load_tokenizer's instances are cached and shared by every model and env of
+        # the process (adding tokens to it changed their vocabulary size)
+        tok = copy.deepcopy(tok)
         if fam.special_tokens:
             tok.add_special_tokens({"additional_special_tokens": list(fam.special_tokens)})
         if fam.chat_template is not None:
