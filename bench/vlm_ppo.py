@@ -3,7 +3,7 @@ config) on one-target LangReach (32x32 images, 20-step episodes), several seeds.
 
 Each seed trains one iteration, evaluates the last checkpoint (32 deterministic episodes: the
 "before" score, close to the initial policy), then resumes to each of ``--iters`` and evaluates
-again. The CI learning test (tests/test_vlm_backbone.py) is one such run with 12 iterations.
+again. The CI learning test (tests/test_vlm_backbone.py) is one such run with 6 iterations.
 Writes ``OUT/vlm_ppo_one_target.json``.
 
     python bench/vlm_ppo.py --seeds 0 1 2 --iters 6 12 --out docs/bench

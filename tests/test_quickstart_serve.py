@@ -44,11 +44,14 @@ def test_quickstart_runs_the_serve_stage_unless_no_serve(tmp_path, monkeypatch):
     result = dict(env="e", episodes=1, success_rate=0.0, mean_return=0.0, mean_length=1.0)
     monkeypatch.setattr(vla_ray.evaluate, "evaluate", lambda *a, **k: result)
     monkeypatch.setattr(cli, "quickstart_serve_stage", lambda *a, **k: calls.append(a))
-    (tmp_path / "run").mkdir()
-    base = ["quickstart", "--minutes", "0.1", "--demos", "0", "--output", str(tmp_path / "run")]
-    base.append("--quiet")
-    assert cli.main([*base, "--no-serve"]) == 0
+
+    def quickstart(output, *flags):  # each run gets a new output (a used one is refused)
+        output.mkdir()  # empty: train is mocked and writes nothing there
+        argv = ["quickstart", "--minutes", "0.1", "--demos", "0", "--output", str(output)]
+        return cli.main([*argv, "--quiet", *flags])
+
+    assert quickstart(tmp_path / "run", "--no-serve") == 0
     assert calls == []
     assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result
-    assert cli.main(base) == 0
-    assert calls == [(ckpt, tmp_path / "run" / "export")]
+    assert quickstart(tmp_path / "run2") == 0
+    assert calls == [(ckpt, tmp_path / "run2" / "export")]
