@@ -118,6 +118,11 @@ def test_vlm_path_loads_a_transformers_checkpoint_directory(tmp_path):
     vla = VLA(cfg)
     for k, v in src.trunk.vlm.state_dict().items():
         torch.testing.assert_close(vla.trunk.vlm.state_dict()[k], v, rtol=0, atol=0)
+    # saved and reloaded without the checkpoint: the checkpoint's image processor comes along
+    vla.trunk.image_processor.size = {"longest_edge": 24}  # not what a small config builds
+    vla.save_pretrained(tmp_path / "saved")
+    again = VLA.from_pretrained(tmp_path / "saved")
+    assert again.trunk.image_processor.to_dict() == vla.trunk.image_processor.to_dict()
     # the same through the RL module's vlm_path key (VLA.from_pretrained_vlm)
     via = VLA.from_pretrained_vlm(ckpt, VLAConfig(image_size=(32, 32), state_dim=3))
     assert via.config.backbone == "vlm" and via.config.vlm_family == "smolvlm"

@@ -461,10 +461,13 @@ class VLMTrunk(CachedPrefixTrunk):
             out.requires_grad_(False)
 
     def _image_processor(self, config: VLAConfig, tokenizer: Any):
-        if config.vlm_path is not None:
+        """The checkpoint's own image processor (a saved VLA's, else ``vlm_path``'s), or the
+        family's built for a small config."""
+        path = config.image_processor_path or config.vlm_path
+        if path is not None:
             from transformers import AutoImageProcessor
 
-            return AutoImageProcessor.from_pretrained(config.vlm_path)
+            return AutoImageProcessor.from_pretrained(path)
         vision_size = getattr(self.vlm.config.vision_config, "image_size", None)
         return self.family.tiny_image_processor(
             int(vision_size or min(config.image_size)), self.vlm.config
