@@ -97,7 +97,8 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
             f"got {type(obs).__name__}"
         )
     batch_shape = None
-    for key, shape in expected_obs_shapes(config).items():
+    shapes = expected_obs_shapes(config)
+    for key, shape in shapes.items():
         if key not in obs:
             raise ObservationError(
                 f"observation field {key!r} is missing: expected per-sample shape {shape}; "
@@ -116,7 +117,7 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
                 f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
             )
     for key in ("image", "images"):
-        if key in expected_obs_shapes(config) and obs[key].dtype not in (torch.uint8, np.uint8):
+        if key in shapes and obs[key].dtype not in (torch.uint8, np.uint8):
             raise ObservationError(
                 f"observation field {key!r}: expected dtype uint8, got {obs[key].dtype}"
             )
@@ -455,9 +456,11 @@ def _openvla_trunk(config: VLAConfig) -> nn.Module:
     at its size; LoRA in its language model and the freeze switches as for the other trunks."""
     from vla_ray.models.language import LM_LORA_TARGETS, inject_lora
     from vla_ray.models.openvla import OpenVLATrunk
+    from vla_ray.models.vlm import torch_dtype
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
-    trunk = OpenVLATrunk.from_pretrained(config.vlm_path, dtype=dtype, wrap_prompt=True)
+    trunk = OpenVLATrunk.from_pretrained(
+        config.vlm_path, dtype=torch_dtype(config.dtype), wrap_prompt=True
+    )
     size = (trunk.image_size, trunk.image_size)
     if tuple(config.image_size) != size:
         raise ConfigError(

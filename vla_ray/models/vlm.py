@@ -361,6 +361,11 @@ def vlm_tokenizer(config: VLAConfig):
     return tok
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``VLAConfig.dtype`` name."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def build_vlm(config: VLAConfig, tokenizer: Any) -> nn.Module:
     """The image-text-to-text model: ``from_pretrained(vlm_path)`` or a small config of the
     family's class (``vlm_config`` overrides its keys: ``text_config``, ``vision_config``...),
@@ -368,7 +373,7 @@ def build_vlm(config: VLAConfig, tokenizer: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     fam = FAMILIES[config.vlm_family]
-    dtype = _DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype)
     if config.vlm_path is not None:
         return AutoModelForImageTextToText.from_pretrained(config.vlm_path, dtype=dtype)
     over = dict(config.vlm_config)
@@ -387,9 +392,6 @@ def build_vlm(config: VLAConfig, tokenizer: Any) -> nn.Module:
             min(config.image_size), len(tokenizer), {**ids, "text_config": text, **over}
         )
     return AutoModelForImageTextToText.from_config(hf_config, dtype=dtype)
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class VLMTrunk(CachedPrefixTrunk):
@@ -411,7 +413,7 @@ class VLMTrunk(CachedPrefixTrunk):
         d = int(self.decoder.config.hidden_size)
         self.hidden_size = d
         self.num_cameras = config.num_cameras
-        self.image_processor = self._image_processor(config, tokenizer)
+        self.image_processor = self._image_processor(config)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
         mean, std = config.state_mean, config.state_std
         self.register_buffer(
@@ -460,7 +462,7 @@ class VLMTrunk(CachedPrefixTrunk):
         if out is not None and out.weight is not self.decoder.get_input_embeddings().weight:
             out.requires_grad_(False)
 
-    def _image_processor(self, config: VLAConfig, tokenizer: Any):
+    def _image_processor(self, config: VLAConfig):
         """The checkpoint's own image processor (a saved VLA's, else ``vlm_path``'s), or the
         family's built for a small config."""
         path = config.image_processor_path or config.vlm_path
@@ -477,9 +479,9 @@ class VLMTrunk(CachedPrefixTrunk):
         """Token ids of the fixed prompt parts, image-token counts and suffix positions."""
         fam = self.family
         self.image_token_id = int(self.vlm.config.image_token_id)
-        with torch.no_grad():
-            probe = np.zeros((1, *self.config.image_size, 3), dtype=np.uint8)
-            self.tokens_per_image = self._image_features(self._pixels(probe), 1).shape[1]
+        with torch.no_grad():  # one image through the processor and the tower
+            probe = self._pixels(np.zeros((1, *self.config.image_size, 3), dtype=np.uint8))
+            self.tokens_per_image = self._image_features(probe, 1).shape[1]
         block = fam.image_block(self.tokens_per_image)
         if fam.chat_template is None:
             # PaliGemma: image tokens, BOS, prompt, newline
@@ -525,24 +527,22 @@ class VLMTrunk(CachedPrefixTrunk):
         n_extra = (1 if self.state_proj is not None else 0) + 1
         suffix = torch.tensor(self.suffix_text_ids + [0] * n_extra)
         self.register_buffer("suffix_ids", suffix, persistent=False)
-        self.register_buffer("suffix_rel_pos", self._relative_positions(suffix), persistent=False)
+        rel = self._relative_positions(suffix, probe.get("image_grid_thw"))
+        self.register_buffer("suffix_rel_pos", rel, persistent=False)
 
-    def _relative_positions(self, suffix: torch.Tensor) -> torch.Tensor:
-        """Positions of the suffix tokens relative to its first: (S,), or (3, S) for mrope."""
+    def _relative_positions(self, suffix: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        """Positions of the suffix tokens relative to its first: (S,), or (3, S) for mrope,
+        from the patch grid the image processor gives one image (``grid`` (1, 3))."""
         if not self.family.mrope:
             return torch.arange(len(suffix))
         is_image = (suffix == self.image_token_id).long()[None]
-        side = self._grid_side()
-        grid = torch.tensor([[1, side, side]] * self.num_cameras)
         pos, _ = self.vlm.model.get_rope_index(
-            suffix[None], is_image, image_grid_thw=grid, attention_mask=None
+            suffix[None],
+            is_image,
+            image_grid_thw=grid.repeat(self.num_cameras, 1),
+            attention_mask=None,
         )
         return pos[:, 0]
-
-    def _grid_side(self) -> int:
-        v = self.vlm.config.vision_config
-        side = min(self.config.image_size)
-        return (side - side % (v.patch_size * v.spatial_merge_size)) // v.patch_size
 
     # ---- images -------------------------------------------------------------------------------
     def _pixels(self, images: np.ndarray) -> dict[str, torch.Tensor]:
