@@ -97,6 +97,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print()
     print(format_table(summary))
     print(f"summary: {Path(summary['output']) / 'summary.json'}")
+    try:
+        from vla_ray.report import write_tune_comparison
+
+        print(f"comparison: {write_tune_comparison(summary)['md']}")
+    except ImportError as err:  # plotting is an optional extra
+        print(f"no comparison written: {err}", file=sys.stderr)
     return 0 if summary["best_trial"] else 1
 
 
@@ -134,6 +140,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.video:
         print(f"video: {args.video}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vla_ray.report import write_report
+
+    try:
+        paths = write_report(args.run_dir, eval_video=args.eval_video, video_episodes=args.episodes)
+    except ImportError as err:  # matplotlib is an optional extra
+        print(err, file=sys.stderr)
+        return 2
+    print(f"report: {paths['html']}")
+    print(f"report (markdown): {paths['md']}")
     return 0
 
 
@@ -530,6 +549,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser(
+        "report",
+        help="write report.html and report.md (curves, eval table, config, commands) in a run dir",
+        description="Example: vla-ray report runs/quickstart-20261206-120000 --eval-video",
+    )
+    r.add_argument("run_dir", help="the --output of vla-ray train or vla-ray quickstart")
+    r.add_argument(
+        "--eval-video",
+        action="store_true",
+        help="evaluate the best checkpoint for a few episodes and embed the video",
+    )
+    r.add_argument("--episodes", type=int, default=3, help="episodes in the eval video")
+    r.set_defaults(fn=cmd_report)
 
     c = sub.add_parser("collect", help="roll out a policy and write an offline dataset")
     c.add_argument("--env", required=True, help="env id, e.g. vla_ray/LangReach-v0")
