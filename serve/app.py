@@ -17,15 +17,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
-from vla_ray.serve.backends import load_backend, resolve_model_dir
+from vla_ray.serve.backends import BACKENDS, load_backend, resolve_model_dir
 from vla_ray.serve.schema import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_INSTRUCTION_CHARS,
@@ -39,6 +40,7 @@ from vla_ray.serve.schema import (
 from vla_ray.serve.shield import Shield, ShieldInputError
 
 API_KEY_HEADER = "X-API-Key"
+API_KEY_ENV = "VLA_RAY_API_KEY"
 logger = logging.getLogger("ray.serve")
 APP_NAME = "vla"
 
@@ -300,7 +302,7 @@ def build_app(
     folder = resolve_model_dir(settings.model, settings.backend)
     settings = ServeSettings(**{**asdict(settings), "model": str(Path(settings.model).resolve())})
     if (folder / "spec.json").is_file():
-        from vla_ray.export import read_spec
+        from vla_ray.runtime import read_spec
 
         Shield(settings.shield, read_spec(folder))  # raises ShieldConfigError on a bad setting
     if settings.max_batch_size < 1:
@@ -328,6 +330,82 @@ def build_app(
         options["num_replicas"] = int(num_replicas)
         scaling = {"replicas": int(num_replicas)}
     return VLAPolicy.options(**options).bind(asdict(settings), scaling)
+
+
+class BuildArgs(BaseModel):
+    """The arguments of :func:`build`, as ``serve run vla_ray.serve.app:build KEY=VALUE`` or the
+    ``args:`` of a Serve config file give them (validated by Serve before ``build`` runs; an
+    unknown key is an error that names it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="export folder (or one format folder; torch: a checkpoint)")
+    backend: Literal[BACKENDS] = "onnx"  # type: ignore[valid-type]
+    replicas: int = Field(1, ge=1)
+    min_replicas: int | None = Field(None, ge=0, description="autoscale from (with max_replicas)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscale up to")
+    replica_cpus: float = Field(1.0, gt=0)
+    threads: int = Field(1, ge=1, description="intra-op threads per replica")
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_ms: float = Field(2.0, ge=0)
+    max_delta: float | None = Field(None, description="shield: max change per action dim")
+    shield: dict[str, Any] | None = Field(None, description="shield settings (JSON on the CLI)")
+    api_key_file: str | None = Field(None, description=f"the API key's file (else ${API_KEY_ENV})")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_instruction_chars: int = Field(DEFAULT_MAX_INSTRUCTION_CHARS, ge=1)
+    access_log: bool = True
+
+    @field_validator("shield", mode="before")
+    @classmethod
+    def _shield_json(cls, value: Any) -> Any:
+        # `serve run ... shield={"low":-0.5}` passes text
+        return json.loads(value) if isinstance(value, str) else value
+
+
+def build(args: BuildArgs) -> serve.Application:
+    """Ray Serve application builder: ``serve run vla_ray.serve.app:build model=EXPORT_DIR``
+    (``key=value`` pairs, see :class:`BuildArgs`), or the ``import_path`` of a ``serve
+    build``/``serve deploy`` config file with the same keys under ``args:``. The same app as
+    ``vla-ray serve``; host and port come from Serve's own options."""
+    if isinstance(args, dict):  # called directly rather than by Serve
+        args = BuildArgs.model_validate(args)
+    shield = dict(args.shield or {})
+    if args.max_delta is not None:
+        shield["max_delta"] = args.max_delta
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"api_key_file: {path} does not exist")
+        api_key = path.read_text().strip()
+        if not api_key:
+            raise ValueError(f"api_key_file: {path} is empty; expected the key")
+    autoscaling = None
+    if args.min_replicas is not None or args.max_replicas is not None:
+        if args.min_replicas is None or args.max_replicas is None:
+            raise ValueError(
+                "min_replicas, max_replicas: autoscaling needs both; got "
+                f"min_replicas={args.min_replicas}, max_replicas={args.max_replicas}"
+            )
+        autoscaling = (args.min_replicas, args.max_replicas)
+    settings = ServeSettings(
+        model=args.model,
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        threads=args.threads,
+        shield=shield or None,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_instruction_chars=args.max_instruction_chars,
+    )
+    return build_app(
+        settings,
+        num_replicas=args.replicas,
+        autoscaling=autoscaling,
+        replica_cpus=args.replica_cpus,
+        access_log=args.access_log,
+    )
 
 
 def start(

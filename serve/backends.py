@@ -1,6 +1,8 @@
-"""Inference backends for the Serve app: onnxruntime over an exported ONNX model, or eager PyTorch.
+"""Inference backends for the Serve app: onnxruntime over an exported ONNX model, OpenVINO over
+an exported IR, or eager PyTorch.
 
-Both take batched model inputs (the names in the spec) and return action chunks (B, K, A).
+Each takes batched model inputs (the names in the spec) and returns action chunks (B, K, A).
+The ONNX and OpenVINO backends import neither torch nor transformers (``vla_ray.runtime``).
 """
 
 from __future__ import annotations
@@ -10,18 +12,21 @@ from typing import Any
 
 import numpy as np
 
-from vla_ray.export import (
+from vla_ray.runtime import (
     ONNX_FAMILY,
     PYTORCH_DIR,
     SPEC_NAME,
     SUMMARY_NAME,
     OnnxRunner,
-    build_spec,
+    OpenVINORunner,
+    load_export_tokenizer,
     read_spec,
-    reference_actions,
 )
 
-BACKENDS = ("onnx", "torch")
+BACKENDS = ("onnx", "openvino", "torch")
+# the export formats each backend runs, and the sub-folder of an export root it picks
+_FORMATS = {"onnx": ONNX_FAMILY, "openvino": ("openvino",), "torch": (PYTORCH_DIR,)}
+_SUBDIR = {"onnx": "onnx", "openvino": "openvino", "torch": PYTORCH_DIR}
 
 
 class BackendError(ValueError):
@@ -29,7 +34,7 @@ class BackendError(ValueError):
 
 
 def resolve_model_dir(model: str | Path, backend: str) -> Path:
-    """The folder a backend loads: an export root picks ``onnx/`` (onnx) or ``pytorch/`` (torch);
+    """The folder a backend loads: an export root picks ``onnx/``, ``openvino/`` or ``pytorch/``;
     a format folder with a ``spec.json`` is used as is; the torch backend also takes a
     ``save_pretrained`` folder or an RLlib checkpoint."""
     if backend not in BACKENDS:
@@ -40,18 +45,18 @@ def resolve_model_dir(model: str | Path, backend: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model: {path} does not exist")
     if (path / SUMMARY_NAME).is_file():
-        sub = path / ("onnx" if backend == "onnx" else PYTORCH_DIR)
+        sub = path / _SUBDIR[backend]
         if not (sub / SPEC_NAME).is_file():
             raise BackendError(
                 f"model: the export {path} has no {sub.name}/ folder; export with "
-                f"--format onnx (onnx backend) or use --backend torch"
+                f"--format {_SUBDIR[backend] if backend != 'torch' else 'onnx'} or use "
+                "--backend torch"
             )
         return sub
     if (path / SPEC_NAME).is_file():
         fmt = read_spec(path)["format"]
-        ok = fmt in ONNX_FAMILY if backend == "onnx" else fmt == PYTORCH_DIR
-        if not ok:
-            want = "onnx, onnx-int8, onnx-fp16 or triton" if backend == "onnx" else "pytorch"
+        if fmt not in _FORMATS[backend]:
+            want = ", ".join(_FORMATS[backend])
             raise BackendError(
                 f"model: {path} holds format {fmt!r}; the {backend} backend needs {want}"
             )
@@ -87,12 +92,10 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def __init__(self, folder: Path, threads: int = 1):
-        from vla_ray.tokenizer import load_tokenizer
-
         self.spec = read_spec(folder)
         model_file = folder / self.spec["model_file"]
         self.runner = OnnxRunner(model_file, threads=threads)
-        self.tokenizer = load_tokenizer(str(folder / self.spec["instruction"]["tokenizer"]))
+        self.tokenizer = load_export_tokenizer(folder / self.spec["instruction"]["tokenizer"])
         self.per_request = self.spec["format"] in PER_REQUEST_FORMATS
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -100,6 +103,20 @@ class OnnxBackend(Backend):
         if self.per_request and n > 1:
             rows = [self.runner({k: v[i : i + 1] for k, v in inputs.items()}) for i in range(n)]
             return np.concatenate(rows)
+        return self.runner(inputs)
+
+
+class OpenVINOBackend(Backend):
+    """OpenVINO (CPU, f32) over ``model.xml`` of an ``openvino`` export folder."""
+
+    name = "openvino"
+
+    def __init__(self, folder: Path, threads: int = 1):
+        self.spec = read_spec(folder)
+        self.runner = OpenVINORunner(folder / self.spec["model_file"], threads=threads)
+        self.tokenizer = load_export_tokenizer(folder / self.spec["instruction"]["tokenizer"])
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.runner(inputs)
 
 
@@ -112,9 +129,10 @@ class TorchBackend(Backend):
         import torch
 
         from vla_ray.evaluate import load_policy
-        from vla_ray.export import weights_version
+        from vla_ray.export import build_spec, reference_actions, weights_version
 
         torch.set_num_threads(int(threads))
+        self._reference_actions = reference_actions
         policy = load_policy(folder)
         self.vla = policy.model.cpu().float().eval()
         self.tokenizer = self.vla.tokenizer
@@ -130,10 +148,11 @@ class TorchBackend(Backend):
             self.spec = build_spec(self.vla, PYTORCH_DIR, "model.safetensors", meta)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return reference_actions(self.vla, inputs)
+        return self._reference_actions(self.vla, inputs)
 
 
 def load_backend(model: str | Path, backend: str = "onnx", threads: int = 1) -> Backend:
-    """Load ``model`` (see ``resolve_model_dir``) with ``backend`` (``onnx`` or ``torch``)."""
+    """Load ``model`` (see ``resolve_model_dir``) with ``backend`` (one of ``BACKENDS``)."""
     folder = resolve_model_dir(model, backend)
-    return OnnxBackend(folder, threads) if backend == "onnx" else TorchBackend(folder, threads)
+    cls = {"onnx": OnnxBackend, "openvino": OpenVINOBackend, "torch": TorchBackend}[backend]
+    return cls(folder, threads)

@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="serve an exported policy over HTTP with Ray Serve")
     v.add_argument("--model", required=True, help="export folder (or one format folder)")
-    v.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    v.add_argument("--backend", choices=("onnx", "openvino", "torch"), default="onnx")
     scale = v.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1)
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX")

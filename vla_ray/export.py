@@ -48,12 +48,21 @@ from vla_ray.fsutil import replace_dir
 from vla_ray.models.heads import takes_noise
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
+# what runs an export needs without torch (the serving replicas) lives in vla_ray.runtime
+from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
+    ONNX_FAMILY,
+    PYTORCH_DIR,
+    SPEC_NAME,
+    SUMMARY_NAME,
+    TOKENIZER_DIR,
+    ExportError,
+    OnnxRunner,
+    OpenVINORunner,
+    import_openvino,
+    read_spec,
+)
+
 EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
-ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
-PYTORCH_DIR = "pytorch"
-SPEC_NAME = "spec.json"
-SUMMARY_NAME = "export.json"
-TOKENIZER_DIR = "tokenizer"
 TRITON_MODEL_NAME = "vla"
 OUTPUT_NAME = "actions"
 
@@ -85,10 +94,6 @@ RUNTIME_NOTES = {
 _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
 Inputs = dict[str, np.ndarray]
-
-
-class ExportError(ValueError):
-    """An export request or an exported model is invalid (the message names what and why)."""
 
 
 # ---- the exported function ----------------------------------------------------------------------
@@ -165,23 +170,6 @@ def zero_noise(spec: dict[str, Any], batch: int) -> np.ndarray | None:
 
 
 # ---- runners (load an exported format and call it on numpy inputs) ------------------------------
-class OnnxRunner:
-    """onnxruntime session over an exported ``model.onnx`` (fp32, INT8 or FP16)."""
-
-    def __init__(self, path: str | Path, threads: int = 1):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, inputs: Inputs) -> np.ndarray:
-        return self.session.run(None, {k: inputs[k] for k in self.names})[0]
-
-
 class TorchScriptRunner:
     """A ``torch.jit`` model saved by the export."""
 
@@ -194,23 +182,6 @@ class TorchScriptRunner:
     def __call__(self, inputs: Inputs) -> np.ndarray:
         with torch.no_grad():
             return self.module(*(torch.as_tensor(inputs[k]) for k in self.names)).numpy()
-
-
-class OpenVINORunner:
-    """OpenVINO IR compiled for the CPU in f32 (the default on bf16-capable CPUs is bf16)."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        ov = _import_openvino()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.names = [p.get_any_name() for p in self.compiled.inputs]
-
-    def __call__(self, inputs: Inputs) -> np.ndarray:
-        result = self.request.infer({k: inputs[k] for k in self.names})
-        return np.asarray(result[self.compiled.outputs[0]])
 
 
 def load_runner(format_dir: str | Path, threads: int = 1) -> Callable[[Inputs], np.ndarray]:
@@ -228,16 +199,6 @@ def load_runner(format_dir: str | Path, threads: int = 1) -> Callable[[Inputs], 
     raise ExportError(f"{format_dir}: format {fmt!r} has no runner; runnable: {EXPORT_FORMATS}")
 
 
-def read_spec(format_dir: str | Path) -> dict[str, Any]:
-    """The ``spec.json`` of an exported format folder (or of the ``pytorch`` folder)."""
-    path = Path(format_dir) / SPEC_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{format_dir}: no {SPEC_NAME}; expected a folder written by export"
-        )
-    return json.loads(path.read_text())
-
-
 def parse_formats(formats: str | Iterable[str]) -> list[str]:
     """``"onnx,triton"`` or a list -> validated, de-duplicated format names in the given order."""
     items = formats.split(",") if isinstance(formats, str) else list(formats)
@@ -248,17 +209,6 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
             f"format: unknown {unknown or 'empty list'}; valid formats are {', '.join(EXPORT_FORMATS)}"
         )
     return list(dict.fromkeys(names))
-
-
-def _import_openvino():
-    try:
-        import openvino as ov
-    except ImportError as err:
-        raise ExportError(
-            "format 'openvino' needs the openvino package, which is not installed: "
-            "pip install 'vla-ray[openvino]' (or pick other formats)"
-        ) from err
-    return ov
 
 
 # ---- spec ---------------------------------------------------------------------------------------
@@ -459,7 +409,7 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 def convert_openvino(src: Path, dst: Path) -> Path:
     """OpenVINO IR from the ONNX graph, weights kept in fp32."""
-    ov = _import_openvino()
+    ov = import_openvino()
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _quiet():
         model = ov.convert_model(str(src))
@@ -544,7 +494,7 @@ def export(
 
     fmts = parse_formats(formats)
     if "openvino" in fmts:
-        _import_openvino()
+        import_openvino()
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not (out / SUMMARY_NAME).is_file():
         raise ExportError(

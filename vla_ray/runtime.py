@@ -1,0 +1,108 @@
+"""Running an exported policy without torch or transformers: the export layout's names, its
+``spec.json``, the onnxruntime / OpenVINO runners and the instruction tokenizer.
+
+The Serve replicas of the ONNX and OpenVINO backends import only this module (numpy,
+onnxruntime or openvino, and the ``tokenizers`` library); ``vla_ray.export`` writes what it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
+PYTORCH_DIR = "pytorch"
+SPEC_NAME = "spec.json"
+SUMMARY_NAME = "export.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+
+Inputs = dict[str, np.ndarray]
+
+
+class ExportError(ValueError):
+    """An export request or an exported model is invalid (the message names what and why)."""
+
+
+def read_spec(format_dir: str | Path) -> dict[str, Any]:
+    """The ``spec.json`` of an exported format folder (or of the ``pytorch`` folder)."""
+    path = Path(format_dir) / SPEC_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{format_dir}: no {SPEC_NAME}; expected a folder written by export"
+        )
+    return json.loads(path.read_text())
+
+
+def import_openvino():
+    """The ``openvino`` module, or an ExportError that says how to install it."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ExportError(
+            "format 'openvino' needs the openvino package, which is not installed: "
+            "pip install 'vla-ray[openvino]' (or pick other formats)"
+        ) from err
+    return ov
+
+
+class OnnxRunner:
+    """onnxruntime session over an exported ``model.onnx`` (fp32, INT8 or FP16)."""
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        return self.session.run(None, {k: inputs[k] for k in self.names})[0]
+
+
+class OpenVINORunner:
+    """OpenVINO IR compiled for the CPU in f32 (the default on bf16-capable CPUs is bf16)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        ov = import_openvino()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.names = [p.get_any_name() for p in self.compiled.inputs]
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        result = self.request.infer({k: inputs[k] for k in self.names})
+        return np.asarray(result[self.compiled.outputs[0]])
+
+
+class FastTokenizer:
+    """An export's ``tokenizer.json`` through the ``tokenizers`` library, called as a
+    transformers tokenizer is for one text: ``tok(text, add_special_tokens=False)["input_ids"]``."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": list(enc.ids), "attention_mask": list(enc.attention_mask)}
+
+
+def load_export_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved with an export: ``tokenizer.json`` without transformers; a folder
+    without one (a slow-only tokenizer) falls back to transformers' AutoTokenizer."""
+    folder = Path(folder)
+    if (folder / TOKENIZER_FILE).is_file():
+        return FastTokenizer(folder / TOKENIZER_FILE)
+    from vla_ray.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(folder))
