@@ -19,8 +19,9 @@ observation is standardised with the dataset's mean/std, computed by one ``ray.d
 the algorithm is built and kept in the VLA's config (every trunk applies it; evaluation and
 checkpoints use it too).
 
-Because the tanh squashing lives in the module, the RLlib checkpoint is the policy
-(no separate ``vla/`` export). Data and training loop: RLlib's offline pipeline (BC's
+The actor's tanh squashing is the MLP head's ``squash`` option, so the VLA alone is the policy:
+checkpoints carry the ``vla/`` export like the other algorithms' (eval, export, serve). Data
+and training loop: RLlib's offline pipeline (BC's
 ``training_step``); the learner connector adds next observations.
 """
 
@@ -48,8 +49,6 @@ from vla_ray.rl_module import VLAModule
 NAME = "td3bc"
 HEADS = ("mlp",)
 OFFLINE = True
-# tanh squashing is part of the module (not the VLA): its RLlib checkpoint is the policy
-EXPORTS_VLA = False
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=3e-4,
     critic_lr=3e-4,
@@ -107,6 +106,10 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
                 f"head: TD3+BC needs the deterministic 'mlp' head, got {self.vla.config.head!r}"
             )
         self._low, self._high = head.low, head.high
+        # the actor squashes into the action bounds: part of the VLA (and so of its `vla/`
+        # export), whichever way it was built (fresh, or a pretrained_path's mlp head)
+        head.squash = True
+        self.vla.config.head_config = {**self.vla.config.head_config, "squash": True}
         if not self.inference_only:
             cfg = self.vla.config
             hidden = int(extra.get("q_hidden", 256))
@@ -120,8 +123,7 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
         """Actions (B, chunk * action_dim) in the action bounds (tanh-squashed MLP head)."""
         trunk = self.vla.trunk if trunk is None else trunk
         head = self.vla.head if head is None else head
-        raw = head.net(trunk(obs))
-        return self._low + (torch.tanh(raw) + 1.0) * 0.5 * (self._high - self._low)
+        return head.predict(trunk(obs)).flatten(1)
 
     def q_values(self, obs, actions, trunk=None, nets=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Twin Q values (B,), (B,) of (obs, actions)."""

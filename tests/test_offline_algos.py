@@ -203,6 +203,28 @@ def test_td3bc_actor_loss_normalises_q_by_its_mean_magnitude():
     np.testing.assert_allclose(pi.grad, [[0.5], [-1.0]], rtol=1e-6)  # 2 (pi - a) / B
 
 
+def test_squashed_mlp_head_is_in_bounds_saved_and_exported(tmp_path):
+    """TD3+BC's actor as a plain VLA: the mlp head's ``squash`` survives save_pretrained and the
+    ONNX export (whose parity check compares it with the module)."""
+    from vla_ray.config import VLAConfig
+    from vla_ray.export import export, load_runner, random_inputs, reference_actions
+    from vla_ray.models.vla import VLA
+
+    torch.manual_seed(0)
+    vla = VLA(VLAConfig(head="mlp", head_config={"squash": True})).eval()
+    last = vla.head.net[-1]
+    with torch.no_grad():
+        last.weight.mul_(100.0)  # far past the bounds before the tanh
+    inputs = random_inputs(vla.config, len(vla.tokenizer), batch=4)
+    loaded = VLA.from_pretrained(vla.save_pretrained(tmp_path / "vla")).eval()
+    want = reference_actions(vla, inputs)
+    assert np.abs(want).max() <= 1.0 and np.abs(want).max() > 0.99  # squashed, saturated
+    np.testing.assert_allclose(reference_actions(loaded, inputs), want, atol=1e-6)
+    export(tmp_path / "vla", "onnx", tmp_path / "export", progress=None)
+    export_actions = load_runner(tmp_path / "export" / "onnx")(inputs)
+    np.testing.assert_allclose(export_actions, want, atol=1e-4)
+
+
 # -- filtered and weighted BC ---------------------------------------------------------------------
 def test_filtered_and_weighted_bc_select_by_return(ray_session, hopper_data):
     from vla_ray.algorithms.bc import admit, selection_probabilities
@@ -282,7 +304,7 @@ def test_td3bc_two_iterations(ray_session, hopper_data, tmp_path):
     assert "actor_loss" in rows[0]["learner"] and "critic_loss" in rows[1]["learner"]
     assert "actor_loss" not in rows[1]["learner"]
     ckpt = tmp_path / "run" / "checkpoints" / "last"
-    assert not (ckpt / "vla").exists()  # the module (with its squashing) is the policy
+    assert (ckpt / "vla" / "vla_ray_meta.json").is_file()  # the policy folder, as for others
     module = RLModule.from_checkpoint(ckpt / MODULE_SUBDIR)
     stats = json.loads((ckpt / "vla_ray_meta.json").read_text())
     assert stats["iteration"] == 2
@@ -293,10 +315,17 @@ def test_td3bc_two_iterations(ray_session, hopper_data, tmp_path):
     batch = {"obs": {k: torch.as_tensor(v)[None] for k, v in obs.items()}}
     action = module.forward_inference(batch)["actions"]
     assert action.shape == (1, 3) and float(action.abs().max()) <= 1.0
-    # `vla-ray eval --checkpoint` runs it (the module's forward, normalisation included)
+    # `vla-ray eval --checkpoint` runs it (the module's forward, normalisation included); the
+    # `vla/` folder alone is the same policy: squashed into the bounds, states normalised
     from vla_ray.evaluate import evaluate, load_policy
 
-    assert evaluate(load_policy(ckpt), episodes=1, progress=False)["episodes"] == 1
+    vla_policy = load_policy(ckpt / "vla")
+    assert vla_policy.model.config.head_config["squash"] is True
+    np.testing.assert_allclose(
+        vla_policy({k: np.asarray(v)[None] for k, v in obs.items()}), action.numpy(), atol=1e-6
+    )
+    results = [evaluate(load_policy(p), episodes=1, progress=False) for p in (ckpt, ckpt / "vla")]
+    assert results[0]["episodes"] == 1 and results[0] == results[1]
 
 
 @pytest.mark.slow

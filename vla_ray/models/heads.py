@@ -64,16 +64,27 @@ class ActionHead(nn.Module):
 
 
 class MLPHead(ActionHead):
-    """Deterministic regression head (MSE)."""
+    """Deterministic regression head (MSE). With ``squash`` (``head_config``), the output is
+    tanh-squashed into the action bounds (TD3+BC's actor)."""
 
     def __init__(
-        self, in_dim, action_dim, chunk_size, low, high, hidden: int = 256, layers: int = 2
+        self,
+        in_dim,
+        action_dim,
+        chunk_size,
+        low,
+        high,
+        hidden: int = 256,
+        layers: int = 2,
+        squash: bool = False,
     ):
         super().__init__(in_dim, action_dim, chunk_size, low, high)
         self.net = mlp(in_dim, hidden, self.out_dim, layers)
+        self.squash = bool(squash)
 
     def predict(self, features, deterministic=True):
-        return self._chunk(self.net(features))
+        out = self.net(features)
+        return self._chunk(self._from_unit(torch.tanh(out)) if self.squash else out)
 
     def loss(self, features, actions):
         return F.mse_loss(self.predict(features), actions)
