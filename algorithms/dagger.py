@@ -13,8 +13,11 @@ DEMOS``, any format ``--data`` reads): the first iteration then trains on them b
 out, so the first rollouts are the BC policy's (``pi_1`` of Ross et al.), and ``training.beta=0``
 makes every later visited state the learner's own.
 
-The expert is the env's privileged scripted expert (``vla_ray.envs.experts``); the env is
-wrapped in ``ExpertMixing`` through ``env_config["expert_beta"]``, set by the algorithm.
+The expert (``training.expert``, ``vla-ray train --expert``) is the env's privileged scripted
+expert (``"env"``, the default; ``vla_ray.envs.experts``), a checkpoint directory (a saved VLA or
+an RLlib checkpoint, acting deterministically) or a Python callable ``"module:function"`` taking
+one observation and returning an action. The env is wrapped in ``ExpertMixing`` through
+``env_config["expert_beta"]`` and ``env_config["expert"]``, set by the algorithm.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
     rollout_steps=1000,
     updates_per_iteration=50,
     max_dataset_steps=200_000,
+    expert="env",
 )
 MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 EXPERT_LABEL = "expert_action"
@@ -59,8 +63,8 @@ ACCEPTS_DATA = True
 
 
 def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation episodes are the policy's alone (no expert actions)."""
-    return {**env_config, "expert_beta": 0.0}
+    """Evaluation episodes are the policy's alone (no expert actions, no expert to load)."""
+    return {**env_config, "expert_beta": 0.0, "expert": "env"}
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -78,6 +82,8 @@ class DAggerConfig(AlgorithmConfig):
         self.max_dataset_steps = 200_000
         # RLlib episode parquet files that seed the aggregate (``--data``; see ``use_data``)
         self.demos: list[str] | None = None
+        # who labels (and, with probability beta, acts): see the module docstring
+        self.expert = "env"
 
     def training(
         self,
@@ -88,9 +94,13 @@ class DAggerConfig(AlgorithmConfig):
         updates_per_iteration: int = NotProvided,
         max_dataset_steps: int = NotProvided,
         demos: list[str] | None = NotProvided,
+        expert: str = NotProvided,
         **kwargs,
     ) -> DAggerConfig:
         super().training(**kwargs)
+        if expert is not NotProvided:
+            # the EnvRunners' ExpertMixing wrapper builds the expert from the env config
+            self.env_config = {**self.env_config, "expert": expert}
         for name, value in dict(
             beta=beta,
             beta_decay=beta_decay,
@@ -98,6 +108,7 @@ class DAggerConfig(AlgorithmConfig):
             updates_per_iteration=updates_per_iteration,
             max_dataset_steps=max_dataset_steps,
             demos=demos,
+            expert=expert,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -112,6 +123,10 @@ class DAggerConfig(AlgorithmConfig):
         for name in ("rollout_steps", "updates_per_iteration", "max_dataset_steps"):
             if int(getattr(self, name)) < 1:
                 self._value_error(f"{name}: must be >= 1, got {getattr(self, name)}")
+        from vla_ray.envs.experts import check_expert_spec
+
+        env_id = self.env if isinstance(self.env, str) else None
+        check_expert_spec(self.expert, env_id)  # ExpertError naming the setting
 
     def get_default_learner_class(self):
         return VLABCLearner

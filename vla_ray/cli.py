@@ -36,11 +36,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vla_ray.train import parse_overrides, prepare_run_dir, resolve, train
+    from vla_ray.train import parse_overrides, prepare_run_dir, resolve, set_override, train
 
+    overrides = parse_overrides(args.set)
+    if args.expert is not None:
+        set_override(overrides, "training.expert", args.expert)
     spec = resolve(
         args.preset,
-        parse_overrides(args.set),
+        overrides,
         num_env_runners=args.num_env_runners,
         num_envs_per_env_runner=args.num_envs_per_env_runner,
         local=args.local,
@@ -49,6 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_gpus_per_learner=args.num_gpus_per_learner,
         num_gpus_per_env_runner=args.num_gpus_per_env_runner,
     )
+    from vla_ray.algorithms import get_algorithm
+
+    if args.expert is not None and "expert" not in get_algorithm(spec.algorithm).TRAINING_DEFAULTS:
+        raise ValueError(
+            f"--expert: {spec.algorithm} (preset {spec.preset}) takes no expert; DAgger does, "
+            "e.g. --preset langreach-dagger"
+        )
     output = args.output or _default_output(args.preset)
     # before the trackers write into it: a reused run directory is an error unless resumed
     resume = prepare_run_dir(output, args.resume, args.resume_if_exists)
@@ -514,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline dataset for offline algorithms (and GAIL's / DAgger's expert demos): RLlib "
         "episodes, a Minari dataset or id, a D4RL .hdf5 file or a LeRobotDataset folder (format "
         "detected from the path)",
+    )
+    t.add_argument(
+        "--expert",
+        metavar="env|CKPT|MODULE:FUNCTION",
+        help="DAgger's expert (training.expert): the env's built-in one (env, the default), a "
+        "checkpoint directory, or a Python function taking an observation, returning an action",
     )
     resume = t.add_mutually_exclusive_group()
     resume.add_argument(

@@ -211,13 +211,14 @@ class _EnvCreator:
         kwargs = dict(env_config or {})
         # ``expert_beta`` (DAgger) is not an env argument: it wraps the env in ExpertMixing
         beta = kwargs.pop("expert_beta", None)
+        expert = kwargs.pop("expert", None)  # and names its expert (the env's by default)
         # ``group_seeding`` (GRPO) wraps the env in GroupSeeding (resets from a seed schedule)
         group_seeding = kwargs.pop("group_seeding", False)
         env = gym.make(self.env_id, **kwargs)
         if beta is not None:
             from vla_ray.envs.experts import ExpertMixing
 
-            env = ExpertMixing(env, expert_beta=beta)
+            env = ExpertMixing(env, expert_beta=beta, **({"expert": expert} if expert else {}))
         if group_seeding:
             from vla_ray.algorithms.grpo import GroupSeeding
 
