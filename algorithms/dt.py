@@ -20,7 +20,9 @@ window of ``K = context_length`` steps predicts each step's action from its obse
   (the undiscounted return-to-go the evaluation conditions on).
 
 Return-to-go values are divided by ``return_scale`` in the data and the connector alike. The
-RLlib checkpoint is the policy (the transformer is part of it; no ``vla/`` export).
+RLlib checkpoint is the policy (the transformer is part of it; no ``vla/`` export);
+``vla-ray eval`` runs it with ``ContextRunner``, which builds the same window from the episode it
+plays (the settings come from the checkpoint's ``vla_ray_meta.json``).
 """
 
 from __future__ import annotations
@@ -202,6 +204,84 @@ class DTPreLearner(VLAPreLearner):
 
 
 # -- evaluation: the running episode -> the context window ----------------------------------------
+def context_window(
+    recent_obs: list[Any],
+    past_actions: np.ndarray,
+    rewards: np.ndarray,
+    K: int,
+    target_return: float,
+    return_scale: float,
+) -> dict[str, Any]:
+    """The window (see :func:`window`) ending at the current step ``t = len(past_actions)`` of a
+    running episode: ``recent_obs`` are its last ``min(K, t + 1)`` observations (the current
+    one last), ``past_actions`` (t, A) and ``rewards`` (t,) everything before it. Returns-to-go
+    are ``target_return`` minus the rewards collected so far, divided by ``return_scale``; the
+    current step's action slot is zero (the causal mask hides it)."""
+    t = len(past_actions)
+    start = max(0, t - K + 1)
+    obs = _stack(list(recent_obs)[-(t + 1 - start) :])
+    collected = np.concatenate([[0.0], np.cumsum(np.asarray(rewards, np.float64))])  # before i
+    actions = np.zeros((t + 1, past_actions.shape[-1]), np.float32)
+    actions[:t] = past_actions
+    rtg = ((target_return - collected) / return_scale).astype(np.float32)
+    full_obs = {
+        k: np.concatenate([np.zeros((start, *v.shape[1:]), v.dtype), v])
+        for k, v in (obs if isinstance(obs, dict) else {"obs": obs}).items()
+    }
+    w = window(full_obs, actions, rtg, t, K)
+    if not isinstance(obs, dict):
+        w["obs"] = w["obs"]["obs"]
+    return w
+
+
+class ContextRunner:
+    """The DT as a step-by-step policy outside RLlib (``vla-ray eval``): keeps the running
+    episode's observations, actions and rewards and feeds the module the window ``DTContext``
+    builds on the EnvRunners. ``reset()`` at every episode start, ``observe(reward)`` after
+    every step; one episode at a time (batch 1)."""
+
+    def __init__(
+        self, module: DTModule, context_length: int, target_return: float, return_scale: float
+    ):
+        self.module = module
+        self.K, self.target, self.scale = int(context_length), target_return, return_scale
+        self.reset()
+
+    def reset(self) -> None:
+        self._obs: list[Any] = []
+        self._actions: list[np.ndarray] = []
+        self._rewards: list[float] = []
+
+    def observe(self, reward: float) -> None:
+        self._rewards.append(float(reward))
+
+    @torch.no_grad()
+    def __call__(self, obs: Any) -> np.ndarray:
+        """Batched (1, ...) observation -> actions (1, A)."""
+        one = tree.map_structure(lambda x: np.asarray(x)[0], obs)
+        if len(tree.flatten(obs)[0]) != 1:
+            raise ValueError("ContextRunner: one episode at a time (a batch of 1 observation)")
+        self._obs = [*self._obs[-(self.K - 1) :], one] if self.K > 1 else [one]
+        past = (
+            np.stack(self._actions).astype(np.float32)
+            if self._actions
+            else np.zeros((0, self.module.act_dim), np.float32)
+        )
+        w = context_window(
+            self._obs, past, np.asarray(self._rewards), self.K, self.target, self.scale
+        )
+        batch = {
+            Columns.OBS: tree.map_structure(lambda x: torch.as_tensor(x)[None], w["obs"]),
+            PREV_ACTIONS: torch.as_tensor(w["actions"])[None],
+            RTG: torch.as_tensor(w["rtg"])[None],
+            TIMESTEPS: torch.as_tensor(w["timesteps"])[None],
+            MASK: torch.as_tensor(w["mask"])[None],
+        }
+        action = self.module.forward_inference(batch)[Columns.ACTIONS].cpu().numpy()
+        self._actions.append(action[0].reshape(-1))
+        return action
+
+
 class DTContext(ConnectorV2):
     """Env-to-module piece: the last K steps of each running episode, conditioned on
     ``target_return`` minus the rewards collected so far (scaled by ``return_scale``)."""
@@ -216,21 +296,17 @@ class DTContext(ConnectorV2):
         for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True):
             t = len(ep)  # actions taken so far; the current observation is step t
             start = max(0, t - self.K + 1)
-            obs = _stack([ep.get_observations(i) for i in range(start, t + 1)])
-            rewards = np.asarray(ep.get_rewards(), np.float64) if t else np.zeros(0)
-            collected = np.concatenate([[0.0], np.cumsum(rewards)])  # before step i
             act_dim = int(np.prod(ep.action_space.shape))
-            actions = np.zeros((t + 1, act_dim), np.float32)
-            if t:
-                actions[:t] = np.asarray(ep.get_actions(slice(0, t)), np.float32).reshape(t, -1)
-            rtg = ((self.target - collected) / self.scale).astype(np.float32)
-            full_obs = {
-                k: np.concatenate([np.zeros((start, *v.shape[1:]), v.dtype), v])
-                for k, v in (obs if isinstance(obs, dict) else {"obs": obs}).items()
-            }
-            w = window(full_obs, actions, rtg, t, self.K)
-            if not isinstance(obs, dict):
-                w["obs"] = w["obs"]["obs"]
+            w = context_window(
+                [ep.get_observations(i) for i in range(start, t + 1)],
+                np.asarray(ep.get_actions(slice(0, t)), np.float32).reshape(t, act_dim)
+                if t
+                else np.zeros((0, act_dim), np.float32),
+                np.asarray(ep.get_rewards(), np.float64) if t else np.zeros(0),
+                self.K,
+                self.target,
+                self.scale,
+            )
             self.add_batch_item(batch, Columns.OBS, w["obs"], ep)
             self.add_batch_item(batch, PREV_ACTIONS, w["actions"], ep)
             self.add_batch_item(batch, RTG, w["rtg"], ep)

@@ -164,6 +164,63 @@ def test_windows_are_left_padded_and_never_cross_episodes():
         episode_windows([], 8, 4, np.random.default_rng(0))
 
 
+def test_dt_eval_runner_builds_the_envrunner_context_window():
+    """`vla-ray eval`'s ContextRunner feeds the module the window DTContext builds on the
+    EnvRunners for the same episode so far, and forgets it at reset."""
+    import gymnasium as gym
+    from ray.rllib.core.columns import Columns
+
+    from vla_ray.algorithms.dt import MASK, PREV_ACTIONS, RTG, TIMESTEPS, ContextRunner, DTContext
+
+    K, target, scale = 3, 10.0, 2.0
+    space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    class Recorder:  # stands in for the DTModule: records each batch, answers a fixed action
+        act_dim = 2
+
+        def __init__(self):
+            self.batches = []
+
+        def forward_inference(self, batch):
+            self.batches.append(batch)
+            n = len(self.batches)
+            return {Columns.ACTIONS: torch.tensor([[0.1 * n, -0.1 * n]])}
+
+    module = Recorder()
+    runner = ContextRunner(module, K, target, scale)
+    states = [np.full(4, i, np.float32) for i in range(5)]
+    rewards = [1.0, 2.0, 0.5, 3.0]
+    for i, state in enumerate(states):
+        runner({"state": state[None]})
+        if i < len(rewards):
+            runner.observe(rewards[i])
+    # the same episode as the EnvRunners hold it when the 5th action is due
+    ep = SingleAgentEpisode(
+        observations=[{"state": s} for s in states],
+        actions=[np.array([0.1 * n, -0.1 * n], np.float32) for n in range(1, 5)],
+        rewards=rewards,
+        observation_space=gym.spaces.Dict({"state": gym.spaces.Box(-9, 9, (4,), np.float32)}),
+        action_space=space,
+        len_lookback_buffer=0,
+    )
+    batch = DTContext(context_length=K, target_return=target, return_scale=scale)(
+        rl_module=None, batch={}, episodes=[ep]
+    )
+    fed = module.batches[-1]
+    for col in (PREV_ACTIONS, RTG, TIMESTEPS, MASK):
+        want = next(iter(batch[col].values()))[0]
+        np.testing.assert_allclose(fed[col][0].numpy(), want, rtol=1e-6)
+    want_obs = next(iter(batch[Columns.OBS].values()))[0]["state"]
+    np.testing.assert_allclose(fed[Columns.OBS]["state"][0].numpy(), want_obs)
+    np.testing.assert_array_equal(fed[TIMESTEPS][0].numpy(), [2, 3, 4])
+    assert fed[RTG][0, -1].item() == pytest.approx((target - sum(rewards)) / scale)
+    # a new episode: the context starts again (one real step, full return to go)
+    runner.reset()
+    runner({"state": states[0][None]})
+    np.testing.assert_array_equal(module.batches[-1][MASK][0].numpy(), [0, 0, 1])
+    assert module.batches[-1][RTG][0, -1].item() == pytest.approx(target / scale)
+
+
 def test_dt_loss_is_masked_mse():
     from vla_ray.algorithms.dt import dt_loss
 
@@ -339,10 +396,20 @@ def test_decision_transformer_two_iterations(ray_session, hopper_data, tmp_path)
     )
     assert np.isfinite(rows[1]["learner"]["action_mse"])
     assert rows[1]["episode_len_mean"] >= 1  # evaluated on the env with the context connector
-    from vla_ray.evaluate import load_policy
+    # `vla-ray eval` runs it too: the window settings come from the checkpoint
+    from vla_ray.evaluate import evaluate, load_policy
 
-    with pytest.raises(ValueError, match="evaluated during training"):
-        load_policy(tmp_path / "run" / "checkpoints" / "last")
+    ckpt = tmp_path / "run" / "checkpoints" / "last"
+    meta = json.loads((ckpt / "vla_ray_meta.json").read_text())
+    assert meta["training"]["context_length"] == 4
+    policy = load_policy(ckpt)
+    assert policy.context.K == 4 and policy.context.target == meta["training"]["target_return"]
+    both = evaluate(policy, episodes=2, seed=7, progress=False)
+    assert both["episodes"] == 2 and both["mean_length"] >= 1
+    # the context is the episode's own: two episodes in a row score as each one alone
+    alone = [evaluate(policy, episodes=1, seed=s, progress=False) for s in (7, 8)]
+    assert both["mean_return"] == pytest.approx(np.mean([r["mean_return"] for r in alone]))
+    assert both["mean_length"] == pytest.approx(np.mean([r["mean_length"] for r in alone]))
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,10 +18,20 @@ from vla_ray.train import META_NAME, MODULE_SUBDIR
 ObsDict = dict[str, np.ndarray]
 
 
+class EpisodeContext(Protocol):
+    """What a policy that conditions on its episode so far (the Decision Transformer) is told."""
+
+    def reset(self) -> None: ...
+
+    def observe(self, reward: float) -> None: ...
+
+
 class Policy:
     """Deterministic action computation for batched observation dicts, from either source.
 
-    ``model`` is the underlying ``VLA`` (for export and serving).
+    ``model`` is the underlying ``VLA`` (for export and serving; None for a sequence policy).
+    ``context`` (a sequence policy's): told of every episode start (``reset``) and step's reward
+    (``observe``); such a policy plays one episode at a time.
     """
 
     def __init__(
@@ -29,15 +40,27 @@ class Policy:
         meta: dict[str, Any],
         source: str,
         model: torch.nn.Module | None = None,
+        context: EpisodeContext | None = None,
     ):
         self._act = act_fn
         self.meta = meta
         self.source = source
         self.model = model
+        self.context = context
 
     def __call__(self, obs: ObsDict) -> np.ndarray:
         """Batched observations -> actions (B, action space dims)."""
         return self._act(obs)
+
+    def reset(self) -> None:
+        """A new episode starts (forgets a sequence policy's context)."""
+        if self.context is not None:
+            self.context.reset()
+
+    def observe(self, reward: float) -> None:
+        """The reward of the step just taken (a sequence policy conditions on it)."""
+        if self.context is not None:
+            self.context.observe(reward)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -77,11 +100,14 @@ def load_policy(path: str | Path) -> Policy:
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     module = RLModule.from_checkpoint(str(module_dir.resolve()))
+    from vla_ray.algorithms.dt import DTModule
+
+    if isinstance(module, DTModule):
+        return _context_policy(module, meta, path)
     if not hasattr(module, "vla"):
         raise ValueError(
-            f"checkpoint: {path} holds a {type(module).__name__}, a sequence policy that needs "
-            "its episode context (e.g. the Decision Transformer); it is evaluated during "
-            "training on the EnvRunners, not by vla-ray eval"
+            f"checkpoint: {path} holds a {type(module).__name__}, which vla-ray eval cannot run "
+            "(neither a VLA policy nor a Decision Transformer)"
         )
     module.eval()
     # deterministic heads define no distribution: the module returns actions directly
@@ -99,6 +125,30 @@ def load_policy(path: str | Path) -> Policy:
         return dist.sample().cpu().numpy()
 
     return Policy(act_module, meta, "rllib", model=module.vla)
+
+
+def _context_policy(module: Any, meta: dict[str, Any], path: Path) -> Policy:
+    """The Decision Transformer as a Policy: its window settings from the checkpoint's meta
+    (the training settings it recorded; the algorithm's defaults for what it lacks)."""
+    from vla_ray.algorithms import dt
+
+    training = {**dt.TRAINING_DEFAULTS, **(meta.get("training") or {})}
+    if "training" not in meta:
+        print(
+            f"checkpoint: {path} records no training settings; the Decision Transformer "
+            f"conditions on the defaults (context_length {training['context_length']}, "
+            f"target_return {training['target_return']}, return_scale "
+            f"{training['return_scale']})",
+            file=sys.stderr,
+        )
+    module.eval()
+    runner = dt.ContextRunner(
+        module,
+        context_length=int(training["context_length"]),
+        target_return=float(training["target_return"]),
+        return_scale=float(training["return_scale"]),
+    )
+    return Policy(runner, meta, "rllib", model=None, context=runner)
 
 
 def evaluate(
@@ -136,12 +186,14 @@ def evaluate(
     try:
         for ep in tqdm(range(episodes), disable=not progress, desc="eval", unit="ep"):
             obs, info = env.reset(seed=seed + ep)
+            policy.reset()
             done, ret, length = False, 0.0, 0
             while not done:
                 if video:
                     frames.append(env.render())
                 action = policy({k: np.asarray(v)[None] for k, v in obs.items()})[0]
                 obs, reward, terminated, truncated, info = env.step(action)
+                policy.observe(float(reward))
                 ret += float(reward)
                 length += 1
                 done = terminated or truncated

@@ -397,15 +397,22 @@ def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any])
     """Write an RLlib checkpoint + ``vla_ray_meta.json`` + ``vla/`` export into ``directory``."""
     directory = Path(directory)
     algo.save_to_path(str(directory.resolve()))
-    meta = dict(env=spec.env, env_config=spec.settings["env_config"], preset=spec.preset, **info)
-    (directory / META_NAME).write_text(json.dumps(meta, indent=2))
+    meta = dict(
+        env=spec.env,
+        env_config=spec.settings["env_config"],
+        preset=spec.preset,
+        # what a sequence policy needs to be run again (the Decision Transformer's window)
+        training=spec.settings["training"],
+        **info,
+    )
+    (directory / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
     from vla_ray.algorithms import get_algorithm
 
     # algorithms whose policy is more than a VLA (e.g. the Decision Transformer) set
     # EXPORTS_VLA = False: their RLlib checkpoint is the policy
     if getattr(get_algorithm(spec.algorithm), "EXPORTS_VLA", True):
         _export_vla(algo, directory / "vla")
-        (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2))
+        (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
     return directory
 
 
