@@ -180,6 +180,10 @@ def test_two_trial_search_reports_best_trial_with_wandb_offline(
     # the table and the overall best are printed
     assert "training.lr" in printed and f"*{summary['best_trial']}" in printed
     assert f"best trial: {summary['best_trial']}" in printed
+    # the comparison of the trials: the table and one plot in the experiment directory
+    comparison = (out / "comparison.md").read_text()
+    assert f"*{summary['best_trial']}" in comparison and "training.lr" in comparison
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
     for trial in summary["trials"]:
         d = Path(trial["path"])
