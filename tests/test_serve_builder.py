@@ -80,10 +80,10 @@ def test_builder_bad_model_is_a_named_error(tmp_path):
 
 
 def test_the_shipped_serve_config_is_valid_and_builds(tiny_export):
-    """serve_configs/policy.yaml: a valid `serve deploy` schema whose app builds (model set)."""
+    """serve/configs/policy.yaml: a valid `serve deploy` schema whose app builds (model set)."""
     from ray.serve.schema import ServeDeploySchema
 
-    config = yaml.safe_load((ROOT / "serve_configs" / "policy.yaml").read_text())
+    config = yaml.safe_load((ROOT / "serve" / "configs" / "policy.yaml").read_text())
     ServeDeploySchema.model_validate(config)
     (app_cfg,) = config["applications"]
     assert app_cfg["import_path"] == "vla_ray.serve.app:build"
