@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
 import json
 import math
@@ -246,20 +245,9 @@ def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[
 
 
 def _env_kwargs(env: str | None) -> set[str] | None:
-    import gymnasium as gym
+    from vla_ray.envs import env_kwargs
 
-    import vla_ray.envs  # noqa: F401  (registers the vla-ray ids)
-
-    if not env or env not in gym.registry:
-        return None
-    entry = gym.spec(env).entry_point
-    if not isinstance(entry, str):
-        return None
-    module, _, name = entry.partition(":")
-    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return {p for p in params if p != "self"}
+    return env_kwargs(env)
 
 
 def _check_setting(where: str, key: str, known: dict[str, set[str] | None]) -> list[str]:
