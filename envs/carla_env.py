@@ -143,13 +143,17 @@ def server_list(
     if base_port is None and num_servers is None:
         return None
     if base_port is None or num_servers is None:
-        raise ValueError("base_port/num_servers: give both (servers at base_port + i * port_stride)")
+        raise ValueError(
+            "base_port/num_servers: give both (servers at base_port + i * port_stride)"
+        )
     if not isinstance(num_servers, int) or num_servers < 1:
         raise ValueError(f"num_servers: expected a positive integer, got {num_servers!r}")
     if not isinstance(port_stride, int) or port_stride < 1:
         raise ValueError(f"port_stride: expected a positive integer, got {port_stride!r}")
     base = _check_port("base_port", base_port)
-    _check_port("base_port + (num_servers - 1) * port_stride", base + (num_servers - 1) * port_stride)
+    _check_port(
+        "base_port + (num_servers - 1) * port_stride", base + (num_servers - 1) * port_stride
+    )
     host = host or os.environ.get("CARLA_HOST") or DEFAULT_HOST
     return [CarlaServer(host, base + i * port_stride, tm + i) for i in range(num_servers)]
 
@@ -333,7 +337,9 @@ class CarlaDrivingEnv(gym.Env):
             )
             self.host, self.port, self.tm_port = server.host, server.port, server.tm_port
         if not isinstance(num_npc_vehicles, int) or num_npc_vehicles < 0:
-            raise ValueError(f"num_npc_vehicles: expected an integer >= 0, got {num_npc_vehicles!r}")
+            raise ValueError(
+                f"num_npc_vehicles: expected an integer >= 0, got {num_npc_vehicles!r}"
+            )
         self.num_npc_vehicles = num_npc_vehicles
         self._traffic_manager = None
         self.render_mode = render_mode

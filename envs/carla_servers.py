@@ -101,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus", default="all", help="comma-separated GPU ids, used round-robin; 'all': every GPU"
     )
     parser.add_argument("--image", default=IMAGE, help="CARLA server image (match the client)")
-    parser.add_argument(
-        "--quality", choices=("Low", "Epic"), default="Low", help="render quality"
-    )
+    parser.add_argument("--quality", choices=("Low", "Epic"), default="Low", help="render quality")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--stop", action="store_true", help="stop this node's vla-ray servers")
     return parser

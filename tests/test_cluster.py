@@ -217,7 +217,9 @@ def test_cluster_yaml_carla_node_runs_one_server_per_carla_server_resource():
     from vla_ray.envs.carla_servers import build_parser, servers_setting
 
     raw = _cluster_config()
-    (name,) = [n for n, t in raw["available_node_types"].items() if "carla_server" in t["resources"]]
+    (name,) = [
+        n for n, t in raw["available_node_types"].items() if "carla_server" in t["resources"]
+    ]
     node = raw["available_node_types"][name]
     assert node["min_workers"] == 0 < node["max_workers"]
     commands = node["worker_setup_commands"]  # replaces setup_commands on this node type

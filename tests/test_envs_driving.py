@@ -280,7 +280,10 @@ def test_env_creator_passes_the_env_runner_index_to_carla(monkeypatch):
     ctx = EnvContext({"servers": "a:1,b:1"}, worker_index=3, num_workers=4)
     train._EnvCreator("vla_ray/Carla-v0")(ctx)
     train._EnvCreator("vla_ray/LangReach-v0")(EnvContext({}, worker_index=3, num_workers=4))
-    assert made[0] == ("vla_ray/Carla-v0", {"servers": "a:1,b:1", "worker_index": 3, "num_workers": 4})
+    assert made[0] == (
+        "vla_ray/Carla-v0",
+        {"servers": "a:1,b:1", "worker_index": 3, "num_workers": 4},
+    )
     assert made[1] == ("vla_ray/LangReach-v0", {})
 
 

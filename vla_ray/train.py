@@ -138,9 +138,11 @@ def resolve(
     for online ones.
     """
     from vla_ray.algorithms import get_algorithm
+    from vla_ray.setting_keys import check_overrides
 
     p = preset if isinstance(preset, Preset) else get_preset(preset)
     algo = get_algorithm(p.algorithm)
+    check_overrides(overrides or {}, p.algorithm, p.env)  # did-you-mean for every section
     settings = p.sections()
     settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
     settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
@@ -205,19 +207,15 @@ class _EnvCreator:
 
     def __call__(self, env_config: dict[str, Any]):
         import gymnasium as gym
-
-        import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
-
         from ray.rllib.env.env_context import EnvContext
 
+        import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
         from vla_ray.envs import env_kwargs
 
         kwargs = dict(env_config or {})
         # envs that place themselves by their EnvRunner (CARLA: one server per sub-env) get its
         # index and the number of runners
-        if isinstance(env_config, EnvContext) and "worker_index" in (
-            env_kwargs(self.env_id) or ()
-        ):
+        if isinstance(env_config, EnvContext) and "worker_index" in (env_kwargs(self.env_id) or ()):
             kwargs.update(worker_index=env_config.worker_index, num_workers=env_config.num_workers)
         # ``expert_beta`` (DAgger) is not an env argument: it wraps the env in ExpertMixing
         beta = kwargs.pop("expert_beta", None)

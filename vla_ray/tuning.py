@@ -31,9 +31,6 @@ checkpoint metric and the last are kept; each is an RLlib checkpoint plus a ``vl
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
 import json
 import math
 import os
@@ -47,6 +44,7 @@ import yaml
 from ray import tune
 from ray.tune.logger import LoggerCallback
 
+from vla_ray.setting_keys import known_setting_keys, setting_problem
 from vla_ray.train import (
     META_NAME,
     TOP_LEVEL_KEYS,
@@ -206,64 +204,12 @@ def _check_dotted_key(where: str, key: Any) -> list[str]:
     return []
 
 
-def _method_params(config: Any, name: str) -> set[str] | None:
-    """Keyword parameters of ``config.<name>()`` over the config class's MRO.
-
-    None when the root definition takes ``**kwargs`` (then any key could be valid).
-    """
-    defs = [vars(c)[name] for c in type(config).__mro__ if name in vars(c)]
-    names: set[str] = set()
-    for fn in defs:
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
-                names.add(p.name)
-    root = inspect.signature(defs[-1]).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in root):
-        return None
-    return names
-
-
-def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[str] | None]:
-    """Per section, the first-level keys a run takes (None: cannot be checked in this build)."""
-    from vla_ray.algorithms import ALGORITHMS, get_algorithm
-    from vla_ray.config import VLAConfig
-    from vla_ray.rl_module import _RLLIB_MODEL_KEYS, MODULE_ONLY_KEYS, SPACE_DERIVED_KEYS
-
-    # sections of an algorithm this build lacks stay unchecked (its module may take more keys)
-    out: dict[str, set[str] | None] = dict.fromkeys(
-        ("training", "env_runners", "learners", "model")
-    )
-    if algorithm in ALGORITHMS:
-        cfg = get_algorithm(algorithm).make_config()
-        for section in ("training", "env_runners", "learners"):
-            out[section] = _method_params(cfg, section)
-        model = {f.name for f in dataclasses.fields(VLAConfig)} - set(SPACE_DERIVED_KEYS)
-        out["model"] = model | set(MODULE_ONLY_KEYS) | set(_RLLIB_MODEL_KEYS)
-    out["env_config"] = _env_kwargs(env)
-    out["stop"] = {"iters", "timesteps", "seconds"}
-    return out
-
-
-def _env_kwargs(env: str | None) -> set[str] | None:
-    from vla_ray.envs import env_kwargs
-
-    return env_kwargs(env)
-
-
 def _check_setting(where: str, key: str, known: dict[str, set[str] | None]) -> list[str]:
     parts = override_path(key)
     if parts[0] in TOP_LEVEL_KEYS:
         return []
-    allowed = known.get(parts[0])
-    if allowed is None or parts[1] in allowed:
-        return []
-    label = "env" if parts[0] == "env_config" else parts[0]
-    close = difflib.get_close_matches(parts[1], sorted(allowed), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return [
-        f"{where}.{key}: {label} takes no key {parts[1]!r}; {hint}valid keys are "
-        f"{', '.join(sorted(allowed))}"
-    ]
+    problem = setting_problem(parts, known)
+    return [f"{where}.{key}: {problem}"] if problem else []
 
 
 def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
