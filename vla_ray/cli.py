@@ -75,10 +75,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from vla_ray.tracking import tune_callbacks
-    from vla_ray.tuning import check_available, format_table, load_tune_config, run_tune
+    from vla_ray.tuning import (
+        apply_resource_flags,
+        check_available,
+        format_table,
+        load_tune_config,
+        run_tune,
+    )
 
     spec = load_tune_config(args.config)
     check_available(spec)
+    apply_resource_flags(
+        spec,
+        num_env_runners=args.num_env_runners,
+        cpus_per_trial=args.cpus_per_trial,
+        num_gpus_per_learner=args.num_gpus_per_learner,
+    )
     output = args.output or _default_output(f"tune-{spec.name}")
     if args.resume and not args.output:
         raise ValueError("--resume needs --output DIR, the directory of the search to continue")
@@ -517,6 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--stop-iters", type=int, help="iterations per trial (replaces stop)")
     u.add_argument("--output", help="experiment directory (default runs/tune-NAME-TIME)")
     u.add_argument("--resume", action="store_true", help="continue the search in --output")
+    trial = u.add_mutually_exclusive_group()
+    trial.add_argument(
+        "--num-env-runners", type=int, help="EnvRunners per trial (replaces resources.*)"
+    )
+    trial.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        help="CPUs per trial: as many EnvRunners as fit beside the driver/learner",
+    )
+    u.add_argument("--num-gpus-per-learner", type=float, help="GPUs per trial's learner")
     u.add_argument("--quiet", action="store_true", help="no progress display")
     _add_tracking_flags(u)
     u.set_defaults(fn=cmd_tune)

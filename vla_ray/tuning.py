@@ -469,19 +469,110 @@ def base_of(spec: TuneSpec) -> dict[str, str]:
     )
 
 
-def param_space(spec: TuneSpec) -> dict[str, Any]:
-    """The Tuner's param space: ``{"base": preset or algorithm+env, "overrides": nested}``."""
+def param_space_fixed(spec: TuneSpec) -> dict[str, Any]:
+    """The overrides every trial shares (``resources``, ``set``, ``data``), without the search
+    space."""
     overrides: dict[str, Any] = {}
     for k, v in spec.resources.items():
-        section = RESOURCE_KEYS[k][0]
-        set_override(overrides, f"{section}.{k}", v)
+        set_override(overrides, f"{RESOURCE_KEYS[k][0]}.{k}", v)
     for k, v in spec.fixed.items():
         set_override(overrides, k, v)
-    for k, v in spec.search_space.items():
-        set_override(overrides, k, to_domain(v))
     if spec.data:  # offline algorithms: every trial reads the same dataset
         overrides["data"] = str(Path(spec.data).resolve())
+    return overrides
+
+
+def param_space(spec: TuneSpec) -> dict[str, Any]:
+    """The Tuner's param space: ``{"base": preset or algorithm+env, "overrides": nested}``."""
+    overrides = param_space_fixed(spec)
+    for k, v in spec.search_space.items():
+        set_override(overrides, k, to_domain(v))
     return {"base": base_of(spec), "overrides": overrides}
+
+
+def apply_resource_flags(
+    spec: TuneSpec,
+    *,
+    num_env_runners: int | None = None,
+    cpus_per_trial: float | None = None,
+    num_gpus_per_learner: float | None = None,
+) -> TuneSpec:
+    """Put ``vla-ray tune``'s resource flags into ``spec.resources`` (they replace the YAML's).
+
+    ``cpus_per_trial``: as many EnvRunners as fit beside the driver/learner in that many CPUs.
+    """
+    if num_env_runners is not None and cpus_per_trial is not None:
+        raise ValueError("--num-env-runners/--cpus-per-trial: give one of them")
+    if num_env_runners is not None:
+        if num_env_runners < 0:
+            raise ValueError(f"--num-env-runners: expected an integer >= 0, got {num_env_runners}")
+        spec.resources["num_env_runners"] = num_env_runners
+    if num_gpus_per_learner is not None:
+        if num_gpus_per_learner < 0:
+            raise ValueError(f"--num-gpus-per-learner: expected >= 0, got {num_gpus_per_learner}")
+        spec.resources["num_gpus_per_learner"] = num_gpus_per_learner
+    if cpus_per_trial is not None:
+        main_cpus = trial_resources(spec, num_env_runners=0).get("CPU", 0.0)
+        per_runner = float(spec.resources.get("num_cpus_per_env_runner") or 1)
+        fit = math.floor((cpus_per_trial - main_cpus) / per_runner + 1e-9)
+        if fit < 0:
+            raise ValueError(
+                f"--cpus-per-trial: expected at least {main_cpus:g} (the driver/learner's CPUs), "
+                f"got {cpus_per_trial:g}"
+            )
+        spec.resources["num_env_runners"] = fit
+    return spec
+
+
+def trial_resources(spec: TuneSpec, *, num_env_runners: int | None = None) -> dict[str, float]:
+    """What one trial reserves (its RLlib placement group: driver/learners + EnvRunners), from
+    the preset, ``set`` and ``resources`` (search-space values are not counted)."""
+    overrides = param_space_fixed(spec)
+    if num_env_runners is not None:
+        set_override(overrides, "env_runners.num_env_runners", num_env_runners)
+    pgf = VLATrainable.default_resource_request({"base": base_of(spec), "overrides": overrides})
+    return {k: float(v) for k, v in pgf.required_resources.items() if v}
+
+
+def check_trial_fits(spec: TuneSpec, cluster: dict[str, float]) -> None:
+    """ValueError when one trial needs more CPUs or GPUs than ``cluster`` has (it would wait in
+    PENDING for ever): what a trial needs, what the cluster has and which setting to lower."""
+    need = trial_resources(spec)
+    short = [k for k in ("CPU", "GPU") if need.get(k, 0.0) > cluster.get(k, 0.0) + 1e-9]
+    if not short:
+        return
+    runners = spec_from_trial_config(
+        {"base": base_of(spec), "overrides": param_space_fixed(spec)}
+    ).settings["env_runners"]
+    n = int(runners.get("num_env_runners", 0) or 0)
+    per_runner = float(runners.get("num_cpus_per_env_runner") or 1)
+    main_cpus = trial_resources(spec, num_env_runners=0).get("CPU", 0.0)
+    fix = []
+    if "CPU" in short:
+        fit = math.floor((cluster.get("CPU", 0.0) - main_cpus) / per_runner + 1e-9)
+        if fit >= 0:
+            fix.append(
+                f"lower the EnvRunners per trial: --num-env-runners {fit} or --cpus-per-trial "
+                f"{cluster.get('CPU', 0.0):g} (resources.num_env_runners in the YAML)"
+            )
+        else:
+            fix.append("run on a machine or cluster with more CPUs")
+    if "GPU" in short:
+        fix.append("lower --num-gpus-per-learner (resources.num_gpus_per_learner), e.g. 0")
+    have = ", ".join(f"{cluster.get(k, 0.0):g} {k}s" for k in ("CPU", "GPU"))
+    raise ValueError(
+        f"{spec.source}: one trial needs {need.get('CPU', 0.0):g} CPUs and "
+        f"{need.get('GPU', 0.0):g} GPUs ({main_cpus:g} CPU for the driver/learner + {n} "
+        f"EnvRunner(s) x {per_runner:g} CPU), but this Ray cluster has {have}: no trial could "
+        f"start. To fit: {'; '.join(fix)}."
+    )
+
+
+def cluster_resources() -> dict[str, float]:
+    """CPUs/GPUs of the running Ray cluster."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def spec_from_trial_config(config: dict[str, Any]) -> RunSpec:
@@ -748,6 +839,14 @@ def run_tune(
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"--output {str(out)!r} is not empty; use --resume or a new directory")
     init_ray(num_cpus)
+    if os.environ.get("RAY_ADDRESS"):
+        # a cluster joined by address may autoscale: a trial too big for it now may fit later
+        try:
+            check_trial_fits(spec, cluster_resources())
+        except ValueError as err:
+            print(f"warning: {err} (an autoscaling cluster may still add the nodes)")
+    else:
+        check_trial_fits(spec, cluster_resources())
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable=VLATrainable, resume_errored=True)
     else:
