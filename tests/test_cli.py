@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -100,9 +101,45 @@ def test_set_accepts_every_section_s_real_keys():
 
 
 def test_unknown_preset_is_a_clear_error(capsys):
-    assert main(["train", "--preset", "nope", "--stop-iters", "1"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "nope", "--stop-iters", "1"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown name 'nope'" in err and "langreach-ppo" in err
+    assert "argument --preset: invalid choice: 'nope'" in err
+    assert "'langreach-ppo'" in err and "'carla-ppo'" in err  # the choices
+
+
+def test_version(capsys):
+    import vla_ray
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vla-ray {vla_ray.__version__}"
+
+
+def test_every_command_s_help_shows_defaults_choices_and_examples(capsys):
+    from vla_ray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in sub.choices:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert f"\nexamples:\n  vla-ray {name}" in out, f"{name}: no examples in --help"
+    for argv, needle in (
+        (["eval", "--help"], "(default: 50)"),  # --episodes
+        (["serve", "--help"], "(default: 8000)"),  # --port, a flag without its own help
+        (["collect", "--help"], "{rllib,minari,lerobot,d4rl}"),
+        (["export", "--help"], "from: onnx, torchscript, onnx-int8"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert needle in " ".join(capsys.readouterr().out.split()), (argv, needle)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--checkpoint", "c", "--output", "o", "--format", "onnx,tflite"])
+    assert exit_.value.code == 2
+    assert "unknown format(s) 'tflite'; choose from onnx," in capsys.readouterr().err
 
 
 @pytest.mark.slow

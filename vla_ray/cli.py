@@ -459,18 +459,108 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# examples shown at the end of each subcommand's --help
+EXAMPLES = {
+    "list": "vla-ray list",
+    "train": """\
+vla-ray train --preset langreach-ppo --output runs/lr
+vla-ray train --preset langreach-ppo --num-env-runners 4 --set training.lr=1e-4 --stop-iters 50
+vla-ray train --preset langreach-bc --data data/langreach-expert --local
+vla-ray train --preset langreach-ppo --output runs/lr --resume""",
+    "tune": """\
+vla-ray tune tune_configs/ppo_langreach.yaml --output runs/tune-ppo
+vla-ray tune tune_configs/ppo_langreach.yaml --num-samples 2 --stop-iters 1 --cpus-per-trial 2
+vla-ray tune tune_configs/ppo_langreach.yaml --output runs/tune-ppo --resume""",
+    "eval": """\
+vla-ray eval --checkpoint runs/lr/checkpoints/best --episodes 100 --video eval.mp4
+vla-ray eval --checkpoint runs/lr/checkpoints/best/vla --json eval.json""",
+    "collect": """\
+vla-ray collect --env vla_ray/LangReach-v0 --policy expert --episodes 500 --output data/lr-expert
+vla-ray collect --env vla_ray/Hopper-v5 --policy random --episodes 100 --format d4rl \\
+    --output data/hopper-random""",
+    "export": """\
+vla-ray export --checkpoint runs/lr/checkpoints/best --output runs/lr/export
+vla-ray export --checkpoint runs/lr/checkpoints/best --format onnx,onnx-int8,triton \\
+    --output runs/lr/export""",
+    "serve": """\
+vla-ray serve --model runs/lr/export --backend onnx --port 8000
+vla-ray serve --model runs/lr/export --autoscale 1:4 --api-key-file key.txt""",
+    "quickstart": """\
+vla-ray quickstart
+vla-ray quickstart --rl grpo --output runs/quickstart-grpo""",
+    "make-vlm-data": "vla-ray make-vlm-data --output data/vlm --n 2000",
+    "pretrain": """\
+vla-ray pretrain --stage align --data data/vlm/llava_pretrain.json --output runs/vlm-align
+vla-ray pretrain --stage instruct --data data/vlm/llava_instruct.json --output runs/vlm-inst \\
+    --init runs/vlm-align/vlm --lora""",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default in its help (unless it has none), the examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _export_formats(text: str) -> str:
+    """``--format``: a comma-separated list of known export formats."""
+    from vla_ray.export_formats import EXPORT_FORMATS
+
+    unknown = [f for f in text.split(",") if f.strip() not in EXPORT_FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown format(s) {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(EXPORT_FORMATS)}"
+        )
+    return text
+
+
+def _finish_help(sub: argparse._SubParsersAction) -> None:
+    """Every subcommand: defaults shown, examples at the end, a help line for every flag."""
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        command.description = command.description or summaries.get(name)
+        if name in EXAMPLES:
+            command.epilog = "examples:\n" + "\n".join(
+                "  " + line for line in EXAMPLES[name].splitlines()
+            )
+        for action in command._actions:
+            if action.help is None and action.default not in (None, False):
+                action.help = "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vla_ray import __version__
+    from vla_ray.data.collect import FORMATS
+    from vla_ray.export_formats import EXPORT_FORMATS
+    from vla_ray.presets import PRESETS
+
     parser = argparse.ArgumentParser(
-        prog="vla-ray", description="Train, evaluate and serve VLA policies on Ray."
+        prog="vla-ray",
+        description="Train, evaluate and serve VLA policies on Ray.",
+        epilog="`vla-ray COMMAND --help` shows each command's flags, defaults and examples.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="presets, envs and algorithms").set_defaults(fn=cmd_list)
 
     t = sub.add_parser("train", help="train a preset with RLlib")
-    t.add_argument("--preset", required=True)
-    t.add_argument("--num-env-runners", type=int)
-    t.add_argument("--num-envs-per-env-runner", type=int)
+    t.add_argument(
+        "--preset",
+        required=True,
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"what to train ({', '.join(PRESETS)}; `vla-ray list` describes them)",
+    )
+    t.add_argument("--num-env-runners", type=int, help="EnvRunners (default: the preset's)")
+    t.add_argument(
+        "--num-envs-per-env-runner", type=int, help="envs per EnvRunner (default: the preset's)"
+    )
     t.add_argument(
         "--vectorize",
         choices=("sync", "async"),
@@ -489,9 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs per EnvRunner for policy inference (fractions share one; default 0)",
     )
     stop = t.add_mutually_exclusive_group()
-    stop.add_argument("--stop-iters", type=int)
-    stop.add_argument("--stop-timesteps", type=int)
-    stop.add_argument("--stop-seconds", type=float)
+    stop.add_argument(
+        "--stop-iters", type=int, help="training iterations (default: the preset's stop)"
+    )
+    stop.add_argument("--stop-timesteps", type=int, help="env steps (default: the preset's stop)")
+    stop.add_argument("--stop-seconds", type=float, help="wall-clock seconds")
     t.add_argument("--output", help="run directory (default runs/PRESET-TIME)")
     t.add_argument(
         "--set",
@@ -557,9 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--env", required=True, help="env id, e.g. vla_ray/LangReach-v0")
     c.add_argument("--policy", default="expert", help="expert | random | CHECKPOINT path")
     c.add_argument("--episodes", type=int, required=True)
-    c.add_argument(
-        "--format", default="rllib", help="dataset format: rllib | minari | lerobot | d4rl"
-    )
+    c.add_argument("--format", default="rllib", choices=FORMATS, help="dataset format")
     c.add_argument("--output", required=True)
     c.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
     c.add_argument(
@@ -581,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--format",
         default="onnx",
-        help="comma-separated: onnx, torchscript, onnx-int8, onnx-fp16, openvino, triton",
+        type=_export_formats,
+        help=f"comma-separated, from: {', '.join(EXPORT_FORMATS)}",
     )
     x.add_argument("--output", required=True, help="export folder (replaced atomically)")
     x.add_argument("--triton-max-batch-size", type=int, default=64)
@@ -705,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop above this")
     p.add_argument("--resume", action="store_true", help="continue OUTPUT's last checkpoint")
     p.set_defaults(fn=cmd_pretrain)
+    _finish_help(sub)
     return parser
 
 

@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 from vla_ray.config import VLAConfig
+from vla_ray.export_formats import EXPORT_FORMATS
 from vla_ray.fsutil import replace_dir
 from vla_ray.models.heads import takes_noise
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
-EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
 ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
 PYTORCH_DIR = "pytorch"
 SPEC_NAME = "spec.json"
