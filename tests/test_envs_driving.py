@@ -296,3 +296,17 @@ def test_carla_server_helper_commands():
     assert len({c[c.index("--name") + 1] for c in cmds}) == 3
     assert servers_setting(2, 2000) == "env.servers=localhost:2000,localhost:2003"
     assert main(["--n", "2", "--base-port", "65534", "--dry-run"]) == 2  # 65537: not a port
+
+
+def test_carla_run_with_too_few_servers_stops_before_any_env_runner():
+    """`vla-ray train --preset carla-ppo` with 2 x 2 sub-envs and 3 servers: the named error
+    comes from building the algorithm config (no Ray, no server)."""
+    from vla_ray.envs.carla_env import TooFewServersError
+    from vla_ray.train import build_algorithm_config, parse_overrides, resolve
+
+    overrides = parse_overrides(["env.servers=sim:2000,sim:2003,sim:2006"])
+    spec = resolve("carla-ppo", overrides, num_env_runners=2, num_envs_per_env_runner=2)
+    with pytest.raises(TooFewServersError, match=r"2 EnvRunner\(s\) x 2 sub-env\(s\) each need 4"):
+        build_algorithm_config(spec)
+    spec = resolve("carla-ppo", overrides, num_env_runners=3, num_envs_per_env_runner=1)
+    assert build_algorithm_config(spec).env_config["servers"] == "sim:2000,sim:2003,sim:2006"
