@@ -242,3 +242,28 @@ def test_a_trial_bigger_than_the_cluster_is_refused_at_the_start(tmp_path, capsy
         tuning.check_trial_fits(spec, {"CPU": 8.0})
     with pytest.raises(ValueError, match="--cpus-per-trial: expected at least 1"):
         tuning.apply_resource_flags(load_tune_config(config), cpus_per_trial=0.5)
+
+
+def test_a_search_over_a_dataset_leaves_a_cpu_for_ray_data(monkeypatch, tmp_path):
+    """Offline trials read with Ray Data outside their reservation: a trial that takes every
+    CPU is refused (it hung in its first read), and concurrency is capped to leave one free."""
+    import vla_ray.tuning as tuning
+    from vla_ray.data.collect import collect
+
+    monkeypatch.chdir(tmp_path)  # iql_hopper.yaml's data path is relative to the working dir
+    collect(
+        "vla_ray/Hopper-v5",
+        "random",
+        1,
+        tmp_path / "datasets" / "hopper-medium-replay",
+        progress=False,
+    )
+    config = ROOT / "tune_configs" / "iql_hopper.yaml"
+    spec = tuning.apply_resource_flags(load_tune_config(config), cpus_per_trial=2)
+    with pytest.raises(ValueError) as err:
+        tuning.check_trial_fits(spec, {"CPU": 2.0})
+    assert "1 CPU must stay free for Ray Data" in str(err.value)
+    assert "--num-env-runners 0 or --cpus-per-trial 1" in str(err.value)
+    assert tuning.check_trial_fits(spec, {"CPU": 8.0}) == 3  # (8 - 1) // 2 trials at once
+    online = load_tune_config(ROOT / "tune_configs" / "ppo_langreach.yaml")
+    assert tuning.check_trial_fits(online, {"CPU": 8.0}) is None  # no cap: nothing to read

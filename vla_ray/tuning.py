@@ -81,6 +81,9 @@ RESOURCE_KEYS = {
     "num_cpus_per_learner": ("learners", float, 0),
     "num_gpus_per_learner": ("learners", float, 0),
 }
+# CPUs left free beside the trials of a search over a dataset: Ray Data's read tasks run outside
+# each trial's placement group (a search that reserves every CPU hangs in its first read)
+RAY_DATA_CPUS = 1
 ASHA_KEYS = ("grace_period", "max_t", "reduction_factor", "brackets")
 PBT_KEYS = (
     "perturbation_interval",
@@ -534,37 +537,48 @@ def trial_resources(spec: TuneSpec, *, num_env_runners: int | None = None) -> di
     return {k: float(v) for k, v in pgf.required_resources.items() if v}
 
 
-def check_trial_fits(spec: TuneSpec, cluster: dict[str, float]) -> None:
+def check_trial_fits(spec: TuneSpec, cluster: dict[str, float]) -> int | None:
     """ValueError when one trial needs more CPUs or GPUs than ``cluster`` has (it would wait in
-    PENDING for ever): what a trial needs, what the cluster has and which setting to lower."""
+    PENDING for ever): what a trial needs, what the cluster has and which setting to lower.
+
+    Trials that read a dataset (offline algorithms) also need :data:`RAY_DATA_CPUS` left free
+    for Ray Data's read tasks, which run outside the trial's reservation; for them the number of
+    trials that fit at once is returned (None: no limit from here).
+    """
     need = trial_resources(spec)
-    short = [k for k in ("CPU", "GPU") if need.get(k, 0.0) > cluster.get(k, 0.0) + 1e-9]
+    base = spec_from_trial_config({"base": base_of(spec), "overrides": param_space_fixed(spec)})
+    spare = RAY_DATA_CPUS if base.settings.get("data") else 0
+    cpus = cluster.get("CPU", 0.0) - spare
+    short = [
+        k
+        for k, have in (("CPU", cpus), ("GPU", cluster.get("GPU", 0.0)))
+        if need.get(k, 0.0) > have + 1e-9
+    ]
     if not short:
-        return
-    runners = spec_from_trial_config(
-        {"base": base_of(spec), "overrides": param_space_fixed(spec)}
-    ).settings["env_runners"]
+        return max(1, math.floor(cpus / need["CPU"] + 1e-9)) if spare and need.get("CPU") else None
+    runners = base.settings["env_runners"]
     n = int(runners.get("num_env_runners", 0) or 0)
     per_runner = float(runners.get("num_cpus_per_env_runner") or 1)
     main_cpus = trial_resources(spec, num_env_runners=0).get("CPU", 0.0)
     fix = []
     if "CPU" in short:
-        fit = math.floor((cluster.get("CPU", 0.0) - main_cpus) / per_runner + 1e-9)
+        fit = math.floor((cpus - main_cpus) / per_runner + 1e-9)
         if fit >= 0:
             fix.append(
                 f"lower the EnvRunners per trial: --num-env-runners {fit} or --cpus-per-trial "
-                f"{cluster.get('CPU', 0.0):g} (resources.num_env_runners in the YAML)"
+                f"{main_cpus + fit * per_runner:g} (resources.num_env_runners in the YAML)"
             )
         else:
             fix.append("run on a machine or cluster with more CPUs")
     if "GPU" in short:
         fix.append("lower --num-gpus-per-learner (resources.num_gpus_per_learner), e.g. 0")
     have = ", ".join(f"{cluster.get(k, 0.0):g} {k}s" for k in ("CPU", "GPU"))
+    data = f", and {spare} CPU must stay free for Ray Data to read the dataset" if spare else ""
     raise ValueError(
         f"{spec.source}: one trial needs {need.get('CPU', 0.0):g} CPUs and "
         f"{need.get('GPU', 0.0):g} GPUs ({main_cpus:g} CPU for the driver/learner + {n} "
-        f"EnvRunner(s) x {per_runner:g} CPU), but this Ray cluster has {have}: no trial could "
-        f"start. To fit: {'; '.join(fix)}."
+        f"EnvRunner(s) x {per_runner:g} CPU){data}, but this Ray cluster has {have}: no trial "
+        f"could start. To fit: {'; '.join(fix)}."
     )
 
 
@@ -846,7 +860,11 @@ def run_tune(
         except ValueError as err:
             print(f"warning: {err} (an autoscaling cluster may still add the nodes)")
     else:
-        check_trial_fits(spec, cluster_resources())
+        at_once = check_trial_fits(spec, cluster_resources())
+        if at_once is not None and (spec.max_concurrent_trials or at_once + 1) > at_once:
+            # more concurrent trials would take every CPU, and Ray Data's reads would wait
+            print(f"tune: {at_once} trial(s) at a time (CPUs left free for Ray Data's reads)")
+            spec.max_concurrent_trials = at_once
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable=VLATrainable, resume_errored=True)
     else:
