@@ -319,6 +319,8 @@ class DTContext(ConnectorV2):
 class DTModule(TorchRLModule):
     """VLA trunk per step + GPT-2 over (R, s, a) tokens + tanh action predictor."""
 
+    MODEL_KEYS = MODULE_KEYS
+
     def setup(self) -> None:
         from transformers import GPT2Config, GPT2Model
 

@@ -71,6 +71,8 @@ def discriminator_loss(expert_logits: torch.Tensor, policy_logits: torch.Tensor)
 class GAILModule(VLAModule):
     """The VLA policy + value function of PPO, plus a discriminator on its own trunk."""
 
+    MODEL_KEYS = VLAModule.MODEL_KEYS + MODULE_KEYS
+
     def setup(self) -> None:
         mc = dict(self.model_config or {})
         extra = {k: mc.pop(k) for k in MODULE_KEYS if k in mc}

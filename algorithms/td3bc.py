@@ -91,6 +91,8 @@ def td3bc_actor_loss(
 class TD3BCModule(VLAModule, TargetNetworkAPI):
     """Deterministic VLA actor + twin Q critics on their own trunk + target copies."""
 
+    MODEL_KEYS = VLAModule.MODEL_KEYS + MODULE_KEYS
+
     def setup(self) -> None:
         mc = dict(self.model_config or {})
         extra = {k: mc.pop(k) for k in MODULE_KEYS if k in mc}

@@ -48,6 +48,24 @@ for _id, (_entry, _steps, _kwargs) in _EXTRA_ENVS.items():
 ENV_IDS = (*ENV_IDS, *_EXTRA_ENVS)
 
 
+def env_kwargs(env_id: str | None) -> set[str] | None:
+    """Keyword arguments the constructor of a registered env id takes (None: unknown id, or
+    the constructor takes ``**kwargs``)."""
+    import importlib
+    import inspect
+
+    if not env_id or env_id not in gym.registry:
+        return None
+    entry = gym.spec(env_id).entry_point
+    if not isinstance(entry, str):
+        return None
+    module, _, name = entry.partition(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {p for p in params if p != "self"}
+
+
 def __getattr__(name: str) -> Any:
     """Import ``LangReachEnv`` (and thus mujoco) only when it is first used."""
     if name == "LangReachEnv":
@@ -68,6 +86,7 @@ __all__ = [
     "LangReachEnv",
     "PUSHT_ID",
     "ScriptedExpert",
+    "env_kwargs",
     "get_expert",
     "rollout_expert",
 ]

@@ -33,6 +33,26 @@ collision), ``speed`` (m/s), ``lane_offset`` (m), ``lane_invasions``.
 ``close()`` destroys every actor the env spawned and restores the world's settings (asynchronous
 mode). When no server answers, construction raises :class:`CarlaConnectionError` naming host and
 port after ``connect_timeout`` seconds.
+
+Many servers per run (one per sub-environment; a CARLA server steps one synchronous world):
+
+- ``servers="host:port,host:port,..."`` (or a list), or ``base_port`` + ``num_servers`` (+
+  ``port_stride``, default 3: a server also uses its port + 1 for streaming and + 2 as the
+  multi-GPU secondary port; ``host``). Server ``i`` gets Traffic Manager port
+  ``traffic_manager_port + i`` (the NPC traffic of ``num_npc_vehicles``).
+- ``server_assignment="by_index"`` (default): EnvRunner ``w`` of ``W`` (RLlib's ``worker_index``;
+  0 is the driver's local runner, which samples when ``W = 0``) takes the servers
+  ``r, r + W, r + 2W, ...`` (``r = w - 1``) and each of its sub-environments claims the first of
+  them not yet taken (an ``flock`` on this machine, released at ``close()`` or process exit; RLlib's
+  new stack gives every sub-env of a runner the same ``vector_index``, so the claim numbers them,
+  in ``sync`` and ``async`` vectorisation alike). ``"first_free"``: any server of the list not yet
+  taken on this machine (servers running beside the EnvRunners, as on ``cluster.yaml``'s CARLA
+  nodes: ``servers=localhost:2000,localhost:2003,...``).
+- Too few servers raise :class:`TooFewServersError` naming how many the run needs and how many
+  were given: at the start of training (:func:`check_server_count`), and in a sub-env that finds
+  all its servers taken.
+
+``python -m vla_ray.envs.carla_servers --n N --base-port P`` starts N server containers on a node.
 """
 
 from __future__ import annotations
@@ -41,7 +61,10 @@ import contextlib
 import math
 import os
 import queue
-from typing import Any
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import IO, Any
 
 import gymnasium as gym
 import numpy as np
@@ -56,8 +79,158 @@ EGO_FEATURES = 5
 STATE_BOUND = 10.0
 
 
+DEFAULT_PORT_STRIDE = 3
+DEFAULT_TM_PORT = 8000
+SERVER_ASSIGNMENTS = ("by_index", "first_free")
+
+
 class CarlaConnectionError(ConnectionError):
     """No CARLA server answered at the given host and port."""
+
+
+class TooFewServersError(ValueError):
+    """A run has more CARLA sub-environments than servers (each needs its own)."""
+
+
+@dataclass(frozen=True)
+class CarlaServer:
+    """One CARLA server: its RPC address and the Traffic Manager port its client uses."""
+
+    host: str
+    port: int
+    tm_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _check_port(name: str, value: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected an integer port, got {value!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{name}: expected a port in 1..65535, got {port}")
+    return port
+
+
+def server_list(
+    servers: str | list[str] | None = None,
+    *,
+    host: str | None = None,
+    base_port: int | None = None,
+    num_servers: int | None = None,
+    port_stride: int = DEFAULT_PORT_STRIDE,
+    traffic_manager_port: int = DEFAULT_TM_PORT,
+) -> list[CarlaServer] | None:
+    """The run's servers from ``servers`` ("host:port,..." or a list) or ``base_port`` +
+    ``num_servers``; None when neither is given (one server: ``host``/``port``)."""
+    tm = _check_port("traffic_manager_port", traffic_manager_port)
+    if servers is not None and (base_port is not None or num_servers is not None):
+        raise ValueError("servers: give a server list or base_port + num_servers, not both")
+    if servers is not None:
+        items = servers.split(",") if isinstance(servers, str) else list(servers)
+        out = []
+        for i, item in enumerate(items):
+            name, sep, port = str(item).strip().rpartition(":")
+            if not sep or not name:
+                raise ValueError(f"servers[{i}]: expected host:port, got {item!r}")
+            out.append(CarlaServer(name, _check_port(f"servers[{i}]", port), tm + i))
+        if not out:
+            raise ValueError("servers: expected at least one host:port, got none")
+        return out
+    if base_port is None and num_servers is None:
+        return None
+    if base_port is None or num_servers is None:
+        raise ValueError(
+            "base_port/num_servers: give both (servers at base_port + i * port_stride)"
+        )
+    if not isinstance(num_servers, int) or num_servers < 1:
+        raise ValueError(f"num_servers: expected a positive integer, got {num_servers!r}")
+    if not isinstance(port_stride, int) or port_stride < 1:
+        raise ValueError(f"port_stride: expected a positive integer, got {port_stride!r}")
+    base = _check_port("base_port", base_port)
+    _check_port(
+        "base_port + (num_servers - 1) * port_stride", base + (num_servers - 1) * port_stride
+    )
+    host = host or os.environ.get("CARLA_HOST") or DEFAULT_HOST
+    return [CarlaServer(host, base + i * port_stride, tm + i) for i in range(num_servers)]
+
+
+def needed_servers(num_env_runners: int, num_envs_per_env_runner: int) -> int:
+    """Servers a run needs: one per sub-env (the driver's runner samples when there are none)."""
+    return max(int(num_env_runners), 1) * max(int(num_envs_per_env_runner), 1)
+
+
+def check_server_count(
+    env_config: dict[str, Any], num_env_runners: int, num_envs_per_env_runner: int
+) -> None:
+    """TooFewServersError unless ``env_config`` lists a server for every sub-env of the run."""
+    keys = ("servers", "host", "base_port", "num_servers", "port_stride", "traffic_manager_port")
+    servers = server_list(**{k: env_config[k] for k in keys if k in env_config})
+    given = 1 if servers is None else len(servers)
+    needed = needed_servers(num_env_runners, num_envs_per_env_runner)
+    if given < needed:
+        where = "env.servers" if servers is not None else "one server (env.host/env.port)"
+        runners = max(int(num_env_runners), 1)
+        raise TooFewServersError(
+            f"CARLA: {runners} EnvRunner(s) x {num_envs_per_env_runner} sub-env(s) each need "
+            f"{needed} servers (one per sub-env), got {given} ({where}); start more "
+            f"(python -m vla_ray.envs.carla_servers --n {needed}) and list them in env.servers "
+            "or env.base_port + env.num_servers, or lower --num-env-runners / "
+            "env_runners.num_envs_per_env_runner"
+        )
+
+
+def runner_slots(worker_index: int, num_workers: int, num_servers: int) -> list[int]:
+    """Server indices EnvRunner ``worker_index`` of ``num_workers`` may use, in claim order."""
+    runners = max(int(num_workers), 1)
+    first = int(worker_index) - 1 if worker_index > 0 else 0
+    return list(range(first, num_servers, runners))
+
+
+def _lock_path(server: CarlaServer) -> str:
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", server.host)
+    folder = os.path.join(tempfile.gettempdir(), "vla_ray_carla")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}_{server.port}.lock")
+
+
+def claim_server(servers: list[CarlaServer], slots: list[int]) -> tuple[CarlaServer, IO]:
+    """The first server of ``slots`` no other process (or env) of this machine holds, and the
+    open lock file that holds it (close it to give the server back)."""
+    import fcntl
+
+    for i in slots:
+        handle = open(_lock_path(servers[i]), "a")  # noqa: SIM115 (held for the env's lifetime)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return servers[i], handle
+    taken = ", ".join(servers[i].address for i in slots) or "none"
+    raise TooFewServersError(
+        f"CARLA: every server this sub-env may use is taken by another sub-env ({taken}; "
+        f"{len(servers)} servers given in all): each sub-env needs its own server; give "
+        "num_env_runners x num_envs_per_env_runner servers (env.servers or env.base_port + "
+        "env.num_servers), or lower --num-env-runners / env_runners.num_envs_per_env_runner"
+    )
+
+
+def assign_server(
+    servers: list[CarlaServer], assignment: str, worker_index: int, num_workers: int
+) -> tuple[CarlaServer, IO]:
+    """The server of one sub-env (see the module docstring), claimed on this machine."""
+    if assignment not in SERVER_ASSIGNMENTS:
+        raise ValueError(
+            f"server_assignment: unknown name {assignment!r}; valid names are "
+            f"{', '.join(SERVER_ASSIGNMENTS)}"
+        )
+    if assignment == "first_free":
+        return claim_server(servers, list(range(len(servers))))
+    return claim_server(servers, runner_slots(worker_index, num_workers, len(servers)))
 
 
 def server_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
@@ -104,6 +277,15 @@ class CarlaDrivingEnv(gym.Env):
         self,
         host: str | None = None,
         port: int | None = None,
+        servers: str | list[str] | None = None,
+        base_port: int | None = None,
+        num_servers: int | None = None,
+        port_stride: int = DEFAULT_PORT_STRIDE,
+        traffic_manager_port: int = DEFAULT_TM_PORT,
+        server_assignment: str = "by_index",
+        worker_index: int = 0,
+        num_workers: int = 0,
+        num_npc_vehicles: int = 0,
         connect_timeout: float = 5.0,
         timeout: float = 20.0,
         town: str | None = None,
@@ -135,7 +317,31 @@ class CarlaDrivingEnv(gym.Env):
             raise ValueError(f"image_size: expected at least 8x8 pixels, got {h}x{w}")
         if not fixed_delta_seconds > 0:
             raise ValueError(f"fixed_delta_seconds: expected > 0, got {fixed_delta_seconds!r}")
-        self.host, self.port = server_address(host, port)
+        pool = server_list(
+            servers,
+            host=host,
+            base_port=base_port,
+            num_servers=num_servers,
+            port_stride=port_stride,
+            traffic_manager_port=traffic_manager_port,
+        )
+        self._server_lock: IO | None = None
+        if pool is None:
+            self.host, self.port = server_address(host, port)
+            self.tm_port = _check_port("traffic_manager_port", traffic_manager_port)
+        else:
+            if port is not None:
+                raise ValueError("port: not used with servers/base_port (one port per server)")
+            server, self._server_lock = assign_server(
+                pool, server_assignment, worker_index, num_workers
+            )
+            self.host, self.port, self.tm_port = server.host, server.port, server.tm_port
+        if not isinstance(num_npc_vehicles, int) or num_npc_vehicles < 0:
+            raise ValueError(
+                f"num_npc_vehicles: expected an integer >= 0, got {num_npc_vehicles!r}"
+            )
+        self.num_npc_vehicles = num_npc_vehicles
+        self._traffic_manager = None
         self.render_mode = render_mode
         self.image_hw = (h, w)
         self.fov = float(fov)
@@ -171,7 +377,11 @@ class CarlaDrivingEnv(gym.Env):
         import carla
 
         self._carla = carla
-        self.client = connect(self.host, self.port, connect_timeout)
+        try:
+            self.client = connect(self.host, self.port, connect_timeout)
+        except BaseException:
+            self._release_server()
+            raise
         self.client.set_timeout(self.timeout)
         self.world = self.client.load_world(town) if town else self.client.get_world()
         self._original_settings = self.world.get_settings()
@@ -245,6 +455,26 @@ class CarlaDrivingEnv(gym.Env):
             lid.set_attribute("channels", "16")
             lid.set_attribute("points_per_second", "56000")
             self._attach("lidar", lid, carla.Transform(carla.Location(z=2.4)))
+        if self.num_npc_vehicles:
+            self._spawn_traffic(library, points, order[20:])
+
+    def _spawn_traffic(self, library, points, order) -> None:
+        """NPC vehicles on autopilot, driven by this env's own Traffic Manager port."""
+        if self._traffic_manager is None:
+            self._traffic_manager = self.client.get_trafficmanager(self.tm_port)
+            self._traffic_manager.set_synchronous_mode(True)
+        self._traffic_manager.set_random_device_seed(int(self.np_random.integers(2**31)))
+        vehicles = library.filter("vehicle.*")
+        spawned = 0
+        for i in order:
+            if spawned >= self.num_npc_vehicles:
+                break
+            bp = vehicles[int(self.np_random.integers(len(vehicles)))]
+            npc = self.world.try_spawn_actor(bp, points[int(i)])
+            if npc is not None:
+                npc.set_autopilot(True, self.tm_port)
+                self._actors.append(npc)
+                spawned += 1
 
     def _plan_route(self) -> None:
         wp = self.map.get_waypoint(self.vehicle.get_location(), project_to_road=True)
@@ -410,9 +640,19 @@ class CarlaDrivingEnv(gym.Env):
     def close(self) -> None:
         """Destroy the spawned actors and give the world back its original settings."""
         if getattr(self, "world", None) is None:
+            self._release_server()
             return
         try:
             self._destroy_actors()
+            if self._traffic_manager is not None:
+                self._traffic_manager.set_synchronous_mode(False)
             self.world.apply_settings(self._original_settings)
         finally:
             self.world = None
+            self._release_server()
+
+    def _release_server(self) -> None:
+        """Give the claimed server back to this machine's other sub-envs."""
+        lock, self._server_lock = getattr(self, "_server_lock", None), None
+        if lock is not None:
+            lock.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -51,10 +52,94 @@ def test_parse_overrides_nested_and_typed():
         parse_overrides(["trainig.lr=1"])
 
 
-def test_unknown_preset_is_a_clear_error(capsys):
-    assert main(["train", "--preset", "nope", "--stop-iters", "1"]) == 2
+def test_set_checks_every_key_against_its_section(capsys, tmp_path):
+    """--set training.lrr is refused before anything starts: the key, its section and the
+    closest valid key (the same check as the tune YAMLs)."""
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "langreach-ppo", "--stop-iters", "1", "--output", str(out)]
+    bad = ["training.lrr=1e-4", "env.num_target=4", "model.haed=mlp", "env_runners.num_env=2"]
+    assert main([*argv, *(a for b in bad for a in ("--set", b))]) == 2
     err = capsys.readouterr().err
-    assert "unknown name 'nope'" in err and "langreach-ppo" in err
+    for needle in (
+        "--set training.lrr: training takes no key 'lrr'; did you mean 'lr'?",
+        "--set env.num_target: env takes no key 'num_target'; did you mean 'num_targets'?",
+        "--set model.haed: model takes no key 'haed'; did you mean 'head'?",
+        "--set env_runners.num_env: env_runners takes no key 'num_env'",
+    ):
+        assert needle in err, f"{needle!r} not in {err}"
+    assert not out.exists()  # refused before the run directory was made
+
+
+def test_set_accepts_every_section_s_real_keys():
+    """Keys each section really takes pass: the algorithm config's, the module's model keys,
+    the env's kwargs and the env factory's wrapper keys; deeper keys are left to the component."""
+    from vla_ray.presets import PRESETS
+    from vla_ray.setting_keys import check_overrides
+    from vla_ray.train import resolve
+
+    ok = parse_overrides(
+        [
+            "training.lr=1e-4",
+            "model.head_config.init_log_std=-1",  # open-ended: checked when the head is built
+            "model.value=separate",
+            "env.num_targets=2",
+            "env.expert_beta=0.5",  # DAgger's wrapper key
+            "fault_tolerance.max_num_env_runner_restarts=3",
+            "stop.iters=2",
+            "seed=3",
+        ]
+    )
+    assert resolve("langreach-ppo", ok).settings["training"]["lr"] == 1e-4
+    check_overrides(
+        parse_overrides(["model.q_hidden=64", "model.twin_q=false"]), "sac", "Pendulum-v1"
+    )
+    with pytest.raises(ValueError, match="model takes no key 'q_hidden'"):
+        check_overrides(parse_overrides(["model.q_hidden=64"]), "ppo", "vla_ray/LangReach-v0")
+    for preset in PRESETS.values():  # every preset's own settings are valid keys
+        sections = {k: v for k, v in preset.sections().items() if isinstance(v, dict)}
+        check_overrides(sections, preset.algorithm, preset.env)
+
+
+def test_unknown_preset_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "nope", "--stop-iters", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --preset: invalid choice: 'nope'" in err
+    assert "'langreach-ppo'" in err and "'carla-ppo'" in err  # the choices
+
+
+def test_version(capsys):
+    import vla_ray
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vla-ray {vla_ray.__version__}"
+
+
+def test_every_command_s_help_shows_defaults_choices_and_examples(capsys):
+    from vla_ray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in sub.choices:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert f"\nexamples:\n  vla-ray {name}" in out, f"{name}: no examples in --help"
+    for argv, needle in (
+        (["eval", "--help"], "(default: 50)"),  # --episodes
+        (["serve", "--help"], "(default: 8000)"),  # --port, a flag without its own help
+        (["collect", "--help"], "{rllib,minari,lerobot,d4rl}"),
+        (["export", "--help"], "from: onnx, torchscript, onnx-int8"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert needle in " ".join(capsys.readouterr().out.split()), (argv, needle)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--checkpoint", "c", "--output", "o", "--format", "onnx,tflite"])
+    assert exit_.value.code == 2
+    assert "unknown format(s) 'tflite'; choose from onnx," in capsys.readouterr().err
 
 
 @pytest.mark.slow

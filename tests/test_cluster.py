@@ -206,3 +206,29 @@ def test_ray_job_submit_to_local_head_node(tmp_path):
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+def test_cluster_yaml_carla_node_runs_one_server_per_carla_server_resource():
+    """The CARLA node type starts as many servers as it offers `carla_server`, and the
+    env.servers of the header's example are exactly those servers."""
+    import re
+    import shlex
+
+    from vla_ray.envs.carla_servers import build_parser, servers_setting
+
+    raw = _cluster_config()
+    (name,) = [
+        n for n, t in raw["available_node_types"].items() if "carla_server" in t["resources"]
+    ]
+    node = raw["available_node_types"][name]
+    assert node["min_workers"] == 0 < node["max_workers"]
+    commands = node["worker_setup_commands"]  # replaces setup_commands on this node type
+    assert all(c in commands for c in raw["setup_commands"] if "pip install -q -e" not in c)
+    assert any("pip install" in c and "carla]" in c for c in commands)  # + the CARLA client
+    (start,) = [c for c in commands if "carla_servers --n" in c]
+    args = build_parser().parse_args(shlex.split(start.split("carla_servers", 1)[1]))
+    assert args.n == node["resources"]["carla_server"]
+    header = (ROOT / "cluster.yaml").read_text()
+    (example,) = re.findall(r"env\.servers=[\w.:,]+", header)
+    assert example == servers_setting(args.n, args.base_port, args.port_stride)
+    assert '{"carla_server": 1}' in header  # one EnvRunner (with one env) per server

@@ -176,3 +176,137 @@ def test_carla_server_contract_and_cleanup():
     world.wait_for_tick(5.0)
     ours = [a for a in world.get_actors() if a.attributes.get("role_name") == EGO_ROLE]
     assert ours == []
+
+
+# -- many CARLA servers per run (no server needed) -----------------------------------------------
+def test_carla_server_list_from_list_or_base_port():
+    from vla_ray.envs.carla_env import server_list
+
+    given = server_list("sim-a:2000, sim-b:2100", traffic_manager_port=9000)
+    assert [(s.host, s.port, s.tm_port) for s in given] == [
+        ("sim-a", 2000, 9000),
+        ("sim-b", 2100, 9001),
+    ]
+    ranged = server_list(host="node", base_port=2000, num_servers=3, port_stride=4)
+    assert [s.address for s in ranged] == ["node:2000", "node:2004", "node:2008"]
+    assert [s.tm_port for s in ranged] == [8000, 8001, 8002]  # one Traffic Manager each
+    assert server_list() is None  # one server: host/port
+    with pytest.raises(ValueError, match=r"servers\[1\]: expected host:port"):
+        server_list(["a:2000", "b"])
+    with pytest.raises(ValueError, match="base_port/num_servers: give both"):
+        server_list(base_port=2000)
+    with pytest.raises(ValueError, match="not both"):
+        server_list("a:2000", base_port=2000, num_servers=1)
+
+
+def test_carla_fewer_servers_than_sub_envs_is_a_named_error():
+    from vla_ray.envs.carla_env import TooFewServersError, check_server_count
+
+    check_server_count({"base_port": 2000, "num_servers": 8}, 4, 2)  # 8 sub-envs, 8 servers
+    with pytest.raises(TooFewServersError) as err:
+        check_server_count({"servers": "a:2000,a:2003,a:2006"}, 2, 2)
+    msg = str(err.value)
+    assert "need 4 servers" in msg and "got 3" in msg and "env.servers" in msg
+    assert "--num-env-runners" in msg
+    with pytest.raises(TooFewServersError, match=r"need 2 servers .* got 1 \(one server"):
+        check_server_count({}, 0, 2)  # the driver's runner samples 2 sub-envs
+
+
+def test_carla_runner_slots_are_disjoint_and_cover_the_servers():
+    from vla_ray.envs.carla_env import runner_slots
+
+    assert runner_slots(0, 0, 3) == [0, 1, 2]  # local sampling: the driver takes them all
+    slots = [runner_slots(w, 3, 7) for w in (1, 2, 3)]
+    assert slots == [[0, 3, 6], [1, 4], [2, 5]]
+    flat = sorted(i for s in slots for i in s)
+    assert flat == list(range(7))
+
+
+def test_carla_sub_envs_claim_distinct_servers_and_give_them_back(tmp_path, monkeypatch):
+    from vla_ray.envs import carla_env
+
+    monkeypatch.setattr(carla_env.tempfile, "gettempdir", lambda: str(tmp_path))
+    pool = carla_env.server_list(host="h", base_port=2000, num_servers=4)
+    # runner 1 of 2 owns servers 0 and 2; its two sub-envs take one each
+    a, lock_a = carla_env.assign_server(pool, "by_index", worker_index=1, num_workers=2)
+    b, lock_b = carla_env.assign_server(pool, "by_index", worker_index=1, num_workers=2)
+    c, lock_c = carla_env.assign_server(pool, "by_index", worker_index=2, num_workers=2)
+    assert (a.port, b.port, c.port) == (2000, 2006, 2003)
+    assert len({a.tm_port, b.tm_port, c.tm_port}) == 3
+    with pytest.raises(carla_env.TooFewServersError, match="h:2000, h:2006"):
+        carla_env.assign_server(pool, "by_index", worker_index=1, num_workers=2)
+    lock_a.close()  # a closed sub-env gives its server back
+    again, lock = carla_env.assign_server(pool, "by_index", worker_index=1, num_workers=2)
+    assert again == a
+    free, lock_f = carla_env.assign_server(pool, "first_free", worker_index=0, num_workers=0)
+    assert free.port == 2009  # the only one nobody holds
+    with pytest.raises(ValueError, match="server_assignment: unknown name 'random'"):
+        carla_env.assign_server(pool, "random", 0, 0)
+    for handle in (lock, lock_b, lock_c, lock_f):
+        handle.close()
+
+
+def test_carla_env_connects_to_its_claimed_server(tmp_path, monkeypatch):
+    """Construction picks the sub-env's server (and Traffic Manager port) before connecting."""
+    pytest.importorskip("carla")
+    from vla_ray.envs import carla_env
+
+    monkeypatch.setattr(carla_env.tempfile, "gettempdir", lambda: str(tmp_path))
+    tried = []
+
+    def refuse(host, port, timeout):
+        tried.append((host, port))
+        raise carla_env.CarlaConnectionError(f"{host}:{port}")
+
+    monkeypatch.setattr(carla_env, "connect", refuse)
+    kwargs = dict(servers="s0:2000,s1:2000,s2:2000,s3:2000", worker_index=2, num_workers=2)
+    with pytest.raises(carla_env.CarlaConnectionError):
+        carla_env.CarlaDrivingEnv(**kwargs)
+    with pytest.raises(carla_env.CarlaConnectionError):
+        carla_env.CarlaDrivingEnv(**kwargs)  # the failed env gave s1 back: it is tried again
+    assert tried == [("s1", 2000), ("s1", 2000)]
+    with pytest.raises(ValueError, match="port: not used with servers"):
+        carla_env.CarlaDrivingEnv(port=2000, **kwargs)
+
+
+def test_env_creator_passes_the_env_runner_index_to_carla(monkeypatch):
+    """RLlib's EnvContext reaches the CARLA env as worker_index/num_workers; other envs see none."""
+    from ray.rllib.env.env_context import EnvContext
+
+    from vla_ray import train
+
+    made = []
+    monkeypatch.setattr(gym, "make", lambda env_id, **kw: made.append((env_id, kw)))
+    ctx = EnvContext({"servers": "a:1,b:1"}, worker_index=3, num_workers=4)
+    train._EnvCreator("vla_ray/Carla-v0")(ctx)
+    train._EnvCreator("vla_ray/LangReach-v0")(EnvContext({}, worker_index=3, num_workers=4))
+    assert made[0] == (
+        "vla_ray/Carla-v0",
+        {"servers": "a:1,b:1", "worker_index": 3, "num_workers": 4},
+    )
+    assert made[1] == ("vla_ray/LangReach-v0", {})
+
+
+def test_carla_server_helper_commands():
+    from vla_ray.envs.carla_servers import main, server_commands, servers_setting
+
+    cmds = server_commands(3, 2000, gpus=["0", "1"])
+    assert [c[c.index("--gpus") + 1] for c in cmds] == ["device=0", "device=1", "device=0"]
+    assert [c[-1] for c in cmds] == [f"-carla-rpc-port={p}" for p in (2000, 2003, 2006)]
+    assert len({c[c.index("--name") + 1] for c in cmds}) == 3
+    assert servers_setting(2, 2000) == "env.servers=localhost:2000,localhost:2003"
+    assert main(["--n", "2", "--base-port", "65534", "--dry-run"]) == 2  # 65537: not a port
+
+
+def test_carla_run_with_too_few_servers_stops_before_any_env_runner():
+    """`vla-ray train --preset carla-ppo` with 2 x 2 sub-envs and 3 servers: the named error
+    comes from building the algorithm config (no Ray, no server)."""
+    from vla_ray.envs.carla_env import TooFewServersError
+    from vla_ray.train import build_algorithm_config, parse_overrides, resolve
+
+    overrides = parse_overrides(["env.servers=sim:2000,sim:2003,sim:2006"])
+    spec = resolve("carla-ppo", overrides, num_env_runners=2, num_envs_per_env_runner=2)
+    with pytest.raises(TooFewServersError, match=r"2 EnvRunner\(s\) x 2 sub-env\(s\) each need 4"):
+        build_algorithm_config(spec)
+    spec = resolve("carla-ppo", overrides, num_env_runners=3, num_envs_per_env_runner=1)
+    assert build_algorithm_config(spec).env_config["servers"] == "sim:2000,sim:2003,sim:2006"

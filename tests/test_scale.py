@@ -13,7 +13,12 @@ import pytest
 from vla_ray.algorithms import ALGORITHMS
 from vla_ray.cli import main
 from vla_ray.presets import PRESETS
-from vla_ray.scale import FAULT_TOLERANCE_DEFAULTS, apply_scale_flags, resolve_gpus
+from vla_ray.scale import (
+    FAULT_TOLERANCE_DEFAULTS,
+    apply_scale_flags,
+    fault_tolerance_settings,
+    resolve_gpus,
+)
 from vla_ray.train import build_algorithm_config, parse_overrides, resolve
 
 ISSUE_PRESETS = (
@@ -80,8 +85,11 @@ def test_gpu_auto_and_bad_scale_values(monkeypatch):
         apply_scale_flags({}, vectorize="threads")
     with pytest.raises(ValueError, match="num_gpus_per_learner: expected a number >= 0 or 'auto'"):
         apply_scale_flags({}, num_gpus_per_learner="many")
+    # an override is refused by resolve (did-you-mean); a preset's own section when it is used
+    with pytest.raises(ValueError, match="fault_tolerance takes no key 'restart_all'"):
+        resolve("hopper-ppo", {"fault_tolerance": {"restart_all": True}})
     with pytest.raises(ValueError, match="fault_tolerance: unknown key"):
-        build_algorithm_config(resolve("hopper-ppo", {"fault_tolerance": {"restart_all": True}}))
+        fault_tolerance_settings({"fault_tolerance": {"restart_all": True}})
 
 
 def test_cli_scale_flags(capsys):

@@ -212,3 +212,62 @@ def test_two_trial_search_reports_best_trial_with_wandb_offline(
     # a fresh search refuses to overwrite it
     assert main(["tune", str(config), "--output", str(out), "--quiet"]) == 2
     assert "is not empty; use --resume" in capsys.readouterr().err
+
+
+def test_a_trial_bigger_than_the_cluster_is_refused_at_the_start(tmp_path, capsys, monkeypatch):
+    """The README's search on a 2-CPU machine: each trial asks 3 CPUs (learner + 2 EnvRunners);
+    the CLI says so before any trial is queued, and its flags make the trial fit."""
+    import vla_ray.train
+    import vla_ray.tuning as tuning
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(vla_ray.train, "init_ray", lambda num_cpus=None: None)
+    monkeypatch.setattr(tuning, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    config = str(ROOT / "tune_configs" / "ppo_langreach.yaml")
+    argv = ["tune", config, "--num-samples", "2", "--stop-iters", "1"]
+    assert main([*argv, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "one trial needs 3 CPUs and 0 GPUs (1 CPU for the driver/learner + 2 EnvRunner(s)" in err
+    assert "this Ray cluster has 2 CPUs, 0 GPUs" in err
+    assert "--num-env-runners 1 or --cpus-per-trial 2" in err
+
+    def started(*args, **kwargs):
+        raise RuntimeError("the search would start now")
+
+    monkeypatch.setattr(tuning, "build_tuner", started)
+    for flags in (["--num-env-runners", "1"], ["--cpus-per-trial", "2"]):
+        with pytest.raises(RuntimeError, match="would start now"):  # the check passed
+            main([*argv, *flags, "--output", str(tmp_path / flags[0].strip("-"))])
+    spec = tuning.apply_resource_flags(load_tune_config(config), cpus_per_trial=4)
+    assert spec.resources["num_env_runners"] == 3
+    assert tuning.trial_resources(spec) == {"CPU": 4.0}
+    spec = tuning.apply_resource_flags(load_tune_config(config), num_gpus_per_learner=1)
+    with pytest.raises(ValueError, match="0 GPUs: no trial could start.*--num-gpus-per-learner"):
+        tuning.check_trial_fits(spec, {"CPU": 8.0})
+    with pytest.raises(ValueError, match="--cpus-per-trial: expected at least 1"):
+        tuning.apply_resource_flags(load_tune_config(config), cpus_per_trial=0.5)
+
+
+def test_a_search_over_a_dataset_leaves_a_cpu_for_ray_data(monkeypatch, tmp_path):
+    """Offline trials read with Ray Data outside their reservation: a trial that takes every
+    CPU is refused (it hung in its first read), and concurrency is capped to leave one free."""
+    import vla_ray.tuning as tuning
+    from vla_ray.data.collect import collect
+
+    monkeypatch.chdir(tmp_path)  # iql_hopper.yaml's data path is relative to the working dir
+    collect(
+        "vla_ray/Hopper-v5",
+        "random",
+        1,
+        tmp_path / "datasets" / "hopper-medium-replay",
+        progress=False,
+    )
+    config = ROOT / "tune_configs" / "iql_hopper.yaml"
+    spec = tuning.apply_resource_flags(load_tune_config(config), cpus_per_trial=2)
+    with pytest.raises(ValueError) as err:
+        tuning.check_trial_fits(spec, {"CPU": 2.0})
+    assert "1 CPU must stay free for Ray Data" in str(err.value)
+    assert "--num-env-runners 0 or --cpus-per-trial 1" in str(err.value)
+    assert tuning.check_trial_fits(spec, {"CPU": 8.0}) == 3  # (8 - 1) // 2 trials at once
+    online = load_tune_config(ROOT / "tune_configs" / "ppo_langreach.yaml")
+    assert tuning.check_trial_fits(online, {"CPU": 8.0}) is None  # no cap: nothing to read

@@ -85,10 +85,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from vla_ray.tracking import tune_callbacks
-    from vla_ray.tuning import check_available, format_table, load_tune_config, run_tune
+    from vla_ray.tuning import (
+        apply_resource_flags,
+        check_available,
+        format_table,
+        load_tune_config,
+        run_tune,
+    )
 
     spec = load_tune_config(args.config)
     check_available(spec)
+    apply_resource_flags(
+        spec,
+        num_env_runners=args.num_env_runners,
+        cpus_per_trial=args.cpus_per_trial,
+        num_gpus_per_learner=args.num_gpus_per_learner,
+    )
     output = args.output or _default_output(f"tune-{spec.name}")
     if args.resume and not args.output:
         raise ValueError("--resume needs --output DIR, the directory of the search to continue")
@@ -476,18 +488,111 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# examples shown at the end of each subcommand's --help
+EXAMPLES = {
+    "list": "vla-ray list",
+    "train": """\
+vla-ray train --preset langreach-ppo --output runs/lr
+vla-ray train --preset langreach-ppo --num-env-runners 4 --set training.lr=1e-4 --stop-iters 50
+vla-ray train --preset langreach-bc --data data/langreach-expert --local
+vla-ray train --preset langreach-ppo --output runs/lr --resume""",
+    "tune": """\
+vla-ray tune tune_configs/ppo_langreach.yaml --output runs/tune-ppo
+vla-ray tune tune_configs/ppo_langreach.yaml --num-samples 2 --stop-iters 1 --cpus-per-trial 2
+vla-ray tune tune_configs/ppo_langreach.yaml --output runs/tune-ppo --resume""",
+    "eval": """\
+vla-ray eval --checkpoint runs/lr/checkpoints/best --episodes 100 --video eval.mp4
+vla-ray eval --checkpoint runs/lr/checkpoints/best/vla --json eval.json""",
+    "collect": """\
+vla-ray collect --env vla_ray/LangReach-v0 --policy expert --episodes 500 --output data/lr-expert
+vla-ray collect --env vla_ray/Hopper-v5 --policy random --episodes 100 --format d4rl \\
+    --output data/hopper-random""",
+    "export": """\
+vla-ray export --checkpoint runs/lr/checkpoints/best --output runs/lr/export
+vla-ray export --checkpoint runs/lr/checkpoints/best --format onnx,onnx-int8,triton \\
+    --output runs/lr/export""",
+    "serve": """\
+vla-ray serve --model runs/lr/export --backend onnx --port 8000
+vla-ray serve --model runs/lr/export --autoscale 1:4 --api-key-file key.txt""",
+    "quickstart": """\
+vla-ray quickstart
+vla-ray quickstart --rl grpo --output runs/quickstart-grpo""",
+    "make-vlm-data": "vla-ray make-vlm-data --output data/vlm --n 2000",
+    "pretrain": """\
+vla-ray pretrain --stage align --data data/vlm/llava_pretrain.json --output runs/vlm-align
+vla-ray pretrain --stage instruct --data data/vlm/llava_instruct.json --output runs/vlm-inst \\
+    --init runs/vlm-align/vlm --lora""",
+    "report": """\
+vla-ray report runs/lr
+vla-ray report runs/lr --eval-video --episodes 3""",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default in its help (unless it has none), the examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _export_formats(text: str) -> str:
+    """``--format``: a comma-separated list of known export formats."""
+    from vla_ray.runtime import EXPORT_FORMATS
+
+    unknown = [f for f in text.split(",") if f.strip() not in EXPORT_FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown format(s) {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(EXPORT_FORMATS)}"
+        )
+    return text
+
+
+def _finish_help(sub: argparse._SubParsersAction) -> None:
+    """Every subcommand: defaults shown, examples at the end, a help line for every flag."""
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        command.description = command.description or summaries.get(name)
+        if name in EXAMPLES:
+            command.epilog = "examples:\n" + "\n".join(
+                "  " + line for line in EXAMPLES[name].splitlines()
+            )
+        for action in command._actions:
+            if action.help is None and action.default not in (None, False):
+                action.help = "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vla_ray import __version__
+    from vla_ray.data.collect import FORMATS
+    from vla_ray.presets import PRESETS
+    from vla_ray.runtime import EXPORT_FORMATS
+
     parser = argparse.ArgumentParser(
-        prog="vla-ray", description="Train, evaluate and serve VLA policies on Ray."
+        prog="vla-ray",
+        description="Train, evaluate and serve VLA policies on Ray.",
+        epilog="`vla-ray COMMAND --help` shows each command's flags, defaults and examples.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="presets, envs and algorithms").set_defaults(fn=cmd_list)
 
     t = sub.add_parser("train", help="train a preset with RLlib")
-    t.add_argument("--preset", required=True)
-    t.add_argument("--num-env-runners", type=int)
-    t.add_argument("--num-envs-per-env-runner", type=int)
+    t.add_argument(
+        "--preset",
+        required=True,
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"what to train ({', '.join(PRESETS)}; `vla-ray list` describes them)",
+    )
+    t.add_argument("--num-env-runners", type=int, help="EnvRunners (default: the preset's)")
+    t.add_argument(
+        "--num-envs-per-env-runner", type=int, help="envs per EnvRunner (default: the preset's)"
+    )
     t.add_argument(
         "--vectorize",
         choices=("sync", "async"),
@@ -506,9 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs per EnvRunner for policy inference (fractions share one; default 0)",
     )
     stop = t.add_mutually_exclusive_group()
-    stop.add_argument("--stop-iters", type=int)
-    stop.add_argument("--stop-timesteps", type=int)
-    stop.add_argument("--stop-seconds", type=float)
+    stop.add_argument(
+        "--stop-iters", type=int, help="training iterations (default: the preset's stop)"
+    )
+    stop.add_argument("--stop-timesteps", type=int, help="env steps (default: the preset's stop)")
+    stop.add_argument("--stop-seconds", type=float, help="wall-clock seconds")
     t.add_argument("--output", help="run directory (default runs/PRESET-TIME)")
     t.add_argument(
         "--set",
@@ -552,6 +659,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--stop-iters", type=int, help="iterations per trial (replaces stop)")
     u.add_argument("--output", help="experiment directory (default runs/tune-NAME-TIME)")
     u.add_argument("--resume", action="store_true", help="continue the search in --output")
+    trial = u.add_mutually_exclusive_group()
+    trial.add_argument(
+        "--num-env-runners", type=int, help="EnvRunners per trial (replaces resources.*)"
+    )
+    trial.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        help="CPUs per trial: as many EnvRunners as fit beside the driver/learner",
+    )
+    u.add_argument("--num-gpus-per-learner", type=float, help="GPUs per trial's learner")
     u.add_argument("--quiet", action="store_true", help="no progress display")
     _add_tracking_flags(u)
     u.set_defaults(fn=cmd_tune)
@@ -584,9 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--env", required=True, help="env id, e.g. vla_ray/LangReach-v0")
     c.add_argument("--policy", default="expert", help="expert | random | CHECKPOINT path")
     c.add_argument("--episodes", type=int, required=True)
-    c.add_argument(
-        "--format", default="rllib", help="dataset format: rllib | minari | lerobot | d4rl"
-    )
+    c.add_argument("--format", default="rllib", choices=FORMATS, help="dataset format")
     c.add_argument("--output", required=True)
     c.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
     c.add_argument(
@@ -608,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--format",
         default="onnx",
-        help="comma-separated: onnx, torchscript, onnx-int8, onnx-fp16, openvino, triton",
+        type=_export_formats,
+        help=f"comma-separated, from: {', '.join(EXPORT_FORMATS)}",
     )
     x.add_argument("--output", required=True, help="export folder (replaced atomically)")
     x.add_argument("--triton-max-batch-size", type=int, default=64)
@@ -732,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop above this")
     p.add_argument("--resume", action="store_true", help="continue OUTPUT's last checkpoint")
     p.set_defaults(fn=cmd_pretrain)
+    _finish_help(sub)
     return parser
 
 

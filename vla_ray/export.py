@@ -50,6 +50,7 @@ from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
 # what runs an export needs without torch (the serving replicas) lives in vla_ray.runtime
 from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
+    EXPORT_FORMATS,
     ONNX_FAMILY,
     PYTORCH_DIR,
     SPEC_NAME,
@@ -62,7 +63,6 @@ from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
     read_spec,
 )
 
-EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
 TRITON_MODEL_NAME = "vla"
 OUTPUT_NAME = "actions"
 

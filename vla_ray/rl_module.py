@@ -171,6 +171,9 @@ def build_vla(
 class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     """Vision-language-action policy (+ optional value function) for RLlib's new API stack."""
 
+    # model_config keys this module reads besides the VLAConfig fields (see setting_keys)
+    MODEL_KEYS: tuple[str, ...] = MODULE_ONLY_KEYS
+
     @override(RLModule)
     def setup(self) -> None:
         mc = dict(self.model_config or {})

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
 ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
 PYTORCH_DIR = "pytorch"
 SPEC_NAME = "spec.json"

@@ -55,7 +55,7 @@ from vla_ray.config import ConfigError
 from vla_ray.models.heads import ActionHead, mlp
 from vla_ray.models.prefix import CachedPrefixTrunk
 from vla_ray.models.vla import build_trunk
-from vla_ray.rl_module import build_vla
+from vla_ray.rl_module import MODULE_ONLY_KEYS, build_vla
 
 # model_config keys of these modules (and of RLlib's SAC-family configs) that are not VLAConfig's
 # (pretrained_path, vlm_path and value are VLAModule's, which build_vla already sets aside)
@@ -159,6 +159,8 @@ class _ObsBatch(dict):
 
 class VLASACModule(DefaultSACTorchRLModule):
     """RLlib's default SAC module with the VLA as the policy and VLA trunks in the critics."""
+
+    MODEL_KEYS = MODULE_ONLY_KEYS + SAC_MODULE_KEYS
 
     def __init__(self, *args, **kwargs):
         # no Catalog: RLlib's catalogs cannot encode Dict observations; setup() builds the parts

@@ -138,9 +138,11 @@ def resolve(
     for online ones.
     """
     from vla_ray.algorithms import get_algorithm
+    from vla_ray.setting_keys import check_overrides
 
     p = preset if isinstance(preset, Preset) else get_preset(preset)
     algo = get_algorithm(p.algorithm)
+    check_overrides(overrides or {}, p.algorithm, p.env)  # did-you-mean for every section
     settings = p.sections()
     settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
     settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
@@ -205,10 +207,16 @@ class _EnvCreator:
 
     def __call__(self, env_config: dict[str, Any]):
         import gymnasium as gym
+        from ray.rllib.env.env_context import EnvContext
 
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
+        from vla_ray.envs import env_kwargs
 
         kwargs = dict(env_config or {})
+        # envs that place themselves by their EnvRunner (CARLA: one server per sub-env) get its
+        # index and the number of runners
+        if isinstance(env_config, EnvContext) and "worker_index" in (env_kwargs(self.env_id) or ()):
+            kwargs.update(worker_index=env_config.worker_index, num_workers=env_config.num_workers)
         # ``expert_beta`` (DAgger) is not an env argument: it wraps the env in ExpertMixing
         beta = kwargs.pop("expert_beta", None)
         expert = kwargs.pop("expert", None)  # and names its expert (the env's by default)
@@ -232,6 +240,7 @@ def build_algorithm_config(spec: RunSpec):
 
     from vla_ray.algorithms import get_algorithm
     from vla_ray.callbacks import SuccessRateCallback
+    from vla_ray.envs import CARLA_ID
     from vla_ray.rl_module import VLAModule
     from vla_ray.scale import fault_tolerance_settings, resolve_gpus
 
@@ -242,6 +251,14 @@ def build_algorithm_config(spec: RunSpec):
     runners.setdefault("rollout_fragment_length", "auto")
     runners.setdefault("num_cpus_per_env_runner", 1)
     learners, runners = resolve_gpus(s["learners"], runners)  # "auto": 1 GPU when there is one
+    if spec.env == CARLA_ID:  # one server per sub-env: say so before any EnvRunner starts
+        from vla_ray.envs.carla_env import check_server_count
+
+        check_server_count(
+            s["env_config"],
+            runners.get("num_env_runners", 0),
+            runners.get("num_envs_per_env_runner", 1),
+        )
     cfg = (
         get_algorithm(spec.algorithm)
         .make_config()

@@ -31,10 +31,6 @@ checkpoint metric and the last are kept; each is an RLlib checkpoint plus a ``vl
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import importlib
-import inspect
 import json
 import math
 import os
@@ -48,6 +44,7 @@ import yaml
 from ray import tune
 from ray.tune.logger import LoggerCallback
 
+from vla_ray.setting_keys import known_setting_keys, setting_problem
 from vla_ray.train import (
     META_NAME,
     TOP_LEVEL_KEYS,
@@ -84,6 +81,9 @@ RESOURCE_KEYS = {
     "num_cpus_per_learner": ("learners", float, 0),
     "num_gpus_per_learner": ("learners", float, 0),
 }
+# CPUs left free beside the trials of a search over a dataset: Ray Data's read tasks run outside
+# each trial's placement group (a search that reserves every CPU hangs in its first read)
+RAY_DATA_CPUS = 1
 ASHA_KEYS = ("grace_period", "max_t", "reduction_factor", "brackets")
 PBT_KEYS = (
     "perturbation_interval",
@@ -207,75 +207,12 @@ def _check_dotted_key(where: str, key: Any) -> list[str]:
     return []
 
 
-def _method_params(config: Any, name: str) -> set[str] | None:
-    """Keyword parameters of ``config.<name>()`` over the config class's MRO.
-
-    None when the root definition takes ``**kwargs`` (then any key could be valid).
-    """
-    defs = [vars(c)[name] for c in type(config).__mro__ if name in vars(c)]
-    names: set[str] = set()
-    for fn in defs:
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
-                names.add(p.name)
-    root = inspect.signature(defs[-1]).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in root):
-        return None
-    return names
-
-
-def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[str] | None]:
-    """Per section, the first-level keys a run takes (None: cannot be checked in this build)."""
-    from vla_ray.algorithms import ALGORITHMS, get_algorithm
-    from vla_ray.config import VLAConfig
-    from vla_ray.rl_module import _RLLIB_MODEL_KEYS, MODULE_ONLY_KEYS, SPACE_DERIVED_KEYS
-
-    # sections of an algorithm this build lacks stay unchecked (its module may take more keys)
-    out: dict[str, set[str] | None] = dict.fromkeys(
-        ("training", "env_runners", "learners", "model")
-    )
-    if algorithm in ALGORITHMS:
-        cfg = get_algorithm(algorithm).make_config()
-        for section in ("training", "env_runners", "learners"):
-            out[section] = _method_params(cfg, section)
-        model = {f.name for f in dataclasses.fields(VLAConfig)} - set(SPACE_DERIVED_KEYS)
-        out["model"] = model | set(MODULE_ONLY_KEYS) | set(_RLLIB_MODEL_KEYS)
-    out["env_config"] = _env_kwargs(env)
-    out["stop"] = {"iters", "timesteps", "seconds"}
-    return out
-
-
-def _env_kwargs(env: str | None) -> set[str] | None:
-    import gymnasium as gym
-
-    import vla_ray.envs  # noqa: F401  (registers the vla-ray ids)
-
-    if not env or env not in gym.registry:
-        return None
-    entry = gym.spec(env).entry_point
-    if not isinstance(entry, str):
-        return None
-    module, _, name = entry.partition(":")
-    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return {p for p in params if p != "self"}
-
-
 def _check_setting(where: str, key: str, known: dict[str, set[str] | None]) -> list[str]:
     parts = override_path(key)
     if parts[0] in TOP_LEVEL_KEYS:
         return []
-    allowed = known.get(parts[0])
-    if allowed is None or parts[1] in allowed:
-        return []
-    label = "env" if parts[0] == "env_config" else parts[0]
-    close = difflib.get_close_matches(parts[1], sorted(allowed), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return [
-        f"{where}.{key}: {label} takes no key {parts[1]!r}; {hint}valid keys are "
-        f"{', '.join(sorted(allowed))}"
-    ]
+    problem = setting_problem(parts, known)
+    return [f"{where}.{key}: {problem}"] if problem else []
 
 
 def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
@@ -535,19 +472,121 @@ def base_of(spec: TuneSpec) -> dict[str, str]:
     )
 
 
-def param_space(spec: TuneSpec) -> dict[str, Any]:
-    """The Tuner's param space: ``{"base": preset or algorithm+env, "overrides": nested}``."""
+def param_space_fixed(spec: TuneSpec) -> dict[str, Any]:
+    """The overrides every trial shares (``resources``, ``set``, ``data``), without the search
+    space."""
     overrides: dict[str, Any] = {}
     for k, v in spec.resources.items():
-        section = RESOURCE_KEYS[k][0]
-        set_override(overrides, f"{section}.{k}", v)
+        set_override(overrides, f"{RESOURCE_KEYS[k][0]}.{k}", v)
     for k, v in spec.fixed.items():
         set_override(overrides, k, v)
-    for k, v in spec.search_space.items():
-        set_override(overrides, k, to_domain(v))
     if spec.data:  # offline algorithms: every trial reads the same dataset
         overrides["data"] = str(Path(spec.data).resolve())
+    return overrides
+
+
+def param_space(spec: TuneSpec) -> dict[str, Any]:
+    """The Tuner's param space: ``{"base": preset or algorithm+env, "overrides": nested}``."""
+    overrides = param_space_fixed(spec)
+    for k, v in spec.search_space.items():
+        set_override(overrides, k, to_domain(v))
     return {"base": base_of(spec), "overrides": overrides}
+
+
+def apply_resource_flags(
+    spec: TuneSpec,
+    *,
+    num_env_runners: int | None = None,
+    cpus_per_trial: float | None = None,
+    num_gpus_per_learner: float | None = None,
+) -> TuneSpec:
+    """Put ``vla-ray tune``'s resource flags into ``spec.resources`` (they replace the YAML's).
+
+    ``cpus_per_trial``: as many EnvRunners as fit beside the driver/learner in that many CPUs.
+    """
+    if num_env_runners is not None and cpus_per_trial is not None:
+        raise ValueError("--num-env-runners/--cpus-per-trial: give one of them")
+    if num_env_runners is not None:
+        if num_env_runners < 0:
+            raise ValueError(f"--num-env-runners: expected an integer >= 0, got {num_env_runners}")
+        spec.resources["num_env_runners"] = num_env_runners
+    if num_gpus_per_learner is not None:
+        if num_gpus_per_learner < 0:
+            raise ValueError(f"--num-gpus-per-learner: expected >= 0, got {num_gpus_per_learner}")
+        spec.resources["num_gpus_per_learner"] = num_gpus_per_learner
+    if cpus_per_trial is not None:
+        main_cpus = trial_resources(spec, num_env_runners=0).get("CPU", 0.0)
+        per_runner = float(spec.resources.get("num_cpus_per_env_runner") or 1)
+        fit = math.floor((cpus_per_trial - main_cpus) / per_runner + 1e-9)
+        if fit < 0:
+            raise ValueError(
+                f"--cpus-per-trial: expected at least {main_cpus:g} (the driver/learner's CPUs), "
+                f"got {cpus_per_trial:g}"
+            )
+        spec.resources["num_env_runners"] = fit
+    return spec
+
+
+def trial_resources(spec: TuneSpec, *, num_env_runners: int | None = None) -> dict[str, float]:
+    """What one trial reserves (its RLlib placement group: driver/learners + EnvRunners), from
+    the preset, ``set`` and ``resources`` (search-space values are not counted)."""
+    overrides = param_space_fixed(spec)
+    if num_env_runners is not None:
+        set_override(overrides, "env_runners.num_env_runners", num_env_runners)
+    pgf = VLATrainable.default_resource_request({"base": base_of(spec), "overrides": overrides})
+    return {k: float(v) for k, v in pgf.required_resources.items() if v}
+
+
+def check_trial_fits(spec: TuneSpec, cluster: dict[str, float]) -> int | None:
+    """ValueError when one trial needs more CPUs or GPUs than ``cluster`` has (it would wait in
+    PENDING for ever): what a trial needs, what the cluster has and which setting to lower.
+
+    Trials that read a dataset (offline algorithms) also need :data:`RAY_DATA_CPUS` left free
+    for Ray Data's read tasks, which run outside the trial's reservation; for them the number of
+    trials that fit at once is returned (None: no limit from here).
+    """
+    need = trial_resources(spec)
+    base = spec_from_trial_config({"base": base_of(spec), "overrides": param_space_fixed(spec)})
+    spare = RAY_DATA_CPUS if base.settings.get("data") else 0
+    cpus = cluster.get("CPU", 0.0) - spare
+    short = [
+        k
+        for k, have in (("CPU", cpus), ("GPU", cluster.get("GPU", 0.0)))
+        if need.get(k, 0.0) > have + 1e-9
+    ]
+    if not short:
+        return max(1, math.floor(cpus / need["CPU"] + 1e-9)) if spare and need.get("CPU") else None
+    runners = base.settings["env_runners"]
+    n = int(runners.get("num_env_runners", 0) or 0)
+    per_runner = float(runners.get("num_cpus_per_env_runner") or 1)
+    main_cpus = trial_resources(spec, num_env_runners=0).get("CPU", 0.0)
+    fix = []
+    if "CPU" in short:
+        fit = math.floor((cpus - main_cpus) / per_runner + 1e-9)
+        if fit >= 0:
+            fix.append(
+                f"lower the EnvRunners per trial: --num-env-runners {fit} or --cpus-per-trial "
+                f"{main_cpus + fit * per_runner:g} (resources.num_env_runners in the YAML)"
+            )
+        else:
+            fix.append("run on a machine or cluster with more CPUs")
+    if "GPU" in short:
+        fix.append("lower --num-gpus-per-learner (resources.num_gpus_per_learner), e.g. 0")
+    have = ", ".join(f"{cluster.get(k, 0.0):g} {k}s" for k in ("CPU", "GPU"))
+    data = f", and {spare} CPU must stay free for Ray Data to read the dataset" if spare else ""
+    raise ValueError(
+        f"{spec.source}: one trial needs {need.get('CPU', 0.0):g} CPUs and "
+        f"{need.get('GPU', 0.0):g} GPUs ({main_cpus:g} CPU for the driver/learner + {n} "
+        f"EnvRunner(s) x {per_runner:g} CPU){data}, but this Ray cluster has {have}: no trial "
+        f"could start. To fit: {'; '.join(fix)}."
+    )
+
+
+def cluster_resources() -> dict[str, float]:
+    """CPUs/GPUs of the running Ray cluster."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def spec_from_trial_config(config: dict[str, Any]) -> RunSpec:
@@ -814,6 +853,18 @@ def run_tune(
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"--output {str(out)!r} is not empty; use --resume or a new directory")
     init_ray(num_cpus)
+    if os.environ.get("RAY_ADDRESS"):
+        # a cluster joined by address may autoscale: a trial too big for it now may fit later
+        try:
+            check_trial_fits(spec, cluster_resources())
+        except ValueError as err:
+            print(f"warning: {err} (an autoscaling cluster may still add the nodes)")
+    else:
+        at_once = check_trial_fits(spec, cluster_resources())
+        if at_once is not None and (spec.max_concurrent_trials or at_once + 1) > at_once:
+            # more concurrent trials would take every CPU, and Ray Data's reads would wait
+            print(f"tune: {at_once} trial(s) at a time (CPUs left free for Ray Data's reads)")
+            spec.max_concurrent_trials = at_once
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable=VLATrainable, resume_errored=True)
     else:
