@@ -204,7 +204,6 @@ class _EnvCreator:
         self.env_id = env_id
 
     def __call__(self, env_config: dict[str, Any]):
-        import gymnasium as gym
 
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
 
@@ -213,7 +212,11 @@ class _EnvCreator:
         beta = kwargs.pop("expert_beta", None)
         # ``group_seeding`` (GRPO) wraps the env in GroupSeeding (resets from a seed schedule)
         group_seeding = kwargs.pop("group_seeding", False)
-        env = gym.make(self.env_id, **kwargs)
+        # ``safety`` (a rules file) wraps the env in SafetyWrapper, innermost: the shield sees
+        # the action the env will execute (after any expert mixing)
+        from vla_ray.safety import make_env
+
+        env = make_env(self.env_id, kwargs)
         if beta is not None:
             from vla_ray.envs.experts import ExpertMixing
 
@@ -339,6 +342,9 @@ def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]
         success_by_target={
             str(k): _num(v) for k, v in (runners.get("success_by_target") or {}).items()
         },
+        # interventions per episode by safety rule id, and the episode's safety cost
+        safety={str(k): _num(v) for k, v in (runners.get("safety") or {}).items()},
+        episode_cost=_num(runners.get("episode_cost")),
         learner=_learner_stats(result),
     )
 
