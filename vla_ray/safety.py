@@ -45,7 +45,7 @@ import numpy as np
 
 MODES = ("clamp", "fallback", "reject", "monitor")
 FALLBACKS = ("stop", "hold")
-_SOURCE = re.compile(r"^(?:state\[(\d+)\]|info\.([A-Za-z_][\w.]*))$")
+_SOURCE = re.compile(r"^(-?)(?:state\[(\d+)\]|info\.([A-Za-z_][\w.]*))$")
 
 
 class SafetyConfigError(ValueError):
@@ -79,11 +79,12 @@ class Context:
 # ---- value sources --------------------------------------------------------------------------
 @dataclass
 class Source:
-    """``state[i]`` or ``info.key`` (dots go into nested dicts)."""
+    """``state[i]`` or ``info.key`` (dots go into nested dicts); a leading ``-`` negates."""
 
     text: str
     state_index: int | None
     info_key: str | None
+    sign: float = 1.0
 
     def read(self, ctx: Context, rule: str, name: str) -> float:
         if self.state_index is not None:
@@ -92,7 +93,7 @@ class Source:
                 raise SafetyConfigError(
                     rule, name, f"a state with index {self.state_index}", f"<state of size {size}>"
                 )
-            return float(np.ravel(ctx.state)[self.state_index])
+            return self.sign * float(np.ravel(ctx.state)[self.state_index])
         node: Any = ctx.info
         for part in str(self.info_key).split("."):
             if not isinstance(node, dict) or part not in node:
@@ -100,7 +101,7 @@ class Source:
                     rule, name, f"an info with key {self.info_key!r}", "<info without it>"
                 )
             node = node[part]
-        return float(node)
+        return self.sign * float(node)
 
 
 # ---- parameter readers (errors name the rule and the field) ----------------------------------
@@ -154,8 +155,8 @@ class _Params:
         match = _SOURCE.match(text) if isinstance(text, str) else None
         if match is None:
             raise SafetyConfigError(self.rule, name, '"state[INDEX]" or "info.KEY"', text)
-        index = None if match.group(1) is None else int(match.group(1))
-        return Source(text, index, match.group(2))
+        index = None if match.group(2) is None else int(match.group(2))
+        return Source(text, index, match.group(3), -1.0 if match.group(1) else 1.0)
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(name, default)
@@ -437,8 +438,10 @@ class MinDistance(Rule):
 
 
 class MinTimeToCollision(MinDistance):
-    """Time to collision = ``distance`` / ``closing_speed`` (infinite when not closing) at least
-    ``min`` seconds; both from ``state[i]`` or ``info.key``. Clamp as ``min_distance``."""
+    """Time to collision = ``distance`` / ``closing_speed`` at least ``min`` seconds; both from
+    ``state[i]`` or ``info.key`` (``-state[i]`` negates). Infinite when not closing
+    (``closing_speed <= 0``) or when ``distance <= 0`` (the other is behind). Clamp as
+    ``min_distance``."""
 
     kind = "min_time_to_collision"
 
@@ -460,7 +463,7 @@ class MinTimeToCollision(MinDistance):
     def value(self, ctx: Context) -> float:
         dist = self.distance.read(ctx, self.id, "distance")
         closing = self.closing.read(ctx, self.id, "closing_speed")
-        return float("inf") if closing <= 0 else dist / closing
+        return float("inf") if closing <= 0 or dist <= 0 else dist / closing
 
 
 RULE_KINDS: dict[str, type[Rule]] = {
