@@ -547,3 +547,78 @@ def test_serve_reject_rule_answers_409_naming_it(client, body, monkeypatch):
     gap = {"id": "gap", "kind": "min_distance", "source": "info.gap", "min": 1}
     with pytest.raises(ShieldConfigError, match="'gap': source: expected state"):
         Shield({"rules": {"rules": [gap]}}, replica.spec)
+
+
+# ---- constrained RL: PPO-Lagrangian's multiplier and penalty ------------------------------------
+def _episode(rewards, costs, done=True):
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    n = len(rewards)
+    infos = [{"cost": 0.0, "episode_cost": 0.0}]
+    for c in costs:
+        infos.append({"cost": c, "episode_cost": infos[-1]["episode_cost"] + c})
+    ep = SingleAgentEpisode(
+        observations=[np.zeros(2, np.float32)] * (n + 1),
+        actions=[np.zeros(2, np.float32)] * n,
+        rewards=list(rewards),
+        infos=infos,
+        terminated=done,
+        len_lookback_buffer=0,
+    )
+    return ep.to_numpy()
+
+
+def test_lagrange_multiplier_rises_above_the_cost_limit_and_falls_to_zero_below():
+    from vla_ray.algorithms.ppo_lag import lagrange_update
+
+    assert lagrange_update(0.0, mean_cost=3.0, cost_limit=1.0, lr=0.1) == pytest.approx(0.2)
+    assert lagrange_update(0.5, mean_cost=0.0, cost_limit=1.0, lr=0.1) == pytest.approx(0.4)
+    assert lagrange_update(0.05, mean_cost=0.0, cost_limit=1.0, lr=0.1) == 0.0  # projected
+
+
+def test_cost_penalty_connector_updates_the_multiplier_and_penalises_rewards():
+    from vla_ray.algorithms.ppo_lag import CostPenalty
+
+    piece = CostPenalty(cost_limit=1.0, lagrangian_lr=0.5, lagrangian_init=0.0)
+    # two ended episodes of episode cost 3 and 1 (mean 2 > limit 1): lambda 0 -> 0.5
+    eps = [_episode([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), _episode([2.0, 0.0], [0.0, 1.0])]
+    piece(rl_module=None, batch={}, episodes=eps)
+    assert piece.multiplier == pytest.approx(0.5) and piece.last_mean_cost == pytest.approx(2.0)
+    # (r - 0.5 c) / 1.5
+    np.testing.assert_allclose(eps[0].get_rewards(), [1 / 3] * 3, rtol=1e-6)
+    np.testing.assert_allclose(eps[1].get_rewards(), [2 / 1.5, -1 / 3], rtol=1e-6)
+    # a second batch over the limit raises it again; the state round-trips
+    piece(rl_module=None, batch={}, episodes=[_episode([0.0] * 4, [1.0] * 4)])
+    assert piece.multiplier == pytest.approx(2.0)
+    other = CostPenalty()
+    other.set_state(piece.get_state())
+    assert other.multiplier == pytest.approx(2.0)
+    # an unfinished episode chunk is penalised but does not move the multiplier
+    piece(rl_module=None, batch={}, episodes=[_episode([0.0], [0.0], done=False)])
+    assert piece.multiplier == pytest.approx(2.0)
+
+
+def test_cost_penalty_needs_the_safety_cost_in_info():
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from vla_ray.algorithms.ppo_lag import CostPenalty
+
+    ep = SingleAgentEpisode(
+        observations=[np.zeros(2, np.float32)] * 2,
+        actions=[np.zeros(2, np.float32)],
+        rewards=[1.0],
+        infos=[{}, {}],
+        terminated=True,
+        len_lookback_buffer=0,
+    ).to_numpy()
+    with pytest.raises(ValueError, match="env.safety=RULES.yaml"):
+        CostPenalty()(rl_module=None, batch={}, episodes=[ep])
+
+
+def test_ppo_lag_preset_resolves_with_the_rules_inline():
+    from vla_ray.train import resolve
+
+    spec = resolve("langreach-state-ppo-lag", {"training": {"cost_limit": 0.5}}, local=True)
+    assert spec.algorithm == "ppo_lag" and spec.settings["training"]["cost_limit"] == 0.5
+    rules = spec.settings["env_config"]["safety"]["rules"]
+    assert [r["id"] for r in rules] == ["keep_out_centre"] and rules[0]["mode"] == "monitor"

@@ -625,8 +625,13 @@ class RuleSet:
 
 
 def load_rules_file(path: str | Path) -> dict[str, Any]:
-    """A rules file (``.yaml``/``.yml``/``.json``) as a mapping; errors name the file."""
+    """A rules file (``.yaml``/``.yml``/``.json``) as a mapping; errors name the file. A relative
+    path that is not found from the working directory is looked up in the repository (the
+    examples: ``envs/safety/langreach.yaml``)."""
     path = Path(path)
+    bundled = Path(__file__).resolve().parent.parent / path
+    if not path.is_file() and not path.is_absolute() and bundled.is_file():
+        path = bundled
     if not path.is_file():
         raise SafetyConfigError("<file>", "path", "an existing rules file", str(path))
     text = path.read_text()

@@ -153,6 +153,11 @@ def resolve(
     if _evaluates(algo):
         settings.update(eval_every=25 if offline else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
+    safety = (settings.get("env_config") or {}).get("safety")
+    if isinstance(safety, str):  # the rules themselves go into config.json and checkpoints
+        from vla_ray.safety import load_rules_file
+
+        settings["env_config"]["safety"] = load_rules_file(safety)
     if data is not None:
         settings["data"] = str(data)
     # online algorithms that learn from demonstrations too (GAIL) set NEEDS_DATA
