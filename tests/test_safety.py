@@ -277,6 +277,11 @@ def test_rules_file_yaml_and_its_errors(tmp_path):
         RuleSet.from_dict({"rules": [], "rule": []}, 2, LOW, HIGH)
 
 
+def test_discrete_action_space_is_refused():
+    with pytest.raises(SafetyConfigError, match="action space: expected a Box"):
+        RuleSet.from_config({"rules": []}, gym.spaces.Discrete(3))
+
+
 def test_missing_state_index_or_info_key_is_named():
     rs = rules({"id": "gap", "kind": "min_distance", "source": "info.gap", "min": 0.1})
     with pytest.raises(SafetyConfigError, match="'gap': source: expected an info with key 'gap'"):

@@ -549,6 +549,10 @@ class RuleSet:
         or an existing ``RuleSet`` (returned as is)."""
         if isinstance(config, RuleSet):
             return config
+        if not isinstance(action_space, gym.spaces.Box):
+            raise SafetyConfigError(
+                "<file>", "action space", "a Box (continuous actions)", f"<{action_space}>"
+            )
         low, high = (
             np.asarray(action_space.low, np.float64),
             np.asarray(action_space.high, np.float64),
