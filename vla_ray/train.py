@@ -209,7 +209,6 @@ class _EnvCreator:
         self.env_id = env_id
 
     def __call__(self, env_config: dict[str, Any]):
-
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
 
         kwargs = dict(env_config or {})
@@ -363,6 +362,9 @@ LEARNER_KEYS = (
     "entropy",
     "mean_kl_loss",
     "aux_loss",  # the module's auxiliary loss (keypoint reconstruction), when it has one
+    # PPO-Lagrangian (ppo_lag): the multiplier and the batch's mean episode cost
+    "lagrange_multiplier",
+    "batch_episode_cost",
     # SAC family (sac, cql, iql)
     "qf_loss",
     "qf_mean",
