@@ -641,3 +641,21 @@ def test_ppo_lag_learner_pipeline_starts_with_the_cost_penalty(langreach_spaces)
     assert cfg.get_default_learner_class() is PPOLagLearner
     with pytest.raises(ValueError, match="cost_limit: expected >= 0"):
         make_config().training(cost_limit=-1.0).validate()
+
+
+def test_serve_session_rate_limits_from_its_last_answer(client, body, monkeypatch):
+    from vla_ray.serve.shield import Shield
+
+    replica = client.replica
+    monkeypatch.setattr(replica, "shield", Shield({"max_delta": 0.05}, replica.spec))
+    first = np.asarray(client.post("/v1/act", json=body, headers=headers("g")).json()["action"])
+    second = np.asarray(client.post("/v1/act", json=body, headers=headers("g")).json()["action"])
+    # the untrained model wants O(1) actions: each answer moves 0.05 further, from the neutral
+    # action, then from the session's last answer
+    np.testing.assert_allclose(np.abs(first), 0.05, atol=1e-6)
+    np.testing.assert_allclose(np.abs(second - first), 0.05, atol=1e-6)
+    np.testing.assert_allclose(np.abs(second), 0.1, atol=1e-6)
+    # without a session header every request starts from the neutral action
+    anon = [client.post("/v1/act", json=body, headers=headers()).json()["action"] for _ in "ab"]
+    np.testing.assert_allclose(anon[0], first, atol=1e-6)
+    np.testing.assert_allclose(anon[1], first, atol=1e-6)
