@@ -9,7 +9,7 @@ per training batch from the mean cost of the episodes that ended in it::
     lambda <- max(0, lambda + lagrangian_lr * (mean_episode_cost - cost_limit))
 
 and the policy is trained on the penalised objective ``(A_r - lambda * A_c) / (1 + lambda)``.
-Here the penalty is applied to each step's reward, ``(r - lambda * c) / (1 + lambda)``, before
+Here the penalty is applied to each sampled step's reward, ``(r - lambda * c) / (1 + lambda)``, before
 RLlib's GAE, so the shared value function and GAE give that advantage (GAE is linear in the
 reward); the baselines' separate cost critic is not used. The piece is a learner connector
 (``CostPenalty``), prepended to PPO's learner pipeline; the multiplier is part of the
@@ -103,6 +103,18 @@ class CostPenalty(ConnectorV2):
 
 class PPOLagLearner(ppo.VLAPPOLearner):
     """The PPO learner of ``ppo.py``, logging the multiplier and the batch's mean episode cost."""
+
+    def build(self) -> None:
+        super().build()
+        # PPO's learner prepends AddOneTsToEpisodesAndTruncate, which marks every episode chunk
+        # as ended: the penalty must see the sampled episodes before that
+        pipeline = self._learner_connector
+        piece = next(
+            (c for c in getattr(pipeline, "connectors", []) if isinstance(c, CostPenalty)), None
+        )
+        if piece is not None and pipeline.connectors[0] is not piece:
+            pipeline.connectors.remove(piece)
+            pipeline.prepend(piece)
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         piece = next(
