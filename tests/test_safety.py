@@ -452,7 +452,17 @@ def client(onnx_export):
         },
         "watchdog": {"max_age_s": 0.5, "stop_on_model_error": True},
     }
+    from PIL import Image
+
+    pixel_limit = Image.MAX_IMAGE_PIXELS  # the replica lowers the process-wide limit: restored
     cls.__init__(replica, settings)
+
+    # each request alone, not through @serve.batch: its queue would be created in this test's
+    # event loop, inside the class's closure, and the class could no longer be pickled for Serve
+    async def one_at_a_time(inputs):
+        return app_module.predict_each(replica.backend.predict, [inputs])[0]
+
+    replica._batched = one_at_a_time
     original = serve.get_replica_context
     context = types.SimpleNamespace(
         servable_object=replica,
@@ -464,6 +474,7 @@ def client(onnx_export):
         test_client.replica = replica
         yield test_client
     serve.get_replica_context = original
+    Image.MAX_IMAGE_PIXELS = pixel_limit
 
 
 @pytest.fixture(scope="module")
