@@ -30,9 +30,11 @@ from vla_ray.safety import COST_INFO_KEY, EPISODE_COST_INFO_KEY
 
 NAME = "ppo_lag"
 HEADS = ppo.HEADS
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    ppo.TRAINING_DEFAULTS, cost_limit=1.0, lagrangian_lr=0.05, lagrangian_init=0.0
+# the constraint's settings, stated once (the config and the connector piece start from them)
+LAGRANGIAN_DEFAULTS: dict[str, float] = dict(
+    cost_limit=1.0, lagrangian_lr=0.05, lagrangian_init=0.0
 )
+TRAINING_DEFAULTS: dict[str, Any] = dict(ppo.TRAINING_DEFAULTS, **LAGRANGIAN_DEFAULTS)
 MODEL_DEFAULTS: dict[str, Any] = dict(ppo.MODEL_DEFAULTS)
 MULTIPLIER_KEY = "lagrange_multiplier"
 
@@ -65,9 +67,9 @@ class CostPenalty(ConnectorV2):
     def __init__(
         self,
         *args: Any,
-        cost_limit: float = 1.0,
-        lagrangian_lr: float = 0.05,
-        lagrangian_init: float = 0.0,
+        cost_limit: float = LAGRANGIAN_DEFAULTS["cost_limit"],
+        lagrangian_lr: float = LAGRANGIAN_DEFAULTS["lagrangian_lr"],
+        lagrangian_init: float = LAGRANGIAN_DEFAULTS["lagrangian_init"],
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -141,9 +143,9 @@ class PPOLagConfig(PPOConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or PPOLag)
-        self.cost_limit = 1.0
-        self.lagrangian_lr = 0.05
-        self.lagrangian_init = 0.0
+        self.cost_limit = LAGRANGIAN_DEFAULTS["cost_limit"]
+        self.lagrangian_lr = LAGRANGIAN_DEFAULTS["lagrangian_lr"]
+        self.lagrangian_init = LAGRANGIAN_DEFAULTS["lagrangian_init"]
 
     def training(
         self,
