@@ -235,6 +235,13 @@ class Shield:
                 spec = {"id": "workspace", "kind": "workspace", **ws}
                 rules.append(build_rule(spec, len(rules), A, lo, hi))
             for rule in rules:
+                for name, attr in (("source", "source"), ("distance", "distance"),
+                                   ("closing_speed", "closing")):  # fmt: skip
+                    src = getattr(rule, attr, None)
+                    if src is not None and (src.state_index or 0) >= state_dim:
+                        raise SafetyConfigError(
+                            rule.id, name, f"state[i] with i < {state_dim}", src.text
+                        )
                 idx = getattr(rule, "state_idx", None)
                 if idx is not None and idx.max() >= state_dim:
                     raise SafetyConfigError(

@@ -703,3 +703,27 @@ def test_ppo_lag_trains_with_the_safety_cost_and_raises_its_multiplier(ray_sessi
     # lambda = 0.1 * (10 - 0) after the first batch, 2.0 after the second
     assert rows[0]["learner"]["lagrange_multiplier"] == pytest.approx(1.0)
     assert rows[1]["learner"]["lagrange_multiplier"] == pytest.approx(2.0)
+
+
+def test_cli_serve_safety_file_errors_name_the_rule(onnx_export, tmp_path, capsys):
+    from vla_ray.cli import main
+
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("rules:\n  - {id: smooth, kind: max_delta, max_delta: -1}\n")
+    assert main(["serve", "--model", str(onnx_export), "--safety", str(bad)]) == 2
+    assert (
+        "safety rule 'smooth': max_delta: expected a number > 0, got -1" in capsys.readouterr().err
+    )
+    wide = tmp_path / "wide.yaml"  # a state index beyond the model's 4-dim state
+    wide.write_text(
+        "rules:\n  - {id: gap, kind: min_distance, source: 'state[0]', min: 1}\n"
+        "  - {id: box, kind: workspace, state_indices: [7], low: [0], high: [1]}\n"
+    )
+    assert main(["serve", "--model", str(onnx_export), "--safety", str(wide)]) == 2
+    assert "'box': state_indices: expected indices < 4" in capsys.readouterr().err
+    far = tmp_path / "far.yaml"
+    far.write_text("rules:\n  - {id: gap, kind: min_distance, source: 'state[9]', min: 1}\n")
+    assert main(["serve", "--model", str(onnx_export), "--safety", str(far)]) == 2
+    assert "'gap': source: expected state[i] with i < 4, got 'state[9]'" in capsys.readouterr().err
+    assert main(["serve", "--model", str(onnx_export), "--stale-after", "-1"]) == 2
+    assert "watchdog.max_age_s: expected a number > 0" in capsys.readouterr().err
