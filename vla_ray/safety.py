@@ -184,6 +184,10 @@ class Rule:
 
     kind = ""
 
+    def setup(self, p: _Params, low: np.ndarray, high: np.ndarray) -> None:
+        """Read and check the kind's fields (``low``/``high``: the action bounds)."""
+        raise NotImplementedError
+
     def check(self, action: np.ndarray, ctx: Context) -> bool:
         """True when ``action`` breaks the rule in ``ctx``."""
         return not np.array_equal(self.fix(action, ctx), action)
