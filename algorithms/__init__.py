@@ -21,6 +21,7 @@ ALGORITHMS = (
     "td3bc",
     "dt",
     "gail",
+    "ppo_lag",
 )
 
 

@@ -1,7 +1,9 @@
 """The Ray Serve deployment: a FastAPI ingress over a batched policy backend.
 
 Routes: ``POST /v1/act`` (one observation -> shielded action chunk), ``GET /v1/health``,
-``GET /v1/spec`` (model spec, shield and serving settings), OpenAPI docs at ``/docs``.
+``GET /v1/spec`` (model spec, shield and serving settings), ``POST /v1/estop`` and
+``POST /v1/resume`` (emergency stop of one session, header ``X-Session-Id``, or of all),
+OpenAPI docs at ``/docs``.
 Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model call per batch.
 """
 
@@ -26,6 +28,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from vla_ray.safety import SafetyRejected
 from vla_ray.serve.backends import BACKENDS, load_backend, resolve_model_dir
 from vla_ray.serve.schema import (
     DEFAULT_MAX_BODY_BYTES,
@@ -36,6 +39,13 @@ from vla_ray.serve.schema import (
     RequestError,
     RequestParser,
     limit_image_pixels,
+)
+from vla_ray.serve.sessions import (
+    SESSION_HEADER,
+    TIMESTAMP_HEADER,
+    SafetySessions,
+    SessionError,
+    WatchdogSettings,
 )
 from vla_ray.serve.shield import Shield, ShieldInputError
 
@@ -57,6 +67,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "body is not JSON"),
         (401, "missing or wrong API key"),
         (413, "body too large"),
+        (409, "a safety rule in reject mode refused the action (named in the answer)"),
         (422, "invalid field (named in the answer)"),
         (500, "the model produced no usable action for this observation (named in the answer)"),
     )
@@ -98,6 +109,8 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS
+    # e-stop/watchdog settings (serve/sessions.py WatchdogSettings)
+    watchdog: dict[str, Any] | None = None
 
 
 def _example_body(spec: dict[str, Any]) -> bytes:
@@ -156,6 +169,7 @@ class VLAPolicy:
             self.settings.max_instruction_chars,
         )
         self.shield = Shield(self.settings.shield, self.spec)
+        self.sessions = SafetySessions(WatchdogSettings.from_dict(self.settings.watchdog))
         if self.parser.has_image:
             limit_image_pixels(self.parser.height, self.parser.width)
         self._parse_pool = ThreadPoolExecutor(
@@ -217,9 +231,11 @@ class VLAPolicy:
             body = await self._read_body(request)
             parsed = await parse_off_loop(self._parse_pool, self.parser.parse, body)
             previous = self.shield.check_previous_action(parsed.previous_action)
+            sid = self.sessions.session_id(request.headers.get(SESSION_HEADER))
+            stale = self.sessions.stale(request.headers.get(TIMESTAMP_HEADER))
         except RequestError as err:
             return JSONResponse(err.payload(), status_code=err.status)
-        except ShieldInputError as err:
+        except (ShieldInputError, SessionError) as err:
             payload = RequestError(422, err.field, err.message).payload()
             return JSONResponse(payload, status_code=422)
         except Exception as err:  # a parser gap must not become a 500: it is still bad input
@@ -228,18 +244,32 @@ class VLAPolicy:
             logger.warning("unreadable /v1/act body (%s)", type(err).__name__)
             payload = RequestError(422, "body", "could not be read as an observation").payload()
             return JSONResponse(payload, status_code=422)
+        if self.sessions.stopped(sid) or stale:
+            return self._stop_answer(sid, "estop" if self.sessions.stopped(sid) else stale, t0)
+        if previous is None and SESSION_HEADER in request.headers:
+            previous = self.sessions.get(sid).last_action  # a named session's last answer
         chunk = await self._batched(parsed.inputs)
         try:
             if isinstance(chunk, Exception):
                 raise chunk
-            actions, report = self.shield.apply(chunk, parsed.state, previous)
+            result = self.shield.run(chunk, parsed.state, previous)
+            actions, report = result.actions, self.shield.report(result)
+        except SafetyRejected as err:
+            payload = {"detail": f"safety.{err.rule}: {err.reason}", "field": f"safety.{err.rule}"}
+            return JSONResponse(payload, status_code=409)
         except ShieldInputError as err:  # the model's output for this observation is unusable
             logger.warning("no action for a /v1/act request: %s", err)
+            if self.sessions.watchdog.stop_on_model_error:
+                return self._stop_answer(sid, "model_error", t0)
             return JSONResponse({"detail": str(err), "field": err.field}, status_code=500)
         except Exception as err:
             logger.warning("the model failed on a /v1/act request (%s)", type(err).__name__)
+            if self.sessions.watchdog.stop_on_model_error:
+                return self._stop_answer(sid, "model_error", t0)
             payload = {"detail": "model: failed on this observation", "field": "model"}
             return JSONResponse(payload, status_code=500)
+        if SESSION_HEADER in request.headers:
+            self.sessions.get(sid).last_action = actions[-1].copy()
         return JSONResponse(
             {
                 "action": actions[0].tolist(),
@@ -249,8 +279,63 @@ class VLAPolicy:
                 "backend": self.backend.name,
                 "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
                 "shield": report,
+                "safety": {"session": sid, "interventions": result.counts, "stopped_by": None},
             }
         )
+
+    def _stop_answer(self, sid: str, reason: str, t0: float) -> JSONResponse:
+        """The stop action for the whole chunk, without the model (``reason``: ``estop``,
+        ``stale_observation`` or ``model_error``)."""
+        K = int(self.spec["action"].get("chunk_size", 1))
+        actions = np.tile(self.shield.rules.stop_action, (K, 1))
+        counts = dict.fromkeys((r.id for r in self.shield.rules.rules), 0)
+        return JSONResponse(
+            {
+                "action": actions[0].tolist(),
+                "actions": actions.tolist(),
+                "chunk_size": K,
+                "model_version": self.spec["model_version"],
+                "backend": self.backend.name,
+                "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                "shield": {"rate_limited": False, "clamped": False, "workspace_blocked": False},
+                "safety": {"session": sid, "interventions": counts, "stopped_by": reason},
+            }
+        )
+
+    async def _stop_route(self, request: Request, api_key: str | None, stop: bool) -> JSONResponse:
+        try:
+            self._authorize(api_key)
+            header = request.headers.get(SESSION_HEADER)
+            sid = None if header is None else self.sessions.session_id(header)
+        except RequestError as err:
+            return JSONResponse(err.payload(), status_code=err.status)
+        except SessionError as err:
+            return JSONResponse(RequestError(422, err.field, err.message).payload(), 422)
+        (self.sessions.estop if stop else self.sessions.resume)(sid)
+        logger.warning("%s: session %s", "e-stop" if stop else "resume", sid or "* (all)")
+        stopped = self.sessions.global_stop if sid is None else self.sessions.stopped(sid)
+        return JSONResponse({"session": sid or "*", "stopped": stopped})
+
+    @app.post(
+        "/v1/estop",
+        responses={401: _ERRORS[401], 422: _ERRORS[422]},
+        summary="Emergency stop: the session of header X-Session-Id (or every session) gets "
+        "the stop action until /v1/resume",
+    )
+    async def estop(
+        self, request: Request, api_key: str | None = Security(_api_key_header)
+    ) -> JSONResponse:
+        return await self._stop_route(request, api_key, True)
+
+    @app.post(
+        "/v1/resume",
+        responses={401: _ERRORS[401], 422: _ERRORS[422]},
+        summary="Lift the emergency stop of the session of header X-Session-Id (or of all)",
+    )
+    async def resume(
+        self, request: Request, api_key: str | None = Security(_api_key_header)
+    ) -> JSONResponse:
+        return await self._stop_route(request, api_key, False)
 
     @app.get("/v1/health", summary="Liveness, model version and this replica's batching counters")
     async def health(self) -> dict[str, Any]:
@@ -270,9 +355,10 @@ class VLAPolicy:
         serving = {
             k: v
             for k, v in asdict(self.settings).items()
-            if k not in ("api_key", "shield", "model")
+            if k not in ("api_key", "shield", "model", "watchdog")
         }
         serving.update(api_key_required=bool(self.settings.api_key), **self.scaling)
+        serving["watchdog"] = asdict(self.sessions.watchdog)
         return JSONResponse(
             {
                 **public_spec(self.spec),
@@ -305,6 +391,7 @@ def build_app(
         from vla_ray.runtime import read_spec
 
         Shield(settings.shield, read_spec(folder))  # raises ShieldConfigError on a bad setting
+    WatchdogSettings.from_dict(settings.watchdog)  # ValueError naming a bad watchdog setting
     if settings.max_batch_size < 1:
         raise ValueError(f"max_batch_size: expected >= 1, got {settings.max_batch_size}")
     options: dict[str, Any] = {

@@ -105,6 +105,11 @@ class ActResponse(BaseModel):
     backend: str
     latency_ms: float = Field(description="server-side time from request to answer")
     shield: ShieldReport
+    safety: dict[str, Any] | None = Field(
+        None,
+        description="session id, interventions per safety rule id for this request, and "
+        "stopped_by (estop, stale_observation, model_error) when the stop action was answered",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -11,6 +11,10 @@ Applied in this order (the hard limits last, so they always hold):
 3. workspace (optional): for velocity-like actions, action dim ``j`` moves the robot along state
    index ``state_indices[j]``; when that coordinate is at or beyond the workspace bound, the
    component that would push further out is set to 0.
+
+These three are rules of the safety layer (``vla_ray.safety``, ids ``max_delta``, ``bounds``,
+``workspace``); ``rules`` (a rules file or its mapping, as for ``env.safety``) adds that file's
+rules after the rate limit and before the bounds. Every rule's interventions are counted by id.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from vla_ray.safety import (
+    ActionBounds,
+    RuleSet,
+    SafetyConfigError,
+    SafetyResult,
+    build_rule,
+    load_rules_file,
+)
 
 
 class ShieldConfigError(ValueError):
@@ -61,12 +74,14 @@ class ShieldConfig:
     workspace: Workspace | None = None
     # where the rate limit starts when a request has no previous_action (default: midpoint)
     neutral_action: list[float] | None = None
+    # a safety rules file (path) or its mapping: more rules, applied before the bounds
+    rules: str | dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ShieldConfig:
         """Build from JSON-like data (``workspace`` as a dict); unknown keys are an error."""
         data = dict(data or {})
-        known = {"low", "high", "max_delta", "workspace", "neutral_action"}
+        known = {"low", "high", "max_delta", "workspace", "neutral_action", "rules"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ShieldConfigError(
@@ -137,9 +152,7 @@ class Shield:
                     f"shield.workspace.state_indices: {bad} out of range for a state of "
                     f"{state_dim} dims"
                 )
-            self._ws_idx = np.asarray(ws.state_indices)
-            self._ws_low = np.asarray(ws.low, dtype=np.float32)
-            self._ws_high = np.asarray(ws.high, dtype=np.float32)
+        self.rules = self._rule_set(cfg, A, state_dim)
 
     @staticmethod
     def _vector(name: str, given: Any, default: list[float], dim: int) -> np.ndarray:
@@ -166,6 +179,7 @@ class Shield:
             "the chunk's previous step",
             "neutral_action": self.neutral.tolist(),
             "workspace": None if self.workspace is None else asdict(self.workspace),
+            "rules": self.rules.describe(),
         }
 
     def check_previous_action(self, value: Any) -> np.ndarray | None:
@@ -195,6 +209,51 @@ class Shield:
             )
         return arr.astype(np.float32)
 
+    def _rule_set(self, cfg: ShieldConfig, A: int, state_dim: int) -> RuleSet:
+        """max_delta, the file's rules, bounds, workspace: one ``RuleSet`` (clamp mode)."""
+        lo, hi = self.low, self.high
+        rules = []
+        try:
+            if self.max_delta is not None:
+                spec = {"id": "max_delta", "kind": "max_delta", "max_delta": self.max_delta}
+                rules.append(build_rule(spec, 0, A, lo, hi))
+            if cfg.rules is not None:
+                data = cfg.rules if isinstance(cfg.rules, dict) else load_rules_file(cfg.rules)
+                extra = RuleSet.from_dict(data, A, lo, hi)
+                needs_info = extra.uses_info()
+                if needs_info:
+                    raise SafetyConfigError(
+                        needs_info[0], "source", "state[INDEX] (Serve has no env info)", "info.*"
+                    )
+                rules.extend(extra.rules)
+            bounds = ActionBounds(id="bounds", mode="clamp")
+            bounds.low, bounds.high = lo, hi  # may be infinite: the model's own bounds
+            bounds.describe_extra = {"low": lo.tolist(), "high": hi.tolist()}
+            rules.append(bounds)
+            if self.workspace is not None:
+                ws = asdict(self.workspace)
+                spec = {"id": "workspace", "kind": "workspace", **ws}
+                rules.append(build_rule(spec, len(rules), A, lo, hi))
+            for rule in rules:
+                for name, attr in (("source", "source"), ("distance", "distance"),
+                                   ("closing_speed", "closing")):  # fmt: skip
+                    src = getattr(rule, attr, None)
+                    if src is not None and (src.state_index or 0) >= state_dim:
+                        raise SafetyConfigError(
+                            rule.id, name, f"state[i] with i < {state_dim}", src.text
+                        )
+                idx = getattr(rule, "state_idx", None)
+                if idx is not None and idx.max() >= state_dim:
+                    raise SafetyConfigError(
+                        rule.id,
+                        "state_indices",
+                        f"indices < {state_dim} (the model's state size)",
+                        idx.tolist(),
+                    )
+            return RuleSet(rules, A, lo, hi, neutral_action=self.neutral)
+        except SafetyConfigError as err:
+            raise ShieldConfigError(f"shield: {err}") from None
+
     def apply(
         self,
         chunk: np.ndarray,
@@ -205,29 +264,31 @@ class Shield:
 
         ``ShieldInputError``: a ``previous_action`` that ``check_previous_action`` refuses, or
         a chunk that is not finite (field ``actions``): NaN never passes the shield."""
+        result = self.run(chunk, state, previous_action)
+        return result.actions, self.report(result)
+
+    def run(
+        self,
+        chunk: np.ndarray,
+        state: np.ndarray | None = None,
+        previous_action: np.ndarray | None = None,
+    ) -> SafetyResult:
+        """As ``apply``, with the interventions counted per rule id (``SafetyRejected`` when a
+        ``reject`` rule of the rules file is broken)."""
         x = np.array(chunk, dtype=np.float32, copy=True)
         if not np.all(np.isfinite(x)):
             raise ShieldInputError(
                 "actions", f"the model returned non-finite actions {_show(x)}; nothing was sent"
             )
-        report = {"rate_limited": False, "clamped": False, "workspace_blocked": False}
-        if self.max_delta is not None:
-            prev = self.check_previous_action(previous_action)
-            if prev is None:
-                prev = self.neutral
-            for k in range(x.shape[0]):
-                limited = prev + np.clip(x[k] - prev, -self.max_delta, self.max_delta)
-                report["rate_limited"] |= bool(np.any(limited != x[k]))
-                x[k] = limited
-                prev = x[k]
-        clamped = np.clip(x, self.low, self.high).astype(np.float32)
-        report["clamped"] = bool(np.any(clamped != x))
-        x = clamped
-        if self.workspace is not None and state is not None:
-            pos = np.asarray(state, dtype=np.float32)[self._ws_idx]
-            block = ((pos <= self._ws_low)[None] & (x < 0)) | (
-                (pos >= self._ws_high)[None] & (x > 0)
-            )
-            report["workspace_blocked"] = bool(np.any(block))
-            x = np.where(block, 0.0, x).astype(np.float32)
-        return x, report
+        prev = self.check_previous_action(previous_action)
+        return self.rules.apply(x, state, None, prev)
+
+    @staticmethod
+    def report(result: SafetyResult) -> dict[str, bool]:
+        """The three built-in rules as booleans (the answer's ``shield`` field)."""
+        c = result.counts
+        return {
+            "rate_limited": c.get("max_delta", 0) > 0,
+            "clamped": c.get("bounds", 0) > 0,
+            "workspace_blocked": c.get("workspace", 0) > 0,
+        }

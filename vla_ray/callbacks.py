@@ -10,6 +10,9 @@ SUCCESS_KEY = "success_rate"
 # per-goal success, logged when the env's info names the goal (LangReach: the target colour)
 SUCCESS_BY_TARGET_KEY = "success_by_target"
 TARGET_INFO_KEY = "target_color"
+# safety interventions per rule id per episode, and the episode's safety cost (vla_ray.safety)
+SAFETY_KEY = "safety"
+EPISODE_COST_KEY = "episode_cost"
 
 
 class SuccessRateCallback(RLlibCallback):
@@ -18,6 +21,8 @@ class SuccessRateCallback(RLlibCallback):
     Episodes whose env reports no ``is_success`` are not counted. When the final info also names
     the goal (``info["target_color"]``), ``env_runners/success_by_target/<goal>`` is logged too, so a
     policy that solves two colours and never the third shows as such rather than as a 0.67 mean.
+    With the safety wrapper (``env.safety``), ``env_runners/safety/<rule id>`` (interventions per
+    episode) and ``env_runners/episode_cost`` are logged too.
     """
 
     def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
@@ -32,3 +37,12 @@ class SuccessRateCallback(RLlibCallback):
                 metrics_logger.log_value(
                     (SUCCESS_BY_TARGET_KEY, str(target)), success, reduce="mean", window=100
                 )
+        # the safety wrapper's counts (episode totals in the final info): mean per episode
+        if isinstance(info, dict) and isinstance(info.get(SAFETY_KEY), dict):
+            for rule, n in info[SAFETY_KEY].items():
+                metrics_logger.log_value(
+                    (SAFETY_KEY, str(rule)), float(n), reduce="mean", window=100
+                )
+            metrics_logger.log_value(
+                EPISODE_COST_KEY, float(info.get(EPISODE_COST_KEY, 0.0)), reduce="mean", window=100
+            )

@@ -141,6 +141,14 @@ def _print_eval(result: dict[str, Any]) -> None:
             "  per target: "
             + "  ".join(f"{t} {v:.3f} ({counts.get(t, '?')} eps)" for t, v in by_target.items())
         )
+    totals = result.get("safety_interventions")
+    if totals is not None:
+        per_ep = result.get("safety_per_episode", {})
+        print(
+            "  safety interventions: "
+            + ("  ".join(f"{r} {n} ({per_ep.get(r, 0):.2f}/ep)" for r, n in totals.items()) or "-")
+            + f"  mean episode cost {result.get('mean_episode_cost', 0):.2f}"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -148,6 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.checkpoint)
     env_config = json.loads(args.env_config) if args.env_config else None
+    if args.safety:  # the safety layer's rules, on top of the training env config
+        env_config = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
+        env_config["safety"] = str(Path(args.safety).resolve())
     result = evaluate(
         policy,
         env_id=args.env,
@@ -259,6 +270,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shield["max_delta"] = args.max_delta
     if args.workspace:
         shield["workspace"] = json.loads(args.workspace)
+    if args.safety:  # read here: the replicas get the rules, not a path on this machine
+        from vla_ray.safety import load_rules_file
+
+        shield["rules"] = load_rules_file(args.safety)
+    watchdog: dict[str, Any] = {}
+    if args.stale_after is not None:
+        watchdog["max_age_s"] = args.stale_after
+    if args.stop_on_model_error:
+        watchdog["stop_on_model_error"] = True
     settings = ServeSettings(
         model=args.model,
         backend=args.backend,
@@ -269,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=_api_key(args),
         max_body_bytes=args.max_body_bytes,
         max_instruction_chars=args.max_instruction_chars,
+        watchdog=watchdog or None,
     )
     options = dict(
         num_replicas=args.replicas,
@@ -681,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=100_000, help="seed of the first episode")
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
+    e.add_argument("--safety", help="safety rules file (YAML) applied to every action")
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser(
@@ -749,6 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
         help='shield: JSON {"state_indices": [0, 1], "low": [-0.95, -0.95], "high": [0.95, 0.95]}',
     )
     v.add_argument("--shield", help='shield: JSON settings, e.g. {"low": -0.5, "high": 0.5}')
+    v.add_argument("--safety", help="safety rules file (YAML), applied after --max-delta")
+    v.add_argument(
+        "--stale-after",
+        type=float,
+        metavar="S",
+        help="watchdog: answer the stop action to observations whose X-Obs-Timestamp header "
+        "is older than S seconds (the header is then required)",
+    )
+    v.add_argument(
+        "--stop-on-model-error",
+        action="store_true",
+        help="watchdog: answer the stop action (200) when the model fails, instead of a 500",
+    )
     v.add_argument(
         "--api-key-file",
         metavar="PATH",

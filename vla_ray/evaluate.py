@@ -164,9 +164,10 @@ def evaluate(
 
     Seeds start at ``seed`` (away from training seeds). With ``video``, every episode's frames
     are written to one mp4. When the env's info names the goal (``info["target_color"]``), the
-    result also has ``success_by_target`` and ``episodes_by_target`` (per goal).
+    result also has ``success_by_target`` and ``episodes_by_target`` (per goal). With the safety
+    layer (``env_config["safety"]``: a rules file), ``safety_interventions`` (totals per rule id),
+    ``safety_per_episode`` (means) and ``mean_episode_cost``.
     """
-    import gymnasium as gym
     from tqdm import tqdm
 
     import vla_ray.envs  # noqa: F401
@@ -179,7 +180,11 @@ def evaluate(
     cfg.pop("expert_beta", None)
     if video:
         cfg["render_mode"] = "rgb_array"
-    env = gym.make(env_id, **cfg)
+    from vla_ray.safety import EPISODE_COST_INFO_KEY, SAFETY_INFO_KEY, make_env
+
+    env = make_env(env_id, cfg)  # env_config["safety"]: the safety layer's rules file
+    safety: list[dict[str, int]] = []
+    costs: list[float] = []
     frames: list[np.ndarray] = []
     returns, lengths, successes = [], [], []
     targets: list[str | None] = []
@@ -204,6 +209,9 @@ def evaluate(
             successes.append(float(bool(info.get("is_success", False))))
             target = info.get(TARGET_INFO_KEY)
             targets.append(None if target is None else str(target))
+            if SAFETY_INFO_KEY in info:  # episode totals per rule id
+                safety.append(dict(info[SAFETY_INFO_KEY]))
+                costs.append(float(info.get(EPISODE_COST_INFO_KEY, 0.0)))
     finally:
         env.close()
     if video:
@@ -218,6 +226,11 @@ def evaluate(
         mean_return=float(np.mean(returns)),
         mean_length=float(np.mean(lengths)),
     )
+    if safety:
+        rules = list(safety[0])
+        result["safety_interventions"] = {r: int(sum(s[r] for s in safety)) for r in rules}
+        result["safety_per_episode"] = {r: float(np.mean([s[r] for s in safety])) for r in rules}
+        result["mean_episode_cost"] = float(np.mean(costs))
     named = sorted({t for t in targets if t is not None})
     if named:
         result["episodes_by_target"] = {t: targets.count(t) for t in named}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # The tiny VLA used for CPU RL: CoordConv CNN with spatial-softmax keypoint tokens ->
@@ -375,6 +375,16 @@ PRESETS["langreach-state-ppo"] = Preset(
     training=copy.deepcopy(PRESETS["langreach-ppo"].training),
     env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
     stop=dict(timesteps=200_000),
+)
+# The same with a keep-out disc at the arena's centre counted as a safety cost (monitor mode:
+# actions unchanged) and PPO-Lagrangian keeping the cost per episode under cost_limit.
+PRESETS["langreach-state-ppo-lag"] = replace(
+    PRESETS["langreach-state-ppo"],
+    name="langreach-state-ppo-lag",
+    algorithm="ppo_lag",
+    description="PPO-Lagrangian on state LangReach with a keep-out disc (safety cost)",
+    env_config={"safety": "envs/safety/langreach_keepout.yaml"},
+    training=dict(copy.deepcopy(PRESETS["langreach-ppo"].training), cost_limit=1.0),
 )
 
 

@@ -155,6 +155,11 @@ def resolve(
     if _evaluates(algo):
         settings.update(eval_every=25 if offline else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
+    safety = (settings.get("env_config") or {}).get("safety")
+    if isinstance(safety, str):  # the rules themselves go into config.json and checkpoints
+        from vla_ray.safety import load_rules_file
+
+        settings["env_config"]["safety"] = load_rules_file(safety)
     if data is not None:
         settings["data"] = str(data)
     # online algorithms that learn from demonstrations too (GAIL) set NEEDS_DATA
@@ -206,7 +211,6 @@ class _EnvCreator:
         self.env_id = env_id
 
     def __call__(self, env_config: dict[str, Any]):
-        import gymnasium as gym
         from ray.rllib.env.env_context import EnvContext
 
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
@@ -222,7 +226,11 @@ class _EnvCreator:
         expert = kwargs.pop("expert", None)  # and names its expert (the env's by default)
         # ``group_seeding`` (GRPO) wraps the env in GroupSeeding (resets from a seed schedule)
         group_seeding = kwargs.pop("group_seeding", False)
-        env = gym.make(self.env_id, **kwargs)
+        # ``safety`` (a rules file) wraps the env in SafetyWrapper, innermost: the shield sees
+        # the action the env will execute (after any expert mixing)
+        from vla_ray.safety import make_env
+
+        env = make_env(self.env_id, kwargs)
         if beta is not None:
             from vla_ray.envs.experts import ExpertMixing
 
@@ -357,6 +365,9 @@ def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]
         success_by_target={
             str(k): _num(v) for k, v in (runners.get("success_by_target") or {}).items()
         },
+        # interventions per episode by safety rule id, and the episode's safety cost
+        safety={str(k): _num(v) for k, v in (runners.get("safety") or {}).items()},
+        episode_cost=_num(runners.get("episode_cost")),
         learner=_learner_stats(result),
     )
 
@@ -370,6 +381,9 @@ LEARNER_KEYS = (
     "entropy",
     "mean_kl_loss",
     "aux_loss",  # the module's auxiliary loss (keypoint reconstruction), when it has one
+    # PPO-Lagrangian (ppo_lag): the multiplier and the batch's mean episode cost
+    "lagrange_multiplier",
+    "batch_episode_cost",
     # SAC family (sac, cql, iql)
     "qf_loss",
     "qf_mean",
