@@ -125,3 +125,42 @@ def test_a_killed_actor_is_restarted_with_the_latest_weights(served_ppo, ray_ses
     assert result["env_runners"]["num_env_steps_sampled_lifetime"] >= 3 * 128
     assert after["rows"] >= 128  # the new incarnation served this iteration
     assert after["weights_seq_no"] == algo.env_runner._weights_seq_no > before["weights_seq_no"]
+
+
+def test_actor_batches_concurrent_requests(ray_session, langreach_spaces, langreach_obs_batch):
+    """Requests that arrive within wait_ms run as one forward pass; each caller gets its rows."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from vla_ray.inference import InferenceService
+    from vla_ray.presets import get_preset
+    from vla_ray.rl_module import VLAModule
+
+    obs_space, act_space = langreach_spaces
+    spec = RLModuleSpec(
+        module_class=VLAModule,
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config=get_preset("langreach-ppo").model,
+        inference_only=True,
+    )
+    settings = InferenceSettings.from_dict({"cpus_per_actor": 0, "max_batch": 6, "wait_ms": 2000})
+    service = InferenceService.create(settings, spec)
+    try:
+        (actor,) = service.actors
+        obs = {Columns.OBS: langreach_obs_batch}  # 8 rows
+        parts = [
+            {Columns.OBS: {k: v[a:b] for k, v in langreach_obs_batch.items()}}
+            for a, b in ((0, 2), (2, 5), (5, 6), (6, 8))
+        ]
+        # 2 + 3 + 1 rows fill max_batch=6 at once; the last 2 rows wait out wait_ms alone; a
+        # request larger than max_batch runs whole
+        outs = ray_session.get([actor.infer.remote("inference", p) for p in parts])
+        whole = ray_session.get(actor.infer.remote("inference", obs))
+        stats = ray_session.get(actor.stats.remote())
+    finally:
+        service.stop()
+    key = Columns.ACTION_DIST_INPUTS
+    np.testing.assert_allclose(
+        np.concatenate([o[key] for o in outs]), whole[key], rtol=1e-5, atol=1e-6
+    )
+    assert stats["batch_sizes"] == {"2": 1, "6": 1, "8": 1}
