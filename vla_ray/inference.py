@@ -115,6 +115,11 @@ def use_inference_service(config, settings: dict[str, Any]) -> InferenceSettings
             f"env_runners.num_env_runners >= 1, got {config.num_env_runners} "
             "(--local runs sample in the driver)"
         )
+    if config.env_runner_cls not in (None, SingleAgentEnvRunner):
+        raise ConfigError(
+            f"{FIELD}: the service runs on RLlib's SingleAgentEnvRunner; this algorithm uses "
+            f"{config.env_runner_cls.__name__}"
+        )
     # the settings travel to every EnvRunner process as a class attribute
     runner_cls = type("InferenceEnvRunner", (InferenceEnvRunner,), {"SETTINGS": parsed})
     config.env_runners(env_runner_cls=runner_cls)
