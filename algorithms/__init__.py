@@ -11,6 +11,7 @@ from types import ModuleType
 
 ALGORITHMS = (
     "ppo",
+    "appo",
     "bc",
     "dagger",
     "grpo",

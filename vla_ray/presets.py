@@ -91,6 +91,26 @@ PRESETS: dict[str, Preset] = {
             stop=dict(timesteps=1_000_000),
         ),
         Preset(
+            name="langreach-appo",
+            algorithm="appo",
+            env="vla_ray/LangReach-v0",
+            description=(
+                "APPO (asynchronous sampling, V-trace) on LangReach with langreach-ppo's model; "
+                "not tuned for learning yet"
+            ),
+            model=dict(
+                TINY_VLA,
+                vision_config={"tokens": "keypoints", "recon_coeff": 0.05},
+                vision_skip=True,
+                head="gaussian",
+                head_config={"init_log_std": -1.0},
+                value="shared",
+            ),
+            training=dict(lr=5e-4, gamma=0.9, vf_loss_coeff=0.01, train_batch_size_per_learner=512),
+            env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
+            stop=dict(timesteps=1_000_000),
+        ),
+        Preset(
             name="langreach-smolvlm-ppo",
             algorithm="ppo",
             env="vla_ray/LangReach-v0",

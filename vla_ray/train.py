@@ -256,6 +256,7 @@ def build_algorithm_config(spec: RunSpec):
     algo_mod = get_algorithm(spec.algorithm)
     register_envs()
     runners = dict(s["env_runners"])
+    inference = runners.pop("inference", None)  # the shared inference actors (vla_ray.inference)
     runners.setdefault("rollout_fragment_length", "auto")
     runners.setdefault("num_cpus_per_env_runner", 1)
     learners, runners = resolve_gpus(s["learners"], runners)  # "auto": 1 GPU when there is one
@@ -288,6 +289,10 @@ def build_algorithm_config(spec: RunSpec):
         .debugging(seed=s["seed"])
         .reporting(metrics_num_episodes_for_smoothing=100)
     )
+    if inference is not None:
+        from vla_ray.inference import use_inference_service
+
+        use_inference_service(cfg, inference)
     if getattr(algo_mod, "OFFLINE", False):
         from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
         from vla_ray.data.stream import VLAPreLearner, offline_data_settings

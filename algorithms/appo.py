@@ -1,0 +1,84 @@
+"""APPO with the VLA module.
+
+RLlib's own APPO (asynchronous sampling, V-trace off-policy correction, PPO-style clipped
+surrogate against a target policy) drives ``VLAAPPOModule``: ``VLAModule`` plus the target
+network APPO's loss reads (``TargetNetworkAPI``: a frozen copy of the whole VLA, trunk and head,
+that RLlib's learner updates every ``target_network_update_freq`` steps). Nothing of RLlib's
+loss is rewritten; the learner adds the module's auxiliary loss when it has one, as PPO's does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.rllib.algorithms.appo import APPOConfig
+from ray.rllib.algorithms.appo.torch.appo_torch_learner import APPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS, TargetNetworkAPI
+from ray.rllib.utils.annotations import override
+
+from vla_ray.rl_module import AUX_LOSS, VLAModule
+
+NAME = "appo"
+# Heads that give the log-probabilities APPO needs.
+HEADS = ("gaussian",)
+# Defaults for VLA policies from pixels; presets and ``--set training.X=...`` override them.
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    lr=3e-4,
+    gamma=0.99,
+    clip_param=0.2,
+    vf_loss_coeff=0.5,
+    entropy_coeff=0.0,
+    grad_clip=0.5,
+    train_batch_size_per_learner=512,
+)
+MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
+
+
+class VLAAPPOModule(VLAModule, TargetNetworkAPI):
+    """``VLAModule`` with APPO's target policy: a frozen copy of the VLA (learner only)."""
+
+    @override(TargetNetworkAPI)
+    def make_target_networks(self) -> None:
+        self._old_vla = make_target_network(self.vla)
+
+    @override(TargetNetworkAPI)
+    def get_target_network_pairs(self) -> list[tuple[Any, Any]]:
+        return [(self.vla, self._old_vla)]
+
+    @override(TargetNetworkAPI)
+    def forward_target(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        features = self._old_vla.trunk(batch[Columns.OBS])
+        return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._old_vla.head.dist_inputs(features)}
+
+    @override(VLAModule)
+    def get_non_inference_attributes(self) -> list[str]:
+        return [*super().get_non_inference_attributes(), "_old_vla"]
+
+
+class VLAAPPOLearner(APPOTorchLearner):
+    """RLlib's APPO loss plus the module's auxiliary loss when it has one (``AUX_LOSS``)."""
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        total = super().compute_loss_for_module(
+            module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+        )
+        aux = fwd_out.get(AUX_LOSS)
+        if aux is None:
+            return total
+        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
+        return total + aux
+
+
+def module_class() -> type:
+    """The RLModule class ``vla-ray train`` builds for this algorithm."""
+    return VLAAPPOModule
+
+
+def make_config() -> APPOConfig:
+    """A fresh APPO config; the caller adds env, module, runners and training settings.
+
+    The learner runs in the driver like vla-ray's other algorithms (RLlib's APPO starts one
+    remote learner); ``--set learners.num_learners=1`` gives RLlib's asynchronous updates."""
+    return APPOConfig().learners(learner_class=VLAAPPOLearner, num_learners=0)
