@@ -84,12 +84,16 @@ def test_set_accepts_every_section_s_real_keys():
             "model.value=separate",
             "env.num_targets=2",
             "env.expert_beta=0.5",  # DAgger's wrapper key
+            "env.safety=envs/safety/langreach.yaml",  # the safety layer's wrapper key
+            'env_runners.inference={"actors": 1}',  # the shared inference actors
             "fault_tolerance.max_num_env_runner_restarts=3",
             "stop.iters=2",
             "seed=3",
         ]
     )
-    assert resolve("langreach-ppo", ok).settings["training"]["lr"] == 1e-4
+    settings = resolve("langreach-ppo", ok).settings
+    assert settings["training"]["lr"] == 1e-4
+    assert settings["env_runners"]["inference"] == {"actors": 1}
     check_overrides(
         parse_overrides(["model.q_hidden=64", "model.twin_q=false"]), "sac", "Pendulum-v1"
     )

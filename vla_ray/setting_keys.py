@@ -28,6 +28,8 @@ from vla_ray.config import ConfigError
 
 # keys the env factory (vla_ray.train._EnvCreator) consumes itself: wrappers, not env arguments
 ENV_FACTORY_KEYS = ("expert_beta", "expert", "group_seeding", "safety")
+# keys vla_ray.train takes out of a section before RLlib sees it
+SECTION_EXTRA_KEYS = {"env_runners": ("inference",)}  # the shared inference actors
 STOP_KEYS = ("iters", "timesteps", "seconds")
 CONFIG_METHOD_SECTIONS = ("training", "env_runners", "learners", "fault_tolerance")
 
@@ -62,7 +64,10 @@ def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[
         algo = get_algorithm(algorithm)
         cfg = algo.make_config()
         for section in CONFIG_METHOD_SECTIONS:
-            out[section] = _method_params(cfg, section)
+            params = _method_params(cfg, section)
+            out[section] = (
+                None if params is None else params | set(SECTION_EXTRA_KEYS.get(section, ()))
+            )
         model = {f.name for f in dataclasses.fields(VLAConfig)} - set(SPACE_DERIVED_KEYS)
         # the module the run builds (as vla_ray.train does) and the model_config keys it reads
         module = getattr(algo, "module_class", lambda: VLAModule)()
