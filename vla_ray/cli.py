@@ -127,6 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         episodes=args.episodes,
         seed=args.seed,
         video=args.video,
+        chunk_execute=args.chunk_execute,
+        temporal_ensemble=args.temporal_ensemble,
     )
     _print_eval(result)
     if args.json:
@@ -529,6 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=100_000, help="seed of the first episode")
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
+    e.add_argument(
+        "--chunk-execute",
+        type=int,
+        help="action chunks: execute the first M actions of each chunk, then re-plan",
+    )
+    e.add_argument(
+        "--temporal-ensemble",
+        type=float,
+        metavar="M",
+        help="action chunks: predict every step, execute ACT's exp(-M*i)-weighted mean",
+    )
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("collect", help="roll out a policy and write an offline dataset")

@@ -59,6 +59,7 @@ class EnvContract:
         self.env_id = env_id
         self.env_config = dict(env_config or {})
         self.env_config.pop("expert_beta", None)  # DAgger's wrapper option, not an env argument
+        self.env_config.pop("action_chunk", None)  # ExecuteChunk's option (data are single steps)
         env = gym.make(env_id, **self.env_config)
         try:
             self.observation_space = env.observation_space
