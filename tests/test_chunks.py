@@ -239,3 +239,46 @@ def test_ppo_with_chunk_4_runs_two_iterations_and_evaluates(ray_session, tmp_pat
     assert ensembled["episodes"] == 1
     with pytest.raises(ValueError, match="--chunk-execute: not with --temporal-ensemble"):
         evaluate(policy, episodes=1, chunk_execute=2, temporal_ensemble=0.01, progress=False)
+
+
+def test_dagger_with_chunk_4_trains_on_windowed_demos_and_chunked_rollouts(ray_session, tmp_path):
+    from vla_ray.algorithms.dagger import DAgger
+    from vla_ray.data import collect
+    from vla_ray.evaluate import load_policy
+
+    easy = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
+    collect(LANGREACH, "expert", 2, tmp_path / "demos", seed=0, env_config=easy, progress=False)
+    spec = resolve(
+        "langreach-dagger",
+        {
+            "model": {"chunk_size": 4},
+            "env_config": easy,
+            "training": {
+                "rollout_steps": 10,
+                "updates_per_iteration": 2,
+                "train_batch_size_per_learner": 16,
+            },
+            "env_runners": {"num_env_runners": 0, "num_envs_per_env_runner": 1},
+            "eval_every": 10**6,
+        },
+        data=str(tmp_path / "demos"),
+    )
+    seen = []
+    add = DAgger._train
+
+    def spy(self, updates):  # the aggregate's chunked actions at each training round
+        eps = self._dataset.sample(num_items=64, n_step=1, sample_episodes=True, to_numpy=True)
+        seen.append(np.concatenate([np.asarray(e.get_actions()) for e in eps]))
+        return add(self, updates)
+
+    DAgger._train = spy
+    try:
+        summary = train(spec, tmp_path / "run", stop_iters=1, progress=False)
+    finally:
+        DAgger._train = add
+    assert summary["iteration"] == 1 and len(seen) == 2  # demos first, then demos + rollouts
+    for actions in seen:
+        assert actions.shape[1] == 8  # 4 actions of 2 dims
+        assert np.isfinite(actions[:, :2]).all()  # the first slot is always a real label
+    assert np.isnan(seen[0]).any()  # windows past a demo's end
+    assert load_policy(tmp_path / "run" / "checkpoints" / "last").model.config.chunk_size == 4
