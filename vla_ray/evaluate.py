@@ -151,22 +151,21 @@ def evaluate(
     cfg.pop("expert_beta", None)
     chunks = dict(cfg.pop(CHUNK_CONFIG_KEY, None) or {})
     size = _chunk_size(policy, chunks)
+    if size == 1 and (temporal_ensemble is not None or chunk_execute is not None):
+        flag = "--temporal-ensemble" if temporal_ensemble is not None else "--chunk-execute"
+        raise ValueError(f"{flag}: the policy predicts single actions (chunk_size 1)")
+    if temporal_ensemble is not None and chunk_execute is not None:
+        raise ValueError("--chunk-execute: not with --temporal-ensemble (one step per query)")
     if video:
         cfg["render_mode"] = "rgb_array"
     env = gym.make(env_id, **cfg)
     ensemble = None
     if temporal_ensemble is not None:
-        if size == 1:
-            raise ValueError("--temporal-ensemble: the policy predicts single actions (chunk 1)")
-        if chunk_execute is not None:
-            raise ValueError("--chunk-execute: not with --temporal-ensemble (one step per query)")
         ensemble = TemporalEnsemble(size, temporal_ensemble)
         action_dim = int(env.action_space.shape[0])
-    elif size > 1:
+    elif size > 1:  # a video shows the env at chunk boundaries only
         execute = chunk_execute if chunk_execute is not None else chunks.get("execute")
         env = wrap_action_chunks(env, dict(size=size, execute=execute))
-    elif chunk_execute is not None:
-        raise ValueError("--chunk-execute: the policy predicts single actions (chunk 1)")
     frames: list[np.ndarray] = []
     returns, lengths, successes = [], [], []
     targets: list[str | None] = []
