@@ -323,3 +323,32 @@ def test_bc_with_chunk_4_learns_from_windows_masked_at_episode_ends(ray_session,
     assert actions.shape[1] == 8 and np.isfinite(actions[:, :2]).all()
     # ~8-step demos: many windows run past the end (NaN slots), and the loss stays finite
     assert np.isnan(actions[:, 2:]).any() and all(torch.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize(
+    ("preset", "head"),
+    [
+        ("langreach-bc-chunk", "gaussian"),
+        ("pusht-diffusion", "diffusion"),
+        ("pusht-flow", "flow_matching"),
+    ],
+)
+def test_chunk_presets_build_a_chunk_8_module_on_the_wrapped_env(preset, head):
+    from vla_ray.rl_module import VLAModule
+    from vla_ray.train import _EnvCreator
+
+    spec = resolve(preset, data="unused")
+    env = _EnvCreator(spec.env)(spec.settings["env_config"])
+    try:
+        assert isinstance(env, ExecuteChunk) and env.size == env.execute == 8
+        dim = env.env.action_space.shape[0]
+        assert env.action_space.shape == (8 * dim,)
+        module = VLAModule(
+            observation_space=env.observation_space,
+            action_space=env.action_space,
+            model_config=spec.settings["model"],
+        )
+        assert module.vla.config.chunk_size == 8 and module.vla.config.action_dim == dim
+        assert module.vla.config.head == head
+    finally:
+        env.close()
