@@ -33,6 +33,7 @@ from ray.rllib.algorithms.marwil.torch.marwil_torch_learner import MARWILTorchLe
 from ray.rllib.core.columns import Columns
 
 from vla_ray.config import ACTION_HEADS
+from vla_ray.data.chunks import split_chunk_targets
 from vla_ray.data.stream import VLAPreLearner
 
 NAME = "bc"
@@ -40,6 +41,9 @@ NAME = "bc"
 HEADS = ACTION_HEADS
 # Trains from a dataset (``vla-ray train --data PATH``); EnvRunners only evaluate.
 OFFLINE = True
+# ``model.chunk_size`` K > 1: each step's target is the window of the next K actions (masked
+# past the episode's end), filtered/weighted BC included
+ACTION_CHUNKS = True
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
     train_batch_size_per_learner=256,
@@ -50,14 +54,20 @@ MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 
 # -- loss ---------------------------------------------------------------------------------------
 class VLABCLearner(MARWILTorchLearner):
-    """BC learner whose loss is ``head.loss(features, actions)`` of the VLA."""
+    """BC learner whose loss is ``head.loss(features, actions, mask)`` of the VLA.
+
+    With ``chunk_size`` K > 1 the batch's actions are the windows of the next K actions, NaN
+    in the slots past an episode's end, which the loss masks (``vla_ray.data.chunks``)."""
 
     def compute_loss_for_module(self, *, module_id, config=None, batch, fwd_out):
         module = self.module[module_id].unwrapped()
         head = module.vla.head
         actions = batch[Columns.ACTIONS].float()
-        target = actions.view(actions.shape[0], head.chunk_size, head.action_dim)
-        loss = head.loss(fwd_out[Columns.EMBEDDINGS], target)
+        if head.chunk_size == 1:
+            target, mask = actions.view(actions.shape[0], 1, head.action_dim), None
+        else:
+            target, mask = split_chunk_targets(actions, head.chunk_size, head.action_dim)
+        loss = head.loss(fwd_out[Columns.EMBEDDINGS], target, mask)
         self.metrics.log_value((module_id, "bc_loss"), loss.item(), window=1)
         return loss
 

@@ -40,6 +40,8 @@ from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBu
 
 from vla_ray.algorithms.bc import VLABCLearner
 from vla_ray.config import ACTION_HEADS
+from vla_ray.data.chunks import chunk_episode, with_chunk_actions
+from vla_ray.envs.chunking import EXPERT_CHUNK_KEY, EXPERT_MASK_KEY
 
 NAME = "dagger"
 HEADS = ACTION_HEADS
@@ -60,6 +62,10 @@ EXPERT_LABEL = "expert_action"
 EVALUATE = True
 # ``--data`` is optional: expert demos that seed the aggregate dataset.
 ACCEPTS_DATA = True
+# ``model.chunk_size`` K > 1: demos are windowed (``vla_ray.data.chunks``); rollouts run chunks
+# through ``ExecuteChunk``, and a state's label is the expert's action at each state the chunk
+# visited (``expert_action_chunk``, masked past the episode's end or the executed steps)
+ACTION_CHUNKS = True
 
 
 def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
@@ -154,9 +160,16 @@ def use_data(config: DAggerConfig, path: str | None) -> None:
 
 # -- relabelling and the aggregate dataset --------------------------------------------------------
 def relabel(episode: SingleAgentEpisode) -> SingleAgentEpisode:
-    """The episode's visited states with the expert's actions as the actions (for BC)."""
+    """The episode's visited states with the expert's actions as the actions (for BC); for
+    chunks, the expert's labels along each executed chunk, with their masks."""
     n = len(episode)
     infos = episode.get_infos()  # n + 1: info of every observation
+    if n and EXPERT_CHUNK_KEY in infos[1]:  # macro-steps of ExecuteChunk: labels of obs t at t+1
+        labels = np.stack(
+            [np.asarray(infos[t + 1][EXPERT_CHUNK_KEY], np.float32) for t in range(n)]
+        )
+        masks = np.stack([np.asarray(infos[t + 1][EXPERT_MASK_KEY], np.float32) for t in range(n)])
+        return with_chunk_actions(episode, labels, masks)
     try:
         labels = np.stack([np.asarray(infos[t][EXPERT_LABEL], np.float32) for t in range(n)])
     except KeyError:
@@ -183,6 +196,16 @@ def relabel(episode: SingleAgentEpisode) -> SingleAgentEpisode:
     return out.to_numpy()
 
 
+def _single_step_space(space, size: int):
+    """The env's own action space behind the chunk space of ``ExecuteChunk``."""
+    if size == 1:
+        return space
+    import gymnasium as gym
+
+    dim = space.shape[0] // size
+    return gym.spaces.Box(space.low[:dim], space.high[:dim], dtype=space.dtype)
+
+
 def beta_at(iteration: int, beta: float, decay: float) -> float:
     """The expert's share of the actions at ``iteration`` (0-based): ``beta * decay**i``."""
     return float(beta * decay**iteration)
@@ -206,8 +229,12 @@ class DAgger(Algorithm):
             from vla_ray.data.rllib_format import check_episodes, read_episodes
 
             demos = [ep for f in self.config.demos for ep in read_episodes(f)]
-            check_episodes(demos, *self.spaces[DEFAULT_MODULE_ID])
-            self._dataset.add([ep.to_numpy() if not ep.is_numpy else ep for ep in demos])
+            obs_space, act_space = self.spaces[DEFAULT_MODULE_ID]
+            demos = [ep.to_numpy() if not ep.is_numpy else ep for ep in demos]
+            # the demos' single actions against the module's chunks (ExecuteChunk's space)
+            size = max(1, act_space.shape[0] // np.asarray(demos[0].get_actions()).shape[-1])
+            check_episodes(demos, obs_space, _single_step_space(act_space, size))
+            self._dataset.add([chunk_episode(ep, size) if size > 1 else ep for ep in demos])
             self._pretrain = True  # the first iteration trains on the demos before rolling out
 
     def _set_beta(self, beta: float) -> None:

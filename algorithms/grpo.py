@@ -79,6 +79,8 @@ from ray.rllib.utils.metrics import (
 NAME = "grpo"
 # Heads with log-probabilities (the surrogate needs them).
 HEADS = ("gaussian",)
+# ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
+ACTION_CHUNKS = True
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     lr=1e-4,
     grad_clip=1.0,

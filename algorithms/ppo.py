@@ -18,6 +18,8 @@ from vla_ray.rl_module import AUX_LOSS
 NAME = "ppo"
 # Heads that give the log-probabilities PPO needs.
 HEADS = ("gaussian",)
+# ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
+ACTION_CHUNKS = True
 # Defaults for VLA policies from pixels; presets and ``--set training.X=...`` override them.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     lr=3e-4,

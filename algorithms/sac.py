@@ -18,6 +18,9 @@ from vla_ray.sac_module import VLASACModule
 NAME = "sac"
 # The squashed Gaussian SAC's entropy-regularised loss needs.
 HEADS = ("tanh_gaussian",)
+# ``model.chunk_size`` K > 1: a chunk is one macro-action, Q(s, chunk) with the chunk's reward
+# (``vla_ray.envs.chunking``)
+ACTION_CHUNKS = True
 # Haarnoja et al. (2018) / SB3 zoo settings for MuJoCo, uniform replay; presets override.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     actor_lr=3e-4,

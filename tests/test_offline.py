@@ -104,13 +104,14 @@ def test_bc_needs_data_and_online_algorithms_refuse_it(demos):
         resolve("langreach-ppo", data=str(demos[0]))
     from vla_ray.train import build_algorithm_config
 
-    chunked = {"model": {"chunk_size": 4}}  # BC/DAgger labels are single actions
+    # chunked heads: the env takes chunks (ExecuteChunk) and the data are windowed
+    chunked = {"model": {"chunk_size": 4}}
     for spec in (
         resolve("langreach-bc", chunked, data=str(demos[0])),
         resolve("langreach-dagger", chunked),
     ):
-        with pytest.raises(ValueError, match="model.chunk_size"):
-            build_algorithm_config(spec)
+        assert spec.settings["env_config"]["action_chunk"] == {"size": 4}
+        build_algorithm_config(spec)
 
 
 @pytest.mark.slow

@@ -268,12 +268,15 @@ def test_bad_model_config_is_a_clear_error():
         VLASACModule(
             observation_space=obs_space, action_space=act_space, model_config={"head": "gaussian"}
         )
-    with pytest.raises(ConfigError, match="chunk_size: .*expected 1, got 2"):
-        VLASACModule(
-            observation_space=obs_space,
-            action_space=gym.spaces.Box(-1, 1, (2,), np.float32),
-            model_config={"chunk_size": 2},
-        )
+    # chunks: Q scores the whole chunk (SAC's macro-actions); CQL and IQL refuse them
+    chunked = VLASACModule(
+        observation_space=obs_space,
+        action_space=gym.spaces.Box(-1, 1, (2,), np.float32),
+        model_config={"chunk_size": 2, "q_hidden": 8},
+    )
+    assert chunked.vla.config.chunk_size == 2 and chunked.vla.config.action_dim == 1
+    with pytest.raises(ConfigError, match="model.chunk_size: cql learns single-step actions"):
+        resolve("hopper-cql", {"model": {"chunk_size": 2}}, data="unused")
 
 
 def test_sac_two_iterations_with_two_env_runners_updates_targets(ray_session):

@@ -40,6 +40,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set)
     if args.expert is not None:
+        from vla_ray.algorithms import get_algorithm
+        from vla_ray.presets import get_preset
+
+        algorithm = get_preset(args.preset).algorithm
+        if "expert" not in get_algorithm(algorithm).TRAINING_DEFAULTS:
+            raise ValueError(
+                f"--expert: {algorithm} (preset {args.preset}) takes no expert; DAgger does, "
+                "e.g. --preset langreach-dagger"
+            )
         set_override(overrides, "training.expert", args.expert)
     spec = resolve(
         args.preset,
@@ -52,13 +61,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_gpus_per_learner=args.num_gpus_per_learner,
         num_gpus_per_env_runner=args.num_gpus_per_env_runner,
     )
-    from vla_ray.algorithms import get_algorithm
-
-    if args.expert is not None and "expert" not in get_algorithm(spec.algorithm).TRAINING_DEFAULTS:
-        raise ValueError(
-            f"--expert: {spec.algorithm} (preset {spec.preset}) takes no expert; DAgger does, "
-            "e.g. --preset langreach-dagger"
-        )
     output = args.output or _default_output(args.preset)
     # before the trackers write into it: a reused run directory is an error unless resumed
     resume = prepare_run_dir(output, args.resume, args.resume_if_exists)
@@ -166,6 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         episodes=args.episodes,
         seed=args.seed,
         video=args.video,
+        chunk_execute=args.chunk_execute,
+        temporal_ensemble=args.temporal_ensemble,
     )
     _print_eval(result)
     if args.json:
@@ -703,6 +707,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
     e.add_argument("--safety", help="safety rules file (YAML) applied to every action")
+    e.add_argument(
+        "--chunk-execute",
+        type=int,
+        help="action chunks: execute the first M actions of each chunk, then re-plan",
+    )
+    e.add_argument(
+        "--temporal-ensemble",
+        type=float,
+        metavar="M",
+        help="action chunks: predict every step, execute ACT's exp(-M*i)-weighted mean",
+    )
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser(

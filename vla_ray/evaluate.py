@@ -13,6 +13,13 @@ import numpy as np
 import torch
 
 from vla_ray.callbacks import TARGET_INFO_KEY
+from vla_ray.envs.chunking import (
+    CHUNK_CONFIG_KEY,
+    RETURN_KEY,
+    STEPS_KEY,
+    TemporalEnsemble,
+    wrap_action_chunks,
+)
 from vla_ray.train import META_NAME, MODULE_SUBDIR
 
 ObsDict = dict[str, np.ndarray]
@@ -151,6 +158,14 @@ def _context_policy(module: Any, meta: dict[str, Any], path: Path) -> Policy:
     return Policy(runner, meta, "rllib", model=None, context=runner)
 
 
+def _chunk_size(policy: Policy, chunks: dict[str, Any]) -> int:
+    """The policy's chunk size: its VLA's config, else the run's ``action_chunk.size``."""
+    config = getattr(policy.model, "config", None)
+    if config is not None and hasattr(config, "chunk_size"):
+        return int(config.chunk_size)
+    return int(chunks.get("size", 1))
+
+
 def evaluate(
     policy: Policy,
     env_id: str | None = None,
@@ -159,8 +174,15 @@ def evaluate(
     seed: int = 100_000,
     video: str | Path | None = None,
     progress: bool = True,
+    chunk_execute: int | None = None,
+    temporal_ensemble: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` seeded episodes; success rate, mean return and mean length.
+    """Run ``episodes`` seeded episodes; success rate, mean return and mean length (env steps).
+
+    A policy of action chunks (``chunk_size`` K > 1) runs its first ``chunk_execute`` actions
+    open loop per prediction (default: the run's ``action_chunk.execute``, else K), or, with
+    ``temporal_ensemble`` m, predicts at every step and executes ACT's exponentially weighted
+    mean of the overlapping predictions for that step (``vla_ray.envs.chunking``).
 
     Seeds start at ``seed`` (away from training seeds). With ``video``, every episode's frames
     are written to one mp4. When the env's info names the goal (``info["target_color"]``), the
@@ -177,7 +199,15 @@ def evaluate(
         raise ValueError("env: the checkpoint names no env (no vla_ray_meta.json); pass --env")
     cfg = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
     # training-only wrappers (DAgger's expert mixing): the policy is evaluated alone
-    cfg.pop("expert_beta", None)
+    for key in ("expert_beta", "expert", "group_seeding"):
+        cfg.pop(key, None)
+    chunks = dict(cfg.pop(CHUNK_CONFIG_KEY, None) or {})
+    size = _chunk_size(policy, chunks)
+    if size == 1 and (temporal_ensemble is not None or chunk_execute is not None):
+        flag = "--temporal-ensemble" if temporal_ensemble is not None else "--chunk-execute"
+        raise ValueError(f"{flag}: the policy predicts single actions (chunk_size 1)")
+    if temporal_ensemble is not None and chunk_execute is not None:
+        raise ValueError("--chunk-execute: not with --temporal-ensemble (one step per query)")
     if video:
         cfg["render_mode"] = "rgb_array"
     from vla_ray.safety import EPISODE_COST_INFO_KEY, SAFETY_INFO_KEY, make_env
@@ -185,6 +215,13 @@ def evaluate(
     env = make_env(env_id, cfg)  # env_config["safety"]: the safety layer's rules file
     safety: list[dict[str, int]] = []
     costs: list[float] = []
+    ensemble = None
+    if temporal_ensemble is not None:
+        ensemble = TemporalEnsemble(size, temporal_ensemble)
+        action_dim = int(env.action_space.shape[0])
+    elif size > 1:  # a video shows the env at chunk boundaries only
+        execute = chunk_execute if chunk_execute is not None else chunks.get("execute")
+        env = wrap_action_chunks(env, dict(size=size, execute=execute))
     frames: list[np.ndarray] = []
     returns, lengths, successes = [], [], []
     targets: list[str | None] = []
@@ -192,15 +229,20 @@ def evaluate(
         for ep in tqdm(range(episodes), disable=not progress, desc="eval", unit="ep"):
             obs, info = env.reset(seed=seed + ep)
             policy.reset()
+            if ensemble is not None:
+                ensemble.reset()
             done, ret, length = False, 0.0, 0
             while not done:
                 if video:
                     frames.append(env.render())
                 action = policy({k: np.asarray(v)[None] for k, v in obs.items()})[0]
+                if ensemble is not None:
+                    action = ensemble.step(action.reshape(size, action_dim)).astype(np.float32)
                 obs, reward, terminated, truncated, info = env.step(action)
                 policy.observe(float(reward))
-                ret += float(reward)
-                length += 1
+                # a chunk's env steps and its undiscounted reward sum (ExecuteChunk)
+                ret += float(info.get(RETURN_KEY, reward))
+                length += int(info.get(STEPS_KEY, 1))
                 done = terminated or truncated
             if video:
                 frames.append(env.render())

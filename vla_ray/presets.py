@@ -143,6 +143,20 @@ PRESETS: dict[str, Preset] = {
             eval_episodes=20,
         ),
         Preset(
+            name="langreach-bc-chunk",
+            algorithm="bc",
+            env="vla_ray/LangReach-v0",
+            description=(
+                "behaviour cloning of LangReach demos with chunks of 8 actions (executed open "
+                "loop; vla-ray eval --temporal-ensemble for ACT's ensembling)"
+            ),
+            model=dict(TINY_VLA, vision_skip=True, head="gaussian", value="none", chunk_size=8),
+            training=dict(lr=1e-3, train_batch_size_per_learner=256),
+            env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+            stop=dict(iters=500),
+            eval_episodes=20,
+        ),
+        Preset(
             name="langreach-dagger",
             algorithm="dagger",
             env="vla_ray/LangReach-v0",
@@ -277,6 +291,33 @@ PRESETS.update(
                 env="vla_ray/PushT-v0",
                 description="diffusion-policy behaviour cloning of PushT demos with the tiny VLA",
                 model=dict(TINY_VLA, vision_skip=True, head="diffusion", value="none"),
+                training=dict(lr=1e-3, train_batch_size_per_learner=256),
+                env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+                stop=dict(iters=2000),
+                eval_episodes=20,
+            ),
+            # Diffusion Policy's setting: chunks of 8 actions, executed open loop
+            Preset(
+                name="pusht-diffusion",
+                algorithm="bc",
+                env="vla_ray/PushT-v0",
+                description="diffusion-policy BC of PushT demos, chunks of 8 actions",
+                model=dict(
+                    TINY_VLA, vision_skip=True, head="diffusion", value="none", chunk_size=8
+                ),
+                training=dict(lr=1e-3, train_batch_size_per_learner=256),
+                env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+                stop=dict(iters=2000),
+                eval_episodes=20,
+            ),
+            Preset(
+                name="pusht-flow",
+                algorithm="bc",
+                env="vla_ray/PushT-v0",
+                description="flow-matching BC (pi0-style head) of PushT demos, chunks of 8",
+                model=dict(
+                    TINY_VLA, vision_skip=True, head="flow_matching", value="none", chunk_size=8
+                ),
                 training=dict(lr=1e-3, train_batch_size_per_learner=256),
                 env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
                 stop=dict(iters=2000),

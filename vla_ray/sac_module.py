@@ -22,8 +22,9 @@ action_high]`` (the VLA head does the same), so ``normalize_actions`` is off in 
 configs, and offline datasets (raw env actions) need no rescaling. Bounds must be the same for
 every action dimension (as for ``VLAModule``).
 
-``model_config`` takes the ``VLAConfig`` fields (``head`` must be ``tanh_gaussian``,
-``chunk_size`` 1) plus ``q_hidden`` (width of the Q/value MLPs, 256), ``pretrained_path`` /
+``model_config`` takes the ``VLAConfig`` fields (``head`` must be ``tanh_gaussian``; with
+``chunk_size`` K > 1 the Q networks score whole chunks, the macro-actions of ``ExecuteChunk``:
+SAC only, CQL and IQL refuse chunks) plus ``q_hidden`` (width of the Q/value MLPs, 256), ``pretrained_path`` /
 ``vlm_path`` (start the policy from a saved VLA / pretrained VLM, as in ``VLAModule``) and the
 keys RLlib adds (``twin_q``; CQL's ``num_actions``).
 """
@@ -176,11 +177,6 @@ class VLASACModule(DefaultSACTorchRLModule):
             raise ConfigError(
                 f"head: SAC, CQL and IQL need the squashed Gaussian policy head "
                 f"'tanh_gaussian', got {head!r}"
-            )
-        if int(mc.get("chunk_size", 1)) != 1:
-            raise ConfigError(
-                f"chunk_size: the SAC family learns single-step Q values; expected 1, "
-                f"got {mc['chunk_size']}"
             )
         # SAC's own keys (q_hidden, twin_q, ...) are not VLA fields
         self.vla = build_vla(mc, self.observation_space, self.action_space, SAC_MODULE_KEYS)

@@ -8,7 +8,7 @@ The first key under a section is checked against what the run will pass it to:
   env's spaces), the ``MODEL_KEYS`` the algorithm's RLModule class reads (``value``,
   ``q_hidden`` ...) and RLlib's ``DefaultModelConfig`` fields;
 - ``env.*``: the env constructor's keyword arguments plus the env factory's wrapper keys
-  (``expert_beta``, ``expert``, ``group_seeding``, ``safety``);
+  (``expert_beta``, ``expert``, ``group_seeding``, ``safety``, ``action_chunk``);
 - ``stop.*``: ``iters``, ``timesteps``, ``seconds``.
 
 Deeper keys (``model.head_config.init_log_std``, ``model.llm_config.*``) are the open-ended
@@ -27,7 +27,7 @@ from typing import Any
 from vla_ray.config import ConfigError
 
 # keys the env factory (vla_ray.train._EnvCreator) consumes itself: wrappers, not env arguments
-ENV_FACTORY_KEYS = ("expert_beta", "expert", "group_seeding", "safety")
+ENV_FACTORY_KEYS = ("expert_beta", "expert", "group_seeding", "safety", "action_chunk")
 # keys vla_ray.train takes out of a section before RLlib sees it
 SECTION_EXTRA_KEYS = {"env_runners": ("inference",)}  # the shared inference actors
 STOP_KEYS = ("iters", "timesteps", "seconds")

@@ -175,6 +175,9 @@ def resolve(
     accepts_data = needs_data or bool(getattr(algo, "ACCEPTS_DATA", False))
     if not accepts_data and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
+    settings["env_config"] = chunk_env_config(
+        p.algorithm, settings["model"], settings["env_config"]
+    )
     runners = settings["env_runners"]
     if num_env_runners is not None:
         runners["num_env_runners"] = num_env_runners
@@ -192,6 +195,38 @@ def resolve(
         num_gpus_per_env_runner=num_gpus_per_env_runner,
     )
     return RunSpec(p.name, p.algorithm, p.env, settings)
+
+
+def chunk_env_config(
+    algorithm: str, model: dict[str, Any], env_config: dict[str, Any]
+) -> dict[str, Any]:
+    """``env_config`` with ``action_chunk.size`` set to ``model.chunk_size`` when that is > 1
+    (the env then takes chunks: ``vla_ray.envs.chunking``). ConfigError naming the field when
+    the algorithm learns single-step actions only (it does not set ``ACTION_CHUNKS``) or the
+    env's chunk size disagrees with the model's."""
+    from vla_ray.algorithms import ALGORITHMS, get_algorithm
+    from vla_ray.config import ConfigError
+    from vla_ray.envs.chunking import CHUNK_CONFIG_KEY, chunk_settings
+
+    size = model.get("chunk_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"model.chunk_size: expected an integer >= 1, got {size!r}")
+    given = dict(env_config.get(CHUNK_CONFIG_KEY) or {})
+    if size == 1 and int(given.get("size", 1)) == 1:
+        return env_config
+    if not getattr(get_algorithm(algorithm), "ACTION_CHUNKS", False):
+        takes = [a for a in ALGORITHMS if getattr(get_algorithm(a), "ACTION_CHUNKS", False)]
+        raise ConfigError(
+            f"model.chunk_size: {algorithm} learns single-step actions (chunk_size=1); "
+            f"got {size}. Algorithms that take chunks: {', '.join(takes)}"
+        )
+    if given.get("size", size) != size:
+        raise ConfigError(
+            f"env.{CHUNK_CONFIG_KEY}.size: must equal model.chunk_size={size}, "
+            f"got {given['size']!r}"
+        )
+    chunk_settings({**given, "size": size})  # checks execute / gamma
+    return {**env_config, CHUNK_CONFIG_KEY: {**given, "size": size}}
 
 
 def register_envs() -> None:
@@ -215,6 +250,8 @@ class _EnvCreator:
 
         import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
         from vla_ray.envs import env_kwargs
+        from vla_ray.envs.chunking import CHUNK_CONFIG_KEY, wrap_action_chunks
+        from vla_ray.safety import make_env
 
         kwargs = dict(env_config or {})
         # envs that place themselves by their EnvRunner (CARLA: one server per sub-env) get its
@@ -226,10 +263,10 @@ class _EnvCreator:
         expert = kwargs.pop("expert", None)  # and names its expert (the env's by default)
         # ``group_seeding`` (GRPO) wraps the env in GroupSeeding (resets from a seed schedule)
         group_seeding = kwargs.pop("group_seeding", False)
+        # ``action_chunk`` (model.chunk_size > 1) wraps it in ExecuteChunk, outermost
+        chunks = kwargs.pop(CHUNK_CONFIG_KEY, None)
         # ``safety`` (a rules file) wraps the env in SafetyWrapper, innermost: the shield sees
         # the action the env will execute (after any expert mixing)
-        from vla_ray.safety import make_env
-
         env = make_env(self.env_id, kwargs)
         if beta is not None:
             from vla_ray.envs.experts import ExpertMixing
@@ -239,7 +276,7 @@ class _EnvCreator:
             from vla_ray.algorithms.grpo import GroupSeeding
 
             env = GroupSeeding(env)
-        return env
+        return wrap_action_chunks(env, chunks)
 
 
 def build_algorithm_config(spec: RunSpec):
@@ -252,7 +289,8 @@ def build_algorithm_config(spec: RunSpec):
     from vla_ray.rl_module import VLAModule
     from vla_ray.scale import fault_tolerance_settings, resolve_gpus
 
-    s = spec.settings
+    s = dict(spec.settings)
+    s["env_config"] = chunk_env_config(spec.algorithm, s["model"], s["env_config"])
     algo_mod = get_algorithm(spec.algorithm)
     register_envs()
     runners = dict(s["env_runners"])
@@ -305,8 +343,7 @@ def build_algorithm_config(spec: RunSpec):
             cfg.offline_data(prelearner_class=VLAPreLearner)
     if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
         algo_mod.use_data(cfg, s.get("data"))
-    if _evaluates(algo_mod):  # BC and DAgger: behaviour cloning on single-step action labels
-        _check_offline_model(s["model"])
+    if _evaluates(algo_mod):  # offline algorithms and DAgger: deterministic evaluation episodes
         eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
         cfg.evaluation(
             evaluation_interval=int(s["eval_every"]),
@@ -323,14 +360,6 @@ def _evaluates(algo_mod) -> bool:
     """Algorithms whose training episodes do not measure the policy (offline data, or DAgger's
     expert mixing) report deterministic evaluation episodes instead."""
     return bool(getattr(algo_mod, "OFFLINE", False) or getattr(algo_mod, "EVALUATE", False))
-
-
-def _check_offline_model(model: dict[str, Any]) -> None:
-    if int(model.get("chunk_size", 1)) != 1:
-        raise ValueError(
-            f"model.chunk_size: training from episodes supports chunk_size=1 for now, "
-            f"got {model['chunk_size']}"
-        )
 
 
 def init_ray(num_cpus: int | None = None) -> None:

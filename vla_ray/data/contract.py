@@ -58,8 +58,12 @@ class EnvContract:
 
         self.env_id = env_id
         self.env_config = dict(env_config or {})
-        self.env_config.pop("expert_beta", None)  # DAgger's wrapper option, not an env argument
-        self.env_config.pop("safety", None)  # the safety layer's rules: a wrapper, same spaces
+        # the env factory's wrapper options (vla_ray.train._EnvCreator), not env arguments: the
+        # data are single steps of the env itself
+        from vla_ray.setting_keys import ENV_FACTORY_KEYS
+
+        for key in ENV_FACTORY_KEYS:
+            self.env_config.pop(key, None)
         env = gym.make(env_id, **self.env_config)
         try:
             self.observation_space = env.observation_space

@@ -199,7 +199,9 @@ def offline_input(
     fmt = detect_format(data)
     if fmt == RLLIB:
         return dataset_files(data)
-    env_config = {k: v for k, v in (env_config or {}).items() if k != "expert_beta"}
+    # wrapper options (DAgger's expert mixing, ExecuteChunk) are not env arguments
+    wrappers = ("expert_beta", "action_chunk")
+    env_config = {k: v for k, v in (env_config or {}).items() if k not in wrappers}
     name = Path(str(data)).name.replace(".", "_") or "data"
     target = cache_dir() / f"{name}-{fmt}-{_fingerprint(data, fmt, env_id, env_config)}"
     if (target / META_NAME).is_file():

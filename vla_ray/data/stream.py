@@ -82,12 +82,33 @@ class VLAPreLearner(OfflinePreLearner):
         if hasattr(self, "episode_buffer"):
             self.episode_buffer.rng = np.random.default_rng(config.seed)
 
+    def _validate_episodes(self, episodes: list[Any]) -> set[Any]:
+        """RLlib's checks, then (a module with ``chunk_size`` K > 1) each new episode's
+        actions as windows of the next K actions (``vla_ray.data.chunks``) before it enters
+        the buffer."""
+        new = super()._validate_episodes(episodes)
+        size = module_chunk_size(self._module)
+        if size == 1:
+            return new
+        from vla_ray.data.chunks import chunk_episode
+
+        return {chunk_episode(ep, size) for ep in new}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.config.input_read_episodes:
             files = self.config.input_
             source = files if isinstance(files, str) else f"{files[0]} (of {len(files)} files)"
             check_packed(batch["item"], source=str(source))
         return super().__call__(batch)
+
+
+def module_chunk_size(module: Any) -> int:
+    """The ``chunk_size`` of the (multi-agent) module's default policy's action head (1 for
+    modules without one)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    head = getattr(getattr(module[DEFAULT_MODULE_ID].unwrapped(), "vla", None), "head", None)
+    return int(getattr(head, "chunk_size", 1))
 
 
 def offline_data_settings(input_: list[str]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Action heads: trunk features (B, F) -> action chunks (B, K, A).
 
-Every head has ``loss(features, actions)`` (its behaviour-cloning loss) and
+Every head has ``loss(features, actions, mask=None)`` (its behaviour-cloning loss; ``mask``
+(B, K) marks the chunk slots that hold real actions, see ``vla_ray.data.chunks``) and
 ``predict(features, deterministic)``; stochastic heads also give RLlib distribution inputs.
 """
 
@@ -15,6 +16,22 @@ from torch.nn import functional as F
 from vla_ray.config import ACTION_HEADS, check_choice
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, action_dim: int) -> torch.Tensor:
+    """Mean of per-element losses (B, K*A) over the unmasked chunk slots (``mask`` (B, K))."""
+    if mask is None:
+        return values.mean()
+    w = mask.to(values.dtype).repeat_interleave(action_dim, dim=1)
+    return (values * w).sum() / w.sum().clamp_min(1.0)
+
+
+def masked_nll(logp: torch.Tensor, mask: torch.Tensor | None, action_dim: int) -> torch.Tensor:
+    """Negative log-likelihood per sample (summed over its unmasked elements of (B, K*A)),
+    averaged over the batch."""
+    if mask is not None:
+        logp = logp * mask.to(logp.dtype).repeat_interleave(action_dim, dim=1)
+    return -logp.sum(-1).mean()
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
@@ -58,8 +75,11 @@ class ActionHead(nn.Module):
         """Action chunk (B, K, A)."""
         raise NotImplementedError  # pragma: no cover - every head overrides
 
-    def loss(self, features: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Behaviour-cloning loss against target chunks (B, K, A)."""
+    def loss(
+        self, features: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Behaviour-cloning loss against target chunks (B, K, A); ``mask`` (B, K) excludes the
+        padded slots past an episode's end (None: every slot counts)."""
         raise NotImplementedError  # pragma: no cover - every head overrides
 
 
@@ -86,8 +106,9 @@ class MLPHead(ActionHead):
         out = self.net(features)
         return self._chunk(self._from_unit(torch.tanh(out)) if self.squash else out)
 
-    def loss(self, features, actions):
-        return F.mse_loss(self.predict(features), actions)
+    def loss(self, features, actions, mask=None):
+        err = (self.predict(features) - actions).pow(2).flatten(1)
+        return masked_mean(err, mask, self.action_dim)
 
 
 class GaussianHead(ActionHead):
@@ -125,10 +146,10 @@ class GaussianHead(ActionHead):
             mean = mean + log_std.exp() * torch.randn_like(mean)
         return self._chunk(mean)
 
-    def loss(self, features, actions):
+    def loss(self, features, actions, mask=None):
         mean, log_std = self.dist_inputs(features).chunk(2, dim=-1)
         dist = torch.distributions.Normal(mean, log_std.exp())
-        return -dist.log_prob(actions.flatten(1)).sum(-1).mean()
+        return masked_nll(dist.log_prob(actions.flatten(1)), mask, self.action_dim)
 
 
 class TanhGaussianHead(ActionHead):
@@ -152,13 +173,13 @@ class TanhGaussianHead(ActionHead):
             mean = mean + log_std.exp() * torch.randn_like(mean)
         return self._chunk(self._from_unit(torch.tanh(mean)))
 
-    def loss(self, features, actions):
+    def loss(self, features, actions, mask=None):
         mean, log_std = self.dist_inputs(features).chunk(2, dim=-1)
         u_target = self._to_unit(actions.flatten(1)).clamp(-0.999, 0.999)
         pre = torch.atanh(u_target)
         logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(pre)
         logp = logp - torch.log1p(-u_target.pow(2))
-        return -logp.sum(-1).mean()
+        return masked_nll(logp, mask, self.action_dim)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -244,13 +265,14 @@ class DiffusionHead(NoiseSampledHead):
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.eps_net(torch.cat([x_t, timestep_embedding(t, self.time_dim), features], -1))
 
-    def loss(self, features, actions):
+    def loss(self, features, actions, mask=None):
         x0 = self._to_unit(actions.flatten(1))
         t = torch.randint(0, self.train_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         ab = self.alpha_bar[t][:, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        return F.mse_loss(self._eps(x_t, t, features), noise)
+        err = (self._eps(x_t, t, features) - noise).pow(2)
+        return masked_mean(err, mask, self.action_dim)
 
     def sample(
         self, features: torch.Tensor, noise: torch.Tensor, steps: int | None = None
@@ -322,12 +344,13 @@ class FlowMatchingHead(NoiseSampledHead):
         t = torch.distributions.Beta(a, b).sample((batch,))
         return t * (1.0 - self.min_time) + self.min_time
 
-    def loss(self, features, actions):
+    def loss(self, features, actions, mask=None):
         x0 = self._to_unit(actions.flatten(1))
         eps = torch.randn_like(x0)
         t = self.sample_time(x0.shape[0], x0.device)
         x_t = t[:, None] * eps + (1.0 - t[:, None]) * x0
-        return F.mse_loss(self.velocity(x_t, t, features), eps - x0)
+        err = (self.velocity(x_t, t, features) - (eps - x0)).pow(2)
+        return masked_mean(err, mask, self.action_dim)
 
     def sample(
         self, features: torch.Tensor, noise: torch.Tensor, steps: int | None = None
@@ -392,10 +415,11 @@ class TransformerHead(ActionHead):
         n = x.shape[1]
         return self.out(self.decoder(x, mask=self.causal[:n, :n]))
 
-    def loss(self, features, actions):
+    def loss(self, features, actions, mask=None):
         target = self.tokenize(actions.flatten(1))
         logits = self.logits(features, target[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, self.bins), target.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, self.bins), target.reshape(-1), reduction="none")
+        return masked_mean(ce.view(target.shape), mask, self.action_dim)
 
     def predict(self, features, deterministic=True):
         tokens = torch.zeros(features.shape[0], 0, dtype=torch.long, device=features.device)
