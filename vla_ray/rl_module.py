@@ -47,7 +47,7 @@ from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
-from vla_ray.models.vla import VLA, build_trunk
+from vla_ray.models.vla import VLA, build_trunk, run_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
 # ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (PPO, GAIL)
@@ -193,11 +193,11 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     @override(RLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._policy_out(self.vla.trunk(batch[Columns.OBS]))
+        return self._policy_out(self.vla.features(batch[Columns.OBS]))
 
     @override(RLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        features = self.vla.trunk(batch[Columns.OBS])
+        features = self.vla.features(batch[Columns.OBS])
         out = self._policy_out(features)
         out[Columns.EMBEDDINGS] = features
         vision = self.vla.trunk.vision
@@ -213,9 +213,9 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
                 "use value='shared' or 'separate' for PPO/APPO/MARWIL"
             )
         if self.value_mode == "separate":
-            embeddings = self.vf_trunk(batch[Columns.OBS])
+            embeddings = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
         elif embeddings is None:
-            embeddings = self.vla.trunk(batch[Columns.OBS])
+            embeddings = self.vla.features(batch[Columns.OBS])
         return self.vf(embeddings).squeeze(-1)
 
     @override(InferenceOnlyAPI)
