@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,6 +362,23 @@ PRESETS["langreach-state-sac"] = Preset(
     env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
     stop=dict(timesteps=1000),
     eval_episodes=20,
+)
+
+
+# GRPO fine-tuning with LoRA (issue 25): adapters (r=8) on the language model's attention and MLP
+# projections, the CNN frozen; the projector, state projection, action query and head train fully.
+# The KL reference is the same module with adapters off (no second copy of the model).
+PRESETS["langreach-lora-grpo"] = dataclasses.replace(
+    PRESETS["langreach-grpo"],
+    name="langreach-lora-grpo",
+    description="GRPO with LoRA adapters on the LM (vision frozen); start from a BC/PPO run "
+    "with --set model.pretrained_path=RUN_DIR",
+    model={
+        **copy.deepcopy(PRESETS["langreach-grpo"].model),
+        "lora": {"r": 8},
+        "freeze_vision": True,
+    },
+    training=copy.deepcopy(PRESETS["langreach-grpo"].training),
 )
 
 

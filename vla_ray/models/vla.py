@@ -40,7 +40,7 @@ from vla_ray.models.language import (
     enable_activation_checkpointing,
     output_cache,
 )
-from vla_ray.models.lora import autocast
+from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
@@ -429,7 +429,8 @@ class VLA(nn.Module):
             data["image_processor_path"] = str(directory / IMAGE_PROCESSOR_DIR)
         data.update(overrides)
         model = cls(VLAConfig.from_dict(data))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        saved = load_file(str(directory / WEIGHTS_NAME))
+        model.load_state_dict(_with_fresh_adapters(saved, model.state_dict()), strict=True)
         return model
 
     @classmethod
@@ -586,6 +587,30 @@ def _peft_to_plain(key: str) -> str:
     """``trunk.lm.base_model.model.X.base_layer.weight`` -> ``trunk.lm.X.weight``."""
     key = key.replace("trunk.lm.base_model.model.", "trunk.lm.")
     return key.replace(".base_layer.", ".")
+
+
+def _with_fresh_adapters(
+    saved: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``saved`` as is when it has LoRA adapters or the model has none; else (a full checkpoint
+    loaded with ``lora`` set) its weights under the peft names and the model's fresh adapters."""
+    if any(is_adapter_param(k) for k in saved) or not any(is_adapter_param(k) for k in target):
+        return saved
+    out = {}
+    for key, fresh in target.items():
+        if is_adapter_param(key):
+            out[key] = fresh
+        else:
+            src = _peft_to_plain(key)
+            out[key] = saved[src] if src in saved else saved.get(key, fresh)
+    missing = [k for k in target if not is_adapter_param(k) and k not in saved]
+    missing = [k for k in missing if _peft_to_plain(k) not in saved]
+    if missing:
+        raise ValueError(
+            f"the saved weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''}: not the "
+            "architecture of this config (only lora may be added to a saved VLA)"
+        )
+    return out
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
