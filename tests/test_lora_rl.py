@@ -166,9 +166,13 @@ def _module(spaces, **mc) -> VLAModule:
     return VLAModule(observation_space=obs_space, action_space=act_space, model_config=mc)
 
 
-def test_adapters_disabled_and_folding(langreach_spaces, langreach_obs_batch):
+SMOLVLM = {"backbone": "vlm", "vlm_family": "smolvlm"}
+
+
+@pytest.mark.parametrize("trunk", [{}, SMOLVLM], ids=["default", "smolvlm"])
+def test_adapters_disabled_and_folding(trunk, langreach_spaces, langreach_obs_batch):
     torch.manual_seed(0)
-    module = _module(langreach_spaces, head="gaussian", **LORA)
+    module = _module(langreach_spaces, head="gaussian", **trunk, **LORA)
     batch = {Columns.OBS: {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}}
     with torch.no_grad():
         fresh = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
@@ -180,7 +184,7 @@ def test_adapters_disabled_and_folding(langreach_spaces, langreach_obs_batch):
             off = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         assert not torch.allclose(trained, fresh, atol=1e-4)
         torch.testing.assert_close(off, fresh, rtol=0, atol=0)  # the base model
-        assert fold_adapters(module) == 14  # 7 projections x 2 layers
+        assert fold_adapters(module) == 14  # 7 projections x 2 LM layers
         folded = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         with adapters_disabled(module):
             folded_off = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
@@ -266,3 +270,26 @@ def test_gradient_checkpointing_with_lora_gives_the_same_features_and_gradients(
     assert set(g1) == set(g2) and any(is_adapter_param(n) for n in g1)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_vlm_trunk_with_lora_bf16_autocast_and_checkpointing_trains_only_adapters(
+    langreach_spaces, langreach_obs_batch
+):
+    module = _module(
+        langreach_spaces,
+        head="gaussian",
+        autocast="bf16",
+        gradient_checkpointing=True,
+        **SMOLVLM,
+        **LORA,
+    )
+    module.train()
+    batch = {Columns.OBS: {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}}
+    out = module.forward_train(batch)
+    values = module.compute_values(batch, embeddings=out[Columns.EMBEDDINGS])
+    assert out[Columns.ACTION_DIST_INPUTS].dtype == torch.float32 and values.dtype == torch.float32
+    (out[Columns.ACTION_DIST_INPUTS].square().sum() + values.square().sum()).backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    inside_vlm = {n for n in with_grad if ".vlm." in n}
+    assert inside_vlm and all(is_adapter_param(n) for n in inside_vlm)
+    assert {"vla.trunk.query", "vla.head.net.0.weight", "vf.0.weight"} <= with_grad
