@@ -350,7 +350,7 @@ class GRPOTorchLearner(TrainableParametersMixin, TorchLearner):
         }
         # LoRA: the base weights are in the module's own state; the swapped parts are here
         state["grpo_reference_parts"] = {
-            mid: {k: v.cpu().numpy() for k, v in parts.items()}
+            mid: {k: v.cpu().numpy().copy() for k, v in parts.items()}
             for mid, parts in self._reference_parts.items()
         }
         return state

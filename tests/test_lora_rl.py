@@ -157,6 +157,14 @@ def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray
         torch.testing.assert_close(again, policy, rtol=0, atol=0)  # adapters back on
         # the adapters train again after the reference pass
         assert all(p.requires_grad for n, p in module.named_parameters() if is_adapter_param(n))
+        # the reference's kept tensors are part of the learner's checkpoint state
+        state = learner.get_state()
+        for t in parts.values():
+            t.zero_()
+        learner.set_state(state)
+        torch.testing.assert_close(
+            learner.reference_dist_inputs("default_policy", batch), ref, rtol=0, atol=0
+        )
     finally:
         algo.stop()
 
@@ -240,6 +248,8 @@ def test_bf16_autocast_runs_with_float32_outputs(langreach_spaces, langreach_obs
     assert bf16.vla.predict(langreach_obs_batch).dtype == torch.float32
     with pytest.raises(ConfigError, match="autocast: unknown name 'fp16'"):
         _module(langreach_spaces, head="gaussian", autocast="fp16")
+    with pytest.raises(ConfigError, match=r"lora: unknown key\(s\) \['rank'\]"):
+        _module(langreach_spaces, head="gaussian", lora={"rank": 8})
 
 
 def test_gradient_checkpointing_with_lora_gives_the_same_features_and_gradients(
