@@ -114,8 +114,23 @@ def test_lora_ppo_updates_only_adapters_and_trained_parts(ray_session, tmp_path)
         algo.stop()
 
 
-def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray_session):
-    spec = resolve("langreach-grpo", GRPO_SMALL, num_env_runners=0)
+def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray_session, tmp_path):
+    """The langreach-lora-grpo preset from a full (no-LoRA) saved policy, as from a BC run."""
+    import gymnasium as gym
+
+    from vla_ray.presets import get_preset
+
+    env = gym.make("vla_ray/LangReach-v0", **ENV)
+    torch.manual_seed(1)
+    full = VLAModule(
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=get_preset("langreach-grpo").model,
+    ).vla
+    env.close()
+    full.save_pretrained(tmp_path / "bc")
+    overrides = {**GRPO_SMALL, "model": {"pretrained_path": str(tmp_path / "bc")}}
+    spec = resolve("langreach-lora-grpo", overrides, num_env_runners=0)
     algo = build_algorithm_config(spec).build_algo()
     try:
         learner = _learner(algo)
@@ -153,6 +168,10 @@ def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray
             again = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         torch.testing.assert_close(ref, start_off, rtol=0, atol=0)
         torch.testing.assert_close(ref, start_on, rtol=0, atol=1e-6)  # fresh adapters: zero update
+        with torch.no_grad():  # ... so the reference is the saved full policy
+            saved = full.head.dist_inputs(full.features(batch[Columns.OBS]))
+        torch.testing.assert_close(ref, saved, rtol=0, atol=1e-6)
+        assert module.vla.config.lora == {"r": 8} and module.vla.config.freeze_vision
         assert not torch.allclose(policy, ref, atol=1e-6)  # the policy moved away from it
         torch.testing.assert_close(again, policy, rtol=0, atol=0)  # adapters back on
         # the adapters train again after the reference pass
