@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed updates, tiny config")
     parser.add_argument("--large-steps", type=int, default=3, help="timed updates, others")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--tag", default="", help="write OUT/lora_memory_TAG.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -185,9 +186,10 @@ def main() -> None:
         batch=args.batch,
         rows=rows,
     )
-    (out / "lora_memory.json").write_text(json.dumps(record, indent=2))
+    name = f"lora_memory_{args.tag}.json" if args.tag else "lora_memory.json"
+    (out / name).write_text(json.dumps(record, indent=2))
     print(table(rows))
-    print(f"\nwrote {out / 'lora_memory.json'}")
+    print(f"\nwrote {out / name}")
 
 
 if __name__ == "__main__":
