@@ -31,7 +31,8 @@ adapter) and its other trainable tensors (head, state projection, action query, 
 vision encoder unless frozen) swapped for frozen copies of their initial values: no second copy
 of the language model is held. Fresh adapters start at zero (LoRA's B = 0), so adapters-off is
 the start policy; a start whose adapters were already trained (e.g. BC with LoRA) has its
-adapters folded into the base weights first (``fold_adapters``), so the reference is that start. When the run starts from another algorithm's policy (``model.pretrained_path``: a
+adapters folded into the base weights first (``fold_adapters``), so the reference is that start.
+When the run starts from another algorithm's policy (``model.pretrained_path``: a
 ``VLA.save_pretrained`` dir, a vla-ray checkpoint with its ``vla/`` export, or a vla-ray run dir,
 whose ``checkpoints/best`` (else ``last``) is used), that policy is both the starting point and
 the reference. The reference is part of the learner's checkpoint state, so a resumed run keeps
