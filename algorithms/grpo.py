@@ -24,8 +24,15 @@ Each iteration
      only bounds the distance from the start;
   5. syncs the new weights to the EnvRunners.
 
-Reference policy: a frozen copy of the module's initial weights, taken inside the learner when it
-is built. When the run starts from another algorithm's policy (``model.pretrained_path``: a
+Reference policy: the module's initial weights, kept inside the learner when it is built: a
+frozen copy of the module, or, with LoRA adapters on the language model (``model.lora``), the
+same module with its adapters disabled (peft's ``disable_adapter``, applied to every injected
+adapter) and its other trainable tensors (head, state projection, action query, projector and
+vision encoder unless frozen) swapped for frozen copies of their initial values: no second copy
+of the language model is held. Fresh adapters start at zero (LoRA's B = 0), so adapters-off is
+the start policy; a start whose adapters were already trained (e.g. BC with LoRA) has its
+adapters folded into the base weights first (``fold_adapters``), so the reference is that start.
+When the run starts from another algorithm's policy (``model.pretrained_path``: a
 ``VLA.save_pretrained`` dir, a vla-ray checkpoint with its ``vla/`` export, or a vla-ray run dir,
 whose ``checkpoints/best`` (else ``last``) is used), that policy is both the starting point and
 the reference. The reference is part of the learner's checkpoint state, so a resumed run keeps
@@ -74,6 +81,15 @@ from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     LEARNER_RESULTS,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
+
+from vla_ray.learner import TrainableParametersMixin
+from vla_ray.models.lora import (
+    adapters_disabled,
+    fold_adapters,
+    has_lora,
+    is_adapter_param,
+    parameters_replaced,
 )
 
 NAME = "grpo"
@@ -248,21 +264,46 @@ class AddGroupAdvantages(ConnectorV2):
 
 
 # -- loss ---------------------------------------------------------------------------------------
-class GRPOTorchLearner(TorchLearner):
-    """Clipped surrogate on group advantages + KL to a frozen copy of the initial policy."""
+class GRPOTorchLearner(TrainableParametersMixin, TorchLearner):
+    """Clipped surrogate on group advantages + KL to the initial policy (a frozen copy, or the
+    module itself with LoRA adapters off: see the module docstring)."""
 
     def build(self) -> None:
         super().build()
         self._reference: dict[str, torch.nn.Module] = {}
+        # LoRA: frozen copies of the trainable tensors that are not adapters (small: head etc.)
+        self._reference_parts: dict[str, dict[str, torch.Tensor]] = {}
         for mid, module in self.module.items():
-            ref = copy.deepcopy(module.unwrapped())
+            m = module.unwrapped()
+            if has_lora(m):
+                fold_adapters(m)
+                self._reference_parts[mid] = {
+                    n: p.detach().clone()
+                    for n, p in m.named_parameters()
+                    if p.requires_grad and not is_adapter_param(n)
+                }
+                continue
+            ref = copy.deepcopy(m)
             ref.requires_grad_(False)
             ref.eval()
             self._reference[mid] = ref
 
     def reference_module(self, module_id: str) -> torch.nn.Module:
-        """The frozen reference policy of ``module_id``."""
+        """The frozen reference copy of ``module_id`` (KeyError with LoRA: there is none; use
+        ``reference_dist_inputs``)."""
         return self._reference[module_id]
+
+    def reference_dist_inputs(self, module_id: str, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference policy's action-distribution inputs for ``batch`` (no gradient)."""
+        with torch.no_grad():
+            if module_id in self._reference:
+                out = self._reference[module_id].forward_train(batch)
+            else:
+                module = self.module[module_id].unwrapped()
+                parts = self._reference_parts[module_id]
+                with adapters_disabled(module), parameters_replaced(module, parts):
+                    out = module.forward_train(batch)
+        return out[Columns.ACTION_DIST_INPUTS]
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         module = self.module[module_id].unwrapped()
@@ -273,9 +314,7 @@ class GRPOTorchLearner(TorchLearner):
         adv = batch[Postprocessing.ADVANTAGES]
         clip = config.clip_param
         surrogate = torch.min(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
-        with torch.no_grad():
-            ref_inputs = self._reference[module_id].forward_train(batch)
-        ref_dist = dist_cls.from_logits(ref_inputs[Columns.ACTION_DIST_INPUTS])
+        ref_dist = dist_cls.from_logits(self.reference_dist_inputs(module_id, batch))
         if config.kl_estimator == "k3":
             log_r = ref_dist.logp(batch[Columns.ACTIONS]) - logp
             kl = torch.exp(log_r) - log_r - 1.0
@@ -312,6 +351,11 @@ class GRPOTorchLearner(TorchLearner):
             mid: {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
             for mid, ref in self._reference.items()
         }
+        # LoRA: the base weights are in the module's own state; the swapped parts are here
+        state["grpo_reference_parts"] = {
+            mid: {k: v.cpu().numpy().copy() for k, v in parts.items()}
+            for mid, parts in self._reference_parts.items()
+        }
         return state
 
     def set_state(self, state) -> None:
@@ -321,6 +365,10 @@ class GRPOTorchLearner(TorchLearner):
                 self._reference[mid].load_state_dict(
                     {k: torch.as_tensor(v) for k, v in weights.items()}
                 )
+        for mid, parts in (state.get("grpo_reference_parts") or {}).items():
+            if mid in self._reference_parts:
+                for k, v in parts.items():
+                    self._reference_parts[mid][k].copy_(torch.as_tensor(v))
 
 
 # -- config -------------------------------------------------------------------------------------

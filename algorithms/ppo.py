@@ -13,6 +13,7 @@ from typing import Any
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 
+from vla_ray.learner import TrainableParametersMixin
 from vla_ray.rl_module import AUX_LOSS
 
 NAME = "ppo"
@@ -38,9 +39,10 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
 MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
 
 
-class VLAPPOLearner(PPOTorchLearner):
+class VLAPPOLearner(TrainableParametersMixin, PPOTorchLearner):
     """RLlib's PPO loss plus the module's auxiliary loss when it has one (``AUX_LOSS`` in the
-    forward output: the keypoint reconstruction of ``vision_config.recon_coeff``)."""
+    forward output: the keypoint reconstruction of ``vision_config.recon_coeff``). Only trainable
+    parameters are optimised (with ``model.lora``: the adapters, not the LM's base weights)."""
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         total = super().compute_loss_for_module(

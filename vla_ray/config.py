@@ -28,6 +28,8 @@ VALUE_MODES = ("shared", "separate", "none")
 # "openvla": an OpenVLA checkpoint in its published layout (``vlm_path``)
 BACKBONES = ("vla", "vlm", "openvla")
 DTYPES = ("float32", "bfloat16")
+# torch.autocast of the trunk's forward (training and inference): "none" or "bf16"
+AUTOCASTS = ("none", "bf16")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,9 @@ class VLAConfig:
     # weights of the trunk's transformers models; gradient checkpointing in training passes
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    # the trunk's forward under torch.autocast ("bf16": bfloat16 matmuls on fp32 weights, any
+    # backbone, learner and inference); the features it returns stay float32
+    autocast: str = "none"
     # vision ("none": no image input, the trunk sees instruction + state only)
     vision: str = "cnn"
     vision_path: str | None = None
@@ -112,6 +117,7 @@ class VLAConfig:
         check_choice("context_pool", self.context_pool, CONTEXT_POOLS)
         check_choice("backbone", self.backbone, BACKBONES)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("autocast", self.autocast, AUTOCASTS)
         self._check_backbone()
         for name in ("state_dim", "action_dim", "chunk_size", "instruction_max_length"):
             value = getattr(self, name)

@@ -132,7 +132,7 @@ def reference_actions(vla: VLA, inputs: Inputs) -> np.ndarray:
     """The PyTorch module's actions (B, K, A) for ``inputs`` (memoised trunk, the eager path)."""
     obs = {k: torch.as_tensor(v) for k, v in inputs.items() if k != "noise"}
     with torch.no_grad():
-        features = vla.trunk(obs)
+        features = vla.features(obs)
         if "noise" in inputs:
             out = vla.head.sample(features, torch.as_tensor(inputs["noise"]))
         else:

@@ -425,6 +425,23 @@ PRESETS["langreach-state-sac"] = Preset(
 )
 
 
+# GRPO fine-tuning with LoRA (issue 25): adapters (r=8) on the language model's attention and MLP
+# projections, the CNN frozen; the projector, state projection, action query and head train fully.
+# The KL reference is the same module with adapters off (no second copy of the model).
+PRESETS["langreach-lora-grpo"] = replace(
+    PRESETS["langreach-grpo"],
+    name="langreach-lora-grpo",
+    description="GRPO with LoRA adapters on the LM (vision frozen); start from a BC/PPO run "
+    "with --set model.pretrained_path=RUN_DIR",
+    model={
+        **copy.deepcopy(PRESETS["langreach-grpo"].model),
+        "lora": {"r": 8},
+        "freeze_vision": True,
+    },
+    training=copy.deepcopy(PRESETS["langreach-grpo"].training),
+)
+
+
 # The language half of LangReach alone: the target positions are in the state, so PPO only has
 # to ground the colour word (the pixel preset's diagnostic; learns in about a minute on CPU).
 PRESETS["langreach-state-ppo"] = Preset(

@@ -13,7 +13,9 @@ Plug it into any RLlib algorithm config::
 - ``vf_hidden``: hidden width of the value MLP (256);
 - ``pretrained_path``: the policy to initialise from: a ``VLA.save_pretrained`` directory, a
   vla-ray checkpoint (its ``vla/`` export) or a vla-ray run directory (``checkpoints/best``,
-  else ``last``), e.g. a BC or PPO run to continue with PPO or GRPO;
+  else ``last``), e.g. a BC or PPO run to continue with PPO or GRPO; its architecture wins,
+  except the ``FINE_TUNING_KEYS`` given here (``lora``: adapters added to a full checkpoint
+  start at zero; ``freeze_*``, ``gradient_checkpointing``, ``autocast``);
 - ``vlm_path``: a pretrained VLM directory (``vla-ray pretrain``'s ``OUTPUT/vlm``): the trunk
   (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
   (head, state projection, value function, freezing, LoRA) follows ``model_config``.
@@ -47,7 +49,7 @@ from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
-from vla_ray.models.vla import VLA, build_trunk
+from vla_ray.models.vla import VLA, build_trunk, run_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
 # ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (PPO, GAIL)
@@ -62,6 +64,15 @@ SPACE_DERIVED_KEYS = (
     "action_high",
 )
 REQUIRED_OBS_KEYS = ("instruction", "instruction_mask")
+# model_config keys that apply to a ``pretrained_path`` start too (how it trains, not what it is)
+FINE_TUNING_KEYS = (
+    "lora",
+    "freeze_vision",
+    "freeze_projector",
+    "freeze_llm",
+    "gradient_checkpointing",
+    "autocast",
+)
 # Keys RLlib's algorithm configs merge into every model_config (e.g. PPO's vf_share_layers).
 _RLLIB_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(DefaultModelConfig))
 
@@ -164,6 +175,9 @@ def build_vla(
         return VLA.from_pretrained_vlm(mc["vlm_path"], config)
     if mc.get("pretrained_path"):
         io = {k: v for k, v in config.to_dict().items() if k in SPACE_DERIVED_KEYS}
+        # how the run trains the saved architecture (e.g. LoRA RL from a full BC run) is the
+        # run's choice; adapters the checkpoint lacks start fresh (zero update)
+        io.update({k: mc[k] for k in FINE_TUNING_KEYS if k in mc})
         return VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
     return VLA(config)
 
@@ -196,11 +210,11 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     @override(RLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._policy_out(self.vla.trunk(batch[Columns.OBS]))
+        return self._policy_out(self.vla.features(batch[Columns.OBS]))
 
     @override(RLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        features = self.vla.trunk(batch[Columns.OBS])
+        features = self.vla.features(batch[Columns.OBS])
         out = self._policy_out(features)
         out[Columns.EMBEDDINGS] = features
         vision = self.vla.trunk.vision
@@ -216,9 +230,9 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
                 "use value='shared' or 'separate' for PPO/APPO/MARWIL"
             )
         if self.value_mode == "separate":
-            embeddings = self.vf_trunk(batch[Columns.OBS])
+            embeddings = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
         elif embeddings is None:
-            embeddings = self.vla.trunk(batch[Columns.OBS])
+            embeddings = self.vla.features(batch[Columns.OBS])
         return self.vf(embeddings).squeeze(-1)
 
     @override(InferenceOnlyAPI)

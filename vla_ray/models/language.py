@@ -54,6 +54,7 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
+    check_lora_keys(lora)
     cfg = LoraConfig(
         r=int(lora.get("r", 8)),
         lora_alpha=int(lora.get("alpha", 16)),
@@ -71,14 +72,21 @@ LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "vision")
 
 
+def check_lora_keys(lora: dict[str, Any]) -> None:
+    """ConfigError naming the unknown keys of a ``lora`` config and the valid ones."""
+    from vla_ray.config import ConfigError
+
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ConfigError(f"lora: unknown key(s) {unknown}; valid: {', '.join(LORA_KEYS)}")
+
+
 def inject_lora(module: nn.Module, lora: dict[str, Any], targets: list[str]) -> None:
     """peft LoRA adapters injected in place into ``module``'s ``targets`` (weight names keep the
     module's layout, with ``base_layer`` / ``lora_A`` / ``lora_B`` beside them)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    unknown = sorted(set(lora) - set(LORA_KEYS))
-    if unknown:
-        raise ValueError(f"lora: unknown key(s) {unknown}; valid: {', '.join(LORA_KEYS)}")
+    check_lora_keys(lora)
     cfg = LoraConfig(
         r=int(lora.get("r", 8)),
         lora_alpha=int(lora.get("alpha", 16)),

@@ -52,6 +52,8 @@ class CachedPrefixTrunk(nn.Module):
         self._cache_key: tuple[int, ...] | None = None
         # set inside ``shared_prefixes()``: encodings made under autograd in one training pass
         self._pass_prefixes: dict[bytes, Prefix] | None = None
+        # set while LoRA adapters are disabled (``vla_ray.models.lora.adapters_disabled``)
+        self.adapters_off = False
 
     def _encode_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix:
         raise NotImplementedError  # pragma: no cover - every trunk overrides
@@ -60,9 +62,15 @@ class CachedPrefixTrunk(nn.Module):
         raise NotImplementedError  # pragma: no cover - every trunk overrides
 
     def _lm_version(self) -> tuple[int, ...]:
-        """Changes whenever any parameter the prefix depends on is modified or moved."""
+        """Changes whenever any parameter the prefix depends on is modified or moved, or the
+        LoRA adapters are switched off or on."""
         params = self._prefix_params()
-        return (sum(p._version for p in params), params[0].data_ptr(), params[-1].data_ptr())
+        return (
+            sum(p._version for p in params),
+            params[0].data_ptr(),
+            params[-1].data_ptr(),
+            self.adapters_off,
+        )
 
     @contextlib.contextmanager
     def shared_prefixes(self):

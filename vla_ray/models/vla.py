@@ -40,6 +40,7 @@ from vla_ray.models.language import (
     enable_activation_checkpointing,
     output_cache,
 )
+from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
@@ -173,6 +174,10 @@ class VLATrunk(CachedPrefixTrunk):
         )
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
             self.lm.requires_grad_(not config.freeze_llm)
+        self._checkpointing = bool(config.gradient_checkpointing)
+        if self._checkpointing:
+            lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+            enable_activation_checkpointing(lm)
 
     # ---- instruction prefix -------------------------------------------------------------------
     def _prefix_params(self) -> list[nn.Parameter]:
@@ -197,7 +202,8 @@ class VLATrunk(CachedPrefixTrunk):
             scores = (h @ self.context_query.to(h.dtype)) / math.sqrt(h.shape[-1])
             scores = scores.masked_fill(full_mask == 0, float("-inf"))
             context = (scores.softmax(-1).unsqueeze(-1) * h).sum(1)
-        kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        cache = output_cache(out)  # None when checkpointing under autograd (see ``_full``)
+        kv = [] if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
         return Prefix(kv, context)
 
     # ---- full trunk ---------------------------------------------------------------------------
@@ -205,6 +211,8 @@ class VLATrunk(CachedPrefixTrunk):
         """Features (B, F); each distinct instruction prefix is encoded once (and memoised)."""
         validate_observation(obs, self.config)
         prefix = self.prefix(obs["instruction"], obs["instruction_mask"].long())
+        if self._checkpointing and self.training and torch.is_grad_enabled():
+            return self._full(obs, prefix)
         return self._suffix(obs, prefix)
 
     def forward_functional(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -214,17 +222,17 @@ class VLATrunk(CachedPrefixTrunk):
         prefix = self._encode_prefix(obs["instruction"].long() * mask, mask)
         return self._suffix(obs, prefix)
 
-    def _suffix(self, obs: Mapping[str, torch.Tensor], prefix: Prefix) -> torch.Tensor:
-        """Vision, state and action-query tokens run over the encoded prefix -> features."""
-        from transformers import DynamicCache
-
-        mask = obs["instruction_mask"].long()
-        B = mask.shape[0]
+    def _suffix_tokens(
+        self, obs: Mapping[str, torch.Tensor], context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Vision, state and action-query token embeddings (B, S, d), the (standardised) state
+        and the vision tokens."""
+        B = obs["instruction_mask"].shape[0]
         parts = []
         vis = None
         if self.vision is not None:
             image = obs["image"]
-            context = prefix.context.to(image.device)
+            context = context.to(image.device)
             tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
             vis = self.projector(tokens, context)
             parts.append(vis)
@@ -235,8 +243,15 @@ class VLATrunk(CachedPrefixTrunk):
                 state = (state - self.state_mean) / self.state_std
             parts.append(self.state_proj(state)[:, None])
         parts.append(self.query.expand(B, -1, -1))
-        suffix = torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), state, vis
 
+    def _suffix(self, obs: Mapping[str, torch.Tensor], prefix: Prefix) -> torch.Tensor:
+        """Vision, state and action-query tokens run over the encoded prefix -> features."""
+        from transformers import DynamicCache
+
+        mask = obs["instruction_mask"].long()
+        B = mask.shape[0]
+        suffix, state, vis = self._suffix_tokens(obs, prefix.context)
         cache = DynamicCache()
         for li, (k, v) in enumerate(prefix.kv):
             cache.update(k, v, li)
@@ -255,7 +270,39 @@ class VLATrunk(CachedPrefixTrunk):
             use_cache=True,
             **{cache_keyword(decoder): cache},
         )
-        feats = [out.last_hidden_state[:, -1].float()]
+        return self._features(out.last_hidden_state, state, vis)
+
+    def _full(self, obs: Mapping[str, torch.Tensor], prefix: Prefix) -> torch.Tensor:
+        """The same features as ``_suffix`` with the whole sequence in one decoder pass: under
+        gradient checkpointing the decoder keeps no key/value cache (a recomputed layer would
+        write it twice), so only the prefix's pooled context is reused."""
+        mask = obs["instruction_mask"].long()
+        ids = obs["instruction"].long() * mask
+        B = mask.shape[0]
+        suffix, state, vis = self._suffix_tokens(obs, prefix.context)
+        decoder = decoder_of(self.lm)
+        emb = decoder.get_input_embeddings()(ids)
+        emb = torch.cat([self.bos.expand(B, -1, -1).to(emb.dtype), emb, suffix.to(emb.dtype)], 1)
+        prefix_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        S = suffix.shape[1]
+        full_mask = torch.cat([prefix_mask, torch.ones_like(mask[:, :1]).expand(-1, S)], dim=1)
+        start = prefix_mask.sum(1, keepdim=True)
+        pos = torch.cat(
+            [
+                (prefix_mask.cumsum(1) - 1).clamp(min=0),
+                start + torch.arange(S, device=mask.device)[None],
+            ],
+            dim=1,
+        )
+        out = decoder(
+            inputs_embeds=emb, attention_mask=full_mask, position_ids=pos, use_cache=False
+        )
+        return self._features(out.last_hidden_state, state, vis)
+
+    def _features(
+        self, hidden: torch.Tensor, state: torch.Tensor | None, vis: torch.Tensor | None
+    ) -> torch.Tensor:
+        feats = [hidden[:, -1].float()]
         if self.config.vision_skip and vis is not None:
             feats.append(vis.flatten(1).float())
         if self.config.state_skip and state is not None:
@@ -287,7 +334,11 @@ class VLA(nn.Module):
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Trunk features (B, F)."""
-        return self.trunk(obs)
+        return self.features(obs)
+
+    def features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Trunk features (B, F), float32, the trunk run under ``config.autocast``."""
+        return run_trunk(self.trunk, self.config, obs)
 
     @torch.no_grad()
     def predict(self, obs: Mapping[str, Any], deterministic: bool = True) -> torch.Tensor:
@@ -296,7 +347,7 @@ class VLA(nn.Module):
             k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
             for k, v in obs.items()
         }
-        return self.head.predict(self.trunk(obs_t), deterministic=deterministic)
+        return self.head.predict(self.features(obs_t), deterministic=deterministic)
 
     def act(
         self,
@@ -378,7 +429,8 @@ class VLA(nn.Module):
             data["image_processor_path"] = str(directory / IMAGE_PROCESSOR_DIR)
         data.update(overrides)
         model = cls(VLAConfig.from_dict(data))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        saved = load_file(str(directory / WEIGHTS_NAME))
+        model.load_state_dict(_with_fresh_adapters(saved, model.state_dict()), strict=True)
         return model
 
     @classmethod
@@ -424,6 +476,13 @@ class VLA(nn.Module):
         model = cls(VLAConfig.from_dict(data))
         load_trunk_weights(model, directory)
         return model
+
+
+def run_trunk(trunk: nn.Module, config: VLAConfig, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``trunk(obs)`` under ``config.autocast``, as float32 features (B, F)."""
+    device = next(trunk.parameters()).device
+    with autocast(config.autocast, device):
+        return trunk(obs).float()
 
 
 def load_vla_tokenizer(config: VLAConfig) -> Any:
@@ -528,6 +587,30 @@ def _peft_to_plain(key: str) -> str:
     """``trunk.lm.base_model.model.X.base_layer.weight`` -> ``trunk.lm.X.weight``."""
     key = key.replace("trunk.lm.base_model.model.", "trunk.lm.")
     return key.replace(".base_layer.", ".")
+
+
+def _with_fresh_adapters(
+    saved: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``saved`` as is when it has LoRA adapters or the model has none; else (a full checkpoint
+    loaded with ``lora`` set) its weights under the peft names and the model's fresh adapters."""
+    if any(is_adapter_param(k) for k in saved) or not any(is_adapter_param(k) for k in target):
+        return saved
+    out = {}
+    for key, fresh in target.items():
+        if is_adapter_param(key):
+            out[key] = fresh
+        else:
+            src = _peft_to_plain(key)
+            out[key] = saved[src] if src in saved else saved.get(key, fresh)
+    missing = [k for k in target if not is_adapter_param(k) and k not in saved]
+    missing = [k for k in missing if _peft_to_plain(k) not in saved]
+    if missing:
+        raise ValueError(
+            f"the saved weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''}: not the "
+            "architecture of this config (only lora may be added to a saved VLA)"
+        )
+    return out
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
