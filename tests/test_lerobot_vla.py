@@ -78,7 +78,9 @@ def _batch(env, n=4):
 
 
 @pytest.mark.parametrize("kind", ["smolvla", "pi0"])
-def test_checkpoint_expert_is_the_head_and_bc_updates_it(kind, smolvla_ckpt, pi0_ckpt, monkeypatch):
+def test_checkpoint_expert_is_the_head_and_bc_updates_it(
+    kind, smolvla_ckpt, pi0_ckpt, monkeypatch, tmp_path
+):
     from ray.rllib.core.columns import Columns
 
     if kind == "pi0":  # config.json names gemma_2b / gemma_300m; the tiny sizes come from here
@@ -119,6 +121,13 @@ def test_checkpoint_expert_is_the_head_and_bc_updates_it(kind, smolvla_ckpt, pi0
         n for n, p in module.named_parameters() if n in before and not torch.equal(p, before[n])
     ]
     assert moved  # the checkpoint's expert trained
+    # save_pretrained / from_pretrained keep the trained weights (the architecture from vlm_path)
+    from vla_ray.models.vla import VLA
+
+    vla.save_pretrained(tmp_path / "vla")
+    again = VLA.from_pretrained(tmp_path / "vla")
+    with torch.no_grad():
+        torch.testing.assert_close(again.predict(batch), vla.predict(batch))
 
 
 def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):

@@ -380,7 +380,8 @@ class VLA(nn.Module):
                 "expected the output of VLA.save_pretrained"
             )
         data = VLAConfig.load(directory / CONFIG_NAME).to_dict()
-        if (directory / TOKENIZER_DIR).is_dir():
+        # smolvla reads the VLM's config beside its tokenizer: keep the saved tokenizer_path
+        if (directory / TOKENIZER_DIR).is_dir() and data.get("backbone") != "smolvla":
             data["tokenizer_path"] = str(directory / TOKENIZER_DIR)
         if (directory / IMAGE_PROCESSOR_DIR).is_dir():
             data["image_processor_path"] = str(directory / IMAGE_PROCESSOR_DIR)
