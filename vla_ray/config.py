@@ -26,7 +26,8 @@ VALUE_MODES = ("shared", "separate", "none")
 # "vla": separate vision encoder + projector + causal LM; "vlm": one transformers
 # image-text-to-text model (``vla_ray.models.vlm``)
 # "openvla": an OpenVLA checkpoint in its published layout (``vlm_path``)
-BACKBONES = ("vla", "vlm", "openvla")
+# "smolvla", "pi0": a LeRobot SmolVLA / pi0 checkpoint (``vlm_path``), its expert as the head
+BACKBONES = ("vla", "vlm", "openvla", "smolvla", "pi0")
 DTYPES = ("float32", "bfloat16")
 # torch.autocast of the trunk's forward (training and inference): "none" or "bf16"
 AUTOCASTS = ("none", "bf16")
@@ -165,6 +166,11 @@ class VLAConfig:
 
         if self.backbone == "openvla":
             self._check_openvla()
+            return
+        if self.backbone in ("smolvla", "pi0"):
+            from vla_ray.models.lerobot_vla import check_config
+
+            check_config(self)
             return
         if self.vision == "none":
             raise ConfigError("backbone: 'vlm' needs image observations; got vision='none'")

@@ -286,12 +286,14 @@ def build_algorithm_config(spec: RunSpec):
     from vla_ray.algorithms import get_algorithm
     from vla_ray.callbacks import SuccessRateCallback
     from vla_ray.envs import CARLA_ID
+    from vla_ray.models.lerobot_vla import check_algorithm as check_lerobot_algorithm
     from vla_ray.rl_module import VLAModule
     from vla_ray.scale import fault_tolerance_settings, resolve_gpus
 
     s = dict(spec.settings)
     s["env_config"] = chunk_env_config(spec.algorithm, s["model"], s["env_config"])
     algo_mod = get_algorithm(spec.algorithm)
+    check_lerobot_algorithm(spec.algorithm, s["model"])  # smolvla / pi0: BC-style losses only
     register_envs()
     runners = dict(s["env_runners"])
     inference = runners.pop("inference", None)  # the shared inference actors (vla_ray.inference)

@@ -322,7 +322,13 @@ class VLA(nn.Module):
         self.config = config
         self.tokenizer = load_vla_tokenizer(config)
         self.trunk = build_trunk(config, self.tokenizer)
-        self.head: ActionHead = build_head(
+        if config.backbone in ("smolvla", "pi0"):  # the checkpoint's flow-matching expert
+            from vla_ray.models.lerobot_vla import LeRobotFlowHead
+
+            self.head: ActionHead = LeRobotFlowHead(self.trunk, config)
+            self.tokenizer = self.trunk.policy.tokenizer
+            return
+        self.head = build_head(
             config.head,
             self.trunk.feature_dim,
             config.action_dim,
@@ -375,6 +381,8 @@ class VLA(nn.Module):
         if self.config.backbone == "openvla":  # the architecture is read from vlm_path
             data["tokenizer_path"] = None
             return VLAConfig.from_dict(data)
+        if self.config.backbone in ("smolvla", "pi0"):  # vlm_path and tokenizer_path stay
+            return VLAConfig.from_dict(data)
         if self.config.backbone == "vlm":
             data.update(vlm_config=self.trunk.config_dict(), vlm_path=None)
             data["image_processor_path"] = None  # saved beside the weights
@@ -423,7 +431,8 @@ class VLA(nn.Module):
                 "expected the output of VLA.save_pretrained"
             )
         data = VLAConfig.load(directory / CONFIG_NAME).to_dict()
-        if (directory / TOKENIZER_DIR).is_dir():
+        # smolvla reads the VLM's config beside its tokenizer: keep the saved tokenizer_path
+        if (directory / TOKENIZER_DIR).is_dir() and data.get("backbone") != "smolvla":
             data["tokenizer_path"] = str(directory / TOKENIZER_DIR)
         if (directory / IMAGE_PROCESSOR_DIR).is_dir():
             data["image_processor_path"] = str(directory / IMAGE_PROCESSOR_DIR)
@@ -454,7 +463,12 @@ class VLA(nn.Module):
                         "model_type"
                     )
                     backbone = "openvla" if model_type == "openvla" else "vlm"
+                    from vla_ray.models.lerobot_vla import checkpoint_type
+
+                    backbone = checkpoint_type(directory) or backbone  # LeRobot smolvla / pi0
                 data = {**config.to_dict(), "backbone": backbone, "vlm_path": str(directory)}
+                if backbone in ("smolvla", "pi0"):
+                    data.update(head="flow_matching", vlm_family=None, vision_skip=False)
                 if backbone == "openvla":
                     data.update(vlm_family=None, vlm_config={}, vision_skip=False)
                 return cls(VLAConfig.from_dict(data))
@@ -488,6 +502,8 @@ def run_trunk(trunk: nn.Module, config: VLAConfig, obs: Mapping[str, torch.Tenso
 def load_vla_tokenizer(config: VLAConfig) -> Any:
     """The tokenizer of a VLA built from ``config`` (the VLM's own for backbone='vlm' or
     'openvla')."""
+    if config.backbone in ("smolvla", "pi0"):
+        return None  # the checkpoint's own tokenizer, loaded with it (trunk.policy.tokenizer)
     if config.backbone == "openvla":
         from vla_ray.models.openvla import load_tokenizer as load_openvla_tokenizer
 
@@ -507,6 +523,10 @@ def build_trunk(config: VLAConfig, tokenizer: Any) -> CachedPrefixTrunk:
         return VLMTrunk(config, tokenizer)
     if config.backbone == "openvla":
         return _openvla_trunk(config)
+    if config.backbone in ("smolvla", "pi0"):
+        from vla_ray.models.lerobot_vla import LeRobotTrunk
+
+        return LeRobotTrunk(config)
     return VLATrunk(config, vocab_size=len(tokenizer))
 
 
