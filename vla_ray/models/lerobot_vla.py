@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vla_ray.config import ConfigError, VLAConfig
-from vla_ray.models.heads import NoiseSampledHead
+from vla_ray.models.heads import NoiseSampledHead, masked_mean
 from vla_ray.models.smolvla import ACTION_KEY, STATE_KEY, attention_2d_mask, euler_integrate
 
 LEROBOT_BACKBONES = ("smolvla", "pi0")
@@ -223,7 +223,11 @@ class LeRobotFlowHead(NoiseSampledHead):
 
         return pi0_time(batch, self.policy.config)
 
-    def loss(self, features: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, features: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The checkpoint's flow-matching loss on the executed steps of its chunk (B, K, A);
+        ``mask`` (B, K) excludes the slots past an episode's end."""
         p, k, A = self.policy, self.chunk_size, self.action_dim
         pc = p.config
         B = actions.shape[0]
@@ -234,7 +238,8 @@ class LeRobotFlowHead(NoiseSampledHead):
         time = self._time(B).to(p.device)
         t = time[:, None, None]
         v = self._velocity_fn(features)(t * noise + (1 - t) * target, time)
-        return F.mse_loss(v[:, :k, :A], (noise - target)[:, :k, :A])
+        err = (v[:, :k, :A] - (noise - target)[:, :k, :A]) ** 2
+        return masked_mean(err.flatten(1), mask, A)
 
     def sample(
         self, features: torch.Tensor, noise: torch.Tensor, steps: int | None = None
