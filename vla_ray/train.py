@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ray.fsutil import OutputExistsError, recover_dir, replace_dir, temp_path
+from vla_ray.logs import LOG_NAME
 from vla_ray.presets import Preset, get_preset
 
 SECTIONS = (
@@ -315,6 +316,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+    from vla_ray.logs import capture_worker_output
+
+    capture_worker_output()  # inside ``quiet_logs``: the workers' output goes to the run's log
 
 
 def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]:
@@ -424,8 +428,9 @@ class ResumeError(FileNotFoundError):
     """``--resume`` was asked for but the run directory has no checkpoint to resume from."""
 
 
-# entries a tracker may create in the run directory before training starts (``--wandb``)
-_TRACKER_ENTRIES = frozenset({"wandb"})
+# entries created in the run directory before training starts: a tracker's (``--wandb``) and
+# the log file of ``vla_ray.logs.quiet_logs``
+_TRACKER_ENTRIES = frozenset({"wandb", LOG_NAME})
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?:-.*)?$")
 
 
