@@ -91,6 +91,7 @@ def serve_demo(
     meta = _read_meta(Path(checkpoint))
     env_id = env_id or meta.get("env") or "vla_ray/LangReach-v0"
     cfg = dict(meta.get("env_config", {}) if env_config is None else env_config)
+    cfg.pop("expert_beta", None)  # DAgger's training-only expert mixing, as in evaluate()
     env = gym.make(env_id, **cfg)
     try:
         obs, info = env.reset(seed=seed)

@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert demos -> DAgger on LangReach (or BC -> PPO/GRPO), evaluate, export and serve",
     )
     q.add_argument(
-        "--minutes", type=float, default=9.0, help="wall-clock minutes of the training stage"
+        "--minutes", type=float, default=8.5, help="wall-clock minutes of the training stage"
     )
     q.add_argument(
         "--demos",
