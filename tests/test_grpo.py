@@ -375,5 +375,5 @@ def test_quickstart_rl_flag_picks_the_preset(rl, monkeypatch, tmp_path):
     monkeypatch.setattr(vla_ray.evaluate, "evaluate", lambda *a, **k: result)
     args = ["quickstart", "--demos", "0", "--no-serve", "--output", str(tmp_path), "--quiet"]
     assert main(args + (["--rl", rl] if rl else [])) == 0
-    name = rl or "dagger"  # DAgger is the default
+    name = rl or "ppo"  # PPO stays the default
     assert seen == {"preset": f"langreach-{name}", "output": tmp_path / name}

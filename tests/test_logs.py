@@ -12,6 +12,8 @@ from vla_ray.logs import LOG_NAME, quiet_logs
 def test_quiet_logs_send_ray_lines_to_the_run_log_and_keep_ours(tmp_path, capfd):
     import ray.rllib  # noqa: F401  (its console handler exists before the block)
 
+    rllib = logging.getLogger("ray.rllib")
+    before = list(rllib.handlers)
     with quiet_logs(tmp_path) as log:
         assert log == tmp_path / LOG_NAME
         print("our line")
@@ -27,19 +29,20 @@ def test_quiet_logs_send_ray_lines_to_the_run_log_and_keep_ours(tmp_path, capfd)
     for line in ("ray info line", "rllib warning line", "ray data line", "a warning line"):
         assert line in text and line not in out + err
     assert "C++ line" in text and "C++ line" not in err
-    # after the block everything is on the console again
-    logging.getLogger("ray.rllib").warning("after the block")
+    # after the block: Ray's handlers are back, fd 2 is the console again
+    assert rllib.handlers == before
+    rllib.warning("after the block")
     os.write(2, b"fd 2 after\n")
-    _, err = capfd.readouterr()
-    assert "after the block" in err and "fd 2 after" in err
+    assert "fd 2 after" in capfd.readouterr().err
     assert "after the block" not in log.read_text()
 
 
-def test_verbose_changes_nothing(tmp_path, capfd):
+def test_verbose_changes_nothing(tmp_path):
+    rllib = logging.getLogger("ray.rllib")
+    before, stderr = list(rllib.handlers), sys.stderr
     with quiet_logs(tmp_path, verbose=True) as log:
-        logging.getLogger("ray.rllib").warning("shown")
+        assert rllib.handlers == before and sys.stderr is stderr
     assert log is None and not (tmp_path / LOG_NAME).exists()
-    assert "shown" in capfd.readouterr().err
 
 
 def test_quiet_logs_send_ray_worker_output_to_the_run_log(ray_session, tmp_path, capfd):

@@ -1,5 +1,6 @@
-"""The quickstart's default recipe: expert demos seed DAgger (keypoint-reconstruction loss on),
-seeded, evaluated on held-out episodes; it ends with the run directory."""
+"""The quickstart's recipes: expert demos -> BC -> PPO (the default) or demos -> DAgger with the
+keypoint-reconstruction loss; seeded, evaluated on held-out episodes; it ends with the run
+directory."""
 
 import json
 
@@ -24,10 +25,11 @@ def recorded(monkeypatch, tmp_path):
 
     def fake_train(spec, output, **kwargs):
         calls["train"].append((spec, output, kwargs))
-        return {"last_checkpoint": str(output / "checkpoints" / "last")}
+        ckpt = output / "checkpoints"
+        return {"last_checkpoint": str(ckpt / "last"), "best_checkpoint": str(ckpt / "best")}
 
     def fake_evaluate(policy, **kwargs):
-        calls["evaluate"] = kwargs
+        calls["evaluate"] = dict(policy=policy, **kwargs)
         return RESULT
 
     monkeypatch.setattr(vla_ray.data, "collect", fake_collect)
@@ -37,11 +39,12 @@ def recorded(monkeypatch, tmp_path):
     return calls
 
 
-def test_quickstart_default_is_demos_then_dagger_with_the_reconstruction_loss(
+def test_quickstart_dagger_is_seeded_by_the_demos_with_the_reconstruction_loss(
     recorded, tmp_path, capsys
 ):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--seed", "3", "--no-serve", "--quiet", "--output", str(out)]
+    argv = ["quickstart", "--rl", "dagger", "--seed", "3", "--no-serve", "--quiet"]
+    argv += ["--output", str(out)]
     assert cli.main(argv) == 0
     assert recorded["collect"]["policy"] == "expert" and recorded["collect"]["episodes"] == 300
     # demo seeds differ per --seed and stay below the held-out evaluation seeds (100_000 + i)
@@ -53,7 +56,9 @@ def test_quickstart_default_is_demos_then_dagger_with_the_reconstruction_loss(
     assert spec.settings["seed"] == 3
     assert spec.settings["model"]["vision_config"]["recon_coeff"] > 0
     assert spec.settings["training"]["beta"] == 0.0  # the policy acts from the first rollout
-    assert kwargs["stop_seconds"] == 8.5 * 60
+    assert kwargs["stop_seconds"] == 8.0 * 60
+    # DAgger's last policy (its "best" row can be an early lucky rollout), 100 held-out episodes
+    assert recorded["evaluate"]["policy"] == str(out / "dagger" / "checkpoints" / "last")
     assert recorded["evaluate"]["episodes"] == 100
     assert json.loads((out / "eval.json").read_text()) == RESULT
     lines = capsys.readouterr().out.strip().splitlines()
@@ -62,8 +67,8 @@ def test_quickstart_default_is_demos_then_dagger_with_the_reconstruction_loss(
 
 def test_quickstart_dagger_without_demos_keeps_the_expert_schedule(recorded, tmp_path):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--demos", "0", "--no-serve", "--quiet", "--output", str(out)]
-    assert cli.main(argv) == 0
+    argv = ["quickstart", "--rl", "dagger", "--demos", "0", "--no-serve", "--quiet"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
     assert "collect" not in recorded
     [(spec, _, _)] = recorded["train"]
     assert spec.settings.get("data") is None
@@ -71,13 +76,15 @@ def test_quickstart_dagger_without_demos_keeps_the_expert_schedule(recorded, tmp
     assert spec.settings["model"]["vision_config"]["recon_coeff"] > 0
 
 
-def test_quickstart_ppo_clones_the_demos_first(recorded, tmp_path):
+def test_quickstart_default_clones_the_demos_then_runs_ppo(recorded, tmp_path):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--rl", "ppo", "--no-serve", "--quiet", "--output", str(out)]
+    argv = ["quickstart", "--no-serve", "--quiet", "--output", str(out)]
     assert cli.main([*argv, "--bc-iters", "7"]) == 0
     (bc, bc_out, bc_kwargs), (ppo, ppo_out, _) = recorded["train"]
     assert bc.preset == "langreach-bc" and bc_out == out / "bc" and bc_kwargs["stop_iters"] == 7
     assert ppo.preset == "langreach-ppo" and ppo_out == out / "ppo"
-    assert ppo.settings["model"]["pretrained_path"] == str(
-        out / "bc" / "checkpoints" / "last" / "vla"
-    )
+    bc_best = out / "bc" / "checkpoints" / "best"
+    assert ppo.settings["model"]["pretrained_path"] == str(bc_best / "vla")
+    # the BC learner trains the PPO preset's keypoint-reconstruction decoder too
+    assert bc.settings["model"]["vision_config"]["recon_coeff"] > 0
+    assert recorded["evaluate"]["policy"] == str(out / "ppo" / "checkpoints" / "best")

@@ -371,7 +371,11 @@ def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
             overrides.pop("training")
     spec = resolve(f"langreach-{method}", overrides, data=data)
     summary = train(spec, output / method, stop_seconds=args.minutes * 60.0, progress=progress)
-    ckpt = summary.get("best_checkpoint", summary["last_checkpoint"])
+    # DAgger's rows mix 20-episode evaluations with its own stochastic rollouts: a lucky early
+    # row can win "best" (it did: iteration 1), so its policy is the last one
+    ckpt = summary["last_checkpoint"]
+    if method != "dagger":
+        ckpt = summary.get("best_checkpoint", ckpt)
     print(f"quickstart {stage + 1}: evaluating {ckpt} on {args.episodes} held-out episodes")
     result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=progress)
     _print_eval(result)
@@ -420,8 +424,12 @@ def quickstart_serve_stage(
     checkpoint: str | Path, export_dir: str | Path, progress: bool = True
 ) -> dict[str, Any]:
     """Quickstart's last stage: export to ONNX, start the endpoint, send one real request."""
+    import ray.serve  # noqa: F401  (adds Serve's console logger: quiet, it goes to the run's log)
+
+    from vla_ray.logs import route_ray_loggers
     from vla_ray.serve.client import serve_demo
 
+    route_ray_loggers()
     print(f"quickstart: exporting {checkpoint} and serving it for one request")
     result = serve_demo(checkpoint, export_dir, progress=progress)
     answer = result["answer"]
@@ -665,10 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="expert demos -> DAgger on LangReach (or BC -> PPO/GRPO), evaluate, export and serve",
+        help="expert demos -> BC -> PPO on LangReach (or DAgger), evaluate, export and serve",
     )
     q.add_argument(
-        "--minutes", type=float, default=8.5, help="wall-clock minutes of the training stage"
+        "--minutes", type=float, default=8.0, help="wall-clock minutes of the training stage"
     )
     q.add_argument(
         "--demos",
@@ -679,9 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--rl",
         choices=QUICKSTART_METHODS,
-        default="dagger",
-        help="the training stage: DAgger with the scripted expert, or PPO/GRPO (from the BC "
-        "policy when there are demos)",
+        default="ppo",
+        help="the training stage: PPO/GRPO (from the BC policy when there are demos), or DAgger "
+        "with the scripted expert (the demos seed its dataset)",
     )
     q.add_argument(
         "--bc-iters", type=int, default=300, help="behaviour-cloning updates before PPO/GRPO"

@@ -1,12 +1,12 @@
 """Quiet console output for the long-running commands (``train``, ``quickstart``).
 
-Ray, RLlib and Ray Data write INFO lines, deprecation notices and warnings to the console, and
-Ray forwards every worker's output to the driver's. Inside ``quiet_logs(run_dir)`` all of that
-goes to ``run_dir/LOG_NAME`` instead: Python log records of the ``ray`` loggers and the root
-logger, ``warnings`` (through ``logging.captureWarnings``), whatever is written to file
-descriptor 2 (Ray's C++ core logs), and the workers' forwarded stdout/stderr. The console keeps
-the progress bars (``sys.stderr`` is the console again inside the block) and vla-ray's own lines
-on stdout. ``verbose=True`` changes nothing: everything is shown as before.
+Ray, RLlib, Ray Data and Ray Serve write INFO lines, deprecation notices and warnings to the
+console, and Ray prints every worker's output (and the raylet's error messages) on the driver's.
+Inside ``quiet_logs(run_dir)`` all of that goes to ``run_dir/LOG_NAME`` instead: the records of
+the ``ray`` loggers and of the root logger, ``warnings`` (through ``logging.captureWarnings``),
+whatever is written to file descriptor 2 (Ray's C++ core logs), and the lines Ray forwards from
+its workers. The console keeps the progress bars (``sys.stderr`` is the console inside the block)
+and vla-ray's own lines on stdout. ``verbose=True`` changes nothing: everything shows as before.
 """
 
 from __future__ import annotations
@@ -21,87 +21,66 @@ from typing import Any, TextIO
 
 # the log file in the run directory (``train.prepare_run_dir`` does not count it as a leftover)
 LOG_NAME = "ray.log"
-# the dispatcher entry under which ``ray.init`` prints the workers' output on the driver
-_RAY_PRINT_HANDLER = "ray_print_logs"
-_QUIET_HANDLER = "vla_ray_quiet_logs"
 
 _log_file: TextIO | None = None
-# Ray's own worker-output printer, removed by ``capture_worker_output`` and put back on exit
-_removed_printer: list[tuple[str, Any]] = []
+_handler: logging.Handler | None = None
+# loggers whose console handlers were replaced, with what to put back on exit
+_saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
 
 
-def _ray_logger_names() -> list[str]:
-    names = ["ray"] + [
-        n for n in logging.root.manager.loggerDict if n.startswith("ray.") or n == "ray"
-    ]
-    return sorted(set(names))
-
-
-def _route_loggers(handler: logging.Handler) -> list[tuple[logging.Logger, list[Any], bool]]:
-    """Replace the console handlers of Ray's loggers (and the root logger's) by ``handler``;
-    returns what to restore."""
-    saved = []
-    loggers = [logging.getLogger(n) for n in _ray_logger_names()] + [logging.getLogger()]
-    for lg in loggers:
+def route_ray_loggers() -> None:
+    """Inside ``quiet_logs``: send the console handlers of Ray's loggers (and the root logger) to
+    the log file. Libraries that add their own handler on import (Ray Serve does) are routed by
+    calling this again after importing them; a no-op outside the block."""
+    if _handler is None:
+        return
+    names = sorted({"ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))})
+    done = {id(lg) for lg, _, _ in _saved}
+    for lg in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
         console = [
             h
             for h in lg.handlers
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
         ]
-        if lg is not logging.getLogger() and not console:
+        if id(lg) in done or (lg is not logging.getLogger() and not console):
             continue
-        saved.append((lg, list(lg.handlers), lg.propagate))
+        _saved.append((lg, list(lg.handlers), lg.propagate))
         for h in console:
             lg.removeHandler(h)
-        lg.addHandler(handler)
-    return saved
+        lg.addHandler(_handler)
 
 
-def _write_worker_lines(data: dict[str, Any]) -> None:
-    """Ray's worker-output batch (``ray_print_logs`` payload) as lines of the log file."""
-    if _log_file is None or data.get("pid") == "autoscaler":  # its status table every 5 s
-        return
-    name = data.get("actor_name") or data.get("task_name") or "worker"
-    prefix = f"({name} pid={data.get('pid')}) "
-    for line in data.get("lines", ()):
-        _log_file.write(prefix + str(line) + "\n")
-    _log_file.flush()
-
-
-def capture_worker_output() -> None:
-    """Called after ``ray.init``: inside ``quiet_logs``, print the workers' forwarded output to
-    the log file instead of the console (no-op otherwise, or where Ray's dispatcher differs)."""
-    if _log_file is None:
-        return
+@contextlib.contextmanager
+def _ray_driver_prints_to(log: TextIO) -> Iterator[None]:
+    """Ray prints the workers' output and the raylet's error messages on the driver through
+    ``ray._private.worker.print_worker_logs(data, print_file)``: give it the log file instead of
+    the console (where this private function differs, those lines stay on the console)."""
     try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # another Ray: its workers' lines stay on the console
+        from ray._private import worker
+    except ImportError:
+        yield
         return
-    handlers = list(getattr(dispatcher, "handlers", []))
-    for name, fn in handlers:
-        if name == _RAY_PRINT_HANDLER:
-            _removed_printer.append((name, fn))
-            dispatcher.remove_handler(name)
-    if _QUIET_HANDLER not in [name for name, _ in handlers]:
-        dispatcher.add_handler(_QUIET_HANDLER, _write_worker_lines)
-
-
-def _restore_worker_output() -> None:
-    if not _removed_printer:
+    original = getattr(worker, "print_worker_logs", None)
+    if original is None:
+        yield
         return
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    dispatcher.remove_handler(_QUIET_HANDLER)
-    while _removed_printer:
-        dispatcher.add_handler(*_removed_printer.pop())
+    def to_log(data: dict[str, Any], print_file: Any, ignore_prefix: bool = False) -> None:
+        original(data, log, ignore_prefix)
+
+    worker.print_worker_logs = to_log
+    try:
+        yield
+    finally:
+        worker.print_worker_logs = original
 
 
 @contextlib.contextmanager
 def quiet_logs(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path | None]:
     """Send Ray's, RLlib's and Ray Data's output to ``run_dir/LOG_NAME`` for the block (see the
-    module doc); yields the log path (``None`` with ``verbose``)."""
-    global _log_file
-    if verbose or _log_file is not None:  # verbose, or already quiet (a nested stage)
+    module doc); yields the log path (``None`` with ``verbose`` or inside another block)."""
+    global _log_file, _handler
+    if verbose or _log_file is not None:
         yield None
         return
     # Ray, RLlib and Ray Data add their console handlers on import: import them now, so that
@@ -119,31 +98,30 @@ def quiet_logs(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Pa
     os.dup2(log.fileno(), 2)  # C++ logs and anything else written to fd 2
     old_stderr = sys.stderr
     sys.stderr = console  # progress bars and error messages stay on the console
-    handler = logging.StreamHandler(log)
-    handler.setFormatter(
+    _log_file = log
+    _handler = logging.StreamHandler(log)
+    _handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d %(message)s")
     )
-    saved = _route_loggers(handler)
+    route_ray_loggers()
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> root -> log
     ctx = ray.data.DataContext.get_current()
     old_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # Ray Data's bars: the run has its own
-    _log_file = log
-    if ray.is_initialized():  # a Ray started before the block: its workers' lines too
-        capture_worker_output()
     try:
-        yield path
+        with _ray_driver_prints_to(log):
+            yield path
     finally:
-        _restore_worker_output()
-        _log_file = None
         ctx.enable_progress_bars = old_bars
         logging.captureWarnings(False)
-        for lg, handlers, propagate in saved:
+        while _saved:
+            lg, handlers, propagate = _saved.pop()
             for h in list(lg.handlers):
                 lg.removeHandler(h)
             for h in handlers:
                 lg.addHandler(h)
             lg.propagate = propagate
+        _log_file, _handler = None, None
         console.flush()
         sys.stderr = old_stderr
         os.dup2(console_fd, 2)

@@ -316,9 +316,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
-    from vla_ray.logs import capture_worker_output
-
-    capture_worker_output()  # inside ``quiet_logs``: the workers' output goes to the run's log
 
 
 def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]:
