@@ -35,6 +35,7 @@ from ray.rllib.core.columns import Columns
 from vla_ray.config import ACTION_HEADS
 from vla_ray.data.chunks import split_chunk_targets
 from vla_ray.data.stream import VLAPreLearner
+from vla_ray.rl_module import AUX_LOSS
 
 NAME = "bc"
 # Every head has a behaviour-cloning loss.
@@ -54,7 +55,9 @@ MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 
 # -- loss ---------------------------------------------------------------------------------------
 class VLABCLearner(MARWILTorchLearner):
-    """BC learner whose loss is ``head.loss(features, actions, mask)`` of the VLA.
+    """BC learner whose loss is ``head.loss(features, actions, mask)`` of the VLA, plus the
+    module's auxiliary loss when it has one (the keypoint reconstruction of
+    ``vision_config.recon_coeff``, which keeps every target decodable from the CNN's keypoints).
 
     With ``chunk_size`` K > 1 the batch's actions are the windows of the next K actions, NaN
     in the slots past an episode's end, which the loss masks (``vla_ray.data.chunks``)."""
@@ -69,7 +72,11 @@ class VLABCLearner(MARWILTorchLearner):
             target, mask = split_chunk_targets(actions, head.chunk_size, head.action_dim)
         loss = head.loss(fwd_out[Columns.EMBEDDINGS], target, mask)
         self.metrics.log_value((module_id, "bc_loss"), loss.item(), window=1)
-        return loss
+        aux = fwd_out.get(AUX_LOSS)  # the keypoint reconstruction (vision_config.recon_coeff)
+        if aux is None:
+            return loss
+        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
+        return loss + aux
 
 
 # -- return-based episode selection (filtered / weighted BC) ----------------------------------

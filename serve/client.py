@@ -91,6 +91,10 @@ def serve_demo(
     meta = _read_meta(Path(checkpoint))
     env_id = env_id or meta.get("env") or "vla_ray/LangReach-v0"
     cfg = dict(meta.get("env_config", {}) if env_config is None else env_config)
+    from vla_ray.setting_keys import ENV_FACTORY_KEYS
+
+    for key in ENV_FACTORY_KEYS:  # training-time wrappers (DAgger's expert mixing, chunks ...)
+        cfg.pop(key, None)
     env = gym.make(env_id, **cfg)
     try:
         obs, info = env.reset(seed=seed)

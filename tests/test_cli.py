@@ -317,7 +317,8 @@ def test_resume_continues_from_last_checkpoint(ray_session, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_quickstart_runs_demos_bc_then_ppo_from_the_bc_policy(ray_session, tmp_path):
     out = tmp_path / "qs"
-    args = ["quickstart", "--minutes", "0.05", "--demos", "3", "--bc-iters", "2", "--no-serve"]
+    args = ["quickstart", "--rl", "ppo", "--minutes", "0.05", "--demos", "3", "--bc-iters", "2"]
+    args.append("--no-serve")
     assert main([*args, "--episodes", "2", "--output", str(out), "--quiet"]) == 0
     assert json.loads((out / "demos" / "dataset.json").read_text())["episodes"] == 3
     bc_rows = (out / "bc" / "metrics.jsonl").read_text().splitlines()

@@ -357,7 +357,7 @@ def test_grpo_raises_the_return_of_a_weak_bc_policy(bc_run, tmp_path):
     assert after > before + 1.5
 
 
-@pytest.mark.parametrize("rl", [None, "grpo"])
+@pytest.mark.parametrize("rl", [None, "ppo", "grpo"])
 def test_quickstart_rl_flag_picks_the_preset(rl, monkeypatch, tmp_path):
     import vla_ray.evaluate
     import vla_ray.train

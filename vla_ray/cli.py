@@ -4,6 +4,7 @@ quickstart, make-vlm-data, pretrain."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -65,22 +66,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     # before the trackers write into it: a reused run directory is an error unless resumed
     resume = prepare_run_dir(output, args.resume, args.resume_if_exists)
     print(f"training {spec.preset} ({spec.algorithm} on {spec.env}) -> {output}")
+    from vla_ray.logs import quiet_logs
     from vla_ray.tracking import open_trackers
 
-    trackers = open_trackers(
-        output, spec.to_dict(), wandb_project=args.wandb, mlflow_uri=args.mlflow
-    )
-    summary = train(
-        spec,
-        output,
-        stop_iters=args.stop_iters,
-        stop_timesteps=args.stop_timesteps,
-        stop_seconds=args.stop_seconds,
-        resume=resume,
-        resume_if_exists=args.resume_if_exists,
-        progress=not args.quiet,
-        trackers=trackers,
-    )
+    with quiet_logs(output, verbose=args.verbose) as log:
+        if log:
+            print(f"Ray's and RLlib's log: {log} (--verbose shows it here)")
+        trackers = open_trackers(
+            output, spec.to_dict(), wandb_project=args.wandb, mlflow_uri=args.mlflow
+        )
+        summary = train(
+            spec,
+            output,
+            stop_iters=args.stop_iters,
+            stop_timesteps=args.stop_timesteps,
+            stop_seconds=args.stop_seconds,
+            resume=resume,
+            resume_if_exists=args.resume_if_exists,
+            progress=not args.quiet,
+            trackers=trackers,
+        )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -336,59 +341,115 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Quickstart seeds: demonstration episode i resets with QUICKSTART_DEMO_SEED * seed + i, far
+# below the held-out evaluation seeds (100_000 + i, as `vla-ray eval`).
+QUICKSTART_DEMO_SEED = 10_000
+# The quickstart's stage after the demonstrations: DAgger (the demos seed its aggregate; the
+# scripted expert labels the policy's own states) or RL from a behaviour-cloned policy.
+QUICKSTART_METHODS = ("dagger", "ppo", "grpo")
+# DAgger's settings in the quickstart: langreach-ppo's keypoint-reconstruction loss, which keeps
+# every target colour decodable from the CNN's keypoints; with demos the policy acts from the
+# first rollout (beta 0: the demos are the expert's share); 8 envs per EnvRunner (batched
+# inference); an evaluation every 5 iterations
+QUICKSTART_DAGGER: dict[str, Any] = {
+    "model": {"vision_config": {"tokens": "keypoints", "recon_coeff": 0.05}},
+    "training": {"beta": 0.0},
+    "env_runners": {"num_envs_per_env_runner": 8},
+    "eval_every": 5,
+}
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from vla_ray.data import collect
-    from vla_ray.evaluate import evaluate, load_policy
     from vla_ray.fsutil import check_output
-    from vla_ray.presets import get_preset
-    from vla_ray.train import resolve, train
+    from vla_ray.logs import quiet_logs
 
     output = Path(args.output or _default_output("quickstart"))
     check_output(output, False, "choose another --output")  # each stage writes a new folder
-    overrides: dict[str, Any] = {}
+    t0 = time.time()
+    with quiet_logs(output, verbose=args.verbose) as log:
+        if log:
+            print(f"quickstart -> {output} (Ray's and RLlib's log: {log}; --verbose shows it)")
+        ckpt = _quickstart_stages(args, output)
+        if not args.no_serve:
+            quickstart_serve_stage(ckpt, output / "export", progress=not args.quiet)
+    print(f"quickstart done in {(time.time() - t0) / 60:.1f} min; run directory: {output}")
+    return 0
+
+
+def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
+    """Demos, training and the held-out evaluation; returns the checkpoint to serve."""
+    from vla_ray.data import collect
+    from vla_ray.evaluate import evaluate, load_policy
+    from vla_ray.presets import get_preset
+    from vla_ray.train import resolve, train
+
+    method = args.rl
+    progress = not args.quiet
+    stage = 1
+    overrides: dict[str, Any] = {"seed": args.seed}
     if args.demos > 0:
-        print(f"quickstart 1: {args.demos} expert demonstrations on LangReach -> {output}/demos")
+        print(
+            f"quickstart {stage}: {args.demos} expert demonstrations on LangReach -> {output}/demos"
+        )
         collect(
             "vla_ray/LangReach-v0",
             "expert",
             args.demos,
             output / "demos",
-            progress=not args.quiet,
+            seed=QUICKSTART_DEMO_SEED * args.seed,
+            progress=progress,
         )
-        print(f"quickstart 2: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
+        stage += 1
+    data = output / "demos" if args.demos > 0 and method == "dagger" else None
+    if args.demos > 0 and method != "dagger":
+        print(f"quickstart {stage}: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
         # the RL stage continues from the cloned VLA, whose architecture wins: build it with the
         # RL preset's vision encoder (langreach-ppo's keypoint-reconstruction decoder)
-        rl_vision = get_preset(f"langreach-{getattr(args, 'rl', 'ppo')}").model["vision_config"]
+        rl_vision = get_preset(f"langreach-{method}").model["vision_config"]
         bc_spec = resolve(
             "langreach-bc",
             {
+                "seed": args.seed,
                 "eval_every": max(1, args.bc_iters // 4),
                 "eval_episodes": 10,
                 "model": {"vision_config": dict(rl_vision)},
             },
             data=output / "demos",
         )
-        bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=not args.quiet)
+        bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=progress)
         bc_ckpt = Path(bc.get("best_checkpoint", bc["last_checkpoint"]))
-        overrides = {"model": {"pretrained_path": str(bc_ckpt / "vla")}}
-    rl = getattr(args, "rl", "ppo")
+        overrides["model"] = {"pretrained_path": str(bc_ckpt / "vla")}
+        stage += 1
+    what = {
+        "dagger": "DAgger (the scripted expert labels every state the policy visits"
+        + (", the demos seed the dataset)" if data else ")"),
+        "ppo": "PPO",
+        "grpo": "GRPO",
+    }[method]
+    start = " from the BC policy" if "model" in overrides else ""
     print(
-        f"quickstart {'3' if args.demos > 0 else '1'}: {rl.upper()} "
-        f"{'from the BC policy ' if overrides else ''}on an embedded local Ray for "
-        f"{args.minutes:g} min (CPU) -> {output}/{rl}"
+        f"quickstart {stage}: {what}{start} on an embedded local Ray for {args.minutes:g} min "
+        f"(CPU) -> {output}/{method}"
     )
-    spec = resolve(f"langreach-{rl}", overrides)
-    summary = train(spec, output / rl, stop_seconds=args.minutes * 60.0, progress=not args.quiet)
-    ckpt = summary.get("best_checkpoint", summary["last_checkpoint"])
-    result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=not args.quiet)
+    if method == "dagger":
+        overrides.update(copy.deepcopy(QUICKSTART_DAGGER))
+        if data is None:  # no demos: the expert's share of the actions decays from 1
+            overrides.pop("training")
+    spec = resolve(f"langreach-{method}", overrides, data=data)
+    summary = train(spec, output / method, stop_seconds=args.minutes * 60.0, progress=progress)
+    # DAgger's rows mix 20-episode evaluations with its own stochastic rollouts: a lucky early
+    # row can win "best" (it did: iteration 1), so its policy is the last one
+    ckpt = summary["last_checkpoint"]
+    if method != "dagger":
+        ckpt = summary.get("best_checkpoint", ckpt)
+    print(f"quickstart {stage + 1}: evaluating {ckpt} on {args.episodes} held-out episodes")
+    result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=progress)
     _print_eval(result)
     Path(output, "eval.json").write_text(json.dumps(result, indent=2))
     print(f"checkpoint (RLlib): {ckpt}")
     print(f"policy (save_pretrained): {Path(ckpt) / 'vla'}")
     print(f"evaluate again: vla-ray eval --checkpoint {ckpt} --episodes 100 --video eval.mp4")
-    if not args.no_serve:
-        quickstart_serve_stage(ckpt, Path(output) / "export", progress=not args.quiet)
-    return 0
+    return ckpt
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -429,8 +490,12 @@ def quickstart_serve_stage(
     checkpoint: str | Path, export_dir: str | Path, progress: bool = True
 ) -> dict[str, Any]:
     """Quickstart's last stage: export to ONNX, start the endpoint, send one real request."""
+    import ray.serve  # noqa: F401  (adds Serve's console logger: quiet, it goes to the run's log)
+
+    from vla_ray.logs import route_ray_loggers
     from vla_ray.serve.client import serve_demo
 
+    route_ray_loggers()
     print(f"quickstart: exporting {checkpoint} and serving it for one request")
     result = serve_demo(checkpoint, export_dir, progress=progress)
     answer = result["answer"]
@@ -675,6 +740,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from OUTPUT/checkpoints/last when it exists, else start fresh",
     )
     t.add_argument("--quiet", action="store_true", help="no progress display")
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, RLlib's and Ray Data's log lines and warnings here (default: OUTPUT/"
+        "ray.log)",
+    )
     _add_tracking_flags(t)
     t.set_defaults(fn=cmd_train)
 
@@ -817,22 +888,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="expert demos -> behaviour cloning -> PPO on LangReach, evaluate, export and serve",
+        help="expert demos -> BC -> PPO on LangReach (or DAgger), evaluate, export and serve",
     )
-    q.add_argument("--minutes", type=float, default=8.0, help="PPO wall-clock minutes")
     q.add_argument(
-        "--demos", type=int, default=300, help="expert demos to clone first (0: PPO from scratch)"
+        "--minutes", type=float, default=8.0, help="wall-clock minutes of the training stage"
     )
-    q.add_argument("--bc-iters", type=int, default=300, help="behaviour-cloning updates")
+    q.add_argument(
+        "--demos",
+        type=int,
+        default=300,
+        help="expert demos: DAgger's first data, or cloned before PPO/GRPO (0: none)",
+    )
     q.add_argument(
         "--rl",
-        choices=["ppo", "grpo"],
+        choices=QUICKSTART_METHODS,
         default="ppo",
-        help="the RL stage's algorithm (continues from the BC policy when there are demos)",
+        help="the training stage: PPO/GRPO (from the BC policy when there are demos), or DAgger "
+        "with the scripted expert (the demos seed its dataset)",
     )
-    q.add_argument("--episodes", type=int, default=50)
+    q.add_argument(
+        "--bc-iters", type=int, default=300, help="behaviour-cloning updates before PPO/GRPO"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seeds the demos and the training")
+    q.add_argument("--episodes", type=int, default=100, help="held-out evaluation episodes")
     q.add_argument("--output")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress display")
+    q.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, RLlib's and Ray Data's log lines and warnings here (default: "
+        "OUTPUT/ray.log)",
+    )
     q.add_argument(
         "--no-serve", action="store_true", help="skip the last stage (export + one HTTP request)"
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ray.fsutil import OutputExistsError, recover_dir, replace_dir, temp_path
+from vla_ray.logs import LOG_NAME
 from vla_ray.presets import Preset, get_preset
 
 SECTIONS = (
@@ -499,8 +500,9 @@ class ResumeError(FileNotFoundError):
     """``--resume`` was asked for but the run directory has no checkpoint to resume from."""
 
 
-# entries a tracker may create in the run directory before training starts (``--wandb``)
-_TRACKER_ENTRIES = frozenset({"wandb"})
+# entries created in the run directory before training starts: a tracker's (``--wandb``) and
+# the log file of ``vla_ray.logs.quiet_logs``
+_TRACKER_ENTRIES = frozenset({"wandb", LOG_NAME})
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?:-.*)?$")
 
 
