@@ -31,8 +31,12 @@ from ray import serve
 from vla_ray.safety import SafetyRejected
 from vla_ray.serve.backends import BACKENDS, load_backend, resolve_model_dir
 from vla_ray.serve.schema import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_INSTRUCTION_CHARS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    RETRY_AFTER_S,
     ActRequest,
     ActResponse,
     ErrorResponse,
@@ -66,10 +70,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "body is not JSON"),
         (401, "missing or wrong API key"),
+        (
+            408,
+            "the body did not arrive within body_timeout_s, or the request took longer than "
+            "the server's request timeout",
+        ),
         (413, "body too large"),
         (409, "a safety rule in reject mode refused the action (named in the answer)"),
         (422, "invalid field (named in the answer)"),
         (500, "the model produced no usable action for this observation (named in the answer)"),
+        (503, "too many requests queued: retry after the Retry-After header's seconds"),
     )
 }
 
@@ -109,6 +119,7 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # e-stop/watchdog settings (serve/sessions.py WatchdogSettings)
     watchdog: dict[str, Any] | None = None
 
@@ -201,13 +212,25 @@ class VLAPolicy:
             raise RequestError(401, API_KEY_HEADER, "wrong API key")
 
     async def _read_body(self, request: Request) -> bytes:
+        """The body, size-checked as it arrives; 408 when it is not all there within
+        ``body_timeout_s`` (a client trickling bytes must not hold a replica's slot)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit():
             self.parser.check_size(int(declared))
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            self.parser.check_size(len(body))
+
+        async def receive() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                self.parser.check_size(len(body))
+
+        limit = self.settings.body_timeout_s
+        try:
+            await asyncio.wait_for(receive(), timeout=limit)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                408, "body", f"not received within {limit:g} s (body_timeout_s)"
+            ) from None
         return bytes(body)
 
     @app.post(
@@ -380,11 +403,14 @@ def build_app(
     autoscaling: tuple[int, int] | None = None,
     replica_cpus: float = 1.0,
     max_ongoing_requests: int | None = None,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     access_log: bool = True,
 ):
     """The bound Serve application for ``settings``; checks the model and shield here first,
     so a bad setting is a clear error in the caller rather than a failing replica.
-    ``access_log=False`` drops Serve's per-request log line (costs CPU at high request rates)."""
+    ``access_log=False`` drops Serve's per-request log line (costs CPU at high request rates).
+    Beyond ``max_queued_requests`` waiting requests (-1: no bound) Serve answers 503 with a
+    ``Retry-After`` header rather than queueing without end."""
     folder = resolve_model_dir(settings.model, settings.backend)
     settings = ServeSettings(**{**asdict(settings), "model": str(Path(settings.model).resolve())})
     if (folder / "spec.json").is_file():
@@ -394,9 +420,17 @@ def build_app(
     WatchdogSettings.from_dict(settings.watchdog)  # ValueError naming a bad watchdog setting
     if settings.max_batch_size < 1:
         raise ValueError(f"max_batch_size: expected >= 1, got {settings.max_batch_size}")
+    if not settings.body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s: expected > 0 seconds, got {settings.body_timeout_s}")
+    if max_queued_requests != -1 and max_queued_requests < 1:
+        raise ValueError(f"max_queued_requests: expected >= 1 or -1, got {max_queued_requests}")
+    from ray.serve.config import BackpressureConfig
+
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": float(replica_cpus)},
         "max_ongoing_requests": int(max_ongoing_requests or max(64, 4 * settings.max_batch_size)),
+        "max_queued_requests": int(max_queued_requests),
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     }
     if not access_log:
         options["logging_config"] = {"enable_access_log": False}
@@ -440,6 +474,10 @@ class BuildArgs(BaseModel):
     api_key_file: str | None = Field(None, description=f"the API key's file (else ${API_KEY_ENV})")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_instruction_chars: int = Field(DEFAULT_MAX_INSTRUCTION_CHARS, ge=1)
+    body_timeout_s: float = Field(DEFAULT_BODY_TIMEOUT_S, gt=0, description="else 408")
+    max_queued_requests: int = Field(
+        DEFAULT_MAX_QUEUED_REQUESTS, ge=-1, description="then 503 + Retry-After (-1: no bound)"
+    )
     access_log: bool = True
 
     @field_validator("shield", mode="before")
@@ -485,12 +523,14 @@ def build(args: BuildArgs) -> serve.Application:
         api_key=api_key,
         max_body_bytes=args.max_body_bytes,
         max_instruction_chars=args.max_instruction_chars,
+        body_timeout_s=args.body_timeout_s,
     )
     return build_app(
         settings,
         num_replicas=args.replicas,
         autoscaling=autoscaling,
         replica_cpus=args.replica_cpus,
+        max_queued_requests=args.max_queued_requests,
         access_log=args.access_log,
     )
 
@@ -501,16 +541,24 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     name: str = APP_NAME,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
     **app_options: Any,
 ) -> str:
-    """Start Ray (if needed) and Serve on ``host:port`` with the app; returns its base URL."""
+    """Start Ray (if needed) and Serve on ``host:port`` with the app; returns its base URL.
+    Serve's proxy answers 408 to a request not done within ``request_timeout_s`` (None: no
+    limit)."""
     from vla_ray.train import init_ray
 
     application = build_app(settings, **app_options)
     # a server's replicas run at normal priority (Ray's default worker niceness is 15)
     os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray()
-    serve.start(http_options={"host": host, "port": int(port)})
+    if request_timeout_s is not None and not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s: expected > 0 seconds, got {request_timeout_s}")
+    http = {"host": host, "port": int(port)}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = float(request_timeout_s)
+    serve.start(http_options=http)
     serve.run(application, name=name, route_prefix="/")
     return f"http://{host}:{int(port)}"
 

@@ -34,6 +34,12 @@ def _json_number(value: Any) -> Any:
 FiniteFloat = Annotated[float, BeforeValidator(_json_number), Field(allow_inf_nan=False)]
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 64x64 image as a JSON list is ~50 kB
 DEFAULT_MAX_INSTRUCTION_CHARS = 512
+# limits on slow and piled-up requests (vla-ray serve --body-timeout / --request-timeout /
+# --max-queued)
+DEFAULT_BODY_TIMEOUT_S = 10.0  # the whole body must arrive within this (else 408)
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # end to end, enforced by Serve's proxy (408)
+DEFAULT_MAX_QUEUED_REQUESTS = 256  # per deployment handle beyond the ongoing ones (then 503)
+RETRY_AFTER_S = 1.0  # the Retry-After of a 503 for a full queue
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 

@@ -261,7 +261,9 @@ def test_collect_cli_formats(tmp_path):
     args = ["collect", "--env", LANGREACH, "--episodes", "1", "--quiet", "--output", str(out)]
     assert main([*args, "--format", "d4rl"]) == 0
     assert detect_format(tmp_path / "demos.hdf5") == "d4rl"
-    assert main([*args, "--format", "hdf5"]) == 2  # a clear CLI error, no traceback
+    with pytest.raises(SystemExit) as exit_:  # a clear CLI error (argparse), no traceback
+        main([*args, "--format", "hdf5"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.slow

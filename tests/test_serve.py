@@ -22,6 +22,7 @@ from vla_ray.serve.shield import Shield, ShieldConfigError
 
 KEY = "s3cret"
 TIGHT = 0.05
+LIMIT_BODY_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,16 @@ def endpoint(ray_session, tiny_export):
         ),
         replica_cpus=0.5,
     )
+    # slow and piled-up requests: one request at a time, one waiting, bodies within 2 s
+    limits_app = build_app(
+        ServeSettings(model=str(tiny_export), backend="onnx", body_timeout_s=LIMIT_BODY_S),
+        replica_cpus=0.25,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    )
     serve.run(onnx_app, name="onnx", route_prefix="/")
     serve.run(torch_app, name="torch", route_prefix="/torch")
+    serve.run(limits_app, name="limits", route_prefix="/limits")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -638,3 +647,100 @@ def test_torch_backend_takes_the_weights_only_vla_folder(tiny_vla_dir, tiny_vla,
     inputs = RequestParser(backend.spec, backend.tokenizer).parse(_body(obs, text)).inputs
     np.testing.assert_allclose(backend.predict(inputs)[0], direct(tiny_vla, obs, text), atol=1e-5)
     assert not list(tiny_vla_dir.rglob("*.pkl")) and not list(tiny_vla_dir.rglob("*.pt"))
+
+
+def _open_partial_request(url: str, path: str, sent: bytes, length: int):
+    """A socket that has sent a POST's headers and the first bytes of a ``length``-byte body."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _response(sock) -> tuple[int, str]:
+    """Status and the raw text (headers + body) of the answer on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split()[1]), data.decode("latin-1")
+
+
+def _length(data: bytes) -> int:
+    found = re.search(rb"content-length: *(\d+)", data, re.I)
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.slow
+def test_slow_bodies_get_408_and_a_full_queue_503_with_retry_after(endpoint, observations):
+    """A client trickling its body is cut off after body_timeout_s (408, the replica's slot freed);
+    beyond max_ongoing_requests + max_queued_requests a request gets 503 with Retry-After at
+    once rather than waiting without end; afterwards the endpoint answers normally."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    obs, instruction = observations[0]
+    body = json.dumps(act_body(obs["image"], instruction, obs["state"])).encode()
+    holder = _open_partial_request(endpoint, "/limits/v1/act", body[:10], len(body))
+    time.sleep(0.5)  # the holder's request occupies the one replica slot
+    waiter = _open_partial_request(endpoint, "/limits/v1/act", body[:10], len(body))
+    time.sleep(0.5)  # the waiter's request is the one queued
+    t0 = time.perf_counter()
+    req = urllib.request.Request(
+        f"{endpoint}/limits/v1/act", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    assert time.perf_counter() - t0 < LIMIT_BODY_S  # refused at once, not after the queue
+    status, text = _response(holder)  # cut off by the body deadline
+    assert status == 408 and "not received within 2 s (body_timeout_s)" in text, text
+    holder.close()
+    status, text = _response(waiter)
+    assert status == 408, text
+    waiter.close()
+    status, data = request(
+        f"{endpoint}/limits/v1/act", act_body(obs["image"], instruction, obs["state"])
+    )
+    assert status == 200 and np.asarray(data["actions"]).shape[-1] == 2
+
+
+def test_queue_bound_answers_503_with_retry_after(tiny_export):
+    """build_app bounds the queue and tells Serve to answer 503 + Retry-After beyond it."""
+    from vla_ray.serve.app import ServeSettings, build_app
+
+    app = build_app(ServeSettings(model=str(tiny_export)), max_queued_requests=8)
+    config = app._bound_deployment._deployment_config
+    assert config.max_queued_requests == 8
+    assert config.backpressure_config.status_code == 503
+    assert config.backpressure_config.retry_after_s == 1.0
+    with pytest.raises(ValueError, match="max_queued_requests: expected >= 1 or -1, got 0"):
+        build_app(ServeSettings(model=str(tiny_export)), max_queued_requests=0)
+    with pytest.raises(ValueError, match="body_timeout_s: expected > 0 seconds, got 0"):
+        build_app(ServeSettings(model=str(tiny_export), body_timeout_s=0))
+
+
+def test_cli_serve_limit_defaults_are_the_server_s():
+    """vla-ray serve's --body-timeout/--request-timeout/--max-queued defaults are the server's
+    (written out in the CLI so that --help does not import Serve)."""
+    from vla_ray.cli import build_parser
+    from vla_ray.serve.schema import (
+        DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_MAX_QUEUED_REQUESTS,
+        DEFAULT_REQUEST_TIMEOUT_S,
+    )
+
+    args = build_parser().parse_args(["serve", "--model", "x"])
+    assert args.body_timeout == DEFAULT_BODY_TIMEOUT_S
+    assert args.request_timeout == DEFAULT_REQUEST_TIMEOUT_S
+    assert args.max_queued == DEFAULT_MAX_QUEUED_REQUESTS

@@ -298,12 +298,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=_api_key(args),
         max_body_bytes=args.max_body_bytes,
         max_instruction_chars=args.max_instruction_chars,
+        body_timeout_s=args.body_timeout,
         watchdog=watchdog or None,
     )
     options = dict(
         num_replicas=args.replicas,
         autoscaling=_parse_autoscale(args.autoscale),
         replica_cpus=args.replica_cpus,
+        max_queued_requests=args.max_queued,
         access_log=not args.no_access_log,
     )
     import ray
@@ -325,7 +327,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     init_ray()
     stop = _catch_stop_signals()
     try:
-        url = start(settings, host=args.host, port=args.port, **options)
+        url = start(
+            settings,
+            host=args.host,
+            port=args.port,
+            request_timeout_s=args.request_timeout,
+            **options,
+        )
         print(f"serving {args.model} ({args.backend}) at {url}")
         print(f"  POST {url}/v1/act   GET {url}/v1/health   GET {url}/v1/spec   docs {url}/docs")
         if settings.api_key:
@@ -883,6 +891,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--max-body-bytes", type=int, default=1 << 20)
     v.add_argument("--max-instruction-chars", type=int, default=512)
+    v.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="408 when a request's body has not all arrived within S seconds",
+    )
+    v.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="408 when a request is not answered within S seconds (Serve's proxy)",
+    )
+    v.add_argument(
+        "--max-queued",
+        type=int,
+        default=256,
+        metavar="N",
+        help="503 with Retry-After beyond N requests waiting for a replica (-1: no bound)",
+    )
     v.add_argument("--no-access-log", action="store_true", help="no log line per request")
     v.set_defaults(fn=cmd_serve)
 
