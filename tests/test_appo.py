@@ -56,10 +56,13 @@ def test_appo_trains_with_the_inference_service(ray_session):
     deadline = time.time() + 300
     try:
         # asynchronous: the first iterations (2 s each) may end before the EnvRunners have
-        # sampled a batch and a learner update has come back; how many depends on the load
-        while time.time() < deadline and "total_loss" not in (rows[-1]["learner"] if rows else {}):
+        # sampled a batch and a learner update has come back, and the EnvRunners pass updated
+        # weights on to the actor on their next pull; how many iterations depends on the load
+        while time.time() < deadline:
             rows.append(summarize(algo.train()))
-        (stats,) = algo.env_runner.service.stats()
+            (stats,) = algo.env_runner.service.stats()
+            if "total_loss" in rows[-1]["learner"] and stats["weights_seq_no"] > 0:
+                break
     finally:
         algo.stop()
     assert rows[-1]["env_steps"] >= 64, rows
