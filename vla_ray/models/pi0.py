@@ -93,12 +93,12 @@ from torch import nn
 from vla_ray.config import ConfigError
 from vla_ray.models.smolvla import (
     ACTION_KEY,
-    EMPTY_CAMERA,
     LEGACY_BUFFER_PREFIXES,
     NORM_MODES,
     POSTPROCESSOR_NAME,
     PREPROCESSOR_NAME,
     STATE_KEY,
+    LeRobotFeatures,
     Normalizer,
     SmolVLAError,
     _attend,
@@ -199,7 +199,7 @@ class Pi0Sizes:
 
 # ---- config --------------------------------------------------------------------------------
 @dataclass
-class Pi0Config:
+class Pi0Config(LeRobotFeatures):
     """The fields of LeRobot's ``PI0Config`` this model reads (defaults are LeRobot >= 0.4's)."""
 
     paligemma_variant: str = "gemma_2b"
@@ -259,61 +259,12 @@ class Pi0Config:
 
     def validate(self) -> None:
         """Pi0Error naming the first inconsistent field."""
-        if self.n_action_steps > self.chunk_size:
-            raise Pi0Error(
-                f"n_action_steps: expected <= chunk_size ({self.chunk_size}), "
-                f"given {self.n_action_steps}"
-            )
         if self.image_resolution[0] != self.image_resolution[1]:
             raise Pi0Error(
                 f"image_resolution: PaliGemma expects a square resolution, given "
                 f"{list(self.image_resolution)}"
             )
-        for ftype, mode in self.normalization_mapping.items():
-            if mode not in NORM_MODES:
-                raise Pi0Error(
-                    f"normalization_mapping[{ftype!r}]: unknown mode {mode!r}; valid modes are "
-                    f"{', '.join(NORM_MODES)}"
-                )
-        if ACTION_KEY not in self.output_features:
-            raise Pi0Error(
-                f"output_features: expected an {ACTION_KEY!r} feature, given "
-                f"{sorted(self.output_features)}"
-            )
-        if not self.image_keys:
-            raise Pi0Error(
-                f"input_features: expected at least one VISUAL feature, given "
-                f"{sorted(self.input_features)}"
-            )
-        if self.state_dim > self.max_state_dim:
-            raise Pi0Error(
-                f"input_features[{STATE_KEY!r}]: expected at most max_state_dim "
-                f"({self.max_state_dim}) values, given {self.state_dim}"
-            )
-        if self.action_dim > self.max_action_dim:
-            raise Pi0Error(
-                f"output_features[{ACTION_KEY!r}]: expected at most max_action_dim "
-                f"({self.max_action_dim}) values, given {self.action_dim}"
-            )
-
-    @property
-    def image_keys(self) -> list[str]:
-        """The cameras the caller gives, in config order (empty cameras excluded)."""
-        empty = {EMPTY_CAMERA.format(i) for i in range(self.empty_cameras)}
-        return [
-            k
-            for k, f in self.input_features.items()
-            if f.get("type") == "VISUAL" and k not in empty
-        ]
-
-    @property
-    def state_dim(self) -> int:
-        feat = self.input_features.get(STATE_KEY)
-        return int(feat["shape"][0]) if feat else 0
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.output_features[ACTION_KEY]["shape"][0])
+        self.check_features(Pi0Error)
 
 
 # ---- the network ---------------------------------------------------------------------------

@@ -118,8 +118,67 @@ class SmolVLAError(ConfigError):
 
 
 # ---- config --------------------------------------------------------------------------------
+class LeRobotFeatures:
+    """What a LeRobot policy config (SmolVLA's, pi0's) derives from and checks in its
+    ``input_features``/``output_features``/``normalization_mapping``, ``chunk_size``/
+    ``n_action_steps``, ``empty_cameras`` and ``max_state_dim``/``max_action_dim`` fields."""
+
+    def check_features(self, error: type[ConfigError]) -> None:
+        """``error`` naming the first inconsistent field of the shared ones."""
+        if self.n_action_steps > self.chunk_size:
+            raise error(
+                f"n_action_steps: expected <= chunk_size ({self.chunk_size}), "
+                f"given {self.n_action_steps}"
+            )
+        for ftype, mode in self.normalization_mapping.items():
+            if mode not in NORM_MODES:
+                raise error(
+                    f"normalization_mapping[{ftype!r}]: unknown mode {mode!r}; valid modes are "
+                    f"{', '.join(NORM_MODES)}"
+                )
+        if ACTION_KEY not in self.output_features:
+            raise error(
+                f"output_features: expected an {ACTION_KEY!r} feature, given "
+                f"{sorted(self.output_features)}"
+            )
+        if not self.image_keys:
+            raise error(
+                f"input_features: expected at least one VISUAL feature, given "
+                f"{sorted(self.input_features)}"
+            )
+        if self.state_dim > self.max_state_dim:
+            raise error(
+                f"input_features[{STATE_KEY!r}]: expected at most max_state_dim "
+                f"({self.max_state_dim}) values, given {self.state_dim}"
+            )
+        if self.action_dim > self.max_action_dim:
+            raise error(
+                f"output_features[{ACTION_KEY!r}]: expected at most max_action_dim "
+                f"({self.max_action_dim}) values, given {self.action_dim}"
+            )
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The cameras the caller gives, in config order (empty cameras excluded)."""
+        empty = {EMPTY_CAMERA.format(i) for i in range(self.empty_cameras)}
+        return [
+            k
+            for k, f in self.input_features.items()
+            if f.get("type") == "VISUAL" and k not in empty
+        ]
+
+    @property
+    def state_dim(self) -> int:
+        feat = self.input_features.get(STATE_KEY)
+        return int(feat["shape"][0]) if feat else 0
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.output_features[ACTION_KEY]["shape"][0])
+
+
 @dataclass
-class SmolVLAConfig:
+class SmolVLAConfig(LeRobotFeatures):
     """The fields of LeRobot's ``SmolVLAConfig`` this model reads (defaults are LeRobot's)."""
 
     vlm_model_name: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
@@ -168,61 +227,12 @@ class SmolVLAConfig:
 
     def validate(self) -> None:
         """SmolVLAError naming the first inconsistent field."""
-        if self.n_action_steps > self.chunk_size:
-            raise SmolVLAError(
-                f"n_action_steps: expected <= chunk_size ({self.chunk_size}), "
-                f"given {self.n_action_steps}"
-            )
         if self.pad_language_to not in ("longest", "max_length"):
             raise SmolVLAError(
                 f"pad_language_to: expected 'longest' or 'max_length', given "
                 f"{self.pad_language_to!r}"
             )
-        for ftype, mode in self.normalization_mapping.items():
-            if mode not in NORM_MODES:
-                raise SmolVLAError(
-                    f"normalization_mapping[{ftype!r}]: unknown mode {mode!r}; valid modes are "
-                    f"{', '.join(NORM_MODES)}"
-                )
-        if ACTION_KEY not in self.output_features:
-            raise SmolVLAError(
-                f"output_features: expected an {ACTION_KEY!r} feature, given "
-                f"{sorted(self.output_features)}"
-            )
-        if not self.image_keys:
-            raise SmolVLAError(
-                f"input_features: expected at least one VISUAL feature, given "
-                f"{sorted(self.input_features)}"
-            )
-        if self.state_dim > self.max_state_dim:
-            raise SmolVLAError(
-                f"input_features[{STATE_KEY!r}]: expected at most max_state_dim "
-                f"({self.max_state_dim}) values, given {self.state_dim}"
-            )
-        if self.action_dim > self.max_action_dim:
-            raise SmolVLAError(
-                f"output_features[{ACTION_KEY!r}]: expected at most max_action_dim "
-                f"({self.max_action_dim}) values, given {self.action_dim}"
-            )
-
-    @property
-    def image_keys(self) -> list[str]:
-        """The cameras the caller gives, in config order (empty cameras excluded)."""
-        empty = {EMPTY_CAMERA.format(i) for i in range(self.empty_cameras)}
-        return [
-            k
-            for k, f in self.input_features.items()
-            if f.get("type") == "VISUAL" and k not in empty
-        ]
-
-    @property
-    def state_dim(self) -> int:
-        feat = self.input_features.get(STATE_KEY)
-        return int(feat["shape"][0]) if feat else 0
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.output_features[ACTION_KEY]["shape"][0])
+        self.check_features(SmolVLAError)
 
 
 # ---- normalisation -------------------------------------------------------------------------
