@@ -18,7 +18,7 @@ from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS, TargetNetworkAPI
 from ray.rllib.utils.annotations import override
 
-from vla_ray.rl_module import AUX_LOSS, VLAModule
+from vla_ray.rl_module import VLAModule, with_aux_loss
 
 NAME = "appo"
 # Heads that give the log-probabilities APPO needs.
@@ -64,11 +64,7 @@ class VLAAPPOLearner(APPOTorchLearner):
         total = super().compute_loss_for_module(
             module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
         )
-        aux = fwd_out.get(AUX_LOSS)
-        if aux is None:
-            return total
-        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
-        return total + aux
+        return with_aux_loss(self, module_id, total, fwd_out)
 
 
 def module_class() -> type:

@@ -35,7 +35,7 @@ from ray.rllib.core.columns import Columns
 from vla_ray.config import ACTION_HEADS
 from vla_ray.data.chunks import split_chunk_targets
 from vla_ray.data.stream import VLAPreLearner
-from vla_ray.rl_module import AUX_LOSS
+from vla_ray.rl_module import with_aux_loss
 
 NAME = "bc"
 # Every head has a behaviour-cloning loss.
@@ -72,11 +72,8 @@ class VLABCLearner(MARWILTorchLearner):
             target, mask = split_chunk_targets(actions, head.chunk_size, head.action_dim)
         loss = head.loss(fwd_out[Columns.EMBEDDINGS], target, mask)
         self.metrics.log_value((module_id, "bc_loss"), loss.item(), window=1)
-        aux = fwd_out.get(AUX_LOSS)  # the keypoint reconstruction (vision_config.recon_coeff)
-        if aux is None:
-            return loss
-        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
-        return loss + aux
+        # + the keypoint reconstruction (vision_config.recon_coeff)
+        return with_aux_loss(self, module_id, loss, fwd_out)
 
 
 # -- return-based episode selection (filtered / weighted BC) ----------------------------------

@@ -14,7 +14,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 
 from vla_ray.learner import TrainableParametersMixin
-from vla_ray.rl_module import AUX_LOSS
+from vla_ray.rl_module import with_aux_loss
 
 NAME = "ppo"
 # Heads that give the log-probabilities PPO needs.
@@ -48,11 +48,7 @@ class VLAPPOLearner(TrainableParametersMixin, PPOTorchLearner):
         total = super().compute_loss_for_module(
             module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
         )
-        aux = fwd_out.get(AUX_LOSS)
-        if aux is None:
-            return total
-        self.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
-        return total + aux
+        return with_aux_loss(self, module_id, total, fwd_out)
 
 
 def make_config() -> PPOConfig:

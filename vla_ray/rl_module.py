@@ -52,8 +52,20 @@ from vla_ray.models.heads import mlp
 from vla_ray.models.vla import VLA, build_trunk, run_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
-# ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (PPO, GAIL)
+# ``cnn`` encoder with ``recon_coeff > 0``) that the learner adds to its own (``with_aux_loss``)
 AUX_LOSS = "aux_loss"
+
+
+def with_aux_loss(learner: Any, module_id: str, loss: Any, fwd_out: dict[str, Any]) -> Any:
+    """``loss`` plus the module's auxiliary loss (``AUX_LOSS`` in ``fwd_out``, logged by the
+    learner) when its forward returned one; every learner of a VLA adds it this way."""
+    aux = fwd_out.get(AUX_LOSS)
+    if aux is None:
+        return loss
+    learner.metrics.log_value((module_id, AUX_LOSS), aux.item(), window=1)
+    return loss + aux
+
+
 MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path")
 SPACE_DERIVED_KEYS = (
     "image_size",
