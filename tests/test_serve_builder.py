@@ -166,6 +166,28 @@ def test_export_tokenizer_without_transformers_gives_the_same_ids(tiny_export):
         )
 
 
+def test_export_tokenizer_ignores_the_padding_its_file_was_saved_with(tiny_export, tmp_path):
+    """A tokenizer.json saved right after a padded call keeps that padding (and truncation);
+    the export's tokenizer gives the unpadded ids all the same (the runner pads them)."""
+    from tokenizers import Tokenizer
+
+    from vla_ray.runtime import FastTokenizer
+
+    plain = Tokenizer.from_file(str(tiny_export / "onnx" / "tokenizer" / "tokenizer.json"))
+    plain.no_padding()
+    plain.no_truncation()
+    padded = Tokenizer.from_file(str(tiny_export / "onnx" / "tokenizer" / "tokenizer.json"))
+    padded.enable_padding(length=16)
+    padded.enable_truncation(max_length=16)
+    padded.save(str(tmp_path / "tokenizer.json"))
+    text = "reach the red target"
+    expected = plain.encode(text, add_special_tokens=False).ids
+    assert len(expected) < 16
+    assert FastTokenizer(tmp_path / "tokenizer.json")(text, add_special_tokens=False)[
+        "input_ids"
+    ] == list(expected)
+
+
 def test_openvino_backend_matches_onnx(tiny_export):
     pytest.importorskip("openvino")
     import numpy as np

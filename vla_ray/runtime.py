@@ -92,6 +92,10 @@ class FastTokenizer:
         from tokenizers import Tokenizer
 
         self.backend = Tokenizer.from_file(str(path))
+        # a tokenizer.json keeps the padding/truncation its tokenizer last used (transformers
+        # sets them per call); ids are padded and checked by the runner, not here
+        self.backend.no_padding()
+        self.backend.no_truncation()
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
