@@ -235,6 +235,21 @@ def test_shipped_tokenizer_is_the_trained_one():
     assert np.all(ids[0][mask[0] == 0] == shipped.pad_token_id)
 
 
+def test_a_saved_tokenizer_does_not_keep_the_last_calls_padding(tmp_path):
+    import json
+    from copy import deepcopy
+
+    from vla_ray.tokenizer import load_tokenizer, save_tokenizer
+
+    tok = deepcopy(load_tokenizer())
+    encode_instructions(["reach the red target"], 16, tok)  # leaves padding to 16 on the backend
+    assert tok.backend_tokenizer.padding is not None
+    save_tokenizer(tok, tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
+    assert tok.backend_tokenizer.padding["length"] == 16  # the live tokenizer is left as it was
+
+
 class FixedFeatures(torch.nn.Module):
     """Stands in for the conv stack: always returns ``fmap``."""
 

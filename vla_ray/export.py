@@ -62,6 +62,7 @@ from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
     import_openvino,
     read_spec,
 )
+from vla_ray.tokenizer import save_tokenizer
 
 TRITON_MODEL_NAME = "vla"
 OUTPUT_NAME = "actions"
@@ -563,7 +564,7 @@ def export(
                 "reference": "PyTorch VLA (memoised trunk), random valid inputs, batch 1, 5, 16",
             }
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
-            vla.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+            save_tokenizer(vla.tokenizer, folder / TOKENIZER_DIR)
             if fmt == "triton":
                 (folder / "config.pbtxt").write_text(triton_config(spec, triton_max_batch_size))
             rel = folder.relative_to(tmp)

@@ -310,19 +310,6 @@ PRESETS.update(
                 stop=dict(iters=2000),
                 eval_episodes=20,
             ),
-            Preset(
-                name="pusht-flow",
-                algorithm="bc",
-                env="vla_ray/PushT-v0",
-                description="flow-matching BC (pi0-style head) of PushT demos, chunks of 8",
-                model=dict(
-                    TINY_VLA, vision_skip=True, head="flow_matching", value="none", chunk_size=8
-                ),
-                training=dict(lr=1e-3, train_batch_size_per_learner=256),
-                env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
-                stop=dict(iters=2000),
-                eval_episodes=20,
-            ),
         ]
     }
 )
@@ -422,6 +409,18 @@ PRESETS["langreach-state-sac"] = Preset(
     env_runners=dict(num_env_runners=0, num_envs_per_env_runner=1),
     stop=dict(timesteps=1000),
     eval_episodes=20,
+)
+
+
+# The pi0-style flow-matching head on the same PushT setting as pusht-diffusion.
+PRESETS["pusht-flow"] = replace(
+    PRESETS["pusht-diffusion"],
+    name="pusht-flow",
+    description="flow-matching BC (pi0-style head) of PushT demos, chunks of 8",
+    model={**PRESETS["pusht-diffusion"].model, "head": "flow_matching"},
+    training=copy.deepcopy(PRESETS["pusht-diffusion"].training),
+    env_runners=copy.deepcopy(PRESETS["pusht-diffusion"].env_runners),
+    stop=copy.deepcopy(PRESETS["pusht-diffusion"].stop),
 )
 
 

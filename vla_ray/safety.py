@@ -242,7 +242,9 @@ class Workspace(Rule):
 
     kind = "workspace"
 
-    def setup(self, p: _Params, low: np.ndarray, high: np.ndarray) -> None:
+    def _setup_indices(self, p: _Params) -> int:
+        """Read ``state_indices`` and ``action_indices`` (one action dim per state coordinate,
+        by default the first ones); return their number."""
         self.state_idx = p.indices("state_indices", None)
         n = len(self.state_idx)
         self.action_idx = p.indices("action_indices", p.A, list(range(n)))
@@ -253,6 +255,10 @@ class Workspace(Rule):
                 f"{n} indices (one per state index)",
                 p.get("action_indices"),
             )
+        return n
+
+    def setup(self, p: _Params, low: np.ndarray, high: np.ndarray) -> None:
+        n = self._setup_indices(p)
         self.low = p.vector("low", n)
         self.high = p.vector("high", n)
         if np.any(self.low >= self.high):
@@ -317,16 +323,7 @@ class KeepOut(Workspace):
     kind = "keep_out"
 
     def setup(self, p: _Params, low: np.ndarray, high: np.ndarray) -> None:
-        self.state_idx = p.indices("state_indices", None)
-        n = len(self.state_idx)
-        self.action_idx = p.indices("action_indices", p.A, list(range(n)))
-        if len(self.action_idx) != n:
-            raise SafetyConfigError(
-                self.id,
-                "action_indices",
-                f"{n} indices (one per state index)",
-                p.get("action_indices"),
-            )
+        n = self._setup_indices(p)
         self.center = p.vector("center", n)
         self.radius = p.number("radius", positive=True)
         self.margin = p.number("margin", 0.0)

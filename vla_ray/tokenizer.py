@@ -119,6 +119,27 @@ def encode_instructions(
     )
 
 
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)`` without the padding and truncation that an
+    earlier padded call (e.g. :func:`encode_instructions`) left on a fast tokenizer's backend:
+    a saved ``tokenizer.json`` must encode an instruction as itself, not padded to the last
+    call's length. The tokenizer's own state is left as it was."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        tokenizer.save_pretrained(str(directory))
+        return
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
+    try:
+        tokenizer.save_pretrained(str(directory))
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+
+
 if __name__ == "__main__":
     build_task_tokenizer().save_pretrained(str(DEFAULT_TOKENIZER_DIR))
     print(f"wrote {DEFAULT_TOKENIZER_DIR}")

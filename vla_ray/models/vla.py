@@ -44,7 +44,7 @@ from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
-from vla_ray.tokenizer import encode_instructions, load_tokenizer
+from vla_ray.tokenizer import encode_instructions, load_tokenizer, save_tokenizer
 
 OBS_KEYS = ("image", "state", "instruction", "instruction_mask")
 CONFIG_NAME = "vla_config.json"
@@ -409,7 +409,7 @@ class VLA(nn.Module):
             self.portable_config().save(tmp / CONFIG_NAME)
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(_untie(state), str(tmp / WEIGHTS_NAME))
-            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            save_tokenizer(self.tokenizer, tmp / TOKENIZER_DIR)
             processor = getattr(self.trunk, "image_processor", None)
             if processor is not None:
                 processor.save_pretrained(str(tmp / IMAGE_PROCESSOR_DIR))
