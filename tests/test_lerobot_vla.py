@@ -1,5 +1,6 @@
 """SmolVLA / pi0 checkpoints as the VLA of the training algorithms (``vlm_path`` of a LeRobot
-checkpoint): the checkpoint's flow-matching expert is the action head, trained by BC.
+checkpoint): the checkpoint's flow-matching expert is the action head, trained by BC, and by PPO
+and GRPO as the mean of a Gaussian with a learned log-std.
 
 The checkpoints are the tiny published-layout ones of ``test_smolvla`` / ``test_pi0``, written
 with one 32x32 camera and LangReach's 4-dim state.
@@ -48,6 +49,17 @@ def pi0_ckpt(tmp_path_factory):
     return ckpt, tok
 
 
+def _tiny_pi0(kind, monkeypatch):
+    """pi0's config.json names gemma_2b / gemma_300m; the tiny sizes come from here (in this
+    process: the RLlib runs below keep their EnvRunner and learner local)."""
+    if kind == "pi0":
+        import test_pi0
+
+        from vla_ray.models import pi0
+
+        monkeypatch.setattr(pi0.Pi0Sizes, "from_config", classmethod(lambda c, cfg: test_pi0.TINY))
+
+
 def _env(tok):
     return gym.make(LANGREACH, image_size=32, tokenizer=str(tok), instruction_max_length=8)
 
@@ -83,12 +95,7 @@ def test_checkpoint_expert_is_the_head_and_bc_updates_it(
 ):
     from ray.rllib.core.columns import Columns
 
-    if kind == "pi0":  # config.json names gemma_2b / gemma_300m; the tiny sizes come from here
-        import test_pi0
-
-        from vla_ray.models import pi0
-
-        monkeypatch.setattr(pi0.Pi0Sizes, "from_config", classmethod(lambda c, cfg: test_pi0.TINY))
+    _tiny_pi0(kind, monkeypatch)
     ckpt, tok = smolvla_ckpt if kind == "smolvla" else pi0_ckpt
     module, env = _module(ckpt, tok)
     vla = module.vla
@@ -136,11 +143,17 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
     ckpt, tok = smolvla_ckpt
     from vla_ray.config import VLAConfig
 
-    # the checkpoint's expert is the head: from vlm_path the head is set to it; given
-    # directly, another head is refused
-    assert _module(ckpt, tok, head="gaussian")[0].vla.config.head == "flow_matching"
-    with pytest.raises(ConfigError, match=r"head: backbone='smolvla'.*'flow_matching'.*'gaussian'"):
-        VLAConfig(backbone="smolvla", vlm_path=str(ckpt), head="gaussian")
+    # the checkpoint's expert is the head: from vlm_path another head becomes the expert, and
+    # "gaussian" the Gaussian around it; given directly, another head is refused
+    assert _module(ckpt, tok, head="mlp")[0].vla.config.head == "flow_matching"
+    with pytest.raises(ConfigError, match=r"head: backbone='smolvla'.*'flow_matching'.*'mlp'"):
+        VLAConfig(backbone="smolvla", vlm_path=str(ckpt), head="mlp")
+    with pytest.raises(ConfigError, match=r"head_config: \['hidden'\].*\['init_log_std'\]"):
+        VLAConfig(
+            backbone="smolvla", vlm_path=str(ckpt), head="gaussian", head_config={"hidden": 8}
+        )
+    with pytest.raises(ConfigError, match=r"value: 'separate' would load a second copy"):
+        _module(ckpt, tok, head="gaussian", value="separate")
     with pytest.raises(ConfigError, match=r"vlm_path: backbone='pi0' needs a LeRobot pi0"):
         VLAConfig(backbone="pi0", vlm_path=str(ckpt), head="flow_matching")
     env = gym.make(LANGREACH, image_size=24, tokenizer=str(tok), instruction_max_length=8)
@@ -162,10 +175,163 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
     env.close()
     model = {"vlm_path": str(ckpt), "tokenizer_path": str(tok), "head": "flow_matching"}
     spec = resolve("langreach-ppo", {"model": model, "env_config": {"image_size": 32}})
+    with pytest.raises(ConfigError, match=r"model.head: ppo needs.*head='gaussian'.*'flow_m"):
+        build_algorithm_config(spec)
+    model["head"] = "tanh_gaussian"
+    spec = resolve("langreach-sac", {"model": model, "env_config": {"image_size": 32}})
     with pytest.raises(
-        ConfigError, match=r"algorithm: 'ppo' cannot train a smolvla checkpoint.*bc, dagger"
+        ConfigError, match=r"algorithm: 'sac' cannot train a smolvla checkpoint.*bc, dagger, ppo"
     ):
         build_algorithm_config(spec)
+    from vla_ray.models.lerobot_vla import check_algorithm
+
+    with pytest.raises(
+        ConfigError, match=r"algorithm: 'iql' cannot train.*supported algorithms: bc, dagger, ppo"
+    ):
+        check_algorithm("iql", model)
+
+
+def _logp_gap(learner, module_id, batch, fwd_out) -> float:
+    """max |learner logp - EnvRunner logp| of the batch's sampled actions (loss-masked rows)."""
+    from ray.rllib.core.columns import Columns
+
+    module = learner.module[module_id].unwrapped()
+    dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+    gap = (dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]).abs().detach()
+    mask = batch.get(Columns.LOSS_MASK)
+    return float((gap[mask.bool()] if mask is not None else gap).max())
+
+
+def _recording(learner_cls):
+    """``learner_cls`` that records ``_logp_gap`` of every minibatch in ``logp_gaps``."""
+
+    class Recording(learner_cls):
+        def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+            self.__dict__.setdefault("logp_gaps", []).append(
+                _logp_gap(self, module_id, batch, fwd_out)
+            )
+            return super().compute_loss_for_module(
+                module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+            )
+
+    return Recording
+
+
+def _run(preset, overrides, learner_cls, iterations):
+    """Build ``preset`` locally (EnvRunner and learner in this process), record the learner's
+    logp gaps, train ``iterations``; -> (learner's module, its state before, results)."""
+    from vla_ray.train import build_algorithm_config, resolve
+
+    spec = resolve(preset, overrides, local=True)
+    algo = build_algorithm_config(spec).learners(learner_class=_recording(learner_cls)).build_algo()
+    try:
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"].unwrapped()
+        before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        results = [algo.train() for _ in range(iterations)]
+        return learner, module, before, results
+    finally:
+        algo.stop()
+
+
+def _moved(module, before):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("kind", ["smolvla", "pi0"])
+def test_ppo_and_grpo_train_the_expert_as_a_gaussian_mean(
+    kind, ray_session, smolvla_ckpt, pi0_ckpt, monkeypatch
+):
+    """PPO (2 iterations, chunks of 2) and GRPO (1 iteration) through RLlib with head='gaussian':
+    the learner's log-probs of the sampled actions equal the EnvRunner's at the first update;
+    the log-std, the expert and the value head move, the frozen vision tower does not; the mean
+    is the expert's zero-noise chunk and the value reads the VLM's prefix in the same pass."""
+    from ray.rllib.core.columns import Columns
+
+    from vla_ray.algorithms.grpo import GRPOTorchLearner
+    from vla_ray.algorithms.ppo import VLAPPOLearner
+
+    _tiny_pi0(kind, monkeypatch)
+    ckpt, tok = smolvla_ckpt if kind == "smolvla" else pi0_ckpt
+    env_config = {
+        "image_size": 32,
+        "tokenizer": str(tok),
+        "instruction_max_length": 8,
+        "max_episode_steps": 4,
+    }
+    model = {
+        "vlm_path": str(ckpt),
+        "tokenizer_path": str(tok),
+        "head_config": {"init_log_std": -0.7},
+        "freeze_vision": True,
+        "vf_hidden": 16,
+    }
+    ppo = {
+        "model": {**model, "chunk_size": 2},
+        "env_config": env_config,
+        "training": {"train_batch_size_per_learner": 8, "minibatch_size": 8, "num_epochs": 1},
+    }
+    learner, module, before, results = _run("langreach-ppo", ppo, VLAPPOLearner, 2)
+    head, trunk = module.vla.head, module.vla.trunk
+    assert type(head).__name__ == "LeRobotGaussianHead" and head.out_dim == 4  # 2 steps x 2
+    assert module.vf[0].in_features == trunk.width  # the value reads the VLM's width
+    assert learner.logp_gaps[0] < 1e-4  # sampling and training forwards agree: ratio 1
+    assert results[-1]["training_iteration"] == 2
+    moved = _moved(module, before)
+    assert "vla.head.log_std" in moved and any(k.startswith("vf.") for k in moved)
+    assert any("expert" in k for k in moved)  # the policy gradient reached the expert
+    vision = [f"vla.trunk.{k}" for k in trunk.state_dict() if k.startswith(_vision_prefix(kind))]
+    assert vision and not moved & set(vision)  # freeze_vision: bit-identical
+    assert not any(p.requires_grad for p in trunk.vision.parameters())
+    # the distribution's mean is the expert's zero-noise chunk (in the env's [-1, 1] bounds);
+    # one VLM pass gives it and the value, equal to the value of a fresh pass
+    env = _env(tok)
+    batch = {Columns.OBS: _batch(env)}
+    env.close()
+    calls = _count_prefix_passes(kind, trunk, monkeypatch)
+    out = module.forward_train(batch)
+    values = module.compute_values(batch, embeddings=out[Columns.EMBEDDINGS])
+    assert len(calls) == 1 and values.shape == (4,)
+    torch.testing.assert_close(values, module.compute_values(batch))
+    mean, log_std = out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mean.clamp(-1, 1), module.vla.predict(batch[Columns.OBS]).flatten(1)
+        )
+    torch.testing.assert_close(log_std, module.vla.head.log_std.expand_as(log_std))
+
+    grpo = {
+        "model": model,
+        "env_config": env_config,
+        "training": {"group_size": 2, "groups_per_iteration": 1, "num_epochs": 1},
+    }
+    learner, module, before, _ = _run("langreach-grpo", grpo, GRPOTorchLearner, 1)
+    assert learner.logp_gaps[0] < 1e-4
+    moved = _moved(module, before)
+    assert "vla.head.log_std" in moved and any("expert" in k for k in moved)
+    assert not moved & {k for k in before if k.startswith("vla.trunk." + _vision_prefix(kind))}
+
+
+def _vision_prefix(kind: str) -> str:
+    if kind == "smolvla":
+        return "policy.model.vlm_with_expert.vlm.model.vision_model."
+    return "policy.model.paligemma_with_expert.paligemma.model.vision_tower."
+
+
+def _count_prefix_passes(kind, trunk, monkeypatch) -> list[int]:
+    """A list that grows by one at every VLM pass over the prefix."""
+    m = trunk.policy.model
+    vlm = m.vlm_with_expert if kind == "smolvla" else m.paligemma_with_expert
+    calls: list[int] = []
+    original = vlm.prefix_kv
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vlm, "prefix_kv", counted)
+    return calls
 
 
 @pytest.mark.slow
