@@ -8,8 +8,9 @@ Plug it into any RLlib algorithm config::
 ``model_config`` takes the ``VLAConfig`` fields except the I/O ones, which come from the spaces
 (``image_size``, ``state_dim``, ``instruction_max_length``, ``action_dim``, bounds), plus:
 
-- ``value``: ``"shared"`` (value head on the policy trunk, default), ``"separate"`` (its own trunk)
-  or ``"none"`` (no value function, e.g. GRPO);
+- ``value``: ``"shared"`` (value head on the policy trunk, default; on what the head's
+  ``value_input`` gives: the trunk features, or for SmolVLA / pi0 the VLM's pooled prefix
+  states), ``"separate"`` (its own trunk) or ``"none"`` (no value function, e.g. GRPO);
 - ``vf_hidden``: hidden width of the value MLP (256);
 - ``pretrained_path``: the policy to initialise from: a ``VLA.save_pretrained`` directory, a
   vla-ray checkpoint (its ``vla/`` export) or a vla-ray run directory (``checkpoints/best``,
