@@ -191,6 +191,23 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
         check_algorithm("iql", model)
 
 
+def test_freeze_switches_apply_on_top_of_the_checkpoints_trainable_set(pi0_ckpt, monkeypatch):
+    """pi0's tiny checkpoint trains everything; freeze_projector / freeze_llm freeze those
+    parts; the expert, the log-std and the value head still train."""
+    _tiny_pi0("pi0", monkeypatch)
+    module, _ = _module(
+        *pi0_ckpt, head="gaussian", value="shared", freeze_projector=True, freeze_llm=True
+    )
+    trunk = module.vla.trunk
+    assert not any(p.requires_grad for p in trunk.projector.parameters())
+    assert not any(p.requires_grad for p in trunk.language_model.parameters())
+    assert all(p.requires_grad for p in trunk.vision.parameters())  # not frozen here
+    expert = trunk.policy.model.paligemma_with_expert.gemma_expert
+    assert all(p.requires_grad for p in expert.parameters())
+    assert module.vla.head.log_std.requires_grad
+    assert all(p.requires_grad for p in module.vf.parameters())
+
+
 def _logp_gap(learner, module_id, batch, fwd_out) -> float:
     """max |learner logp - EnvRunner logp| of the batch's sampled actions (loss-masked rows)."""
     from ray.rllib.core.columns import Columns
