@@ -191,9 +191,14 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
         check_algorithm("iql", model)
 
 
-def test_freeze_switches_apply_on_top_of_the_checkpoints_trainable_set(pi0_ckpt, monkeypatch):
+def test_gaussian_head_freeze_switches_and_save_load(pi0_ckpt, monkeypatch, tmp_path):
     """pi0's tiny checkpoint trains everything; freeze_projector / freeze_llm freeze those
-    parts; the expert, the log-std and the value head still train."""
+    parts; the expert, the log-std and the value head still train. save_pretrained /
+    from_pretrained keep the Gaussian head and its log-std."""
+    from ray.rllib.core.columns import Columns
+
+    from vla_ray.models.vla import VLA
+
     _tiny_pi0("pi0", monkeypatch)
     module, _ = _module(
         *pi0_ckpt, head="gaussian", value="shared", freeze_projector=True, freeze_llm=True
@@ -206,6 +211,18 @@ def test_freeze_switches_apply_on_top_of_the_checkpoints_trainable_set(pi0_ckpt,
     assert all(p.requires_grad for p in expert.parameters())
     assert module.vla.head.log_std.requires_grad
     assert all(p.requires_grad for p in module.vf.parameters())
+    with torch.no_grad():
+        module.vla.head.log_std.copy_(torch.tensor([-0.3, -1.2]))
+    module.vla.save_pretrained(tmp_path / "vla")
+    again = VLA.from_pretrained(tmp_path / "vla")
+    assert again.config.head == "gaussian" and type(again.head).__name__ == "LeRobotGaussianHead"
+    env = _env(pi0_ckpt[1])
+    batch = _batch(env)
+    env.close()
+    with torch.no_grad():
+        want = module.forward_inference({Columns.OBS: batch})[Columns.ACTION_DIST_INPUTS]
+        torch.testing.assert_close(again.head.dist_inputs(again.features(batch)), want)
+    assert want[0, 2:].tolist() == pytest.approx([-0.3, -1.2])
 
 
 def _logp_gap(learner, module_id, batch, fwd_out) -> float:
