@@ -177,16 +177,15 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
     spec = resolve("langreach-ppo", {"model": model, "env_config": {"image_size": 32}})
     with pytest.raises(ConfigError, match=r"model.head: ppo needs.*head='gaussian'.*'flow_m"):
         build_algorithm_config(spec)
-    model["head"] = "tanh_gaussian"
+    model["head"] = "gaussian"
     spec = resolve("langreach-sac", {"model": model, "env_config": {"image_size": 32}})
-    with pytest.raises(
-        ConfigError, match=r"algorithm: 'sac' cannot train a smolvla checkpoint.*bc, dagger, ppo"
-    ):
+    with pytest.raises(ConfigError, match=r"model.head: sac needs.*'tanh_gaussian'.*'gaussian'"):
         build_algorithm_config(spec)
     from vla_ray.models.lerobot_vla import check_algorithm
 
     with pytest.raises(
-        ConfigError, match=r"algorithm: 'iql' cannot train.*supported algorithms: bc, dagger, ppo"
+        ConfigError,
+        match=r"algorithm: 'iql' cannot train.*supported algorithms: bc, dagger, ppo, grpo, sac",
     ):
         check_algorithm("iql", model)
 
@@ -253,11 +252,15 @@ def _recording(learner_cls):
 
 def _run(preset, overrides, learner_cls, iterations):
     """Build ``preset`` locally (EnvRunner and learner in this process), record the learner's
-    logp gaps, train ``iterations``; -> (learner's module, its state before, results)."""
+    logp gaps (``learner_cls`` given; else the algorithm's own learner), train ``iterations``;
+    -> (learner, its module, the module's state before, results)."""
     from vla_ray.train import build_algorithm_config, resolve
 
     spec = resolve(preset, overrides, local=True)
-    algo = build_algorithm_config(spec).learners(learner_class=_recording(learner_cls)).build_algo()
+    config = build_algorithm_config(spec)
+    if learner_cls is not None:
+        config = config.learners(learner_class=_recording(learner_cls))
+    algo = config.build_algo()
     try:
         learner = algo.learner_group._learner
         module = learner.module["default_policy"].unwrapped()
@@ -392,3 +395,94 @@ def test_bc_trains_a_smolvla_checkpoint_from_demos(ray_session, smolvla_ckpt, tm
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["learner"]["total_loss"]) for r in rows)
     assert rows[1]["success_rate"] is not None and summary["iteration"] == 2
+
+
+@pytest.mark.parametrize("kind", ["smolvla", "pi0"])
+def test_sac_trains_the_expert_as_a_squashed_gaussian_mean_with_mlp_critics(
+    kind, ray_session, smolvla_ckpt, pi0_ckpt, monkeypatch
+):
+    """SAC (2 iterations after an 8-step warm-up) through RLlib with head='tanh_gaussian': the
+    twin Q MLPs read the actor's pooled VLM prefix states (detached) and the action, so the
+    module holds the checkpoint once; the critics, the log-std and the expert move, the frozen
+    vision tower does not; the Polyak targets are separate networks that lag the online ones.
+    One training forward runs the VLM once per observation batch (obs, next obs); the critic
+    loss reaches no VLA parameter, the actor's Q term reaches the expert through the Euler
+    steps and not the critics."""
+    from ray.rllib.algorithms.sac.sac_learner import QF_PREDS, QF_TWIN_PREDS
+    from ray.rllib.core.columns import Columns
+
+    _tiny_pi0(kind, monkeypatch)
+    ckpt, tok = smolvla_ckpt if kind == "smolvla" else pi0_ckpt
+    sac = {
+        "model": {
+            "vlm_path": str(ckpt),
+            "tokenizer_path": str(tok),
+            "freeze_vision": True,
+            "q_hidden": 16,
+        },
+        "env_config": {
+            "image_size": 32,
+            "tokenizer": str(tok),
+            "instruction_max_length": 8,
+            "max_episode_steps": 4,
+        },
+        "training": {
+            "train_batch_size_per_learner": 4,
+            "num_steps_sampled_before_learning_starts": 8,
+            "replay_buffer_config": {"type": "EpisodeReplayBuffer", "capacity": 100},
+        },
+        "env_runners": {"rollout_fragment_length": 8},
+    }
+    _, module, before, results = _run("langreach-sac", sac, None, 2)
+    head, trunk = module.vla.head, module.vla.trunk
+    assert type(head).__name__ == "LeRobotTanhGaussianHead"
+    # the checkpoint once (under vla.); the critics and their targets are MLPs on the VLM width
+    assert {k.split(".")[0] for k in before} == {
+        "vla",
+        "qf",
+        "qf_twin",
+        "target_qf",
+        "target_qf_twin",
+    }
+    assert not list(module.qf_encoder.parameters()) and not list(
+        module.target_qf_encoder.parameters()
+    )
+    assert module.qf[0].in_features == trunk.width + 2
+    stats = results[-1]["learners"]["default_policy"]
+    assert np.isfinite(stats["qf_loss"]) and np.isfinite(stats["policy_loss"])
+    moved = _moved(module, before)
+    assert any(k.startswith("qf.") for k in moved) and any(k.startswith("qf_twin.") for k in moved)
+    assert "vla.head.log_std" in moved and any("expert" in k for k in moved)
+    vision = [f"vla.trunk.{k}" for k in trunk.state_dict() if k.startswith(_vision_prefix(kind))]
+    assert vision and not moved & set(vision)  # freeze_vision: bit-identical
+    # Polyak targets: own tensors, moved towards the online critics but lagging them
+    for online, target in ((module.qf, module.target_qf), (module.qf_twin, module.target_qf_twin)):
+        assert target is not online and not target[0].weight.requires_grad
+        assert target[0].weight.data_ptr() != online[0].weight.data_ptr()
+        assert not torch.equal(target[0].weight, online[0].weight)
+    assert any(k.startswith("target_qf.") for k in moved)
+    # one VLM pass per observation batch; what each loss term reaches
+    env = _env(tok)
+    obs, next_obs = _batch(env), _batch(env)
+    env.close()
+    actions = torch.zeros(4, 2)
+    batch = {Columns.OBS: obs, Columns.NEXT_OBS: next_obs, Columns.ACTIONS: actions}
+    calls = _count_prefix_passes(kind, trunk, monkeypatch)
+    out = module.forward_train(batch)
+    assert len(calls) == 2
+    vla_params = [p for p in module.vla.parameters() if p.requires_grad]
+    critic = list(module.qf.parameters()) + list(module.qf_twin.parameters())
+    grads = torch.autograd.grad(
+        (out[QF_PREDS] + out[QF_TWIN_PREDS]).sum(), vla_params + critic, allow_unused=True
+    )
+    assert all(g is None for g in grads[: len(vla_params)])  # the critics do not train the VLM
+    assert all(g is not None for g in grads[len(vla_params) :])
+    expert = [p for n, p in module.vla.named_parameters() if "expert" in n and p.requires_grad]
+    grads = torch.autograd.grad(out["q_curr"].sum(), expert + critic, allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads[: len(expert)])
+    assert all(g is None for g in grads[len(expert) :])  # the actor's term trains no critic
+    # the squashed Gaussian's mean is the expert's zero-noise action
+    loc = out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[0]
+    with torch.no_grad():
+        want = module.vla.predict(obs).flatten(1)
+    torch.testing.assert_close(torch.tanh(loc).detach(), want, atol=1e-3, rtol=0)

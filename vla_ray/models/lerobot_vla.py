@@ -58,17 +58,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from vla_ray.config import ConfigError, VLAConfig
-from vla_ray.models.heads import NoiseSampledHead, masked_mean
+from vla_ray.models.heads import LOG_STD_MAX, LOG_STD_MIN, NoiseSampledHead, masked_mean
 from vla_ray.models.smolvla import ACTION_KEY, STATE_KEY, attention_2d_mask, euler_integrate
 
 LEROBOT_BACKBONES = ("smolvla", "pi0")
-# "flow_matching": the expert itself; "gaussian": a Gaussian around its Euler sample
-LEROBOT_HEADS = ("flow_matching", "gaussian")
+# "flow_matching": the expert itself; "gaussian": a Gaussian around its Euler sample;
+# "tanh_gaussian": a tanh-squashed Gaussian around it (SAC)
+LEROBOT_HEADS = ("flow_matching", "gaussian", "tanh_gaussian")
 GAUSSIAN_HEAD_KEYS = ("init_log_std",)
 DEFAULT_INIT_LOG_STD = -1.0
-SUPPORTED_ALGORITHMS = ("bc", "dagger", "ppo", "grpo")
-# algorithms that need the action likelihood of head="gaussian"
-LIKELIHOOD_ALGORITHMS = ("ppo", "grpo")
+SUPPORTED_ALGORITHMS = ("bc", "dagger", "ppo", "grpo", "sac")
+# the head each likelihood algorithm needs: a Gaussian (PPO, GRPO) or a squashed one (SAC)
+LIKELIHOOD_HEADS = {"ppo": "gaussian", "grpo": "gaussian", "sac": "tanh_gaussian"}
+# pre-tanh mean of head="tanh_gaussian": atanh of the expert's mean inside this bound, linear
+# beyond it (the expert may step outside the bounds, where atanh is undefined)
+TANH_MEAN_BOUND = 1.0 - 1e-3
 
 
 def checkpoint_type(path: str | Path | None) -> str | None:
@@ -92,15 +96,17 @@ def check_algorithm(algorithm: str, model_config: dict[str, Any]) -> None:
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(
             f"algorithm: {algorithm!r} cannot train a {kind} checkpoint (model.vlm_path): its "
-            f"action head is a flow-matching expert, trained by its flow loss (bc, dagger) or "
-            f"as the mean of a Gaussian with a learned std (ppo, grpo: head='gaussian'); "
-            f"supported algorithms: {', '.join(SUPPORTED_ALGORITHMS)}"
+            f"action head is a flow-matching expert, trained by its flow loss (bc, dagger), "
+            f"as the mean of a Gaussian with a learned std (ppo, grpo: head='gaussian') or of "
+            f"a tanh-squashed one (sac: head='tanh_gaussian'); supported algorithms: "
+            f"{', '.join(SUPPORTED_ALGORITHMS)}"
         )
-    head = model_config.get("head")
-    if algorithm in LIKELIHOOD_ALGORITHMS and head != "gaussian":
+    head, want = model_config.get("head"), LIKELIHOOD_HEADS.get(algorithm)
+    if want is not None and head != want:
         raise ConfigError(
-            f"model.head: {algorithm} needs the action likelihood of head='gaussian' (the "
-            f"{kind} expert's Euler sample as a Gaussian's mean); given {head!r}"
+            f"model.head: {algorithm} needs the action likelihood of head={want!r} (the "
+            f"{kind} expert's Euler sample as the mean of a "
+            f"{'tanh-squashed ' if want == 'tanh_gaussian' else ''}Gaussian); given {head!r}"
         )
 
 
@@ -115,19 +121,21 @@ def check_config(config: VLAConfig) -> None:
     if config.head not in LEROBOT_HEADS:
         raise ConfigError(
             f"head: backbone={config.backbone!r} acts through the checkpoint's own flow-matching "
-            f"expert; expected 'flow_matching' (the expert) or 'gaussian' (a Gaussian around "
-            f"its Euler sample, for PPO/GRPO), given {config.head!r}"
+            f"expert; expected 'flow_matching' (the expert), 'gaussian' (a Gaussian around "
+            f"its Euler sample, for PPO/GRPO) or 'tanh_gaussian' (a squashed one, for SAC), "
+            f"given {config.head!r}"
         )
-    if config.head == "gaussian":
+    gaussian = config.head in ("gaussian", "tanh_gaussian")
+    if gaussian:
         unknown = sorted(set(config.head_config) - set(GAUSSIAN_HEAD_KEYS))
         if unknown:
             raise ConfigError(
                 f"head_config: {unknown} not used by backbone={config.backbone!r} with "
-                f"head='gaussian'; expected only {list(GAUSSIAN_HEAD_KEYS)}"
+                f"head={config.head!r}; expected only {list(GAUSSIAN_HEAD_KEYS)}"
             )
     given = [k for k in ("vlm_family", "image_processor_path") if getattr(config, k)]
     given += [k for k in ("lora", "vlm_config") if getattr(config, k)]
-    given += ["head_config"] if config.head_config and config.head != "gaussian" else []
+    given += ["head_config"] if config.head_config and not gaussian else []
     given += ["num_cameras"] if config.num_cameras != 1 else []
     given += ["vision_skip"] if config.vision_skip else []
     if given:
@@ -422,8 +430,41 @@ class LeRobotGaussianHead(LeRobotFlowHead):
         return self._chunk(self._from_unit(draw).clamp(self.low, self.high))
 
 
+class LeRobotTanhGaussianHead(LeRobotGaussianHead):
+    """A tanh-squashed diagonal Gaussian around the checkpoint's expert (``head="tanh_gaussian"``,
+    SAC): distribution inputs ``[atanh(mean), log_std]`` as RLlib's ``TorchSquashedGaussian``
+    reads them onto the env's bounds, where ``mean`` is the expert's zero-noise Euler sample in
+    the [-1, 1] scale of the bounds (so the squashed mean is the expert's action, up to
+    ``1 - TANH_MEAN_BOUND`` where the expert steps past the bounds: there ``atanh`` goes on
+    linearly, so that the mean keeps a gradient), and ``log_std`` a learned parameter per
+    element of the executed chunk, clamped to [-20, 2] as SAC's heads are.
+    Reparameterised draws backpropagate through the Euler steps into the expert."""
+
+    def _dist_inputs(
+        self, features: torch.Tensor, with_summary: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs, summary = super()._dist_inputs(features, with_summary)
+        mean, log_std = inputs.chunk(2, dim=-1)
+        inside = mean.clamp(-TANH_MEAN_BOUND, TANH_MEAN_BOUND)
+        # past the bound atanh goes on with slope 1: a saturated mean keeps a gradient (the
+        # squashed log-prob's Jacobian term pulls it back inside)
+        loc = torch.atanh(inside) + (mean - inside)
+        return torch.cat([loc, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)], dim=-1), summary
+
+    def predict(self, features: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """The expert's zero-noise chunk (deterministic), else a draw of the squashed Gaussian;
+        (B, K, A) in the env's bounds."""
+        if deterministic:
+            return super().predict(features, deterministic=True)
+        loc, log_std = self.dist_inputs(features).chunk(2, dim=-1)
+        draw = torch.tanh(loc + log_std.exp() * torch.randn_like(loc))
+        return self._chunk(self._from_unit(draw).clamp(self.low, self.high))
+
+
 def lerobot_head(trunk: LeRobotTrunk, config: VLAConfig) -> LeRobotFlowHead:
     """The head ``config.head`` names (``LEROBOT_HEADS``) over the checkpoint's expert."""
+    if config.head == "tanh_gaussian":
+        return LeRobotTanhGaussianHead(trunk, config)
     if config.head == "gaussian":
         return LeRobotGaussianHead(trunk, config)
     return LeRobotFlowHead(trunk, config)
