@@ -1,6 +1,7 @@
 """SmolVLA / pi0 checkpoints as the VLA of the training algorithms (``vlm_path`` of a LeRobot
-checkpoint): the checkpoint's flow-matching expert is the action head, trained by BC, and by PPO
-and GRPO as the mean of a Gaussian with a learned log-std.
+checkpoint): the checkpoint's flow-matching expert is the action head, trained by BC, by PPO
+and GRPO as the mean of a Gaussian with a learned log-std, and by SAC as the mean of a
+tanh-squashed one with twin Q MLPs on the VLM's pooled prefix states.
 
 The checkpoints are the tiny published-layout ones of ``test_smolvla`` / ``test_pi0``, written
 with one 32x32 camera and LangReach's 4-dim state.
@@ -188,6 +189,16 @@ def test_bad_configs_are_refused(smolvla_ckpt, tmp_path):
         match=r"algorithm: 'iql' cannot train.*supported algorithms: bc, dagger, ppo, grpo, sac",
     ):
         check_algorithm("iql", model)
+    from vla_ray.sac_module import VLAIQLModule
+
+    env = _env(tok)
+    with pytest.raises(ConfigError, match=r"vlm_path: VLAIQLModule would give every critic"):
+        VLAIQLModule(
+            observation_space=env.observation_space,
+            action_space=env.action_space,
+            model_config={**model, "head": "tanh_gaussian", "twin_q": True},
+        )
+    env.close()
 
 
 def test_gaussian_head_freeze_switches_and_save_load(pi0_ckpt, monkeypatch, tmp_path):

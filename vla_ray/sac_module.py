@@ -17,6 +17,15 @@ keep their forward passes and swap in the VLA:
   critic's TD errors. For the tiny VLA the extra trunks are cheap;
 - target networks (``TargetNetworkAPI``): Polyak copies of every Q trunk and head.
 
+SmolVLA / pi0 checkpoints (``vlm_path``, ``head="tanh_gaussian"``,
+``vla_ray.models.lerobot_vla``) would be copied four times by that design, so their critics
+read the actor instead: each Q network (and its target) is an MLP on ``[pooled VLM prefix
+states of the observation, action]``, the states the actor's value input gives
+(``head.value_input``), detached, so the critics' losses do not train the VLM; their encoders
+(``ConcatActionEncoder``) have no parameters. In a training pass each observation batch (obs,
+next obs) runs the VLM once: the actor's pass gives the distribution inputs and the critics'
+input together (``PassMemo``).
+
 Actions live in the env's own bounds: the squashed Gaussian maps onto ``[action_low,
 action_high]`` (the VLA head does the same), so ``normalize_actions`` is off in the algorithm
 configs, and offline datasets (raw env actions) need no rescaling. Bounds must be the same for
@@ -222,6 +231,8 @@ class VLASACModule(DefaultSACTorchRLModule):
     """RLlib's default SAC module with the VLA as the policy and VLA trunks in the critics."""
 
     MODEL_KEYS = MODULE_ONLY_KEYS + SAC_MODULE_KEYS
+    # SmolVLA / pi0: the critics read the actor's pooled VLM prefix states (SAC's only)
+    PREFIX_CRITICS = True
 
     def __init__(self, *args, **kwargs):
         # no Catalog: RLlib's catalogs cannot encode Dict observations; setup() builds the parts
@@ -251,6 +262,11 @@ class VLASACModule(DefaultSACTorchRLModule):
         self._dist_cls = VLASquashedGaussian.bounded(config.action_low, config.action_high)
         # SmolVLA / pi0: one VLM pass per observation batch serves the actor and the critics
         self._memo = PassMemo() if config.backbone in LEROBOT_BACKBONES else None
+        if self._memo is not None and not self.PREFIX_CRITICS:
+            raise ConfigError(
+                f"vlm_path: {type(self).__name__} would give every critic its own copy of the "
+                f"{config.backbone} checkpoint; of the SAC family only SAC trains it"
+            )
         if self.inference_only:
             return
         action_dims = int(np.prod(self.action_space.shape))
@@ -358,6 +374,8 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
     actions at ``s``.
     """
 
+    PREFIX_CRITICS = False
+
     def _train_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = DefaultSACTorchRLModule._forward_train(self, batch)
         obs = batch[Columns.OBS]
@@ -422,6 +440,8 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
 
 class VLAIQLModule(VLASACModule, DefaultIQLTorchRLModule):
     """RLlib's default IQL module with the VLA; the value function has its own VLA trunk."""
+
+    PREFIX_CRITICS = False
 
     @override(VLASACModule)
     def setup(self) -> None:

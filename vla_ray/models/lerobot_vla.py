@@ -5,7 +5,7 @@ The checkpoint is split at the prefix embeddings: the trunk embeds the env's obs
 checkpoint does (camera tokens, instruction tokens, state) and returns them flattened as the
 "features"; the head is the checkpoint's own flow-matching network (the VLM layers over the
 prefix and the action expert), sampled with its Euler loop. The env's actions and state are
-(de)normalised with the checkpoint's statistics. Two heads (``model.head``):
+(de)normalised with the checkpoint's statistics. Three heads (``model.head``):
 
 - ``"flow_matching"``: the expert as it is, deterministic (zero initial noise); trained by
   behaviour cloning with the checkpoint's flow loss (BC, DAgger).
@@ -21,23 +21,33 @@ prefix and the action expert), sampled with its Euler loop. The env's actions an
   flow's own: the faithful alternatives, not built here, inject noise in every Euler step and
   score the whole denoising chain (ReinFlow, Zhang et al. 2025; pi_RL's Flow-Noise and
   Flow-SDE, 2025), which needs each step's noisy actions stored with the sample.
+- ``"tanh_gaussian"`` (SAC; BC and DAgger train it by the flow loss): the same Gaussian before
+  RLlib's tanh squashing onto the env's bounds: the pre-tanh mean is ``atanh`` of the expert's
+  zero-noise sample in [-1, 1] (so the squashed mean is the expert's action), continued
+  linearly past ``1 - 1e-3`` so that a mean outside the bounds keeps a gradient; the log-std
+  is learned as above. SAC's reparameterised draws and its entropy term (the squashed
+  Gaussian's log-prob) backpropagate through the Euler loop into the expert.
 
 With ``model.chunk_size`` K > 1 the macro-action is the flattened executed chunk (K * A), as for
 every chunked VLA (``vla_ray.envs.chunking``). The value function (``value="shared"``, PPO) reads
 the VLM's prefix representation: the states the VLM's last layer reads (its normed input, from
 which that layer's keys and values for the expert are made), mean-pooled over the valid prefix
 tokens, computed in the same prefix pass as the action distribution (``value_dim`` = the VLM
-width). ``value="separate"`` (a second copy of the checkpoint) is refused.
+width). ``value="separate"`` (a second copy of the checkpoint) is refused. SAC's twin Q
+networks and their Polyak targets (``vla_ray.sac_module``) are MLPs on the same pooled prefix
+states, detached, concatenated with the action: the critics' losses do not train the VLM (the
+actor's loss does, where it trains), and the checkpoint is held once, not once per critic.
 
 What trains: the checkpoint's own set (``train_expert_only``, ``freeze_vision_encoder``), less
 what ``freeze_vision`` (the vision tower), ``freeze_projector`` (the connector / projector) and
-``freeze_llm`` (the VLM's language model) freeze on top; plus the log-std and the value head.
-LoRA is refused.
+``freeze_llm`` (the VLM's language model) freeze on top; plus the log-std and the value head
+(SAC: the Q MLPs). LoRA is refused.
 
-Supported algorithms (``SUPPORTED_ALGORITHMS``): BC and DAgger (either head), PPO and GRPO
-(``head="gaussian"``). :func:`check_algorithm` refuses the others: GAIL, MARWIL and APPO are
-untested with these heads; SAC, CQL and IQL need a reparameterised squashed Gaussian; TD3+BC
-and DT a deterministic regression head.
+Supported algorithms (``SUPPORTED_ALGORITHMS``): BC and DAgger (any head), PPO and GRPO
+(``head="gaussian"``), SAC (``head="tanh_gaussian"``). :func:`check_algorithm` refuses the
+others: GAIL, MARWIL and APPO are untested with these heads; CQL and IQL are not wired to the
+prefix-state critics (their modules give each critic its own trunk, a copy of the checkpoint);
+TD3+BC and DT need a deterministic regression head.
 
 Constraints: one camera (the env's ``image``; the checkpoint may add ``empty_cameras``), the
 env's state and action sizes equal the checkpoint's, instruction ids from the checkpoint's
