@@ -8,8 +8,9 @@ Plug it into any RLlib algorithm config::
 ``model_config`` takes the ``VLAConfig`` fields except the I/O ones, which come from the spaces
 (``image_size``, ``state_dim``, ``instruction_max_length``, ``action_dim``, bounds), plus:
 
-- ``value``: ``"shared"`` (value head on the policy trunk, default), ``"separate"`` (its own trunk)
-  or ``"none"`` (no value function, e.g. GRPO);
+- ``value``: ``"shared"`` (value head on the policy trunk, default; on what the head's
+  ``value_input`` gives: the trunk features, or for SmolVLA / pi0 the VLM's pooled prefix
+  states), ``"separate"`` (its own trunk) or ``"none"`` (no value function, e.g. GRPO);
 - ``vf_hidden``: hidden width of the value MLP (256);
 - ``pretrained_path``: the policy to initialise from: a ``VLA.save_pretrained`` directory, a
   vla-ray checkpoint (its ``vla/`` export) or a vla-ray run directory (``checkpoints/best``,
@@ -208,10 +209,18 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.vla = build_vla(mc, self.observation_space, self.action_space)
         config = self.vla.config
         self.value_mode = value
+        if value == "separate" and config.backbone in ("smolvla", "pi0"):
+            raise ConfigError(
+                f"value: 'separate' would load a second copy of the {config.backbone} checkpoint; "
+                "use 'shared' (the value head reads the VLM's prefix representation) or 'none'"
+            )
+        # (features, value input) of the last training forward, for compute_values to reuse
+        self._value_input: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.inference_only and value == "separate":
             self.vf_trunk = build_trunk(config, self.vla.tokenizer)
-        if not self.inference_only and value != "none":
             self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
+        elif not self.inference_only and value == "shared":
+            self.vf = mlp(self.vla.head.value_dim, int(mc.get("vf_hidden", 256)), 1)
 
     # ---- forward passes ---------------------------------------------------------------------
     def _policy_out(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,7 +236,16 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     @override(RLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         features = self.vla.features(batch[Columns.OBS])
-        out = self._policy_out(features)
+        head = self.vla.head
+        self._value_input = None
+        if head.stochastic and self.value_mode == "shared" and not self.inference_only:
+            inputs, value_input = head.dist_inputs_and_value_input(features)
+            out = {Columns.ACTION_DIST_INPUTS: inputs}
+            if value_input is not features:  # a head's own representation (LeRobot's VLM)
+                # the learner's compute_values(embeddings=features) reuses it: one VLM pass
+                self._value_input = (features, value_input)
+        else:
+            out = self._policy_out(features)
         out[Columns.EMBEDDINGS] = features
         vision = self.vla.trunk.vision
         if getattr(vision, "recon", None) is not None:  # cnn with recon_coeff > 0
@@ -243,9 +261,15 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             )
         if self.value_mode == "separate":
             embeddings = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
-        elif embeddings is None:
+            return self.vf(embeddings).squeeze(-1)
+        if embeddings is None:
             embeddings = self.vla.features(batch[Columns.OBS])
-        return self.vf(embeddings).squeeze(-1)
+        cached, self._value_input = self._value_input, None
+        if cached is not None and cached[0] is embeddings:
+            value_input = cached[1]
+        else:
+            value_input = self.vla.head.value_input(embeddings)
+        return self.vf(value_input).squeeze(-1)
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:

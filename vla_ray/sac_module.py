@@ -17,6 +17,15 @@ keep their forward passes and swap in the VLA:
   critic's TD errors. For the tiny VLA the extra trunks are cheap;
 - target networks (``TargetNetworkAPI``): Polyak copies of every Q trunk and head.
 
+SmolVLA / pi0 checkpoints (``vlm_path``, ``head="tanh_gaussian"``,
+``vla_ray.models.lerobot_vla``) would be copied four times by that design, so their critics
+read the actor instead: each Q network (and its target) is an MLP on ``[pooled VLM prefix
+states of the observation, action]``, the states the actor's value input gives
+(``head.value_input``), detached, so the critics' losses do not train the VLM; their encoders
+(``ConcatActionEncoder``) have no parameters. In a training pass each observation batch (obs,
+next obs) runs the VLM once: the actor's pass gives the distribution inputs and the critics'
+input together (``PassMemo``).
+
 Actions live in the env's own bounds: the squashed Gaussian maps onto ``[action_low,
 action_high]`` (the VLA head does the same), so ``normalize_actions`` is off in the algorithm
 configs, and offline datasets (raw env actions) need no rescaling. Bounds must be the same for
@@ -32,7 +41,7 @@ keys RLlib adds (``twin_q``; CQL's ``num_actions``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,6 +63,7 @@ from torch import nn
 
 from vla_ray.config import ConfigError
 from vla_ray.models.heads import ActionHead, mlp
+from vla_ray.models.lerobot_vla import LEROBOT_BACKBONES
 from vla_ray.models.prefix import CachedPrefixTrunk
 from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import MODULE_ONLY_KEYS, build_vla
@@ -87,15 +97,53 @@ class VLASquashedGaussian(TorchSquashedGaussian):
         return TorchDeterministic(loc=self._squash(self.loc))
 
 
+class PassMemo:
+    """Values computed once per input object within one training forward pass (keyed by the
+    object's identity): the LeRobot actor's trunk features per observation batch, and its
+    distribution inputs with the pooled prefix states per feature batch (one VLM pass)."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, tuple[Any, Any]] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Inside ``shared()``."""
+        return self._values is not None
+
+    @contextlib.contextmanager
+    def shared(self):
+        """Memoise inside this context (one training forward pass)."""
+        self._values = {}
+        try:
+            yield
+        finally:
+            self._values = None
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its value for the same ``key`` object earlier in the pass."""
+        if self._values is None:
+            return compute()
+        hit = self._values.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        value = compute()
+        self._values[id(key)] = (key, value)  # keep key alive so that its id stays unique
+        return value
+
+
 class TrunkEncoder(nn.Module):
     """A VLA trunk as an RLlib encoder: ``{obs: dict}`` -> ``{ENCODER_OUT: features}``."""
 
-    def __init__(self, trunk: CachedPrefixTrunk):
+    def __init__(self, trunk: nn.Module, memo: PassMemo | None = None):
         super().__init__()
         self.trunk = trunk
+        self.memo = memo
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {ENCODER_OUT: self.trunk(batch[Columns.OBS])}
+        obs = batch[Columns.OBS]
+        if self.memo is None:
+            return {ENCODER_OUT: self.trunk(obs)}
+        return {ENCODER_OUT: self.memo.get(obs, lambda: self.trunk(obs))}
 
 
 class StateActionEncoder(TrunkEncoder):
@@ -142,12 +190,33 @@ class StateActionEncoder(TrunkEncoder):
 class PolicyHead(nn.Module):
     """The VLA's tanh-Gaussian head as RLlib's ``pi``: features -> ``[mean, log_std]``."""
 
-    def __init__(self, head: ActionHead):
+    def __init__(self, head: ActionHead, memo: PassMemo | None = None):
         super().__init__()
         self.head = head
+        self.memo = memo
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head.dist_inputs(features)
+        if self.memo is None:
+            return self.head.dist_inputs(features)
+        return self.dist_inputs_and_value_input(features)[0]
+
+    def dist_inputs_and_value_input(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's distribution inputs and ``value_input`` (memoised per feature batch)."""
+        if self.memo is None:
+            return self.head.dist_inputs_and_value_input(features)
+        return self.memo.get(features, lambda: self.head.dist_inputs_and_value_input(features))
+
+
+class ConcatActionEncoder(nn.Module):
+    """A Q network's encoder without parameters: ``[state representation, action]``, where the
+    module puts the representation (the actor's pooled VLM prefix states) under ``obs``."""
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        state = batch[Columns.OBS]
+        actions = batch[Columns.ACTIONS].to(state.dtype).flatten(1)
+        return {ENCODER_OUT: torch.cat([state, actions], dim=-1)}
 
 
 class _ObsBatch(dict):
@@ -162,6 +231,8 @@ class VLASACModule(DefaultSACTorchRLModule):
     """RLlib's default SAC module with the VLA as the policy and VLA trunks in the critics."""
 
     MODEL_KEYS = MODULE_ONLY_KEYS + SAC_MODULE_KEYS
+    # SmolVLA / pi0: the critics read the actor's pooled VLM prefix states (SAC's only)
+    PREFIX_CRITICS = True
 
     def __init__(self, *args, **kwargs):
         # no Catalog: RLlib's catalogs cannot encode Dict observations; setup() builds the parts
@@ -189,9 +260,24 @@ class VLASACModule(DefaultSACTorchRLModule):
         self.twin_q = bool(mc.get("twin_q", True))
         self.q_hidden = int(mc.get("q_hidden", 256))
         self._dist_cls = VLASquashedGaussian.bounded(config.action_low, config.action_high)
+        # SmolVLA / pi0: one VLM pass per observation batch serves the actor and the critics
+        self._memo = PassMemo() if config.backbone in LEROBOT_BACKBONES else None
+        if self._memo is not None and not self.PREFIX_CRITICS:
+            raise ConfigError(
+                f"vlm_path: {type(self).__name__} would give every critic its own copy of the "
+                f"{config.backbone} checkpoint; of the SAC family only SAC trains it"
+            )
         if self.inference_only:
             return
         action_dims = int(np.prod(self.action_space.shape))
+        if self._memo is not None:  # the critics read the actor's pooled VLM prefix states
+            q_in = self.vla.head.value_dim + action_dims
+            self.qf_encoder = ConcatActionEncoder()
+            self.qf = mlp(q_in, self.q_hidden, 1)
+            if self.twin_q:
+                self.qf_twin_encoder = ConcatActionEncoder()
+                self.qf_twin = mlp(q_in, self.q_hidden, 1)
+            return
         q_in = self.vla.trunk.feature_dim + action_dims
         self.qf_encoder = StateActionEncoder(self._critic_trunk())
         self.qf = mlp(q_in, self.q_hidden, 1)
@@ -207,11 +293,32 @@ class VLASACModule(DefaultSACTorchRLModule):
     # (not registered twice: the state dict holds the VLA once, under ``vla.``).
     @property
     def pi_encoder(self) -> TrunkEncoder:
-        return TrunkEncoder(self.vla.trunk)
+        return TrunkEncoder(self.vla.trunk, self._memo)
 
     @property
     def pi(self) -> PolicyHead:
-        return PolicyHead(self.vla.head)
+        return PolicyHead(self.vla.head, self._memo)
+
+    def _prefix_states(self, obs: Mapping[str, Any]) -> torch.Tensor:
+        """SmolVLA / pi0: the actor's pooled VLM prefix states of ``obs`` (B, width), detached
+        (the critics' losses do not train the VLM). In a training pass they come from the
+        actor's own VLM pass over ``obs``."""
+        features = self.pi_encoder({Columns.OBS: obs})[ENCODER_OUT]
+        if self._memo is not None and self._memo.active:
+            return self.pi.dist_inputs_and_value_input(features)[1].detach()
+        with torch.no_grad():
+            return self.vla.head.value_input(features)
+
+    @override(DefaultSACTorchRLModule)
+    def _qf_forward_train_helper(
+        self, batch: dict[str, Any], encoder: nn.Module, head: nn.Module, squeeze: bool = True
+    ) -> torch.Tensor:
+        if self._memo is not None:  # Q(s, a) = MLP([VLM prefix states of s (detached), a])
+            batch = {
+                Columns.OBS: self._prefix_states(batch[Columns.OBS]),
+                Columns.ACTIONS: batch[Columns.ACTIONS],
+            }
+        return super()._qf_forward_train_helper(batch, encoder, head, squeeze=squeeze)
 
     # ---- forward passes: RLlib's, without autograd when acting ----------------------------
     @override(DefaultSACTorchRLModule)
@@ -228,6 +335,8 @@ class VLASACModule(DefaultSACTorchRLModule):
         # one pass runs each trunk several times on the same instructions and observations:
         # encode each instruction once per trunk, and each observation batch once per critic
         with contextlib.ExitStack() as stack:
+            if self._memo is not None:
+                stack.enter_context(self._memo.shared())
             for m in self.modules():
                 if isinstance(m, CachedPrefixTrunk):
                     stack.enter_context(m.shared_prefixes())
@@ -264,6 +373,8 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
     other states, and the penalty pushed down the next states' values instead of out-of-data
     actions at ``s``.
     """
+
+    PREFIX_CRITICS = False
 
     def _train_outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = DefaultSACTorchRLModule._forward_train(self, batch)
@@ -329,6 +440,8 @@ class VLACQLModule(VLASACModule, DefaultCQLTorchRLModule):
 
 class VLAIQLModule(VLASACModule, DefaultIQLTorchRLModule):
     """RLlib's default IQL module with the VLA; the value function has its own VLA trunk."""
+
+    PREFIX_CRITICS = False
 
     @override(VLASACModule)
     def setup(self) -> None:

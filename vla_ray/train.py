@@ -294,7 +294,7 @@ def build_algorithm_config(spec: RunSpec):
     s = dict(spec.settings)
     s["env_config"] = chunk_env_config(spec.algorithm, s["model"], s["env_config"])
     algo_mod = get_algorithm(spec.algorithm)
-    check_lerobot_algorithm(spec.algorithm, s["model"])  # smolvla / pi0: BC-style losses only
+    check_lerobot_algorithm(spec.algorithm, s["model"])  # smolvla / pi0: bc, dagger, ppo, grpo, sac
     register_envs()
     runners = dict(s["env_runners"])
     inference = runners.pop("inference", None)  # the shared inference actors (vla_ray.inference)

@@ -61,6 +61,22 @@ class ActionHead(nn.Module):
         self.out_dim = action_dim * chunk_size
         self.low, self.high = float(low), float(high)
 
+    @property
+    def value_dim(self) -> int:
+        """Width of ``value_input`` (what a shared value head reads)."""
+        return self.in_dim
+
+    def value_input(self, features: torch.Tensor) -> torch.Tensor:
+        """What a value head sharing the policy's trunk reads: the trunk features themselves,
+        unless the head holds a representation of its own (the LeRobot expert's VLM)."""
+        return features
+
+    def dist_inputs_and_value_input(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stochastic heads: the distribution inputs and ``value_input`` from one pass."""
+        return self.dist_inputs(features), self.value_input(features)
+
     def _chunk(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(flat.shape[0], self.chunk_size, self.action_dim)
 

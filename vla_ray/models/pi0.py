@@ -362,19 +362,26 @@ class PaliGemmaWithExpert(nn.Module):
         return q, k, attn.v_proj(x).view(shape)
 
     def prefix_kv(
-        self, embs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """PaliGemma's Gemma over the prefix: each layer's keys (after RoPE) and values."""
+        self,
+        embs: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        with_hidden: bool = False,
+    ) -> Any:
+        """PaliGemma's Gemma over the prefix: each layer's keys (after RoPE) and values; with
+        ``with_hidden``, also the last layer's normed input (B, P, width), the states its keys
+        and values are made from."""
         h, out = embs, []
         layers = self.language_model.layers
         for i, layer in enumerate(layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, positions)
             out.append((k, v))
             if i == len(layers) - 1:
                 break  # the last layer's output feeds nothing the expert reads
             h = h + layer.self_attn.o_proj(_attend(q, k, v, mask).to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return out
+        return (out, x) if with_hidden else out
 
     def expert(
         self,

@@ -462,9 +462,15 @@ class SmolVLMWithExpert(nn.Module):
         return self.text_model.get_input_embeddings()(ids)
 
     def prefix_kv(
-        self, embs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The VLM over the prefix: each layer's keys (after RoPE) and values (B, P, Hkv, D)."""
+        self,
+        embs: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        with_hidden: bool = False,
+    ) -> Any:
+        """The VLM over the prefix: each layer's keys (after RoPE) and values (B, P, Hkv, D);
+        with ``with_hidden``, also the last layer's normed input (B, P, width), the states its
+        keys and values are made from."""
         h, out = embs, []
         layers = self.text_model.layers
         for i, layer in enumerate(layers):
@@ -479,7 +485,7 @@ class SmolVLMWithExpert(nn.Module):
                 break  # the last layer's output feeds nothing the expert reads
             h = h + attn.o_proj(_attend(q, k, v, mask).to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return out
+        return (out, x) if with_hidden else out
 
     def expert(
         self,

@@ -323,9 +323,9 @@ class VLA(nn.Module):
         self.tokenizer = load_vla_tokenizer(config)
         self.trunk = build_trunk(config, self.tokenizer)
         if config.backbone in ("smolvla", "pi0"):  # the checkpoint's flow-matching expert
-            from vla_ray.models.lerobot_vla import LeRobotFlowHead
+            from vla_ray.models.lerobot_vla import lerobot_head
 
-            self.head: ActionHead = LeRobotFlowHead(self.trunk, config)
+            self.head: ActionHead = lerobot_head(self.trunk, config)
             self.tokenizer = self.trunk.policy.tokenizer
             return
         self.head = build_head(
@@ -468,7 +468,11 @@ class VLA(nn.Module):
                     backbone = checkpoint_type(directory) or backbone  # LeRobot smolvla / pi0
                 data = {**config.to_dict(), "backbone": backbone, "vlm_path": str(directory)}
                 if backbone in ("smolvla", "pi0"):
-                    data.update(head="flow_matching", vlm_family=None, vision_skip=False)
+                    from vla_ray.models.lerobot_vla import LEROBOT_HEADS
+
+                    # the checkpoint's expert is the head: as it is, or a Gaussian around it
+                    head = config.head if config.head in LEROBOT_HEADS else "flow_matching"
+                    data.update(head=head, vlm_family=None, vision_skip=False)
                 if backbone == "openvla":
                     data.update(vlm_family=None, vlm_config={}, vision_skip=False)
                 return cls(VLAConfig.from_dict(data))
