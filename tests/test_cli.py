@@ -176,6 +176,9 @@ def test_train_local_then_eval_both_checkpoint_kinds(ray_session, tmp_path, caps
     assert rows[0]["success_by_target"]
     assert set(rows[0]["success_by_target"]) <= {"red", "green", "blue"}
     ckpt = out / "checkpoints" / "last"
+    card = (ckpt / "vla" / "README.md").read_text()  # the model card names env and preset
+    assert card.startswith("---\nlibrary_name: vla-ray\n")
+    assert "`vla_ray/LangReach-v0`" in card and "--preset langreach-ppo" in card
     results = {}
     for name, path in (("rllib", ckpt), ("pretrained", ckpt / "vla")):
         js = tmp_path / f"{name}.json"

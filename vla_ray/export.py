@@ -6,6 +6,7 @@ normalisation, parity result) and ``tokenizer/``, so a client needs nothing else
 
     OUTPUT/
       export.json                  summary: source, model version, per-format parity
+      README.md                    model card (Hugging Face front matter; pytorch/ has its own)
       pytorch/                     VLA.save_pretrained copy (the eager reference; Serve's torch backend)
       onnx/model.onnx              torch.onnx (dynamo) graph, run with onnxruntime
       onnx-int8/model.onnx         onnxruntime dynamic INT8 quantisation (weights int8)
@@ -45,6 +46,7 @@ from torch import nn
 
 from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
+from vla_ray.model_card import find_eval, write_model_card
 from vla_ray.models.heads import takes_noise
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
@@ -516,7 +518,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        vla.save_pretrained(tmp / PYTORCH_DIR)
+        vla.save_pretrained(tmp / PYTORCH_DIR, meta=policy.meta or None)
         meta = {
             "model_version": weights_version(tmp / PYTORCH_DIR, policy.meta),
             "source": str(Path(checkpoint).resolve()),
@@ -524,8 +526,6 @@ def export(
             "env": policy.meta.get("env"),
             "preset": policy.meta.get("preset"),
         }
-        if policy.meta:
-            (tmp / PYTORCH_DIR / "vla_ray_meta.json").write_text(json.dumps(policy.meta, indent=2))
         spec = build_spec(vla, PYTORCH_DIR, "model.safetensors", meta)
         (tmp / PYTORCH_DIR / SPEC_NAME).write_text(json.dumps(spec, indent=2))
         batches = parity_batches(vla)
@@ -582,6 +582,10 @@ def export(
                 )
         shutil.rmtree(tmp / ".onnx-base", ignore_errors=True)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        # model cards: the eval.json of the run the checkpoint comes from, when there is one
+        evaluation = find_eval(checkpoint)
+        write_model_card(tmp / PYTORCH_DIR, meta=policy.meta, eval_result=evaluation)
+        write_model_card(tmp, meta=policy.meta, eval_result=evaluation, formats=summary["formats"])
         replace_dir(tmp, out)
     finally:
         if tmp.exists():
