@@ -206,6 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.format,
         args.output,
         triton_max_batch_size=args.triton_max_batch_size,
+        triton_instance_group=args.triton_instance_group,
         opset=args.opset,
     )
     print(f"model version {summary['model_version']} -> {summary['output']}")
@@ -608,7 +609,9 @@ vla-ray collect --env vla_ray/Hopper-v5 --policy random --episodes 100 --format 
     "export": """\
 vla-ray export --checkpoint runs/lr/checkpoints/best --output runs/lr/export
 vla-ray export --checkpoint runs/lr/checkpoints/best --format onnx,onnx-int8,triton \\
-    --output runs/lr/export""",
+    --output runs/lr/export
+vla-ray export --checkpoint runs/lr/checkpoints/best --format torch-export,triton \\
+    --triton-instance-group kind=KIND_GPU,count=2 --output runs/lr/export-gpu""",
     "serve": """\
 vla-ray serve --model runs/lr/export --backend onnx --port 8000
 vla-ray serve --model runs/lr/export --autoscale 1:4 --api-key-file key.txt""",
@@ -646,6 +649,16 @@ def _export_formats(text: str) -> str:
             f"{', '.join(EXPORT_FORMATS)}"
         )
     return text
+
+
+def _triton_instance_group(text: str) -> Any:
+    """``--triton-instance-group``: ``kind=KIND_GPU,count=2``."""
+    from vla_ray.export import ExportError, TritonInstanceGroup
+
+    try:
+        return TritonInstanceGroup.parse(text)
+    except ExportError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _finish_help(sub: argparse._SubParsersAction) -> None:
@@ -834,7 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    x = sub.add_parser("export", help="export a policy (ONNX, TorchScript, OpenVINO, Triton)")
+    x = sub.add_parser(
+        "export", help="export a policy (ONNX, TorchScript, torch.export, OpenVINO, Triton)"
+    )
     x.add_argument("--checkpoint", required=True, help="RLlib checkpoint or save_pretrained dir")
     x.add_argument(
         "--format",
@@ -844,6 +859,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--output", required=True, help="export folder (replaced atomically)")
     x.add_argument("--triton-max-batch-size", type=int, default=64)
+    x.add_argument(
+        "--triton-instance-group",
+        type=_triton_instance_group,
+        default="kind=KIND_CPU,count=1",
+        metavar="kind=KIND,count=N",
+        help="Triton model instances: kind=KIND_CPU or KIND_GPU, count=N (gpus=0:1 pins devices)",
+    )
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     x.set_defaults(fn=cmd_export)
 
