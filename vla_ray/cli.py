@@ -381,8 +381,23 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         ckpt = _quickstart_stages(args, output)
         if not args.no_serve:
             quickstart_serve_stage(ckpt, output / "export", progress=not args.quiet)
+        quickstart_report(output)
     print(f"quickstart done in {(time.time() - t0) / 60:.1f} min; run directory: {output}")
     return 0
+
+
+def quickstart_report(output: Path) -> Path | None:
+    """The quickstart's last step: ``vla-ray report`` of its run directory; returns the HTML
+    report's path (None, with the reason printed, when it cannot be written)."""
+    from vla_ray.report import ReportError, write_report
+
+    try:
+        paths = write_report(output)
+    except (ImportError, ReportError) as err:  # matplotlib is the optional `plot` extra
+        print(f"report: not written ({err})")
+        return None
+    print(f"report: {paths['html']} (markdown: {paths['md']})")
+    return paths["html"]
 
 
 def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
@@ -534,6 +549,8 @@ def cmd_make_vlm_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, pretrain
 
     try:
@@ -574,9 +591,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         max_bad_fraction=args.max_bad_fraction,
         resume=args.resume,
+        progress=not args.quiet,
+    )
+    from vla_ray.tracking import open_trackers
+
+    trackers = open_trackers(
+        args.output, dataclasses.asdict(cfg), wandb_project=args.wandb, mlflow_uri=args.mlflow
     )
     try:
-        summary = pretrain(cfg)
+        summary = pretrain(cfg, trackers=trackers)
     except PretrainError as err:
         print(f"vla-ray pretrain: {err}", file=sys.stderr)
         return 1
@@ -584,6 +607,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(
         f"start RL from it: vla-ray train --preset langreach-ppo --set model.vlm_path={summary['vlm']}"
     )
+    print(f"learning curves: vla-ray report {args.output}")
     return 0
 
 
@@ -622,7 +646,8 @@ vla-ray quickstart --rl grpo --output runs/quickstart-grpo""",
     "pretrain": """\
 vla-ray pretrain --stage align --data data/vlm/llava_pretrain.json --output runs/vlm-align
 vla-ray pretrain --stage instruct --data data/vlm/llava_instruct.json --output runs/vlm-inst \\
-    --init runs/vlm-align/vlm --lora""",
+    --init runs/vlm-align/vlm --lora --wandb my-project
+vla-ray report runs/vlm-align                 # the loss and throughput curves""",
     "report": """\
 vla-ray report runs/lr
 vla-ray report runs/lr --eval-video --episodes 3""",
@@ -1034,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100, help="optimiser steps")
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop above this")
     p.add_argument("--resume", action="store_true", help="continue OUTPUT's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tracking_flags(p)
     p.set_defaults(fn=cmd_pretrain)
     _finish_help(sub)
     return parser
