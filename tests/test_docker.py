@@ -57,6 +57,10 @@ def _docker_unavailable() -> str | None:
     if info.returncode != 0:
         last = (info.stderr.strip().splitlines() or ["no output"])[-1]
         return f"docker is not available: the daemon does not answer `docker info` ({last})"
+    (base,) = re.findall(r"^FROM (\S+)", DOCKERFILES["cpu"].read_text(), re.M)
+    if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode:
+        # pulling needs Docker Hub, which CI machines here cannot reach (package registries only)
+        return f"the base image {base} is not in the local Docker cache (`docker pull {base}`)"
     return None
 
 
