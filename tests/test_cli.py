@@ -176,6 +176,9 @@ def test_train_local_then_eval_both_checkpoint_kinds(ray_session, tmp_path, caps
     assert rows[0]["success_by_target"]
     assert set(rows[0]["success_by_target"]) <= {"red", "green", "blue"}
     ckpt = out / "checkpoints" / "last"
+    card = (ckpt / "vla" / "README.md").read_text()  # the model card names env and preset
+    assert card.startswith("---\nlibrary_name: vla-ray\n")
+    assert "`vla_ray/LangReach-v0`" in card and "--preset langreach-ppo" in card
     results = {}
     for name, path in (("rllib", ckpt), ("pretrained", ckpt / "vla")):
         js = tmp_path / f"{name}.json"
@@ -333,5 +336,6 @@ def test_quickstart_runs_demos_bc_then_ppo_from_the_bc_policy(ray_session, tmp_p
     assert bc_config["model"]["vision_config"] == ppo_vision
     ppo_rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert ppo_rows and ppo_rows[-1]["learner"]["aux_loss"] > 0
+    assert (out / "report.html").is_file()  # the quickstart ends with its report
     result = json.loads((out / "eval.json").read_text())
     assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0

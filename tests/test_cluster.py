@@ -232,3 +232,23 @@ def test_cluster_yaml_carla_node_runs_one_server_per_carla_server_resource():
     (example,) = re.findall(r"env\.servers=[\w.:,]+", header)
     assert example == servers_setting(args.n, args.base_port, args.port_stride)
     assert '{"carla_server": 1}' in header  # one EnvRunner (with one env) per server
+
+
+def test_cluster_yaml_runs_every_node_in_the_project_images():
+    """GPU nodes run docker/Dockerfile.cuda's image, CPU rollout nodes the Dockerfile's; the
+    setup installs only the synced checkout (torch and the EGL libraries are in the images);
+    the CARLA node reaches the host's Docker daemon for its server containers."""
+    raw = _cluster_config()
+    docker = raw["docker"]
+    assert docker["image"].endswith(":cuda") and docker["container_name"]
+    types = raw["available_node_types"]
+    for name, node in types.items():
+        image = (node.get("docker") or {}).get("worker_image", docker["image"])
+        gpu_node = node["resources"].get("GPU", 0) > 0 or "carla_server" in node["resources"]
+        assert image.endswith(":cuda" if gpu_node or name == raw["head_node_type"] else ":cpu")
+    setup = "\n".join(raw["setup_commands"])
+    assert "pip install -q -e" in setup and "torch" not in setup and "apt-get" not in setup
+    carla = next(t for t in types.values() if "carla_server" in t["resources"])
+    options = carla["docker"]["worker_run_options"]
+    assert "--volume=/var/run/docker.sock:/var/run/docker.sock" in options
+    assert "docker.io" in (ROOT / "docker" / "Dockerfile.cuda").read_text()  # the docker CLI

@@ -20,12 +20,14 @@ from vla_ray.export import (
     SPEC_NAME,
     SUMMARY_NAME,
     ExportError,
+    TritonInstanceGroup,
     export,
     input_names,
     load_runner,
     random_inputs,
     read_spec,
     reference_actions,
+    triton_config,
 )
 from vla_ray.models.vla import VLA
 from vla_ray.tokenizer import encode_instructions, load_tokenizer
@@ -157,6 +159,81 @@ def test_triton_model_repository(tiny_export):
     for name, dtype, dims in blocks:
         assert types[dtype] == graph_io[name][0]
         assert [int(d) for d in dims.split(",")] == graph_io[name][1]  # batch dim excluded
+    # by default one CPU instance, as before the option existed
+    assert re.search(r"instance_group \[\s+\{\s+count: 1\s+kind: KIND_CPU\s+\}\s+\]", config)
+
+
+def test_triton_instance_group_option(tiny_export, monkeypatch):
+    spec = read_spec(tiny_export / "triton" / "vla")
+    group = TritonInstanceGroup.parse("kind=KIND_GPU,count=2")
+    config = triton_config(spec, 32, group)
+    block = re.search(r"instance_group \[(.*?)\]\n", config, re.S).group(1)
+    assert re.search(r"count: 2\s+kind: KIND_GPU", block) and "gpus" not in block
+    assert re.search(r"^max_batch_size: 32$", config, re.M)
+    pinned = triton_config(spec, 64, TritonInstanceGroup.parse("kind=gpu, count=1, gpus=0:1"))
+    assert re.search(r"count: 1\s+kind: KIND_GPU\s+gpus: \[ 0, 1 \]", pinned)
+    for text, field in (
+        ("kind=KIND_TPU", "kind: expected one of KIND_CPU, KIND_GPU, got 'KIND_TPU'"),
+        ("kind=KIND_GPU,count=0", "count: expected an integer >= 1, got 0"),
+        ("count=two", "count: expected integers, got 'two'"),
+        ("gpus=0", "gpus: only with kind=KIND_GPU"),
+        ("replicas=2", "got 'replicas=2'"),
+    ):
+        with pytest.raises(ExportError, match=re.escape(field)):
+            TritonInstanceGroup.parse(text)
+    # the CLI flag reaches export() parsed; a bad one is an argparse error (exit 2)
+    seen = {}
+
+    def fake_export(checkpoint, formats, output, **kwargs):
+        seen.update(kwargs)
+        return {"model_version": "v", "output": str(output), "formats": {}}
+
+    monkeypatch.setattr("vla_ray.export.export", fake_export)
+    argv = ["export", "--checkpoint", "c", "--format", "triton", "--output", "o"]
+    assert main([*argv, "--triton-instance-group", "kind=KIND_GPU,count=3"]) == 0
+    assert seen["triton_instance_group"] == TritonInstanceGroup("KIND_GPU", 3)
+    assert main(argv) == 0
+    assert seen["triton_instance_group"] == TritonInstanceGroup("KIND_CPU", 1)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--triton-instance-group", "kind=KIND_TPU"])
+    assert exit_.value.code == 2
+
+
+def test_torch_export_is_a_loadable_exported_program(tiny_vla, tiny_export, tmp_path):
+    """model.pt2 is an ExportedProgram with a dynamic batch axis, and its runner needs torch
+    only: loaded in a fresh process it imports neither transformers nor the model's code."""
+    import subprocess
+
+    folder = tiny_export / "torch-export"
+    spec = read_spec(folder)
+    assert spec["format"] == "torch-export" and spec["model_file"] == "model.pt2"
+    program = torch.export.load(str(folder / "model.pt2"))
+    assert isinstance(program, torch.export.ExportedProgram)
+    inputs = random_inputs(tiny_vla.config, len(tiny_vla.tokenizer), 9, seed=21)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    code = (
+        "import sys, numpy as np\n"
+        "from vla_ray.runtime import TorchExportRunner\n"
+        "inputs = dict(np.load(sys.argv[2]))\n"
+        "names = [n for n in ('image', 'state', 'instruction', 'instruction_mask') if n in inputs]\n"
+        "np.save(sys.argv[3], TorchExportRunner(sys.argv[1], names)(inputs))\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+        "assert 'vla_ray.models' not in sys.modules, 'the model code imported'\n"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(folder / "model.pt2"),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "out.npy"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    got = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(got, reference_actions(tiny_vla, inputs), atol=FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("head", ["diffusion", "flow_matching"])

@@ -42,13 +42,27 @@ def vlm_data(tmp_path_factory):
     return out
 
 
-def run_pretrain(data_dir, output, stage="align", **kw) -> dict:
+class RecordingTracker:
+    """A tracker (vla_ray.tracking.Tracker) that keeps what it is given."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+        self.summary: dict | None = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, metrics))
+
+    def finish(self, summary: dict | None = None) -> None:
+        self.summary = summary
+
+
+def run_pretrain(data_dir, output, stage="align", trackers=None, **kw) -> dict:
     file = PRETRAIN_FILE if stage == "align" else INSTRUCT_FILE
     defaults = dict(batch_size=8, max_steps=3, checkpoint_every=100, progress=False, lr=1e-2)
     cfg = PretrainConfig(
         stage=stage, data=str(data_dir / file), output=str(output), **{**defaults, **kw}
     )
-    return pretrain(cfg)
+    return pretrain(cfg, trackers=trackers)
 
 
 def losses(output) -> list[tuple[int, float]]:
@@ -199,11 +213,17 @@ def assert_same_run(reference, output) -> None:
 def one_worker(ray_session, vlm_data, tmp_path_factory):
     """The reference run: stage instruct, 1 worker, 4 steps over the same global batch."""
     out = tmp_path_factory.mktemp("w1")
-    summary = run_pretrain(vlm_data, out, stage="instruct", num_workers=1, max_steps=4)
+    tracker = RecordingTracker()
+    summary = run_pretrain(
+        vlm_data, out, stage="instruct", num_workers=1, max_steps=4, trackers=[tracker]
+    )
     assert summary["steps"] == 4
     steps = losses(out)
     assert [s for s, _ in steps] == [1, 2, 3, 4]
     assert steps[-1][1] < steps[0][1]  # it learns
+    # the driver followed metrics.jsonl: every step's row reached the tracker, then the summary
+    assert [(s, r["loss"]) for s, r in tracker.rows] == steps
+    assert tracker.summary["vlm"] == summary["vlm"] and tracker.summary["steps"] == 4
     return out
 
 
@@ -438,3 +458,73 @@ def test_cli_pretrain_reports_bad_input(tmp_path, capsys):
         + ["--model-config", '{"llm_config": {"hidden_size": 32}']
     )
     assert code == 2 and "--model-config: not valid JSON" in capsys.readouterr().err
+
+
+def test_metrics_follower_moves_the_bar_and_feeds_the_trackers(tmp_path):
+    """What the driver shows while Ray Train runs: complete rows only, each step once (a
+    restarted run truncates and rewrites metrics.jsonl), the bar at the last step."""
+    from vla_ray.pretrain.trainer import MetricsFollower
+
+    path = tmp_path / "metrics.jsonl"
+
+    def row(step: int, loss: float) -> str:
+        return json.dumps({"step": step, "loss": loss, "samples_per_s": 8.0}) + "\n"
+
+    tracker = RecordingTracker()
+    follower = MetricsFollower(path, total=5, trackers=[tracker], progress=False)
+    assert follower.poll() == []  # nothing written yet
+    path.write_text(row(1, 2.0) + row(2, 1.5) + '{"step": 3, "lo')  # step 3 being written
+    assert [r["step"] for r in follower.poll()] == [1, 2]
+    with open(path, "a") as f:
+        f.write('ss": 1.2}\n')
+    assert [r["step"] for r in follower.poll()] == [3]
+    path.write_text(row(1, 2.0) + row(2, 1.5))  # a restart from the step-2 checkpoint
+    with open(path, "a") as f:
+        f.write(row(3, 1.25) + row(4, 1.0))
+    assert [r["step"] for r in follower.poll()] == [4]  # step 3 was already shown
+    assert [(s, r["loss"]) for s, r in tracker.rows] == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0)]
+    assert follower.bar.n == 4 and follower.bar.total == 5
+    # a resumed run's bar starts at the steps already in the file
+    assert MetricsFollower(path, total=9, progress=False).bar.n == 4
+
+
+def test_total_steps_of_epochs_and_max_steps():
+    from vla_ray.pretrain.trainer import steps_per_epoch, total_steps
+
+    cfg = PretrainConfig(stage="align", data="d", output="o", batch_size=8)
+    assert steps_per_epoch(40, cfg) == 5
+    assert total_steps(40, cfg) == 5  # one epoch by default
+    assert (
+        total_steps(40, PretrainConfig(stage="align", data="d", output="o", batch_size=8, epochs=3))
+        == 15
+    )
+    capped = PretrainConfig(
+        stage="align", data="d", output="o", batch_size=8, epochs=3, max_steps=7
+    )
+    assert total_steps(40, capped) == 7
+
+
+def test_cli_pretrain_opens_the_trackers_it_is_asked_for(tmp_path, monkeypatch, capsys):
+    import vla_ray.pretrain.trainer
+    import vla_ray.tracking
+    from vla_ray.cli import main
+
+    seen = {}
+
+    def fake_open(run_dir, config, *, wandb_project=None, mlflow_uri=None):
+        seen.update(run_dir=run_dir, config=config, wandb=wandb_project, mlflow=mlflow_uri)
+        return ["tracker"]
+
+    def fake_pretrain(cfg, trackers=None):
+        seen.update(trackers=trackers, progress=cfg.progress)
+        return {"vlm": str(tmp_path / "run" / "vlm")}
+
+    monkeypatch.setattr(vla_ray.tracking, "open_trackers", fake_open)
+    monkeypatch.setattr(vla_ray.pretrain.trainer, "pretrain", fake_pretrain)
+    argv = ["pretrain", "--stage", "align", "--data", "d.json", "--output", str(tmp_path / "run")]
+    argv += ["--wandb", "proj", "--mlflow", "sqlite:///m.db", "--quiet"]
+    assert main(argv) == 0
+    assert seen["wandb"] == "proj" and seen["mlflow"] == "sqlite:///m.db"
+    assert seen["trackers"] == ["tracker"] and seen["progress"] is False
+    assert seen["config"]["stage"] == "align" and seen["config"]["batch_size"] == 32
+    assert f"vla-ray report {tmp_path / 'run'}" in capsys.readouterr().out

@@ -88,3 +88,35 @@ def test_quickstart_default_clones_the_demos_then_runs_ppo(recorded, tmp_path):
     # the BC learner trains the PPO preset's keypoint-reconstruction decoder too
     assert bc.settings["model"]["vision_config"]["recon_coeff"] > 0
     assert recorded["evaluate"]["policy"] == str(out / "ppo" / "checkpoints" / "best")
+
+
+def test_quickstart_ends_with_the_report(recorded, tmp_path, monkeypatch, capsys):
+    """The last stage writes `vla-ray report` of the run directory and prints its path."""
+    pytest.importorskip("matplotlib")
+    import vla_ray.train
+
+    def fake_train(spec, output, **kwargs):  # a run directory as training leaves it
+        output.mkdir(parents=True)
+        (output / "config.json").write_text(json.dumps({"preset": spec.preset}))
+        row = {"iteration": 1, "env_steps": 64, "episode_return_mean": 1.0, "success_rate": 0.5}
+        (output / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        ckpt = output / "checkpoints"
+        return {"last_checkpoint": str(ckpt / "last"), "best_checkpoint": str(ckpt / "best")}
+
+    monkeypatch.setattr(vla_ray.train, "train", fake_train)
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--rl", "dagger", "--demos", "0", "--no-serve", "--quiet"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    html = out / "report.html"
+    assert html.is_file() and "success rate" in (out / "report.md").read_text()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith(f"report: {html} ")
+    assert lines[-1].endswith(f"run directory: {out}")
+
+
+def test_quickstart_says_why_there_is_no_report(recorded, tmp_path, capsys):
+    out = tmp_path / "qs"  # the recorders write no metrics: nothing to draw
+    argv = ["quickstart", "--rl", "dagger", "--demos", "0", "--no-serve", "--quiet"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("report: not written (run_dir:") and "metrics.jsonl" in lines[-2]

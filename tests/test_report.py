@@ -138,3 +138,35 @@ def test_tune_comparison_table_and_plot(tmp_path):
     md = paths["md"].read_text()
     assert "*trial_1" in md and "training.lr" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_a_pretraining_run(tmp_path, capsys):
+    """`vla-ray report` on a `vla-ray pretrain` output: loss and throughput curves per
+    optimiser step, the last step's table and the command that repeats it; no eval section."""
+    run = tmp_path / "vlm-align"
+    run.mkdir()
+    settings = {"stage": "align", "data": "/d/llava.json", "batch_size": 16, "lr": 0.01}
+    (run / "pretrain_config.json").write_text(json.dumps({"pretrain": settings}))
+    rows = [
+        {"step": s, "epoch": 0, "loss": 3.0 / s, "tokens": 90, "samples_per_s": 20.0 + s,
+         "step_time_s": 0.5}
+        for s in range(1, 6)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert _sections(md) == [
+        "Pretraining (last step)",
+        "Learning curves",
+        "Reproduce",
+        "Resolved config",
+    ]
+    assert "| run | align | 5 | 0 | 0.6 | 25 | 2.5 |" in md
+    assert (run / "report_files" / "loss.png").is_file()
+    assert (run / "report_files" / "samples_per_s.png").is_file()
+    assert (
+        "vla-ray pretrain --stage align --data /d/llava.json --batch-size 16 --lr 0.01 "
+        f"--max-steps 5 --output {run}-again" in md
+    )
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2

@@ -206,6 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.format,
         args.output,
         triton_max_batch_size=args.triton_max_batch_size,
+        triton_instance_group=args.triton_instance_group,
         opset=args.opset,
     )
     print(f"model version {summary['model_version']} -> {summary['output']}")
@@ -380,8 +381,23 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         ckpt = _quickstart_stages(args, output)
         if not args.no_serve:
             quickstart_serve_stage(ckpt, output / "export", progress=not args.quiet)
+        quickstart_report(output)
     print(f"quickstart done in {(time.time() - t0) / 60:.1f} min; run directory: {output}")
     return 0
+
+
+def quickstart_report(output: Path) -> Path | None:
+    """The quickstart's last step: ``vla-ray report`` of its run directory; returns the HTML
+    report's path (None, with the reason printed, when it cannot be written)."""
+    from vla_ray.report import ReportError, write_report
+
+    try:
+        paths = write_report(output)
+    except (ImportError, ReportError) as err:  # matplotlib is the optional `plot` extra
+        print(f"report: not written ({err})")
+        return None
+    print(f"report: {paths['html']} (markdown: {paths['md']})")
+    return paths["html"]
 
 
 def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
@@ -533,6 +549,8 @@ def cmd_make_vlm_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vla_ray.pretrain.trainer import PretrainConfig, PretrainError, pretrain
 
     try:
@@ -573,9 +591,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         max_bad_fraction=args.max_bad_fraction,
         resume=args.resume,
+        progress=not args.quiet,
+    )
+    from vla_ray.tracking import open_trackers
+
+    trackers = open_trackers(
+        args.output, dataclasses.asdict(cfg), wandb_project=args.wandb, mlflow_uri=args.mlflow
     )
     try:
-        summary = pretrain(cfg)
+        summary = pretrain(cfg, trackers=trackers)
     except PretrainError as err:
         print(f"vla-ray pretrain: {err}", file=sys.stderr)
         return 1
@@ -583,6 +607,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(
         f"start RL from it: vla-ray train --preset langreach-ppo --set model.vlm_path={summary['vlm']}"
     )
+    print(f"learning curves: vla-ray report {args.output}")
     return 0
 
 
@@ -608,7 +633,9 @@ vla-ray collect --env vla_ray/Hopper-v5 --policy random --episodes 100 --format 
     "export": """\
 vla-ray export --checkpoint runs/lr/checkpoints/best --output runs/lr/export
 vla-ray export --checkpoint runs/lr/checkpoints/best --format onnx,onnx-int8,triton \\
-    --output runs/lr/export""",
+    --output runs/lr/export
+vla-ray export --checkpoint runs/lr/checkpoints/best --format torch-export,triton \\
+    --triton-instance-group kind=KIND_GPU,count=2 --output runs/lr/export-gpu""",
     "serve": """\
 vla-ray serve --model runs/lr/export --backend onnx --port 8000
 vla-ray serve --model runs/lr/export --autoscale 1:4 --api-key-file key.txt""",
@@ -619,7 +646,8 @@ vla-ray quickstart --rl grpo --output runs/quickstart-grpo""",
     "pretrain": """\
 vla-ray pretrain --stage align --data data/vlm/llava_pretrain.json --output runs/vlm-align
 vla-ray pretrain --stage instruct --data data/vlm/llava_instruct.json --output runs/vlm-inst \\
-    --init runs/vlm-align/vlm --lora""",
+    --init runs/vlm-align/vlm --lora --wandb my-project
+vla-ray report runs/vlm-align                 # the loss and throughput curves""",
     "report": """\
 vla-ray report runs/lr
 vla-ray report runs/lr --eval-video --episodes 3""",
@@ -646,6 +674,16 @@ def _export_formats(text: str) -> str:
             f"{', '.join(EXPORT_FORMATS)}"
         )
     return text
+
+
+def _triton_instance_group(text: str) -> Any:
+    """``--triton-instance-group``: ``kind=KIND_GPU,count=2``."""
+    from vla_ray.export import ExportError, TritonInstanceGroup
+
+    try:
+        return TritonInstanceGroup.parse(text)
+    except ExportError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _finish_help(sub: argparse._SubParsersAction) -> None:
@@ -834,7 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    x = sub.add_parser("export", help="export a policy (ONNX, TorchScript, OpenVINO, Triton)")
+    x = sub.add_parser(
+        "export", help="export a policy (ONNX, TorchScript, torch.export, OpenVINO, Triton)"
+    )
     x.add_argument("--checkpoint", required=True, help="RLlib checkpoint or save_pretrained dir")
     x.add_argument(
         "--format",
@@ -844,6 +884,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--output", required=True, help="export folder (replaced atomically)")
     x.add_argument("--triton-max-batch-size", type=int, default=64)
+    x.add_argument(
+        "--triton-instance-group",
+        type=_triton_instance_group,
+        default="kind=KIND_CPU,count=1",
+        metavar="kind=KIND,count=N",
+        help="Triton model instances: kind=KIND_CPU or KIND_GPU, count=N (gpus=0:1 pins devices)",
+    )
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     x.set_defaults(fn=cmd_export)
 
@@ -1012,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100, help="optimiser steps")
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop above this")
     p.add_argument("--resume", action="store_true", help="continue OUTPUT's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tracking_flags(p)
     p.set_defaults(fn=cmd_pretrain)
     _finish_help(sub)
     return parser

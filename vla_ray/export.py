@@ -6,13 +6,16 @@ normalisation, parity result) and ``tokenizer/``, so a client needs nothing else
 
     OUTPUT/
       export.json                  summary: source, model version, per-format parity
+      README.md                    model card (Hugging Face front matter; pytorch/ has its own)
       pytorch/                     VLA.save_pretrained copy (the eager reference; Serve's torch backend)
       onnx/model.onnx              torch.onnx (dynamo) graph, run with onnxruntime
       onnx-int8/model.onnx         onnxruntime dynamic INT8 quantisation (weights int8)
       onnx-fp16/model.onnx         float16 weights/activations, float32 inputs and outputs
       torchscript/model.pt         torch.jit.trace of the same graph
+      torch-export/model.pt2       torch.export ExportedProgram (TorchScript's successor)
       openvino/model.xml + .bin    OpenVINO IR (optional extra: pip install 'vla-ray[openvino]')
-      triton/vla/config.pbtxt      a Triton model repository (onnxruntime backend, dynamic batching)
+      triton/vla/config.pbtxt      a Triton model repository (onnxruntime backend, dynamic batching,
+                                   CPU or GPU instance group)
       triton/vla/1/model.onnx
 
 The exported graph is a plain function of its inputs: observation tensors (``image`` uint8
@@ -36,6 +39,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ from torch import nn
 
 from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
+from vla_ray.model_card import find_eval, write_model_card
 from vla_ray.models.heads import takes_noise
 from vla_ray.models.vla import VLA, WEIGHTS_NAME
 
@@ -59,6 +64,7 @@ from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
     ExportError,
     OnnxRunner,
     OpenVINORunner,
+    TorchExportRunner,
     import_openvino,
     read_spec,
 )
@@ -74,24 +80,8 @@ OUTPUT_NAME = "actions"
 FP32_TOLERANCE = 1e-4
 QUANTISED_TOLERANCE = {"onnx-int8": 0.05, "onnx-fp16": 0.005}
 
-MODEL_FILES = {
-    "onnx": "model.onnx",
-    "onnx-int8": "model.onnx",
-    "onnx-fp16": "model.onnx",
-    "torchscript": "model.pt",
-    "openvino": "model.xml",
-    "triton": "1/model.onnx",  # inside triton/vla/
-}
-RUNTIME_NOTES = {
-    "onnx": "onnxruntime (CPUExecutionProvider or any other)",
-    "onnx-int8": "onnxruntime CPU (dynamic quantisation: MatMulInteger/ConvInteger kernels)",
-    "onnx-fp16": "onnxruntime; meant for GPUs (CPU kernels upcast, so it is slower there)",
-    "torchscript": "torch.jit.load(model.pt)(*inputs) in the spec's input order",
-    "openvino": "openvino Core().compile_model(model.xml, 'CPU', "
-    "{'INFERENCE_PRECISION_HINT': 'f32'}) for fp32 parity (bf16-capable CPUs default to bf16)",
-    "triton": "Triton Inference Server, onnxruntime backend: triton/ is the model repository",
-    PYTORCH_DIR: "vla_ray.models.vla.VLA.from_pretrained(folder)",
-}
+PYTORCH_RUNTIME = "vla_ray.models.vla.VLA.from_pretrained(folder)"
+TRITON_KINDS = ("KIND_CPU", "KIND_GPU")
 _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
 Inputs = dict[str, np.ndarray]
@@ -190,14 +180,12 @@ def load_runner(format_dir: str | Path, threads: int = 1) -> Callable[[Inputs], 
     format_dir = Path(format_dir)
     spec = read_spec(format_dir)
     fmt = spec["format"]
-    path = format_dir / spec["model_file"]
-    if fmt in ONNX_FAMILY:
-        return OnnxRunner(path, threads)
-    if fmt == "torchscript":
-        return TorchScriptRunner(path, [i["name"] for i in spec["inputs"]], threads)
-    if fmt == "openvino":
-        return OpenVINORunner(path, threads)
-    raise ExportError(f"{format_dir}: format {fmt!r} has no runner; runnable: {EXPORT_FORMATS}")
+    if fmt not in FORMATS:
+        raise ExportError(
+            f"{format_dir}: format {fmt!r} has no runner; runnable: {', '.join(FORMATS)}"
+        )
+    names = [i["name"] for i in spec["inputs"]]
+    return FORMATS[fmt].load(format_dir / spec["model_file"], names, threads)
 
 
 def parse_formats(formats: str | Iterable[str]) -> list[str]:
@@ -321,8 +309,69 @@ def build_spec(vla: VLA, fmt: str, model_file: str, meta: dict[str, Any]) -> dic
     }
 
 
-def triton_config(spec: dict[str, Any], max_batch_size: int = 64) -> str:
-    """``config.pbtxt`` for Triton's onnxruntime backend with dynamic batching."""
+@dataclass(frozen=True)
+class TritonInstanceGroup:
+    """Triton's ``instance_group``: ``count`` model instances of ``kind`` (on every GPU for
+    KIND_GPU, unless ``gpus`` lists device ids)."""
+
+    kind: str = "KIND_CPU"
+    count: int = 1
+    gpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRITON_KINDS:
+            raise ExportError(
+                f"triton instance group kind: expected one of {', '.join(TRITON_KINDS)}, "
+                f"got {self.kind!r}"
+            )
+        if not isinstance(self.count, int) or self.count < 1:
+            raise ExportError(
+                f"triton instance group count: expected an integer >= 1, got {self.count!r}"
+            )
+        if self.gpus and self.kind != "KIND_GPU":
+            raise ExportError(
+                f"triton instance group gpus: only with kind=KIND_GPU, not {self.kind}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> TritonInstanceGroup:
+        """``"kind=KIND_GPU,count=2"`` (``kind=gpu`` works too; ``gpus=0:1`` pins devices)."""
+        fields: dict[str, Any] = {}
+        for item in (t.strip() for t in text.split(",") if t.strip()):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in ("kind", "count", "gpus"):
+                raise ExportError(
+                    f"triton instance group: expected kind=KIND_CPU|KIND_GPU,count=N[,gpus=0:1], "
+                    f"got {item!r} in {text!r}"
+                )
+            value = value.strip()
+            try:
+                if key == "kind":
+                    upper = value.upper()
+                    fields["kind"] = upper if upper.startswith("KIND_") else f"KIND_{upper}"
+                elif key == "count":
+                    fields["count"] = int(value)
+                else:
+                    fields["gpus"] = tuple(int(g) for g in value.split(":"))
+            except ValueError:
+                raise ExportError(
+                    f"triton instance group {key}: expected integers, got {value!r}"
+                ) from None
+        return cls(**fields)
+
+    def pbtxt(self) -> str:
+        gpus = f"    gpus: [ {', '.join(map(str, self.gpus))} ]\n" if self.gpus else ""
+        return f"instance_group [\n  {{\n    count: {self.count}\n    kind: {self.kind}\n{gpus}  }}\n]\n"
+
+
+def triton_config(
+    spec: dict[str, Any],
+    max_batch_size: int = 64,
+    instance_group: TritonInstanceGroup | None = None,
+) -> str:
+    """``config.pbtxt`` for Triton's onnxruntime backend with dynamic batching (one CPU
+    instance unless ``instance_group`` says otherwise)."""
 
     def tensor(item: dict[str, Any]) -> str:
         dims = ", ".join(str(d) for d in item["shape"][1:])
@@ -338,7 +387,7 @@ def triton_config(spec: dict[str, Any], max_batch_size: int = 64) -> str:
         "input [\n" + ",\n".join(tensor(i) for i in spec["inputs"]) + "\n]\n"
         "output [\n" + ",\n".join(tensor(o) for o in spec["outputs"]) + "\n]\n"
         "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
-        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+        + (instance_group or TritonInstanceGroup()).pbtxt()
     )
 
 
@@ -383,6 +432,22 @@ def export_torchscript(vla: VLA, path: Path) -> Path:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(graph, args, check_trace=False)
     traced.save(str(path))
+    return path
+
+
+def export_program(vla: VLA, path: Path) -> Path:
+    """``torch.export`` of ``InferenceGraph(vla)`` (an ExportedProgram, batch axis dynamic),
+    saved with ``torch.export.save``."""
+    graph = InferenceGraph(vla).eval()
+    example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
+    args = tuple(torch.as_tensor(example[n]) for n in graph.names)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), torch.no_grad():
+        program = torch.export.export(
+            graph, args, dynamic_shapes={"inputs": tuple({0: batch} for _ in args)}, strict=False
+        )
+    torch.export.save(program, str(path))
     return path
 
 
@@ -434,6 +499,88 @@ def _quiet():
             lg.setLevel(level)
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: its model file, how it is written and how it is run."""
+
+    model_file: str
+    runtime: str
+    # (vla, target file, the shared ONNX graph or None) -> target file
+    write: Callable[[VLA, Path, Path | None], Path]
+    # (model file, input names in order, threads) -> inputs -> actions
+    load: Callable[[Path, list[str], int | None], Callable[[Inputs], np.ndarray]]
+    from_onnx: bool = False  # converted from the ONNX graph that is exported once
+
+
+def _copy_onnx(_vla: VLA, target: Path, onnx_path: Path | None) -> Path:
+    shutil.copyfile(onnx_path, target)
+    return target
+
+
+def _onnx_runner(path: Path, _names: list[str], threads: int | None) -> OnnxRunner:
+    return OnnxRunner(path, threads or 1)
+
+
+def _openvino_runner(path: Path, _names: list[str], threads: int | None) -> OpenVINORunner:
+    return OpenVINORunner(path, threads)
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat(
+        "model.onnx",
+        "onnxruntime (CPUExecutionProvider or any other)",
+        _copy_onnx,
+        _onnx_runner,
+        from_onnx=True,
+    ),
+    "torchscript": ExportFormat(
+        "model.pt",
+        "torch.jit.load(model.pt)(*inputs) in the spec's input order",
+        lambda vla, target, _onnx: export_torchscript(vla, target),
+        TorchScriptRunner,
+    ),
+    "onnx-int8": ExportFormat(
+        "model.onnx",
+        "onnxruntime CPU (dynamic quantisation: MatMulInteger/ConvInteger kernels)",
+        lambda _vla, target, onnx_path: quantize_int8(onnx_path, target),
+        _onnx_runner,
+        from_onnx=True,
+    ),
+    "onnx-fp16": ExportFormat(
+        "model.onnx",
+        "onnxruntime; meant for GPUs (CPU kernels upcast, so it is slower there)",
+        lambda _vla, target, onnx_path: convert_fp16(onnx_path, target),
+        _onnx_runner,
+        from_onnx=True,
+    ),
+    "openvino": ExportFormat(
+        "model.xml",
+        "openvino Core().compile_model(model.xml, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}) "
+        "for fp32 parity (bf16-capable CPUs default to bf16)",
+        lambda _vla, target, onnx_path: convert_openvino(onnx_path, target),
+        _openvino_runner,
+        from_onnx=True,
+    ),
+    "triton": ExportFormat(
+        "1/model.onnx",  # inside triton/vla/
+        "Triton Inference Server, onnxruntime backend: triton/ is the model repository",
+        _copy_onnx,
+        _onnx_runner,
+        from_onnx=True,
+    ),
+    "torch-export": ExportFormat(
+        "model.pt2",
+        "torch.export.load(model.pt2).module()(*inputs) in the spec's input order "
+        "(torch only: no transformers, no vla_ray)",
+        lambda vla, target, _onnx: export_program(vla, target),
+        TorchExportRunner,
+    ),
+}
+assert tuple(FORMATS) == EXPORT_FORMATS, "vla_ray.runtime.EXPORT_FORMATS lists every format"
+MODEL_FILES = {name: f.model_file for name, f in FORMATS.items()}
+RUNTIME_NOTES = {**{name: f.runtime for name, f in FORMATS.items()}, PYTORCH_DIR: PYTORCH_RUNTIME}
+
+
 def tolerance(fmt: str, spec: dict[str, Any]) -> float:
     """Parity tolerance (max abs difference to the PyTorch module) of a format."""
     if fmt in QUANTISED_TOLERANCE:
@@ -482,6 +629,7 @@ def export(
     output: str | os.PathLike,
     *,
     triton_max_batch_size: int = 64,
+    triton_instance_group: TritonInstanceGroup | str | None = None,
     opset: int | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -494,6 +642,8 @@ def export(
     from vla_ray.evaluate import load_policy
 
     fmts = parse_formats(formats)
+    if isinstance(triton_instance_group, str):
+        triton_instance_group = TritonInstanceGroup.parse(triton_instance_group)
     if "openvino" in fmts:
         import_openvino()
     out = Path(output)
@@ -517,7 +667,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        vla.save_pretrained(tmp / PYTORCH_DIR)
+        vla.save_pretrained(tmp / PYTORCH_DIR, meta=policy.meta or None)
         meta = {
             "model_version": weights_version(tmp / PYTORCH_DIR, policy.meta),
             "source": str(Path(checkpoint).resolve()),
@@ -525,14 +675,12 @@ def export(
             "env": policy.meta.get("env"),
             "preset": policy.meta.get("preset"),
         }
-        if policy.meta:
-            (tmp / PYTORCH_DIR / "vla_ray_meta.json").write_text(json.dumps(policy.meta, indent=2))
         spec = build_spec(vla, PYTORCH_DIR, "model.safetensors", meta)
         (tmp / PYTORCH_DIR / SPEC_NAME).write_text(json.dumps(spec, indent=2))
         batches = parity_batches(vla)
         summary: dict[str, Any] = {**meta, "formats": {}}
         onnx_path: Path | None = None
-        if any(f in ONNX_FAMILY or f == "openvino" for f in fmts):
+        if any(FORMATS[f].from_onnx for f in fmts):
             say("export: onnx (torch.onnx, dynamo) ...")
             t0 = time.time()
             onnx_path = export_onnx(vla, tmp / ".onnx-base" / "model.onnx", opset)
@@ -540,19 +688,10 @@ def export(
         for fmt in fmts:
             t0 = time.time()
             folder = tmp / (f"triton/{TRITON_MODEL_NAME}" if fmt == "triton" else fmt)
-            model_file = MODEL_FILES[fmt]
+            model_file = FORMATS[fmt].model_file
             target = folder / model_file
             target.parent.mkdir(parents=True, exist_ok=True)
-            if fmt in ("onnx", "triton"):
-                shutil.copyfile(onnx_path, target)
-            elif fmt == "onnx-int8":
-                quantize_int8(onnx_path, target)
-            elif fmt == "onnx-fp16":
-                convert_fp16(onnx_path, target)
-            elif fmt == "torchscript":
-                export_torchscript(vla, target)
-            elif fmt == "openvino":
-                convert_openvino(onnx_path, target)
+            FORMATS[fmt].write(vla, target, onnx_path)
             spec = build_spec(vla, fmt, model_file, meta)
             tol = tolerance(fmt, spec)
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
@@ -566,7 +705,9 @@ def export(
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
             save_tokenizer(vla.tokenizer, folder / TOKENIZER_DIR)
             if fmt == "triton":
-                (folder / "config.pbtxt").write_text(triton_config(spec, triton_max_batch_size))
+                (folder / "config.pbtxt").write_text(
+                    triton_config(spec, triton_max_batch_size, triton_instance_group)
+                )
             rel = folder.relative_to(tmp)
             summary["formats"][fmt] = {
                 "path": str(rel),
@@ -583,6 +724,10 @@ def export(
                 )
         shutil.rmtree(tmp / ".onnx-base", ignore_errors=True)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        # model cards: the eval.json of the run the checkpoint comes from, when there is one
+        evaluation = find_eval(checkpoint)
+        write_model_card(tmp / PYTORCH_DIR, meta=policy.meta, eval_result=evaluation)
+        write_model_card(tmp, meta=policy.meta, eval_result=evaluation, formats=summary["formats"])
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

@@ -1,7 +1,8 @@
 """Run reports: learning curves, the eval table, an eval video, the config and the commands.
 
-``write_report(run_dir)`` reads what ``vla-ray train`` (or ``vla-ray quickstart``) left in a run
-directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``, an eval JSON) and writes
+``write_report(run_dir)`` reads what ``vla-ray train`` (or ``vla-ray quickstart``, or
+``vla-ray pretrain``: ``pretrain_config.json`` and one ``metrics.jsonl`` row per optimiser step)
+left in a run directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``, an eval JSON) and writes
 ``report.md`` (pictures beside it in ``report_files/``) and ``report.html`` (self-contained: the
 pictures and the video are embedded). ``write_tune_comparison(summary)`` writes the comparison of
 a search's trials. Plotting needs matplotlib (the ``plot`` extra).
@@ -24,6 +25,7 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 FILES_DIR = "report_files"
 EVAL_FILES = ("eval.json", "eval_results.json")
+PRETRAIN_CONFIG = "pretrain_config.json"  # what `vla-ray pretrain` writes in its run directory
 
 
 class ReportError(ValueError):
@@ -66,10 +68,13 @@ def _finite(x: Any) -> float | None:
 
 
 def _x_axis(rows: list[dict[str, Any]]) -> tuple[list[float], str]:
-    """Env steps when the run sampled any (and they grow), else iterations."""
+    """Env steps when the run sampled any (and they grow), optimiser steps for a pretraining
+    run, else iterations."""
     steps = [_finite(r.get("env_steps")) or 0.0 for r in rows]
     if steps and steps[-1] > 0 and all(b >= a for a, b in zip(steps, steps[1:], strict=False)):
         return steps, "env steps"
+    if rows and all("step" in r and "iteration" not in r for r in rows):
+        return [float(r["step"]) for r in rows], "optimiser step"
     return [float(r.get("iteration", i + 1)) for i, r in enumerate(rows)], "iteration"
 
 
@@ -101,7 +106,8 @@ class Figure:
 
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Figure]:
     """Learning-curve PNGs of ``metrics.jsonl`` rows in ``out_dir``: return, success (overall
-    and per target), env steps/s and the learner's losses. A curve with no data is left out."""
+    and per target), env steps/s and the learner's losses; for a pretraining run the token loss
+    and samples/s per optimiser step. A curve with no data is left out."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     x, xlabel = _x_axis(rows)
@@ -125,6 +131,8 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "") -> 
         save(fig, title, key)
 
     single("episode_return_mean", "Episode return", "mean return")
+    single("loss", "Pretraining loss", "loss per labelled token")
+    single("samples_per_s", "Pretraining samples per second", "samples/s")
 
     targets = sorted({t for r in rows for t in (r.get("success_by_target") or {})})
     xs, ys = _series(rows, x, lambda r: r.get("success_rate"))
@@ -201,6 +209,11 @@ class Stage:
     figures: list[Figure] = field(default_factory=list)
 
     @property
+    def pretraining(self) -> bool:
+        """A `vla-ray pretrain` run (its settings in ``pretrain_config.json``)."""
+        return (self.path / PRETRAIN_CONFIG).is_file()
+
+    @property
     def checkpoint(self) -> Path | None:
         for name in ("best", "last"):
             ckpt = self.path / "checkpoints" / name
@@ -220,17 +233,57 @@ def find_stages(run_dir: Path) -> list[Stage]:
     if not dirs:
         raise ReportError(
             f"run_dir: {run_dir} holds no metrics.jsonl (nor do its sub-directories); expected "
-            "the --output of `vla-ray train` or `vla-ray quickstart`"
+            "the --output of `vla-ray train`, `vla-ray pretrain` or `vla-ray quickstart`"
         )
     stages = []
     for d in dirs:
-        config_path = d / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config_path = next(
+            (d / n for n in ("config.json", PRETRAIN_CONFIG) if (d / n).is_file()), None
+        )
+        config = json.loads(config_path.read_text()) if config_path else {}
         rows = read_metrics(d / "metrics.jsonl")
         stages.append(Stage(d.name if d != run_dir else "run", d, config, rows))
-    # in the order they ran: each writes its config.json when it starts
-    stages.sort(key=lambda s: ((s.path / "config.json").stat().st_mtime, s.name))
+
+    def started(stage: Stage) -> tuple[float, str]:
+        # in the order they ran: each writes its config when it starts
+        paths = [stage.path / n for n in ("config.json", PRETRAIN_CONFIG, "metrics.jsonl")]
+        return (next(p for p in paths if p.is_file()).stat().st_mtime, stage.name)
+
+    stages.sort(key=started)
     return stages
+
+
+def pretrain_command(stage: Stage) -> str | None:
+    """The ``vla-ray pretrain`` command that repeats a pretraining ``stage``: a flag per setting
+    that differs from the default, and ``--max-steps`` at the step it reached."""
+    from vla_ray.pretrain.trainer import PretrainConfig
+
+    settings = dict(stage.config.get("pretrain") or {})
+    if not settings.get("stage") or not settings.get("data"):
+        return None
+    defaults = PretrainConfig(stage=settings["stage"], data="", output="")
+    flags = {
+        "image_folder", "init", "vision", "llm", "tokenizer", "projector", "projector_tokens",
+        "image_size", "num_workers", "use_gpu", "cpus_per_worker", "lora", "lora_r",
+        "train_vision", "strategy", "precision", "batch_size", "grad_accum", "epochs", "lr",
+        "max_length", "seed", "checkpoint_every", "max_bad_fraction",
+    }  # fmt: skip
+    cmd = ["vla-ray", "pretrain", "--stage", settings["stage"], "--data", str(settings["data"])]
+    for key in sorted(flags):
+        value = settings.get(key)
+        if value == getattr(defaults, key, None) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            cmd += [flag, str(value)]
+    if settings.get("extra_model_config"):
+        cmd += ["--model-config", json.dumps(settings["extra_model_config"])]
+    if stage.rows:
+        cmd += ["--max-steps", str(stage.rows[-1].get("step", len(stage.rows)))]
+    cmd += ["--output", str(stage.path) + "-again"]
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def _override_items(base: Any, run: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -252,6 +305,8 @@ def reproduce_command(stage: Stage) -> str | None:
     that differs from the preset's and the iterations it ran (None without a preset)."""
     from vla_ray.train import SECTIONS, parse_value, resolve
 
+    if stage.pretraining:
+        return pretrain_command(stage)
     cfg = stage.config
     if not cfg.get("preset"):
         return None
@@ -339,6 +394,25 @@ def _final_row(stage: Stage) -> list[str]:
     ]
 
 
+def _pretrain_row(stage: Stage) -> list[str]:
+    last = stage.rows[-1] if stage.rows else {}
+
+    def f(x: Any) -> str:
+        x = _finite(x)
+        return "-" if x is None else f"{x:.4g}"
+
+    total = sum(_finite(r.get("step_time_s")) or 0.0 for r in stage.rows)
+    return [
+        stage.name,
+        str((stage.config.get("pretrain") or {}).get("stage", "-")),
+        str(last.get("step", "-")),
+        str(last.get("epoch", "-")),
+        f(last.get("loss")),
+        f(last.get("samples_per_s")),
+        f(total) if stage.rows else "-",
+    ]
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }
 table { border-collapse: collapse; margin: 0.5rem 0; }
@@ -384,27 +458,36 @@ def write_report(
     md: list[str] = [f"# {title}", ""]
     parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
 
-    summary_table = [
-        ["stage", "algorithm", "iterations", "env steps", "return", "success", "time (s)"]
-    ]
-    summary_table += [_final_row(s) for s in stages]
-    md += ["## Summary (last iteration)", "", *_md_table(summary_table), ""]
-    parts += ["<h2>Summary (last iteration)</h2>", _html_table(summary_table)]
+    rl_stages = [s for s in stages if not s.pretraining]
+    if rl_stages:
+        summary_table = [
+            ["stage", "algorithm", "iterations", "env steps", "return", "success", "time (s)"]
+        ]
+        summary_table += [_final_row(s) for s in rl_stages]
+        md += ["## Summary (last iteration)", "", *_md_table(summary_table), ""]
+        parts += ["<h2>Summary (last iteration)</h2>", _html_table(summary_table)]
+    pre_stages = [s for s in stages if s.pretraining]
+    if pre_stages:
+        table = [["run", "stage", "steps", "epoch", "loss", "samples/s", "time (s)"]]
+        table += [_pretrain_row(s) for s in pre_stages]
+        md += ["## Pretraining (last step)", "", *_md_table(table), ""]
+        parts += ["<h2>Pretraining (last step)</h2>", _html_table(table)]
 
-    md += ["## Evaluation", ""]
-    parts.append("<h2>Evaluation</h2>")
-    if found:
-        result, path = found
-        note = f"{result.get('env', '')}, from `{path.name}`"
-        md += [note, "", *_md_table(eval_table(result)), ""]
-        parts += [f"<p>{html.escape(note)}</p>", _html_table(eval_table(result))]
-    else:
-        note = (
-            "No eval JSON in the run directory; write one with "
-            f"`vla-ray eval --checkpoint {ckpt or 'CHECKPOINT'} --json {run_dir / 'eval.json'}`."
-        )
-        md += [note, ""]
-        parts.append(f"<p>{html.escape(note)}</p>")
+    if rl_stages or found:  # a pretraining run has no policy to evaluate
+        md += ["## Evaluation", ""]
+        parts.append("<h2>Evaluation</h2>")
+        if found:
+            result, path = found
+            note = f"{result.get('env', '')}, from `{path.name}`"
+            md += [note, "", *_md_table(eval_table(result)), ""]
+            parts += [f"<p>{html.escape(note)}</p>", _html_table(eval_table(result))]
+        else:
+            note = (
+                "No eval JSON in the run directory; write one with `vla-ray eval --checkpoint "
+                f"{ckpt or 'CHECKPOINT'} --json {run_dir / 'eval.json'}`."
+            )
+            md += [note, ""]
+            parts.append(f"<p>{html.escape(note)}</p>")
     if video is not None and video_result is not None:
         note = f"Eval video: {video_result['episodes']} episodes of `{ckpt}` (seeds from 100000)"
         md += [f"### {note}", "", *_md_table(eval_table(video_result)), ""]

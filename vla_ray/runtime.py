@@ -3,6 +3,7 @@
 
 The Serve replicas of the ONNX and OpenVINO backends import only this module (numpy,
 onnxruntime or openvino, and the ``tokenizers`` library); ``vla_ray.export`` writes what it reads.
+torch is imported only by the ``torch-export`` runner, when one is built.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-EXPORT_FORMATS = ("onnx", "torchscript", "onnx-int8", "onnx-fp16", "openvino", "triton")
+EXPORT_FORMATS = (
+    "onnx",
+    "torchscript",
+    "onnx-int8",
+    "onnx-fp16",
+    "openvino",
+    "triton",
+    "torch-export",
+)
 ONNX_FAMILY = ("onnx", "onnx-int8", "onnx-fp16", "triton")
 PYTORCH_DIR = "pytorch"
 SPEC_NAME = "spec.json"
@@ -82,6 +91,25 @@ class OpenVINORunner:
     def __call__(self, inputs: Inputs) -> np.ndarray:
         result = self.request.infer({k: inputs[k] for k in self.names})
         return np.asarray(result[self.compiled.outputs[0]])
+
+
+class TorchExportRunner:
+    """A ``torch.export`` ExportedProgram (``model.pt2``): needs torch (imported here, on first
+    use), not transformers nor the model's code."""
+
+    def __init__(self, path: str | Path, names: list[str], threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.torch = torch
+        self.module = torch.export.load(str(path)).module()
+        self.names = names
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        with self.torch.no_grad():
+            args = (self.torch.as_tensor(inputs[k]) for k in self.names)
+            return self.module(*args).numpy()
 
 
 class FastTokenizer:

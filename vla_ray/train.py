@@ -481,6 +481,9 @@ def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any])
     if getattr(get_algorithm(spec.algorithm), "EXPORTS_VLA", True):
         _export_vla(algo, directory / "vla")
         (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        from vla_ray.model_card import write_model_card
+
+        write_model_card(directory / "vla", meta=json.loads(json.dumps(meta, default=str)))
     return directory
 
 

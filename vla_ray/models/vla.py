@@ -31,6 +31,7 @@ from torch import nn
 
 from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.fsutil import replace_dir
+from vla_ray.model_card import CONFIG_NAME, META_NAME, WEIGHTS_NAME, write_model_card
 from vla_ray.models.heads import ActionHead, build_head
 from vla_ray.models.language import (
     apply_lora,
@@ -47,8 +48,6 @@ from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer, save_tokenizer
 
 OBS_KEYS = ("image", "state", "instruction", "instruction_mask")
-CONFIG_NAME = "vla_config.json"
-WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 IMAGE_PROCESSOR_DIR = "image_processor"
 # VLAConfig fields that define the trunk's weights (what a pretrained VLM fixes).
@@ -398,8 +397,12 @@ class VLA(nn.Module):
         data["tokenizer_path"] = None  # the tokenizer is saved beside the weights
         return VLAConfig.from_dict(data)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config, safetensors weights and tokenizer to ``directory`` atomically."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, meta: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write config, safetensors weights, tokenizer and a model card (``README.md``) to
+        ``directory`` atomically; ``meta`` (env, preset, ...: what `vla-ray eval` and the card
+        read) is saved as ``vla_ray_meta.json``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -413,6 +416,9 @@ class VLA(nn.Module):
             processor = getattr(self.trunk, "image_processor", None)
             if processor is not None:
                 processor.save_pretrained(str(tmp / IMAGE_PROCESSOR_DIR))
+            if meta:
+                (tmp / META_NAME).write_text(json.dumps(dict(meta), indent=2, default=str))
+            write_model_card(tmp, meta=meta, config=self.portable_config())
             replace_dir(tmp, directory)
         finally:
             if tmp.exists():
@@ -420,11 +426,29 @@ class VLA(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> VLA:
-        """Load a ``save_pretrained`` directory; ``overrides`` replace config fields."""
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> VLA:
+        """Load a ``save_pretrained`` directory or a Hugging Face Hub repo id (``ORG/NAME``,
+        downloaded once into the Hub cache; ``HF_HUB_OFFLINE=1`` reads the cache only). An
+        existing local directory wins over a repo id of the same name. ``overrides`` replace
+        config fields."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = resolve_pretrained(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(
                 f"{directory}: not a VLA directory (no {CONFIG_NAME}); "
@@ -441,6 +465,36 @@ class VLA(nn.Module):
         saved = load_file(str(directory / WEIGHTS_NAME))
         model.load_state_dict(_with_fresh_adapters(saved, model.state_dict()), strict=True)
         return model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload VLA policy (vla-ray)",
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload this model to the Hugging Face Hub as a ``save_pretrained`` folder with its
+        model card (the repo is created when missing). Returns ``HfApi.upload_folder``'s
+        commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="vla-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", meta=meta)
+            write_model_card(folder, meta=meta, name=repo_id)  # titled with the repo id
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained_vlm(cls, directory: str | os.PathLike, config: VLAConfig) -> VLA:
@@ -494,6 +548,48 @@ class VLA(nn.Module):
         model = cls(VLAConfig.from_dict(data))
         load_trunk_weights(model, directory)
         return model
+
+
+def resolve_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder for ``name_or_path``: the path itself when it exists, else the Hub repo's
+    snapshot (``huggingface_hub.snapshot_download``: cached, offline with ``HF_HUB_OFFLINE=1``)."""
+    path = Path(name_or_path)
+    if path.exists() or isinstance(name_or_path, Path) or path.is_absolute():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id = str(name_or_path)
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local folder, nor a Hugging Face Hub repo id (ORG/NAME)"
+        ) from None
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            token=token,
+            local_files_only=local_files_only,
+            library_name="vla-ray",
+        )
+    except Exception as err:  # offline without a cached copy, unknown repo, no access
+        raise FileNotFoundError(
+            f"{repo_id}: not a local folder, and the Hugging Face Hub repo could not be loaded "
+            f"({type(err).__name__}: {err}); with HF_HUB_OFFLINE=1 it must be in the Hub cache"
+        ) from err
+    return Path(folder)
 
 
 def run_trunk(trunk: nn.Module, config: VLAConfig, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,9 @@ and normalises the loss by the global number of labelled tokens, so N workers co
 update as one worker with the same global batch. Run directory::
 
     OUTPUT/train/checkpoint_*/   Ray Train checkpoints (model.pt, optimizer.pt, state.json)
-    OUTPUT/metrics.jsonl          one line per optimiser step (rank 0)
+    OUTPUT/metrics.jsonl          one line per optimiser step (rank 0), as it trains; the driver
+                                  follows it for the progress bar and the trackers;
+                                  `vla-ray report OUTPUT` draws its curves
     OUTPUT/bad_records.jsonl      the skipped records and why
     OUTPUT/vlm/                   the exported VLM (vla_config.json, model.safetensors, tokenizer)
     OUTPUT/summary.json
@@ -462,8 +464,115 @@ def _with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run one pretraining stage; returns the summary (also written to OUTPUT/summary.json)."""
+class MetricsFollower:
+    """The driver's view of a running pretraining: follows ``metrics.jsonl`` (rank 0 appends one
+    row per optimiser step) in a thread, moves a tqdm bar over the steps (loss and samples/s
+    beside it) and hands each new row to the trackers (W&B, MLflow)."""
+
+    def __init__(
+        self,
+        path: Path,
+        total: int,
+        *,
+        trackers: list[Any] | None = None,
+        progress: bool = True,
+        interval_s: float = 0.5,
+    ):
+        import threading
+
+        from tqdm import tqdm
+
+        self.path = Path(path)
+        self.trackers = list(trackers or ())
+        self.interval_s = interval_s
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.last_step = 0
+        if self.path.is_file():  # a resumed run: the steps already done
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            self.last_step = max((int(r.get("step", 0)) for r in rows), default=0)
+        self.bar = tqdm(
+            total=total, initial=min(self.last_step, total), disable=not progress, unit="step"
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pretrain-metrics", daemon=True)
+
+    def __enter__(self) -> MetricsFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()  # the rows written since the last poll
+        self.bar.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read the complete rows appended since the last call; returns the new ones."""
+        if not self.path.is_file():
+            return []
+        size = self.path.stat().st_size
+        if size < self.offset:  # rank 0 dropped the rows after a restored checkpoint
+            self.offset = size
+        with open(self.path) as f:
+            f.seek(self.offset)
+            text = f.read()
+        end = text.rfind("\n") + 1  # a line being written is read next time
+        self.offset += len(text[:end].encode())
+        new = []
+        for line in text[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = int(row.get("step", 0))
+            if step <= self.last_step:  # a replayed step after a restart
+                continue
+            self.last_step = step
+            new.append(row)
+            for tracker in self.trackers:
+                tracker.log(row, step=step)
+        if new:
+            last = new[-1]
+            self.bar.n = min(self.last_step, self.bar.total or self.last_step)
+            postfix = {"loss": f"{last['loss']:.4f}"}
+            if last.get("samples_per_s"):
+                postfix["samples/s"] = f"{last['samples_per_s']:.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+        return new
+
+
+def total_steps(num_records: int, cfg: PretrainConfig) -> int:
+    """Optimiser steps the run will take: ``max_steps``, or the epochs' steps if fewer."""
+    per_epoch = steps_per_epoch(num_records, cfg)
+    if cfg.max_steps is not None:
+        return cfg.max_steps if cfg.epochs is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    return (cfg.epochs or 1) * per_epoch
+
+
+def pretrain(cfg: PretrainConfig, trackers: list[Any] | None = None) -> dict[str, Any]:
+    """Run one pretraining stage; returns the summary (also written to OUTPUT/summary.json).
+
+    Progress (``cfg.progress``) is a tqdm bar over the optimiser steps; ``trackers`` (see
+    :mod:`vla_ray.tracking`) get every step's row of ``metrics.jsonl``, and are finished with
+    the summary (or the error) however the run ends."""
+    summary: dict[str, Any] = {}
+    try:
+        summary = _pretrain(cfg, trackers)
+    except Exception as err:
+        summary = {"error": str(err).splitlines()[0] if str(err) else repr(err)}
+        raise
+    finally:
+        for tracker in trackers or ():
+            tracker.finish({k: v for k, v in summary.items() if isinstance(v, (str, int, float))})
+    return summary
+
+
+def _pretrain(cfg: PretrainConfig, trackers: list[Any] | None) -> dict[str, Any]:
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -505,7 +614,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     )
 
     init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    # the driver's step bar (MetricsFollower) is the progress shown; Ray Data's would interleave
+    ray.data.DataContext.get_current().enable_progress_bars = False
     # a few large blocks per worker: fewer round trips through the split coordinator
     ds = ray.data.from_items(records, override_num_blocks=4 * cfg.num_workers)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -536,14 +646,34 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             flush=True,
         )
     t0 = time.perf_counter()
+    follower = MetricsFollower(
+        out / "metrics.jsonl",
+        total_steps(len(records), cfg),
+        trackers=trackers,
+        progress=cfg.progress,
+    )
     try:
-        result = trainer.fit()
+        with follower:
+            result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - re-raised with the worker's message up front
         raise PretrainError(f"pretraining failed: {_clean_failure(err)}") from err
     if result.error is not None:
         raise PretrainError(f"pretraining failed: {_clean_failure(result.error)}")
     if result.checkpoint is None:
         raise PretrainError("pretraining produced no checkpoint")
+    return _finish(result, records, loaded, vla_config, cfg, out, t0)
+
+
+def _finish(
+    result: Any,
+    records: list[Any],
+    loaded: Any,
+    vla_config: VLAConfig,
+    cfg: PretrainConfig,
+    out: Path,
+    t0: float,
+) -> dict[str, Any]:
+    """Export the VLM of the final checkpoint and write ``summary.json``."""
     vlm_dir = export_vlm(result.checkpoint, vla_config, cfg, out / VLM_DIR)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     summary = dict(
@@ -557,7 +687,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         checkpoint=result.checkpoint.path,
         vlm=str(vlm_dir),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
