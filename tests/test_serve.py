@@ -282,11 +282,12 @@ def test_bad_input_matrix(endpoint, observations):
     assert got == 200 and request(f"{endpoint}/v1/health")[0] == 200
 
 
-def test_non_finite_model_output_is_a_clear_error_and_spares_its_batch(
+def test_states_the_model_overflows_on_are_422_and_spare_their_batch(
     endpoint, tiny_vla, observations
 ):
-    """A state within float32 that drives the model to NaN: that request gets a 500 naming the
-    actions (JSON, no traceback); the requests batched with it get their normal answers."""
+    """A state within float32 that would drive the model to NaN (3e38) is beyond the range the
+    replica probed at start-up: 422 naming the state (JSON, no traceback), never a 500; the
+    requests sent with it get their normal answers."""
     good = [(o, t, act_body(o["image"], t, o["state"])) for o, t in observations]
     obs, text = observations[3]
     bad = act_body(obs["image"], text, [3e38] * 4)
@@ -297,8 +298,8 @@ def test_non_finite_model_output_is_a_clear_error_and_spares_its_batch(
         assert status == 200, answer
         np.testing.assert_allclose(answer["actions"], shielded(direct(tiny_vla, o, t)), atol=1e-4)
     for status, answer in answers[len(good) :]:
-        assert status == 500 and answer["field"] == "actions", answer
-        assert "non-finite" in answer["detail"] and "Traceback" not in answer["detail"]
+        assert status == 422 and answer["field"] == "state", answer
+        assert "output is finite" in answer["detail"] and "Traceback" not in answer["detail"]
     assert request(f"{endpoint}/v1/health")[1]["largest_batch"] > 1
 
 
@@ -364,6 +365,79 @@ def test_health_spec_docs(endpoint, tiny_export):
     status, openapi = request(f"{endpoint}/openapi.json")
     assert {"/v1/act", "/v1/health", "/v1/spec"} <= set(openapi["paths"])
     assert "requestBody" in openapi["paths"]["/v1/act"]["post"]
+
+
+def _act_body_schema(url: str) -> dict:
+    status, openapi = request(f"{url}/openapi.json")
+    assert status == 200
+    return openapi["paths"]["/v1/act"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+
+
+def test_openapi_states_the_loaded_model_s_constraints(endpoint, tiny_export, observations):
+    """/openapi.json's /v1/act body is the model's: exact lengths, bounds, instruction length,
+    image size; bodies at its edges validate and are answered 200, bodies just outside fail it
+    and get 422 naming the field."""
+    import jsonschema
+
+    spec = json.loads((tiny_export / "onnx" / "spec.json").read_text())
+    shapes = {i["name"]: i["shape"] for i in spec["inputs"]}
+    _, h, w, _ = shapes["image"]
+    S, A, L = shapes["state"][1], spec["action"]["dim"], spec["instruction"]["max_tokens"]
+    schema = _act_body_schema(endpoint)
+    props = schema["properties"]
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["image", "instruction", "state"]
+    assert (props["state"]["minItems"], props["state"]["maxItems"]) == (S, S)
+    limit = props["state"]["items"]["maximum"]
+    assert (
+        0 < limit <= float(np.finfo(np.float32).max)
+        and props["state"]["items"]["minimum"] == -limit
+    )
+    act = props["previous_action"]
+    assert (act["minItems"], act["maxItems"]) == (A, A)
+    assert (act["items"]["minimum"], act["items"]["maximum"]) == (-1.0, 1.0)  # the shield's
+    text = props["instruction"]
+    assert (text["minLength"], text["maxLength"]) == (1, L)  # word-level: a char is <= 1 token
+    png, nested = props["image"]["anyOf"]
+    assert png["format"] == "image-base64" and png["x-image-size"] == [h, w]
+    assert (nested["minItems"], nested["items"]["minItems"]) == (h, w)
+    assert nested["items"]["items"]["items"] == {"type": "integer", "minimum": 0, "maximum": 255}
+    # another app, another shield: the torch app's bounds are the tight ones
+    torch_act = _act_body_schema(f"{endpoint}/torch")["properties"]["previous_action"]
+    assert (torch_act["items"]["minimum"], torch_act["items"]["maximum"]) == (-TIGHT, TIGHT)
+    assert request(f"{endpoint}/v1/spec")[1]["request_schema"] == schema
+
+    obs, _ = observations[0]
+    image = obs["image"].astype(int)
+    image[0, 0], image[0, 1] = 0, 255
+    edge = {
+        "image": image.tolist(),
+        "instruction": "!" * L,
+        "state": [limit, -limit] * (S // 2),
+        "previous_action": [1.0, -1.0],
+    }
+    beyond = float(np.nextafter(limit, np.inf)) if limit < 3e38 else 3.4028236e38
+    # name: (body just outside the schema, the field the 422 names)
+    outside = {
+        "state value": ({**edge, "state": [beyond] + edge["state"][1:]}, "state"),
+        "state length": ({**edge, "state": edge["state"][:-1]}, "state"),
+        "previous_action": ({**edge, "previous_action": [1.0 + 1e-6, 0.0]}, "previous_action"),
+        "instruction": ({**edge, "instruction": "!" * (L + 1)}, "instruction"),
+        "blank instruction": ({**edge, "instruction": "   "}, "instruction"),
+        "image rows": ({**edge, "image": image.tolist() + image[:1].tolist()}, "image"),
+        "pixel": ({**edge, "image": (image + 1).tolist()}, "image"),
+        "extra field": ({**edge, "note": 1}, "note"),
+    }
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid(edge)
+    status, answer = request(f"{endpoint}/v1/act", edge)
+    assert status == 200 and np.all(np.isfinite(answer["actions"])), answer
+    for name, (body, field) in outside.items():
+        assert not validator.is_valid(body), name
+        status, answer = request(f"{endpoint}/v1/act", body)
+        assert (status, answer["field"]) == (422, field), (name, answer)
 
 
 # ---- request validation without HTTP ----------------------------------------------------------
