@@ -440,6 +440,75 @@ def test_openapi_states_the_loaded_model_s_constraints(endpoint, tiny_export, ob
         assert (status, answer["field"]) == (422, field), (name, answer)
 
 
+FUZZ_EXAMPLES = 260  # per generation mode: 520 requests
+
+
+def test_schema_fuzz_of_the_live_endpoint(endpoint, observations):
+    """schemathesis generates /v1/act bodies from the endpoint's own /openapi.json: every
+    schema-valid (positive) body is answered 200, no body gets a 5xx, and the replica answers
+    normally afterwards. Images come from the schema's base64 branch (the test registers the
+    ``image-base64`` format as real PNG/JPEG images of ``x-image-size``); the nested-list branch
+    (64x64x3 integers per body) is left out of generation, too large for Hypothesis to build at
+    speed, and is checked at its edges by the test above."""
+    import collections
+    import copy
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    status, openapi = request(f"{endpoint}/openapi.json")
+    body = openapi["paths"]["/v1/act"]["post"]["requestBody"]["content"]["application/json"]
+    png_branch, _nested = body["schema"]["properties"]["image"]["anyOf"]
+    h, w = png_branch["x-image-size"]
+
+    def image(draw_seed: int, fmt: str, data_url: bool) -> str:
+        pixels = np.random.default_rng(draw_seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        text = encode_image(pixels, fmt)
+        return f"data:image/{fmt.lower()};base64,{text}" if data_url else text
+
+    schemathesis.openapi.format(
+        "image-base64",
+        st.builds(image, st.integers(0, 2**16), st.sampled_from(["PNG", "JPEG"]), st.booleans()),
+    )
+    fuzz = copy.deepcopy(openapi)
+    fuzz_body = fuzz["paths"]["/v1/act"]["post"]["requestBody"]["content"]["application/json"]
+    fuzz_body["schema"]["properties"]["image"] = png_branch
+    operation = schemathesis.openapi.from_dict(fuzz)["/v1/act"]["POST"]
+    session = requests.Session()
+
+    def fuzz(mode: GenerationMode) -> collections.Counter:
+        seen: collections.Counter = collections.Counter()
+
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy(mode))
+        def send(case):
+            answer = case.call(base_url=endpoint, session=session)
+            seen[answer.status_code] += 1
+            assert answer.status_code < 500, (mode, answer.status_code, answer.text[:300])
+            if mode == GenerationMode.POSITIVE:
+                assert answer.status_code == 200, (answer.text[:300], str(case.body)[:300])
+
+        send()
+        return seen
+
+    counts = {mode.value: fuzz(mode) for mode in GenerationMode}
+    assert sum(counts["positive"].values()) + sum(counts["negative"].values()) >= 500, counts
+    assert set(counts["negative"]) - {200} <= {400, 413, 422}, counts
+    assert sum(n for code, n in counts["negative"].items() if code != 200) > 100, counts
+    obs, text = observations[0]
+    assert request(f"{endpoint}/v1/act", act_body(obs["image"], text, obs["state"]))[0] == 200
+
+
 # ---- request validation without HTTP ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def parser(tiny_export):
