@@ -733,9 +733,11 @@ def test_cli_serve_api_key_sources_and_exposure_warning(tmp_path, capsys, monkey
     assert "--api-key VALUE is deprecated" in capsys.readouterr().err
 
 
-def test_cli_serve_stops_cleanly_on_sigterm(tiny_export, tmp_path):
+def test_cli_serve_stops_cleanly_on_sigterm(tiny_export, tmp_path, observations):
     """`vla-ray serve` in its own process (own Ray): answers with the key from --api-key-file,
-    then SIGTERM drains and shuts Serve and Ray down: exit status 0, no abort."""
+    then SIGTERM drains (a request in flight at the signal gets its 200 answer) and shuts Serve
+    and Ray down: exit status 0, no abort."""
+    import http.client
     import os
     import signal
     import subprocess
@@ -761,13 +763,32 @@ def test_cli_serve_stops_cleanly_on_sigterm(tiny_export, tmp_path):
             try:
                 if request(f"{url}/v1/health")[0] == 200:
                     break
-            except OSError:
+            except (OSError, ValueError):  # not listening yet; a 404 text until the app is up
                 pass
             time.sleep(1)
         assert proc.poll() is None, log.seek(0) or log.read()
         assert request(f"{url}/v1/spec")[0] == 401
         assert request(f"{url}/v1/spec", api_key="k3y")[0] == 200
+        # a request in flight when the signal comes: its body is half sent before, half after
+        obs, text = observations[0]
+        body = json.dumps(act_body(obs["image"], text, obs["state"])).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.putrequest("POST", "/v1/act")
+        for name, value in (
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("X-API-Key", "k3y"),
+        ):
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(body[: len(body) // 2])
+        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        conn.send(body[len(body) // 2 :])
+        answer = conn.getresponse()
+        in_flight = (answer.status, json.loads(answer.read() or b"{}"))
+        conn.close()
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -778,6 +799,7 @@ def test_cli_serve_stops_cleanly_on_sigterm(tiny_export, tmp_path):
     assert rc == 0, out[-3000:]
     assert "Aborted" not in out and "Traceback" not in out, out[-3000:]
     assert "SIGTERM: draining in-flight requests" in out and "stopped" in out
+    assert in_flight[0] == 200 and len(in_flight[1]["action"]) == 2, (in_flight, out[-3000:])
 
 
 def test_torch_backend_takes_the_weights_only_vla_folder(tiny_vla_dir, tiny_vla, observations):
