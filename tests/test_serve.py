@@ -553,6 +553,52 @@ def _body(obs, text, **kw) -> bytes:
     return json.dumps({**act_body(obs["image"], text, obs["state"]), **kw}).encode()
 
 
+def _state_only_parser(tokens_per_char: int = 1):
+    """A RequestParser for a state-only model (4 state values, 2 actions, 8 tokens) whose
+    tokenizer gives ``tokens_per_char`` tokens per non-space character."""
+    from vla_ray.serve.schema import RequestParser
+
+    spec = {
+        "inputs": [{"name": "state", "shape": ["batch", 4]}],
+        "instruction": {"max_tokens": 8},
+        "action": {"dim": 2},
+    }
+
+    def tokenizer(text, add_special_tokens=False):
+        return {"input_ids": [5] * (tokens_per_char * len(text.replace(" ", "")))}
+
+    return RequestParser(spec, tokenizer)
+
+
+def test_schema_bounds_come_from_the_model_and_its_probed_state_range():
+    from vla_ray.serve.schema import (
+        FLOAT32_MAX,
+        RequestError,
+        act_request_schema,
+        instruction_max_length,
+        probe_state_limit,
+    )
+
+    parser = _state_only_parser()
+    assert instruction_max_length(parser) == 8
+    assert instruction_max_length(_state_only_parser(tokens_per_char=2)) == 4
+
+    def overflowing(batch):  # float32 overflow beyond |state| ~ 3.4e20
+        return batch["state"][:, None, :2] * np.float32(1e18)
+
+    assert probe_state_limit(lambda b: b["state"][:, None, :2], parser) == FLOAT32_MAX
+    assert probe_state_limit(overflowing, parser) == pytest.approx(1e20 / 100)
+    parser.state_limit = probe_state_limit(overflowing, parser)
+    schema = act_request_schema(parser, [-1.0, -0.5], [1.0, 0.5])
+    assert "image" not in schema["properties"] and schema["required"] == ["instruction", "state"]
+    assert schema["properties"]["state"]["items"]["maximum"] == pytest.approx(1e18)
+    per_dim = schema["properties"]["previous_action"]["prefixItems"]
+    assert [(d["minimum"], d["maximum"]) for d in per_dim] == [(-1.0, 1.0), (-0.5, 0.5)]
+    body = json.dumps({"instruction": "go", "state": [2e18, 0, 0, 0]}).encode()
+    with pytest.raises(RequestError, match="state: .*output is finite.*2e\\+18 at index 0"):
+        parser.parse(body)
+
+
 def test_parser_rejects_float32_overflow_and_deep_json(parser, observations):
     from vla_ray.serve.schema import RequestError
 
