@@ -42,7 +42,9 @@ from vla_ray.serve.schema import (
     ErrorResponse,
     RequestError,
     RequestParser,
+    act_request_schema,
     limit_image_pixels,
+    probe_state_limit,
 )
 from vla_ray.serve.sessions import (
     SESSION_HEADER,
@@ -64,6 +66,21 @@ app = FastAPI(
     "(image, instruction, state) to /v1/act and get the shielded action chunk back.",
     version="1",
 )
+
+
+def _replica_openapi() -> dict[str, Any]:
+    """``/openapi.json`` in a replica: the schema of the model it loaded (outside a replica,
+    FastAPI's, whose ``/v1/act`` body is the model-independent ``ActRequest``)."""
+    try:
+        replica = serve.get_replica_context().servable_object
+    except Exception:  # not in a Serve replica
+        replica = None
+    if replica is None or not hasattr(replica, "openapi_schema"):
+        return FastAPI.openapi(app)
+    return replica.openapi_schema()
+
+
+app.openapi = _replica_openapi  # FastAPI's /openapi.json and /docs call app.openapi()
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -192,6 +209,12 @@ class VLAPolicy:
         # warm-up: the first call of a runtime allocates its buffers
         warm = self.parser.parse(_example_body(self.spec))
         self.backend.predict(warm.inputs)
+        self.parser.state_limit = probe_state_limit(self.backend.predict, self.parser)
+        # /v1/act's body schema for this model (in /openapi.json and /v1/spec)
+        self.request_schema = act_request_schema(
+            self.parser, self.shield.low.tolist(), self.shield.high.tolist()
+        )
+        self._openapi: dict[str, Any] | None = None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray | Exception]:
@@ -387,9 +410,19 @@ class VLAPolicy:
                 **public_spec(self.spec),
                 "shield": self.shield.describe(),
                 "serving": serving,
-                "request_schema": ActRequest.model_json_schema(),
+                "request_schema": self.request_schema,
             }
         )
+
+    def openapi_schema(self) -> dict[str, Any]:
+        """FastAPI's OpenAPI schema with ``/v1/act``'s body replaced by the loaded model's
+        (built once per replica)."""
+        if self._openapi is None:
+            schema = json.loads(json.dumps(FastAPI.openapi(self.app)))
+            body = schema["paths"]["/v1/act"]["post"]["requestBody"]["content"]
+            body["application/json"]["schema"] = self.request_schema
+            self._openapi = schema
+        return self._openapi
 
     def check_health(self) -> None:
         """Serve's replica health check: the backend must still answer."""

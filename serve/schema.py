@@ -51,19 +51,22 @@ def limit_image_pixels(height: int, width: int) -> None:
     Image.MAX_IMAGE_PIXELS = max(4 * int(height) * int(width), 1024)
 
 
-def float32_vector(field: str, values: list[float], n: int) -> np.ndarray:
+def float32_vector(
+    field: str, values: list[float], n: int, limit: float = FLOAT32_MAX
+) -> np.ndarray:
     """``values`` as float32 (n,): 422 naming ``field`` for a wrong length, a non-finite value
-    or one beyond float32's range (finite in float64, infinite in float32)."""
+    or one beyond ``limit`` (at most float32's range: finite in float64, infinite in float32)."""
     if len(values) != n:
         raise RequestError(422, field, f"expected {n} numbers, got {len(values)}")
     arr = np.asarray(values, dtype=np.float64)
-    bad = ~np.isfinite(arr) | (np.abs(arr) > FLOAT32_MAX)
+    bad = ~np.isfinite(arr) | (np.abs(arr) > limit)
     if np.any(bad):
         i = int(np.argmax(bad))
+        model = "" if limit >= FLOAT32_MAX else " and the range this model's output is finite for"
         raise RequestError(
             422,
             field,
-            f"expected finite numbers within float32 range (|x| <= {FLOAT32_MAX:.4g}), "
+            f"expected finite numbers within float32 range{model} (|x| <= {limit:.4g}), "
             f"got {float(arr[i])!r} at index {i}",
         )
     return arr.astype(np.float32)
@@ -176,6 +179,9 @@ class RequestParser:
         self.tokenizer = tokenizer
         self.max_body_bytes = int(max_body_bytes)
         self.max_instruction_chars = int(max_instruction_chars)
+        # the largest |state| value accepted: float32's range, or less where the model's output
+        # overflows before it (see probe_state_limit)
+        self.state_limit = FLOAT32_MAX
         self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ class RequestParser:
         if self.state_dim:
             if req.state is None:
                 raise RequestError(422, "state", f"field required: {self.state_dim} finite numbers")
-            state = float32_vector("state", req.state, self.state_dim)
+            state = float32_vector("state", req.state, self.state_dim, self.state_limit)
             inputs["state"] = state[None]
         elif req.state is not None:
             raise RequestError(422, "state", "this model takes no state; leave it out")
@@ -353,3 +359,136 @@ class RequestParser:
         if req.previous_action is not None:
             previous = float32_vector("previous_action", req.previous_action, self.action_dim)
         return ParsedRequest(inputs, state, previous)
+
+
+# ---- the request schema of the loaded model ----------------------------------------------------
+# Instructions in the schema: printable ASCII with at least one non-space character. For the
+# tokenizers we ship and load (word-level, byte-level BPE, SentencePiece) an ASCII character is
+# at most one token, so a character bound is a token bound; other text is accepted too when it is
+# within the token limit, but its token count cannot be stated in a JSON schema.
+INSTRUCTION_PATTERN = "^[ -~]*[!-~][ -~]*$"
+IMAGE_FORMAT = "image-base64"  # the OpenAPI format name of a base64 PNG/JPEG image string
+
+
+def instruction_max_length(parser: RequestParser) -> int:
+    """The longest printable-ASCII instruction (characters) that stays within the model's
+    ``max_tokens`` whatever its characters: probed with each printable character repeated (every
+    character a token for word-level tokenizers with punctuation split) and with alternations."""
+    probes = [chr(c) for c in range(0x21, 0x7F)] + ["a!", "a ", "!a", "ab "]
+    n = min(parser.max_instruction_chars, parser.max_tokens)
+    while n > 1:
+        texts = [(p * n)[:n] for p in probes]
+        if all(parser._encode(t)[2] <= parser.max_tokens for t in texts):
+            break
+        n -= 1
+    return n
+
+
+def probe_state_limit(predict: Any, parser: RequestParser, margin: float = 100.0) -> float:
+    """The largest |state| value (a power of ten over ``margin``, at most float32's range) for
+    which ``predict`` gives finite actions at every sign pattern probed: states beyond it are
+    rejected with 422 naming ``state`` rather than answered with a 500."""
+    if not parser.state_dim:
+        return FLOAT32_MAX
+    signs = np.ones((4, parser.state_dim), np.float32)
+    signs[1] = -1.0
+    signs[2, 1::2] = -1.0
+    signs[3] = -signs[2]
+    base = {k: v for k, v in _probe_inputs(parser).items() if k != "state"}
+    batch = {k: np.repeat(v, len(signs), axis=0) for k, v in base.items()}
+    for scale in [FLOAT32_MAX] + [10.0**e for e in range(38, -1, -1)]:
+        with np.errstate(all="ignore"):
+            out = np.asarray(predict({**batch, "state": signs * np.float32(scale)}))
+        if np.all(np.isfinite(out)):
+            return FLOAT32_MAX if scale == FLOAT32_MAX else scale / margin
+    return 1.0
+
+
+def _probe_inputs(parser: RequestParser) -> dict[str, np.ndarray]:
+    """Model inputs of a grey image, zero state and the instruction "go" (batch of one)."""
+    body: dict[str, Any] = {"instruction": "go"}
+    if parser.has_image:
+        body["image"] = np.full((parser.height, parser.width, 3), 128, np.uint8).tolist()
+    if parser.state_dim:
+        body["state"] = [0.0] * parser.state_dim
+    return parser.parse(json.dumps(body).encode()).inputs
+
+
+def _number_list(n: int, low: list[float], high: list[float], description: str) -> dict[str, Any]:
+    """An array of exactly ``n`` numbers within [low[i], high[i]] each."""
+    schema: dict[str, Any] = {"type": "array", "minItems": n, "maxItems": n}
+    if len(set(low)) == 1 and len(set(high)) == 1:
+        schema["items"] = {"type": "number", "minimum": low[0], "maximum": high[0]}
+    else:  # per-dimension bounds (JSON Schema 2020-12, OpenAPI 3.1)
+        schema["prefixItems"] = [
+            {"type": "number", "minimum": lo, "maximum": hi}
+            for lo, hi in zip(low, high, strict=True)
+        ]
+        schema["items"] = False
+    return {**schema, "description": description}
+
+
+def act_request_schema(
+    parser: RequestParser, action_low: list[float], action_high: list[float]
+) -> dict[str, Any]:
+    """The JSON schema of a ``/v1/act`` body for the loaded model: exact state and action
+    lengths, numeric bounds (the accepted state range, the shield's action bounds), the
+    instruction's length, the image's encodings and size; fields the model takes no value for
+    are left out (``additionalProperties: false``). A body valid under it is accepted."""
+    h, w = parser.height, parser.width
+    properties: dict[str, Any] = {}
+    required = ["instruction"]
+    if parser.has_image:
+        pixel = {"type": "integer", "minimum": 0, "maximum": 255}
+        row = {"type": "array", "minItems": 3, "maxItems": 3, "items": pixel}
+        line = {"type": "array", "minItems": w, "maxItems": w, "items": row}
+        properties["image"] = {
+            "description": f"RGB image of {h}x{w} pixels: base64 PNG or JPEG (a data: URL "
+            f"prefix is allowed), or a nested list {h} x {w} x 3 of integers 0-255",
+            "anyOf": [
+                {
+                    "type": "string",
+                    "format": IMAGE_FORMAT,
+                    "contentEncoding": "base64",
+                    "contentMediaType": "image/png",
+                    "maxLength": parser.max_body_bytes,
+                    "x-image-size": [h, w],
+                },
+                {"type": "array", "minItems": h, "maxItems": h, "items": line},
+            ],
+        }
+        required.insert(0, "image")
+    properties["instruction"] = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": instruction_max_length(parser),
+        "pattern": INSTRUCTION_PATTERN,
+        "description": f"task instruction; the model reads at most {parser.max_tokens} tokens "
+        f"(the schema's bound is for printable ASCII: other text is accepted within "
+        f"{parser.max_tokens} tokens and {parser.max_instruction_chars} characters)",
+    }
+    if parser.state_dim:
+        lim = float(parser.state_limit)
+        properties["state"] = _number_list(
+            parser.state_dim,
+            [-lim] * parser.state_dim,
+            [lim] * parser.state_dim,
+            "proprioceptive state: finite numbers within float32 range (and within the range "
+            "this model's output stays finite for)",
+        )
+        required.append("state")
+    properties["previous_action"] = _number_list(
+        parser.action_dim,
+        [float(v) for v in action_low],
+        [float(v) for v in action_high],
+        "the action executed last (one step), within the action bounds: the shield's "
+        "max_delta limits the change from it",
+    )
+    return {
+        "title": "ActRequest",
+        "description": "Body of POST /v1/act for the loaded model: one observation.",
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }

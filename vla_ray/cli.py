@@ -272,6 +272,22 @@ def _catch_stop_signals() -> Any:
     return event
 
 
+def _drain_and_shutdown() -> None:
+    """Stop Serve without dropping requests in flight: the application is deleted first (its
+    replicas finish their ongoing requests, within Serve's graceful_shutdown_timeout_s, while
+    the HTTP proxy still carries their answers back), then Serve and its proxy stop.
+    ``serve.shutdown()`` alone stops the proxy at once, cutting off every open request."""
+    from ray import serve
+
+    from vla_ray.serve.app import APP_NAME
+
+    try:
+        serve.delete(APP_NAME)
+    except Exception as err:  # Serve never started or already gone: nothing to drain
+        print(f"vla-ray serve: no application to drain ({type(err).__name__})", file=sys.stderr)
+    serve.shutdown()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from vla_ray.serve.app import ServeSettings, start
 
@@ -310,7 +326,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
     )
     import ray
-    from ray import serve
 
     if args.host not in _LOOPBACK and not settings.api_key:
         print(
@@ -344,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
         print(f"{stop.name}: draining in-flight requests and stopping Serve", flush=True)
     finally:
-        serve.shutdown()  # replicas finish their in-flight requests first
+        _drain_and_shutdown()
         ray.shutdown()
     print("stopped", flush=True)
     return 0
