@@ -497,3 +497,13 @@ def test_sac_trains_the_expert_as_a_squashed_gaussian_mean_with_mlp_critics(
     with torch.no_grad():
         want = module.vla.predict(obs).flatten(1)
     torch.testing.assert_close(torch.tanh(loc).detach(), want, atol=1e-3, rtol=0)
+
+
+def test_export_refuses_a_lerobot_policy_by_name(smolvla_ckpt, tmp_path):
+    from vla_ray.export import ExportError, export
+
+    module, _ = _module(*smolvla_ckpt)
+    module.vla.save_pretrained(tmp_path / "vla")
+    with pytest.raises(ExportError, match=r"onnx cannot hold a backbone='smolvla' policy"):
+        export(tmp_path / "vla", "onnx", tmp_path / "out", progress=None)
+    assert not (tmp_path / "out").exists()

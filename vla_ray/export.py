@@ -664,6 +664,13 @@ def export(
             "processor runs in Python, outside the graph); serve its save_pretrained folder "
             f"(the checkpoint's vla/) with `vla-ray serve --model DIR --backend torch`"
         )
+    if vla.config.backbone in ("smolvla", "pi0"):
+        raise ExportError(
+            f"format: {', '.join(fmts)} cannot hold a backbone={vla.config.backbone!r} policy: "
+            "vla-ray's exporters do not trace a LeRobot checkpoint's flow expert (its Euler loop "
+            "over the VLM's key/value cache) yet; use its save_pretrained folder (the "
+            "checkpoint's vla/) from Python (VLA.from_pretrained)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
