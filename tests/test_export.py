@@ -207,9 +207,12 @@ def test_noise_sampling_head_takes_noise_as_input(tmp_path, head):
     )
     torch.manual_seed(0)
     src = VLA(cfg).save_pretrained(tmp_path / "vla")
-    summary = export(src, "onnx", tmp_path / "out", progress=None)
+    # flow matching also through the prefix-cached split graphs (noise is the suffix's input)
+    split = head == "flow_matching"
+    summary = export(src, "onnx", tmp_path / "out", prefix_cache=split, progress=None)
     assert summary["formats"]["onnx"]["max_abs_diff"] < FP32_TOLERANCE
     spec = read_spec(tmp_path / "out" / "onnx")
+    assert ("prefix_cache" in spec) == split
     assert spec["inputs"][-1]["name"] == "noise" and spec["inputs"][-1]["shape"] == ["batch", 6]
     assert spec["head"] == {
         "name": head,

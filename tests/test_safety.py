@@ -424,7 +424,7 @@ def onnx_export(tiny_vla_dir, tmp_path_factory):
     from vla_ray.export import export
 
     out = tmp_path_factory.mktemp("safety-export") / "export"
-    export(tiny_vla_dir, ["onnx"], out, progress=None)
+    export(tiny_vla_dir, ["onnx"], out, prefix_cache=False, progress=None)
     return out
 
 

@@ -594,13 +594,16 @@ def export(
     *,
     triton_max_batch_size: int = 64,
     opset: int | None = None,
+    prefix_cache: bool = True,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` (RLlib checkpoint or save_pretrained dir) to ``output``.
 
     Every format is checked against the PyTorch module; one that misses its tolerance raises
     ExportError and nothing is written. ``output`` is replaced atomically; an existing folder that
-    is not an earlier export is refused. Returns the summary written to ``export.json``.
+    is not an earlier export is refused. ``prefix_cache=False`` leaves the split prefix/suffix
+    graphs out of ``onnx/`` (a faster export; runners then encode every row's instruction).
+    Returns the summary written to ``export.json``.
     """
     from vla_ray.evaluate import load_policy
 
@@ -666,7 +669,7 @@ def export(
                 convert_openvino(onnx_path, target)
             spec = build_spec(vla, fmt, model_file, meta)
             tol = tolerance(fmt, spec)
-            split = fmt == "onnx" and can_split_prefix(vla)
+            split = prefix_cache and fmt == "onnx" and can_split_prefix(vla)
             if split:
                 spec[PREFIX_CACHE_KEY] = export_onnx_split(vla, folder, opset)
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
