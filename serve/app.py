@@ -40,7 +40,6 @@ from vla_ray.serve.schema import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_REQUEST_TIMEOUT_S,
     RETRY_AFTER_S,
-    ActBatchRequest,
     ActBatchResponse,
     ActRequest,
     ActResponse,
@@ -48,6 +47,7 @@ from vla_ray.serve.schema import (
     ErrorResponse,
     RequestError,
     RequestParser,
+    batch_request_schema,
     limit_image_pixels,
 )
 from vla_ray.serve.sessions import (
@@ -386,7 +386,7 @@ class VLAPolicy:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ActBatchRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": batch_request_schema()}},
             }
         },
         summary="Action chunks for the observations of a vectorised client: each row is "

@@ -378,6 +378,15 @@ class ActBatchRequest(BaseModel):
     )
 
 
+def batch_request_schema() -> dict[str, Any]:
+    """The JSON schema of ``ActBatchRequest`` with the row schema inlined (a ``$defs`` reference
+    would not resolve inside the OpenAPI document)."""
+    schema = ActBatchRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+    schema["properties"]["observations"]["items"] = defs["ActRequest"]
+    return schema
+
+
 class ActBatchRow(BaseModel):
     """One row's answer: the /v1/act answer's action fields (``status`` 200), or that row's
     error (``status`` 4xx/5xx with ``detail`` and ``field``)."""

@@ -385,7 +385,10 @@ def test_act_batch_whole_body_errors(endpoint, observations):
     # the schema documents the route
     paths = request(f"{endpoint}/openapi.json")[1]["paths"]
     schema = paths["/v1/act_batch"]["post"]["requestBody"]["content"]["application/json"]
-    assert schema["schema"]["properties"]["observations"]["maxItems"] == 128
+    rows = schema["schema"]["properties"]["observations"]
+    assert rows["maxItems"] == 128
+    assert "instruction" in rows["items"]["required"]  # inlined: no dangling $defs reference
+    assert "$ref" not in json.dumps(schema)
 
 
 def test_first_step_is_rate_limited_from_the_neutral_action(endpoint, tiny_vla, observations):
