@@ -1,5 +1,7 @@
 """Benchmark: the Serve endpoint (p50/p99 latency, actions/s at several concurrencies, torch and
-ONNX backends) and direct inference (eager torch vs onnxruntime fp32 vs INT8, ...).
+ONNX backends; ``/v1/act`` with one observation per request and ``/v1/act_batch`` with ROWS
+observations per request) and direct inference (eager torch vs onnxruntime fp32 (one graph, and
+the prefix/suffix graphs with the instruction-prefix cache) vs INT8, ...).
 
 The model is the langreach-ppo preset's policy config, built from LangReach's spaces and randomly
 initialised (timing does not depend on the weights). Requests are real LangReach observations
@@ -7,6 +9,7 @@ initialised (timing does not depend on the weights). Requests are real LangReach
 in this process. Prints tables and writes ``OUT/serve.json``.
 
     python bench/serve.py --out docs/bench
+    python bench/serve.py --batch-route 32x1 8x4   # ROWSxCONCURRENCY on /v1/act_batch
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def direct_rows(export_dir: Path, obs, batch_sizes, seconds: float) -> list[dict
     """Direct inference (no HTTP), one intra-op thread, on real observations."""
     import torch
 
-    from vla_ray.export import load_runner
+    from vla_ray.export import OnnxRunner, load_runner, read_spec
     from vla_ray.models.vla import VLA
     from vla_ray.tokenizer import encode_instructions
 
@@ -109,8 +112,15 @@ def direct_rows(export_dir: Path, obs, batch_sizes, seconds: float) -> list[dict
         ("onnx-fp16", "onnxruntime fp16"),
         ("openvino", "openvino fp32"),
     ):
-        if (export_dir / fmt).is_dir():
-            runtimes[label] = load_runner(export_dir / fmt, threads=1)
+        if not (export_dir / fmt).is_dir():
+            continue
+        if fmt == "onnx":  # the single graph (every row's prefix encoded), then the split one
+            spec = read_spec(export_dir / fmt)
+            runtimes[label] = OnnxRunner(export_dir / fmt / spec["model_file"], threads=1)
+            if "prefix_cache" in spec:
+                runtimes[f"{label}, prefix cache"] = load_runner(export_dir / fmt, threads=1)
+            continue
+        runtimes[label] = load_runner(export_dir / fmt, threads=1)
     rows = []
     for b in batch_sizes:
         pick = [obs[i % len(obs)] for i in range(b)]
@@ -147,7 +157,8 @@ def _functional(vla, x):
 
 
 async def load(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
-    """``concurrency`` closed loops posting back-to-back for ``seconds``; client-side latency."""
+    """``concurrency`` closed loops posting back-to-back for ``seconds``; client-side latency.
+    A ``/v1/act_batch`` answer counts its rows' actions (a failed row is an error)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -178,7 +189,11 @@ async def load(url: str, bodies: list[bytes], concurrency: int, seconds: float) 
                     continue
                 latencies.append(dt)
                 server_ms.append(answer["latency_ms"])
-                actions += len(answer["actions"])
+                for row in answer.get("results", [answer]):
+                    if row.get("status", 200) == 200:
+                        actions += len(row["actions"])
+                    else:
+                        errors += 1
 
         warm_end = time.perf_counter() + min(2.0, seconds / 3)
         await asyncio.gather(*(loop(w, warm_end, False) for w in range(concurrency)))
@@ -207,11 +222,13 @@ def serve_rows(
     max_batch_size: int,
     batch_wait_ms: float,
     chunk_size: int,
+    batch_route: list[tuple[int, int]] = (),
 ) -> list[dict[str, Any]]:
+    """``/v1/act`` at each concurrency, then ``/v1/act_batch`` at each (rows, concurrency)."""
     from ray import serve
 
     from vla_ray.serve.app import ServeSettings, build_app
-    from vla_ray.serve.client import act_body, free_port
+    from vla_ray.serve.client import act_batch_body, act_body, free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -228,22 +245,40 @@ def serve_rows(
     )
     serve.run(app, name="bench", route_prefix="/")
     bodies = [json.dumps(act_body(o["image"], t, o["state"])).encode() for o, t in obs]
-    url = f"http://127.0.0.1:{port}/v1/act"
+    url = f"http://127.0.0.1:{port}"
+    levels = [("/v1/act", 1, c) for c in concurrencies]
+    levels += [("/v1/act_batch", n, c) for n, c in batch_route]
     rows = []
     try:
-        for c in concurrencies:
-            r = asyncio.run(load(url, bodies, c, seconds))
+        for route, n, c in levels:
+            if route == "/v1/act":
+                sent = bodies
+            else:  # N observations per request, cycling through the observations
+                sent = []
+                for start in range(len(obs)):
+                    pick = [obs[(start + i) % len(obs)] for i in range(n)]
+                    body = act_batch_body(
+                        [o["image"] for o, _ in pick],
+                        [t for _, t in pick],
+                        [o["state"] for o, _ in pick],
+                    )
+                    sent.append(json.dumps(body).encode())
+            r = asyncio.run(load(url + route, sent, c, seconds))
             row = dict(
                 backend=backend,
+                route=route,
+                rows_per_request=n,
                 chunk_size=chunk_size,
                 replicas=replicas,
                 max_batch_size=max_batch_size,
                 concurrency=c,
+                observations_in_flight=n * c,
                 **r,
             )
             rows.append(row)
             print(
-                f"serve {backend:<5} K={chunk_size} c={c:>3}: p50 {r['p50_ms']:7.2f} ms  "
+                f"serve {backend:<5} {route:<13} rows={n:>3} K={chunk_size} c={c:>3}: "
+                f"p50 {r['p50_ms']:7.2f} ms  "
                 f"p99 {r['p99_ms']:7.2f} ms  {r['actions_per_s']:8.1f} actions/s  "
                 f"(server p50 {r['server_p50_ms']} ms, {r['errors']} errors)",
                 flush=True,
@@ -264,11 +299,24 @@ def main() -> None:
     parser.add_argument(
         "--chunk-sizes", type=int, nargs="+", default=[1, 8], help="model chunk sizes (onnx)"
     )
+    parser.add_argument(
+        "--batch-route",
+        nargs="*",
+        default=["32x1", "8x4"],
+        metavar="ROWSxCONC",
+        help="/v1/act_batch levels: ROWS observations per request, CONC concurrent requests",
+    )
     parser.add_argument("--direct-batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--direct-seconds", type=float, default=3.0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="serve", help="results file: OUT/NAME.json")
     args = parser.parse_args()
+    batch_route = []
+    for level in args.batch_route:
+        rows, _, conc = level.partition("x")
+        if not (rows.isdigit() and conc.isdigit() and int(rows) >= 1 and int(conc) >= 1):
+            parser.error(f"--batch-route: expected ROWSxCONC such as 32x1, got {level!r}")
+        batch_route.append((int(rows), int(conc)))
 
     from vla_ray.export import export
     from vla_ray.train import init_ray
@@ -302,6 +350,7 @@ def main() -> None:
             args.max_batch_size,
             args.batch_wait_ms,
             1,
+            batch_route,
         )
     for k in args.chunk_sizes:
         if k == 1:
@@ -332,7 +381,8 @@ def main() -> None:
             f"--backends {' '.join(args.backends)} --seconds {args.seconds:g} "
             f"--replicas {args.replicas} --max-batch-size {args.max_batch_size} "
             f"--batch-wait-ms {args.batch_wait_ms:g} "
-            f"--chunk-sizes {' '.join(map(str, args.chunk_sizes))} --out {args.out}"
+            f"--chunk-sizes {' '.join(map(str, args.chunk_sizes))} "
+            f"--batch-route {' '.join(args.batch_route)} --out {args.out}"
             + (f" --name {args.name}" if args.name != "serve" else "")
         ),
         serve_env={k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
@@ -353,13 +403,14 @@ def main() -> None:
             f"{r['actions_per_s']:>10.1f} {r['speedup_vs_torch_eager']:>7.2f}x"
         )
     print(
-        f"\n{'backend':<7} {'K':>3} {'conc':>5} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'req/s':>8} {'actions/s':>10}"
+        f"\n{'backend':<7} {'route':<13} {'rows':>4} {'K':>3} {'conc':>5} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'req/s':>8} {'actions/s':>10}"
     )
     for r in served:
         print(
-            f"{r['backend']:<7} {r['chunk_size']:>3} {r['concurrency']:>5} {r['p50_ms']:>8.2f} "
-            f"{r['p99_ms']:>8.2f} {r['requests_per_s']:>8.1f} {r['actions_per_s']:>10.1f}"
+            f"{r['backend']:<7} {r['route']:<13} {r['rows_per_request']:>4} {r['chunk_size']:>3} "
+            f"{r['concurrency']:>5} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['requests_per_s']:>8.1f} {r['actions_per_s']:>10.1f}"
         )
     print(f"\nwrote {out / f'{args.name}.json'}")
 

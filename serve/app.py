@@ -1,6 +1,7 @@
 """The Ray Serve deployment: a FastAPI ingress over a batched policy backend.
 
-Routes: ``POST /v1/act`` (one observation -> shielded action chunk), ``GET /v1/health``,
+Routes: ``POST /v1/act`` (one observation -> shielded action chunk), ``POST /v1/act_batch``
+(the observations of a vectorised client -> one shielded chunk or error per row), ``GET /v1/health``,
 ``GET /v1/spec`` (model spec, shield and serving settings), ``POST /v1/estop`` and
 ``POST /v1/resume`` (emergency stop of one session, header ``X-Session-Id``, or of all),
 OpenAPI docs at ``/docs``.
@@ -32,17 +33,22 @@ from vla_ray.safety import SafetyRejected
 from vla_ray.serve.backends import BACKENDS, load_backend, resolve_model_dir
 from vla_ray.serve.schema import (
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_BODY_BYTES,
+    DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_INSTRUCTION_CHARS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_REQUEST_TIMEOUT_S,
     RETRY_AFTER_S,
+    ActBatchResponse,
     ActRequest,
     ActResponse,
+    BatchParser,
     ErrorResponse,
     RequestError,
     RequestParser,
     act_request_schema,
+    batch_request_schema,
     limit_image_pixels,
     probe_state_limit,
 )
@@ -139,6 +145,9 @@ class ServeSettings:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # e-stop/watchdog settings (serve/sessions.py WatchdogSettings)
     watchdog: dict[str, Any] | None = None
+    # POST /v1/act_batch: rows per request and its body limit
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
+    max_batch_body_bytes: int = DEFAULT_MAX_BATCH_BODY_BYTES
 
 
 def _example_body(spec: dict[str, Any]) -> bytes:
@@ -196,6 +205,9 @@ class VLAPolicy:
             self.settings.max_body_bytes,
             self.settings.max_instruction_chars,
         )
+        self.batch_parser = BatchParser(
+            self.parser, self.settings.max_batch_rows, self.settings.max_batch_body_bytes
+        )
         self.shield = Shield(self.settings.shield, self.spec)
         self.sessions = SafetySessions(WatchdogSettings.from_dict(self.settings.watchdog))
         if self.parser.has_image:
@@ -206,6 +218,7 @@ class VLAPolicy:
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._active = 0  # /v1/act requests inside this replica's handler now
         # warm-up: the first call of a runtime allocates its buffers
         warm = self.parser.parse(_example_body(self.spec))
         self.backend.predict(warm.inputs)
@@ -234,18 +247,20 @@ class VLAPolicy:
         if not hmac.compare_digest(key.encode(), expected.encode()):
             raise RequestError(401, API_KEY_HEADER, "wrong API key")
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, size-checked as it arrives; 408 when it is not all there within
-        ``body_timeout_s`` (a client trickling bytes must not hold a replica's slot)."""
+    async def _read_body(self, request: Request, parser: Any = None) -> bytes:
+        """The body, size-checked (by ``parser``, default the /v1/act parser) as it arrives;
+        408 when it is not all there within ``body_timeout_s`` (a client trickling bytes must
+        not hold a replica's slot)."""
+        check_size = (parser or self.parser).check_size
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit():
-            self.parser.check_size(int(declared))
+            check_size(int(declared))
         body = bytearray()
 
         async def receive() -> None:
             async for chunk in request.stream():
                 body.extend(chunk)
-                self.parser.check_size(len(body))
+                check_size(len(body))
 
         limit = self.settings.body_timeout_s
         try:
@@ -271,6 +286,20 @@ class VLAPolicy:
     async def act(
         self, request: Request, api_key: str | None = Security(_api_key_header)
     ) -> JSONResponse:
+        self._active += 1
+        try:
+            return await self._act(request, api_key)
+        finally:
+            self._active -= 1
+
+    def _predict_now(self, inputs: dict[str, np.ndarray]) -> np.ndarray | Exception:
+        """One request's model call without the batch window (counted as a batch of one)."""
+        self.stats["requests"] += 1
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], 1)
+        return predict_each(self.backend.predict, [inputs])[0]
+
+    async def _act(self, request: Request, api_key: str | None) -> JSONResponse:
         t0 = time.perf_counter()
         try:
             self._authorize(api_key)
@@ -294,59 +323,147 @@ class VLAPolicy:
             return self._stop_answer(sid, "estop" if self.sessions.stopped(sid) else stale, t0)
         if previous is None and SESSION_HEADER in request.headers:
             previous = self.sessions.get(sid).last_action  # a named session's last answer
-        chunk = await self._batched(parsed.inputs)
+        if self._active == 1:  # alone in this replica: nothing to wait for in a batch window
+            chunk = self._predict_now(parsed.inputs)
+        else:
+            chunk = await self._batched(parsed.inputs)
+        status, payload, actions = self._shielded(chunk, parsed.state, previous, sid, "/v1/act")
+        if actions is not None and SESSION_HEADER in request.headers:
+            self.sessions.get(sid).last_action = actions[-1].copy()
+        if status == 200:
+            payload = {**payload, **self._meta(t0)}
+        return JSONResponse(payload, status_code=status)
+
+    def _meta(self, t0: float) -> dict[str, Any]:
+        """The answer fields every action answer carries besides its actions."""
+        return {
+            "model_version": self.spec["model_version"],
+            "backend": self.backend.name,
+            "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        }
+
+    def _shielded(
+        self,
+        chunk: np.ndarray | Exception,
+        state: np.ndarray | None,
+        previous: np.ndarray | None,
+        sid: str,
+        route: str,
+    ) -> tuple[int, dict[str, Any], np.ndarray | None]:
+        """One observation's model output through the shield: (HTTP status, answer fields,
+        the shielded chunk or None). A model error or unusable output is a 500 for this
+        observation (or the stop action, when the watchdog stops on model errors); a reject
+        rule's refusal a 409."""
         try:
             if isinstance(chunk, Exception):
                 raise chunk
-            result = self.shield.run(chunk, parsed.state, previous)
+            result = self.shield.run(chunk, state, previous)
             actions, report = result.actions, self.shield.report(result)
         except SafetyRejected as err:
             payload = {"detail": f"safety.{err.rule}: {err.reason}", "field": f"safety.{err.rule}"}
-            return JSONResponse(payload, status_code=409)
+            return 409, payload, None
         except ShieldInputError as err:  # the model's output for this observation is unusable
-            logger.warning("no action for a /v1/act request: %s", err)
+            logger.warning("no action for a %s observation: %s", route, err)
             if self.sessions.watchdog.stop_on_model_error:
-                return self._stop_answer(sid, "model_error", t0)
-            return JSONResponse({"detail": str(err), "field": err.field}, status_code=500)
+                return 200, self._stop_payload(sid, "model_error"), None
+            return 500, {"detail": str(err), "field": err.field}, None
         except Exception as err:
-            logger.warning("the model failed on a /v1/act request (%s)", type(err).__name__)
+            logger.warning("the model failed on a %s observation (%s)", route, type(err).__name__)
             if self.sessions.watchdog.stop_on_model_error:
-                return self._stop_answer(sid, "model_error", t0)
-            payload = {"detail": "model: failed on this observation", "field": "model"}
-            return JSONResponse(payload, status_code=500)
-        if SESSION_HEADER in request.headers:
-            self.sessions.get(sid).last_action = actions[-1].copy()
-        return JSONResponse(
+                return 200, self._stop_payload(sid, "model_error"), None
+            return 500, {"detail": "model: failed on this observation", "field": "model"}, None
+        return (
+            200,
             {
                 "action": actions[0].tolist(),
                 "actions": actions.tolist(),
                 "chunk_size": int(actions.shape[0]),
-                "model_version": self.spec["model_version"],
-                "backend": self.backend.name,
-                "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
                 "shield": report,
                 "safety": {"session": sid, "interventions": result.counts, "stopped_by": None},
-            }
+            },
+            actions,
         )
 
-    def _stop_answer(self, sid: str, reason: str, t0: float) -> JSONResponse:
+    def _stop_payload(self, sid: str, reason: str) -> dict[str, Any]:
         """The stop action for the whole chunk, without the model (``reason``: ``estop``,
-        ``stale_observation`` or ``model_error``)."""
+        ``stale_observation`` or ``model_error``): the answer's action fields."""
         K = int(self.spec["action"].get("chunk_size", 1))
         actions = np.tile(self.shield.rules.stop_action, (K, 1))
         counts = dict.fromkeys((r.id for r in self.shield.rules.rules), 0)
-        return JSONResponse(
-            {
-                "action": actions[0].tolist(),
-                "actions": actions.tolist(),
-                "chunk_size": K,
-                "model_version": self.spec["model_version"],
-                "backend": self.backend.name,
-                "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
-                "shield": {"rate_limited": False, "clamped": False, "workspace_blocked": False},
-                "safety": {"session": sid, "interventions": counts, "stopped_by": reason},
+        return {
+            "action": actions[0].tolist(),
+            "actions": actions.tolist(),
+            "chunk_size": K,
+            "shield": {"rate_limited": False, "clamped": False, "workspace_blocked": False},
+            "safety": {"session": sid, "interventions": counts, "stopped_by": reason},
+        }
+
+    def _stop_answer(self, sid: str, reason: str, t0: float) -> JSONResponse:
+        """The /v1/act answer with the stop action (see ``_stop_payload``)."""
+        return JSONResponse({**self._stop_payload(sid, reason), **self._meta(t0)})
+
+    @app.post(
+        "/v1/act_batch",
+        response_model=ActBatchResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": batch_request_schema()}},
             }
-        )
+        },
+        summary="Action chunks for the observations of a vectorised client: each row is "
+        "validated and shielded as /v1/act does and answered in order with its own status; a "
+        "bad row fails only itself. X-Session-Id's e-stop and X-Observation-Timestamp apply "
+        "to every row; the rate limit starts from each row's previous_action (else the "
+        "neutral action)",
+    )
+    async def act_batch(
+        self, request: Request, api_key: str | None = Security(_api_key_header)
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            self._authorize(api_key)
+            body = await self._read_body(request, self.batch_parser)
+            rows = await parse_off_loop(self._parse_pool, self.batch_parser.parse, body)
+            sid = self.sessions.session_id(request.headers.get(SESSION_HEADER))
+            stale = self.sessions.stale(request.headers.get(TIMESTAMP_HEADER))
+        except RequestError as err:
+            return JSONResponse(err.payload(), status_code=err.status)
+        except SessionError as err:
+            payload = RequestError(422, err.field, err.message).payload()
+            return JSONResponse(payload, status_code=422)
+        except Exception as err:  # as for /v1/act: bad input, one log line, no traceback
+            logger.warning("unreadable /v1/act_batch body (%s)", type(err).__name__)
+            payload = RequestError(422, "body", "could not be read as observations").payload()
+            return JSONResponse(payload, status_code=422)
+        stop = "estop" if self.sessions.stopped(sid) else stale
+        results: list[dict[str, Any] | None] = [None] * len(rows)
+        todo = []
+        for i, row in enumerate(rows):
+            if isinstance(row, RequestError):
+                results[i] = {"status": row.status, **row.payload()}
+                continue
+            try:
+                previous = self.shield.check_previous_action(row.previous_action)
+            except ShieldInputError as err:
+                results[i] = {"status": 422, **RequestError(422, err.field, err.message).payload()}
+                continue
+            if stop:
+                results[i] = {"status": 200, **self._stop_payload(sid, stop)}
+                continue
+            todo.append((i, row, previous))
+        if todo:
+            self.stats["requests"] += len(todo)
+            self.stats["batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(todo))
+            chunks = predict_each(self.backend.predict, [row.inputs for _, row, _ in todo])
+            for (i, row, previous), chunk in zip(todo, chunks, strict=True):
+                status, payload, _ = self._shielded(
+                    chunk, row.state, previous, sid, "/v1/act_batch"
+                )
+                results[i] = {"status": status, **payload}
+        return JSONResponse({"results": results, **self._meta(t0)})
 
     async def _stop_route(self, request: Request, api_key: str | None, stop: bool) -> JSONResponse:
         try:
@@ -415,12 +532,15 @@ class VLAPolicy:
         )
 
     def openapi_schema(self) -> dict[str, Any]:
-        """FastAPI's OpenAPI schema with ``/v1/act``'s body replaced by the loaded model's
-        (built once per replica)."""
+        """FastAPI's OpenAPI schema with ``/v1/act``'s body, and each row of
+        ``/v1/act_batch``'s, replaced by the loaded model's (built once per replica)."""
         if self._openapi is None:
             schema = json.loads(json.dumps(FastAPI.openapi(self.app)))
             body = schema["paths"]["/v1/act"]["post"]["requestBody"]["content"]
             body["application/json"]["schema"] = self.request_schema
+            batch = schema["paths"]["/v1/act_batch"]["post"]["requestBody"]["content"]
+            rows = batch["application/json"]["schema"]["properties"]["observations"]
+            rows.update(items=self.request_schema, maxItems=self.batch_parser.max_rows)
             self._openapi = schema
         return self._openapi
 
@@ -453,6 +573,12 @@ def build_app(
     WatchdogSettings.from_dict(settings.watchdog)  # ValueError naming a bad watchdog setting
     if settings.max_batch_size < 1:
         raise ValueError(f"max_batch_size: expected >= 1, got {settings.max_batch_size}")
+    if settings.max_batch_rows < 1:
+        raise ValueError(f"max_batch_rows: expected >= 1, got {settings.max_batch_rows}")
+    if settings.max_batch_body_bytes < 1:
+        raise ValueError(
+            f"max_batch_body_bytes: expected >= 1, got {settings.max_batch_body_bytes}"
+        )
     if not settings.body_timeout_s > 0:
         raise ValueError(f"body_timeout_s: expected > 0 seconds, got {settings.body_timeout_s}")
     if max_queued_requests != -1 and max_queued_requests < 1:
@@ -507,6 +633,8 @@ class BuildArgs(BaseModel):
     api_key_file: str | None = Field(None, description=f"the API key's file (else ${API_KEY_ENV})")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_instruction_chars: int = Field(DEFAULT_MAX_INSTRUCTION_CHARS, ge=1)
+    max_batch_rows: int = Field(DEFAULT_MAX_BATCH_ROWS, ge=1, description="/v1/act_batch rows")
+    max_batch_body_bytes: int = Field(DEFAULT_MAX_BATCH_BODY_BYTES, ge=1)
     body_timeout_s: float = Field(DEFAULT_BODY_TIMEOUT_S, gt=0, description="else 408")
     max_queued_requests: int = Field(
         DEFAULT_MAX_QUEUED_REQUESTS, ge=-1, description="then 503 + Retry-After (-1: no bound)"
@@ -557,6 +685,8 @@ def build(args: BuildArgs) -> serve.Application:
         max_body_bytes=args.max_body_bytes,
         max_instruction_chars=args.max_instruction_chars,
         body_timeout_s=args.body_timeout_s,
+        max_batch_rows=args.max_batch_rows,
+        max_batch_body_bytes=args.max_batch_body_bytes,
     )
     return build_app(
         settings,

@@ -17,9 +17,9 @@ from vla_ray.runtime import (
     PYTORCH_DIR,
     SPEC_NAME,
     SUMMARY_NAME,
-    OnnxRunner,
     OpenVINORunner,
     load_export_tokenizer,
+    onnx_runner,
     read_spec,
 )
 
@@ -87,14 +87,14 @@ PER_REQUEST_FORMATS = ("onnx-int8",)
 
 
 class OnnxBackend(Backend):
-    """onnxruntime (CPU) over ``model.onnx`` of an ONNX-family export folder."""
+    """onnxruntime (CPU) over an ONNX-family export folder: its prefix and suffix graphs with
+    an instruction-prefix cache where the export has them, else ``model.onnx``."""
 
     name = "onnx"
 
     def __init__(self, folder: Path, threads: int = 1):
         self.spec = read_spec(folder)
-        model_file = folder / self.spec["model_file"]
-        self.runner = OnnxRunner(model_file, threads=threads)
+        self.runner = onnx_runner(folder, self.spec, threads=threads)
         self.tokenizer = load_export_tokenizer(folder / self.spec["instruction"]["tokenizer"])
         self.per_request = self.spec["format"] in PER_REQUEST_FORMATS
 

@@ -38,6 +38,35 @@ def act_body(
     return body
 
 
+def act_batch_body(
+    images: Any,
+    instructions: list[str],
+    states: Any | None = None,
+    previous_actions: Any | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/act_batch`` for a vectorised client's observations: images
+    (N, H, W, 3), N instructions, states (N, S) and previous actions (N, A) or None."""
+    n = len(instructions)
+    for name, value in (
+        ("images", images),
+        ("states", states),
+        ("previous_actions", previous_actions),
+    ):
+        if value is not None and len(value) != n:
+            raise ValueError(f"{name}: expected {n} rows (one per instruction), got {len(value)}")
+    return {
+        "observations": [
+            act_body(
+                images[i],
+                instructions[i],
+                None if states is None else states[i],
+                None if previous_actions is None else previous_actions[i],
+            )
+            for i in range(n)
+        ]
+    }
+
+
 def request(
     url: str,
     body: dict[str, Any] | bytes | None = None,

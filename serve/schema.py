@@ -40,6 +40,10 @@ DEFAULT_BODY_TIMEOUT_S = 10.0  # the whole body must arrive within this (else 40
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # end to end, enforced by Serve's proxy (408)
 DEFAULT_MAX_QUEUED_REQUESTS = 256  # per deployment handle beyond the ongoing ones (then 503)
 RETRY_AFTER_S = 1.0  # the Retry-After of a 503 for a full queue
+# POST /v1/act_batch: observations per request and the body limit (64x64 PNG rows are ~8 kB,
+# nested-list rows ~50 kB)
+DEFAULT_MAX_BATCH_ROWS = 128
+DEFAULT_MAX_BATCH_BODY_BYTES = 8 << 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -155,6 +159,17 @@ def _json_error(err: ValueError) -> str:
     if isinstance(err, json.JSONDecodeError):
         return f"{err.msg} at line {err.lineno} column {err.colno}"
     return "not UTF-8 text"
+
+
+def load_json(body: bytes, expected: str) -> Any:
+    """``body`` decoded as JSON; 400 naming ``body`` (and ``expected``) when it is not JSON or
+    is nested too deeply."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, "body", f"not valid JSON ({_json_error(err)})") from None
+    except RecursionError:
+        raise RequestError(400, "body", f"JSON nested too deeply; expected {expected}") from None
 
 
 class RequestParser:
@@ -308,16 +323,10 @@ class RequestParser:
     def parse(self, body: bytes) -> ParsedRequest:
         """Raw body -> ParsedRequest; RequestError otherwise."""
         self.check_size(len(body))
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, "body", f"not valid JSON ({_json_error(err)})") from None
-        except RecursionError:
-            raise RequestError(
-                400,
-                "body",
-                "JSON nested too deeply; expected an object of image, instruction, state",
-            ) from None
+        return self.parse_object(load_json(body, "an object of image, instruction, state"))
+
+    def parse_object(self, data: Any) -> ParsedRequest:
+        """A decoded JSON body (one observation) -> ParsedRequest; RequestError otherwise."""
         if not isinstance(data, dict):
             raise RequestError(
                 422,
@@ -492,3 +501,103 @@ def act_request_schema(
         "required": required,
         "additionalProperties": False,
     }
+
+
+# ---- POST /v1/act_batch -------------------------------------------------------------------------
+class ActBatchRequest(BaseModel):
+    """Body of ``POST /v1/act_batch``: the observations of a vectorised client, one per row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    observations: list[ActRequest] = Field(
+        min_length=1,
+        max_length=DEFAULT_MAX_BATCH_ROWS,
+        description="one /v1/act body per row (at most the server's max_batch_rows, see "
+        "/v1/spec); each row is validated on its own",
+    )
+
+
+def batch_request_schema() -> dict[str, Any]:
+    """The JSON schema of ``ActBatchRequest`` with the row schema inlined (a ``$defs`` reference
+    would not resolve inside the OpenAPI document)."""
+    schema = ActBatchRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+    schema["properties"]["observations"]["items"] = defs["ActRequest"]
+    return schema
+
+
+class ActBatchRow(BaseModel):
+    """One row's answer: the /v1/act answer's action fields (``status`` 200), or that row's
+    error (``status`` 4xx/5xx with ``detail`` and ``field``)."""
+
+    status: int = Field(description="the HTTP status /v1/act would give this observation")
+    action: list[float] | None = None
+    actions: list[list[float]] | None = None
+    chunk_size: int | None = None
+    shield: ShieldReport | None = None
+    safety: dict[str, Any] | None = None
+    detail: str | None = None
+    field: str | None = None
+
+
+class ActBatchResponse(BaseModel):
+    """Answer of ``POST /v1/act_batch``: one result per observation, in order."""
+
+    results: list[ActBatchRow]
+    model_version: str
+    backend: str
+    latency_ms: float = Field(description="server-side time from request to answer")
+
+
+class BatchParser:
+    """Validates ``/v1/act_batch`` bodies: the envelope as a whole (4xx for the request), each
+    row as ``RequestParser`` validates a ``/v1/act`` body (an error for that row only)."""
+
+    def __init__(
+        self,
+        parser: RequestParser,
+        max_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        max_body_bytes: int = DEFAULT_MAX_BATCH_BODY_BYTES,
+    ):
+        self.parser = parser
+        self.max_rows = int(max_rows)
+        self.max_body_bytes = int(max_body_bytes)
+
+    def check_size(self, size: int) -> None:
+        """413 when a body of ``size`` bytes is over the batch limit."""
+        if size > self.max_body_bytes:
+            raise RequestError(
+                413, "body", f"{size} bytes is over the limit of {self.max_body_bytes} bytes"
+            )
+
+    def parse(self, body: bytes) -> list[ParsedRequest | RequestError]:
+        """Raw body -> per row a ParsedRequest or the RequestError of that row; RequestError
+        for a body that is not ``{"observations": [1..max_rows objects]}``."""
+        self.check_size(len(body))
+        data = load_json(body, 'an object {"observations": [...]}')
+        if not isinstance(data, dict):
+            raise RequestError(
+                422,
+                "body",
+                f'expected a JSON object {{"observations": [...]}}, got {type(data).__name__}',
+            )
+        extra = sorted(str(k)[:64] for k in data if k != "observations")
+        if extra:
+            raise RequestError(422, extra[0], "extra field; the body holds only observations")
+        rows = data.get("observations")
+        if not isinstance(rows, list):
+            got = "nothing" if rows is None else f"a {type(rows).__name__}"
+            raise RequestError(422, "observations", f"expected a list of observations, got {got}")
+        if not 1 <= len(rows) <= self.max_rows:
+            raise RequestError(
+                422, "observations", f"expected 1 to {self.max_rows} rows, got {len(rows)}"
+            )
+        out: list[ParsedRequest | RequestError] = []
+        for row in rows:
+            try:
+                out.append(self.parser.parse_object(row))
+            except RequestError as err:
+                out.append(err)
+            except Exception:  # a parser gap is still bad input, and only this row's
+                out.append(RequestError(422, "body", "could not be read as an observation"))
+        return out

@@ -117,6 +117,42 @@ def test_onnx_graph_is_functional_with_dynamic_batch(tiny_export):
     assert [o.name for o in sess.get_outputs()] == ["actions"]
 
 
+def test_prefix_cached_onnx_equals_the_module_and_encodes_each_instruction_once(
+    tiny_vla, tiny_export, langreach_obs_batch
+):
+    """The onnx export's prefix/suffix graphs with the runner's cache give the eager module's
+    actions on several real instructions, repeated within and across batches; an instruction
+    already seen is not encoded again."""
+    from vla_ray.runtime import PREFIX_CACHE_KEY, PrefixCachedOnnxRunner
+
+    folder = tiny_export / "onnx"
+    spec = read_spec(folder)
+    assert spec[PREFIX_CACHE_KEY]["prefix_outputs"][0] == "context"
+    assert spec["parity"]["prefix_cache_max_abs_diff"] < FP32_TOLERANCE
+    runner = load_runner(folder)
+    assert isinstance(runner, PrefixCachedOnnxRunner)
+    texts = ["reach the red target", "go to the green ball", "head for the blue dot"]
+    ids, mask = encode_instructions(texts, 16, tiny_vla.tokenizer)
+    obs = {k: v for k, v in langreach_obs_batch.items() if k != "instruction"}
+    seen = 0
+    for pick in ([0, 1, 0, 2, 1, 0, 0, 2], [2, 2, 2, 2, 2, 2, 2, 2], [1, 0, 2, 1, 0, 2, 1, 0]):
+        x = {**obs, "instruction": ids[pick], "instruction_mask": mask[pick]}
+        got = runner(x)
+        np.testing.assert_allclose(got, reference_actions(tiny_vla, x), atol=FP32_TOLERANCE)
+        seen = max(seen, len(set(pick)))
+        assert runner.encoded == seen  # the first batch held 3 distinct instructions
+    assert np.abs(got).max() > 0.5 and not np.allclose(got[0], got[1])
+    # a new instruction is a miss; padding beyond the mask does not make a new one
+    other = encode_instructions(["touch the green one"], 16, tiny_vla.tokenizer)
+    x = {k: v[:2] for k, v in obs.items()}
+    x["instruction"] = np.concatenate([other[0], other[0]])
+    x["instruction"][1, other[1][0] == 0] = 7  # garbage in the padded slots
+    x["instruction_mask"] = np.concatenate([other[1], other[1]])
+    got = runner(x)
+    assert runner.encoded == 4
+    np.testing.assert_allclose(got, reference_actions(tiny_vla, x), atol=FP32_TOLERANCE)
+
+
 def test_functional_forward_matches_memoised_forward(tiny_vla, langreach_obs_batch):
     trunk = tiny_vla.trunk
     obs = {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}
@@ -248,9 +284,12 @@ def test_noise_sampling_head_takes_noise_as_input(tmp_path, head):
     )
     torch.manual_seed(0)
     src = VLA(cfg).save_pretrained(tmp_path / "vla")
-    summary = export(src, "onnx", tmp_path / "out", progress=None)
+    # flow matching also through the prefix-cached split graphs (noise is the suffix's input)
+    split = head == "flow_matching"
+    summary = export(src, "onnx", tmp_path / "out", prefix_cache=split, progress=None)
     assert summary["formats"]["onnx"]["max_abs_diff"] < FP32_TOLERANCE
     spec = read_spec(tmp_path / "out" / "onnx")
+    assert ("prefix_cache" in spec) == split
     assert spec["inputs"][-1]["name"] == "noise" and spec["inputs"][-1]["shape"] == ["batch", 6]
     assert spec["head"] == {
         "name": head,

@@ -277,7 +277,7 @@ def test_squashed_mlp_head_is_in_bounds_saved_and_exported(tmp_path):
     want = reference_actions(vla, inputs)
     assert np.abs(want).max() <= 1.0 and np.abs(want).max() > 0.99  # squashed, saturated
     np.testing.assert_allclose(reference_actions(loaded, inputs), want, atol=1e-6)
-    export(tmp_path / "vla", "onnx", tmp_path / "export", progress=None)
+    export(tmp_path / "vla", "onnx", tmp_path / "export", prefix_cache=False, progress=None)
     export_actions = load_runner(tmp_path / "export" / "onnx")(inputs)
     np.testing.assert_allclose(export_actions, want, atol=1e-4)
 

@@ -424,7 +424,7 @@ def onnx_export(tiny_vla_dir, tmp_path_factory):
     from vla_ray.export import export
 
     out = tmp_path_factory.mktemp("safety-export") / "export"
-    export(tiny_vla_dir, ["onnx"], out, progress=None)
+    export(tiny_vla_dir, ["onnx"], out, prefix_cache=False, progress=None)
     return out
 
 
@@ -526,6 +526,36 @@ def test_serve_estop_and_resume_per_session(client, body):
     assert client.post("/v1/act", json=body, headers=headers("c")).json()["action"] == [0.0, 0.0]
     assert client.post("/v1/resume", headers={"X-API-Key": KEY}).json()["stopped"] is False
     assert client.post("/v1/act", json=body, headers=headers("c")).json()["action"] != [0.0, 0.0]
+
+
+def test_serve_batch_rows_get_the_rules_the_stop_and_their_own_errors(client, body):
+    """/v1/act_batch: each row is shielded and counted as /v1/act does; the session's e-stop and
+    a stale timestamp stop every row; a bad row is a 422 in its slot; a row the model fails on
+    gets the stop action (stop_on_model_error)."""
+    nan_row = {**body, "state": [3e38] * 4}
+    batch = {"observations": [body, {**body, "state": [1e39, 0, 0, 0]}, nan_row, body]}
+    r = client.post("/v1/act_batch", json=batch, headers=headers("e"))
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert [x["status"] for x in rows] == [200, 422, 200, 200]
+    assert rows[0]["safety"] == {"session": "e", "interventions": {"slow": 1, "bounds": 0},
+                                 "stopped_by": None}  # fmt: skip
+    assert np.linalg.norm(rows[0]["action"]) == pytest.approx(0.1, abs=1e-6)
+    assert rows[3]["action"] == rows[0]["action"]
+    assert rows[1]["field"] == "state" and "float32" in rows[1]["detail"]
+    assert rows[2]["action"] == [0.0, 0.0] and rows[2]["safety"]["stopped_by"] == "model_error"
+    client.post("/v1/estop", headers={"X-API-Key": KEY, "X-Session-Id": "e"})
+    rows = client.post("/v1/act_batch", json=batch, headers=headers("e")).json()["results"]
+    assert [x["status"] for x in rows] == [200, 422, 200, 200]
+    assert all(rows[i]["safety"]["stopped_by"] == "estop" for i in (0, 2, 3))
+    assert all(rows[i]["action"] == [0.0, 0.0] for i in (0, 2, 3))
+    client.post("/v1/resume", headers={"X-API-Key": KEY, "X-Session-Id": "e"})
+    rows = client.post("/v1/act_batch", json=batch, headers=headers("e", age=5.0)).json()
+    assert rows["results"][0]["safety"]["stopped_by"] == "stale_observation"
+    r = client.post("/v1/act_batch", json=batch, headers={"X-API-Key": KEY})
+    assert r.status_code == 422 and r.json()["field"] == "X-Obs-Timestamp"
+    r = client.post("/v1/act_batch", json=batch, headers=headers("e", key="wrong"))
+    assert r.status_code == 401
 
 
 def test_serve_watchdog_stale_observation_and_timestamp_errors(client, body):

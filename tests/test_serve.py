@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from vla_ray.serve.client import act_body, encode_image, free_port, request
+from vla_ray.serve.client import act_batch_body, act_body, encode_image, free_port, request
 from vla_ray.serve.shield import Shield, ShieldConfigError
 
 KEY = "s3cret"
@@ -301,6 +301,97 @@ def test_states_the_model_overflows_on_are_422_and_spare_their_batch(
         assert status == 422 and answer["field"] == "state", answer
         assert "output is finite" in answer["detail"] and "Traceback" not in answer["detail"]
     assert request(f"{endpoint}/v1/health")[1]["largest_batch"] > 1
+
+
+def test_act_batch_answers_each_row_as_act_and_a_bad_row_fails_alone(
+    endpoint, tiny_vla, observations
+):
+    """POST /v1/act_batch: the good rows get /v1/act's shielded actions, in order; every bad
+    row of the /v1/act matrix (and one that drives the model to NaN) gets its own status and
+    named field in its slot, without changing the others."""
+    obs0, text0 = observations[0]
+    bad = {}
+    for name, (raw_body, status, field, words) in _bad_cases(obs0, text0).items():
+        try:
+            row = json.loads(raw_body)
+        except (ValueError, RecursionError):
+            continue  # not JSON: a whole-body error, checked below
+        if status == 422:
+            bad[name] = (row, status, field, words)
+    obs3, text3 = observations[3]
+    bad["model output NaN"] = (act_body(obs3["image"], text3, [3e38] * 4), 500, "actions", "")
+    assert len(bad) > 20
+    good = []
+    for i, (obs, text) in enumerate(observations):
+        raw = direct(tiny_vla, obs, text)
+        previous = np.clip(raw[0], -1.0, 1.0) if i % 2 else None
+        good.append((act_body(obs["image"], text, obs["state"], previous), shielded(raw, previous)))
+    # bad rows between the good ones
+    rows, want = [], []
+    bad_items = list(bad.items())
+    for i in range(max(len(good), len(bad_items))):
+        if i < len(good):
+            rows.append(good[i][0])
+            want.append(good[i][1])
+        if i < len(bad_items):
+            rows.append(bad_items[i][1][0])
+            want.append(bad_items[i])
+    status, answer = request(f"{endpoint}/v1/act_batch", {"observations": rows})
+    assert status == 200, answer
+    assert answer["backend"] == "onnx" and answer["latency_ms"] > 0
+    assert len(answer["results"]) == len(rows)
+    for got, expected in zip(answer["results"], want, strict=True):
+        if isinstance(expected, np.ndarray):
+            assert got["status"] == 200, got
+            np.testing.assert_allclose(got["actions"], expected, atol=1e-4)
+            assert got["action"] == got["actions"][0] and got["chunk_size"] == 1
+            assert got["safety"]["stopped_by"] is None
+            continue
+        name, (_, code, field, words) = expected
+        assert got["status"] == code and got["field"] == field, (name, got)
+        assert got["detail"].startswith(field) and words in got["detail"], (name, got)
+        assert not any(w in got["detail"] for w in INTERNALS), (name, got)
+    # the vectorised client's helper builds the same rows
+    images = np.stack([o["image"] for o, _ in observations])
+    states = np.stack([o["state"] for o, _ in observations])
+    texts = [t for _, t in observations]
+    status, answer = request(f"{endpoint}/v1/act_batch", act_batch_body(images, texts, states))
+    assert status == 200 and [r["status"] for r in answer["results"]] == [200] * 8
+    for got, (obs, text) in zip(answer["results"], observations, strict=True):
+        np.testing.assert_allclose(got["actions"], shielded(direct(tiny_vla, obs, text)), atol=1e-4)
+
+
+def test_act_batch_whole_body_errors(endpoint, observations):
+    obs, text = observations[0]
+    one = act_body(obs["image"], text, obs["state"])
+    cases = {
+        "not JSON": (b"{observations: [", 400, "body", "not valid JSON"),
+        "deeply nested": (b"[" * 100_000 + b"]" * 100_000, 400, "body", "nested too deeply"),
+        "a list": (b"[1]", 422, "body", "JSON object"),
+        "no rows": ({"observations": []}, 422, "observations", "1 to 128 rows, got 0"),
+        "too many rows": ({"observations": [{}] * 129}, 422, "observations", "got 129"),
+        "rows not a list": ({"observations": one}, 422, "observations", "got a dict"),
+        "missing": ({}, 422, "observations", "got nothing"),
+        "extra field": ({"observations": [one], "mode": 1}, 422, "mode", "extra field"),
+    }
+    for name, (body, status, field, words) in cases.items():
+        got, answer = request(f"{endpoint}/v1/act_batch", body)
+        assert got == status and answer["field"] == field, (name, got, answer)
+        assert answer["detail"].startswith(field) and words in answer["detail"], (name, answer)
+    assert request(f"{endpoint}/torch/v1/act_batch", {"observations": [one]})[0] == 401
+    got, answer = request(f"{endpoint}/torch/v1/act_batch", {"observations": [one]}, api_key=KEY)
+    assert got == 200 and answer["results"][0]["status"] == 200 and answer["backend"] == "torch"
+    with pytest.raises(ValueError, match="states: expected 2 rows"):
+        act_batch_body(obs["image"][None].repeat(2, 0), ["a", "b"], [obs["state"]])
+    # the schema documents the route
+    paths = request(f"{endpoint}/openapi.json")[1]["paths"]
+    schema = paths["/v1/act_batch"]["post"]["requestBody"]["content"]["application/json"]
+    rows = schema["schema"]["properties"]["observations"]
+    assert rows["maxItems"] == 128
+    assert "instruction" in rows["items"]["required"]  # inlined: no dangling $defs reference
+    act = paths["/v1/act"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert rows["items"] == act  # each row carries the loaded model's constraints
+    assert "$ref" not in json.dumps(schema)
 
 
 def test_first_step_is_rate_limited_from_the_neutral_action(endpoint, tiny_vla, observations):
@@ -977,6 +1068,8 @@ def test_cli_serve_limit_defaults_are_the_server_s():
     from vla_ray.cli import build_parser
     from vla_ray.serve.schema import (
         DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_MAX_BATCH_BODY_BYTES,
+        DEFAULT_MAX_BATCH_ROWS,
         DEFAULT_MAX_QUEUED_REQUESTS,
         DEFAULT_REQUEST_TIMEOUT_S,
     )
@@ -985,6 +1078,8 @@ def test_cli_serve_limit_defaults_are_the_server_s():
     assert args.body_timeout == DEFAULT_BODY_TIMEOUT_S
     assert args.request_timeout == DEFAULT_REQUEST_TIMEOUT_S
     assert args.max_queued == DEFAULT_MAX_QUEUED_REQUESTS
+    assert args.max_batch_rows == DEFAULT_MAX_BATCH_ROWS
+    assert args.max_batch_body_bytes == DEFAULT_MAX_BATCH_BODY_BYTES
 
 
 def test_a_killed_replica_is_replaced_and_requests_recover(endpoint, ray_session, observations):

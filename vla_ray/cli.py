@@ -317,6 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_instruction_chars=args.max_instruction_chars,
         body_timeout_s=args.body_timeout,
         watchdog=watchdog or None,
+        max_batch_rows=args.max_batch_rows,
+        max_batch_body_bytes=args.max_batch_body_bytes,
     )
     options = dict(
         num_replicas=args.replicas,
@@ -953,6 +955,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--max-body-bytes", type=int, default=1 << 20)
     v.add_argument("--max-instruction-chars", type=int, default=512)
+    v.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=128,
+        metavar="N",
+        help="POST /v1/act_batch: at most N observations per request",
+    )
+    v.add_argument(
+        "--max-batch-body-bytes",
+        type=int,
+        default=8 << 20,
+        help="POST /v1/act_batch: the body limit (413 beyond)",
+    )
     v.add_argument(
         "--body-timeout",
         type=float,

@@ -24,6 +24,13 @@ for heads that sample from noise (``diffusion``: DDIM; ``flow_matching``: Euler 
 the initial ``noise`` float32 (B, K*A) (zeros = the deterministic action) -> ``actions`` float32 (B, K, A). The batch axis is dynamic. The trunk's memoised
 instruction-prefix cache is not part of the graph (``VLATrunk.forward_functional``); parity against
 the memoised PyTorch module is checked for every format on random valid inputs.
+
+The ``onnx`` folder of a ``VLATrunk`` policy also holds the model split in two graphs, so that a
+runner can keep the eager module's instruction-prefix cache: ``prefix.onnx`` (``instruction``,
+``instruction_mask`` -> ``context`` and each layer's ``past_key_I`` / ``past_value_I``) and
+``suffix.onnx`` (the other inputs, ``instruction_mask`` and the prefix's outputs -> ``actions``);
+``spec.json``'s ``prefix_cache`` names them and ``vla_ray.runtime.PrefixCachedOnnxRunner`` runs
+them (checked for parity like every format, with repeated instructions hitting the cache).
 """
 
 from __future__ import annotations
@@ -51,12 +58,14 @@ from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
 from vla_ray.model_card import find_eval, write_model_card
 from vla_ray.models.heads import takes_noise
-from vla_ray.models.vla import VLA, WEIGHTS_NAME
+from vla_ray.models.prefix import Prefix
+from vla_ray.models.vla import VLA, WEIGHTS_NAME, VLATrunk
 
 # what runs an export needs without torch (the serving replicas) lives in vla_ray.runtime
 from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
     EXPORT_FORMATS,
     ONNX_FAMILY,
+    PREFIX_CACHE_KEY,
     PYTORCH_DIR,
     SPEC_NAME,
     SUMMARY_NAME,
@@ -64,8 +73,10 @@ from vla_ray.runtime import (  # noqa: F401  (re-exported: the export API)
     ExportError,
     OnnxRunner,
     OpenVINORunner,
+    PrefixCachedOnnxRunner,
     TorchExportRunner,
     import_openvino,
+    onnx_runner,
     read_spec,
 )
 from vla_ray.tokenizer import save_tokenizer
@@ -114,6 +125,52 @@ class InferenceGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.names, inputs, strict=True))
         features = self.vla.trunk.forward_functional(named)
+        if "noise" in named:
+            return self.vla.head.sample(features, named["noise"])
+        return self.vla.head.predict(features, deterministic=True)
+
+
+def prefix_output_names(num_layers: int) -> list[str]:
+    """Outputs of the exported prefix encoder: the pooled context, then per decoder layer its
+    keys and values."""
+    names = ["context"]
+    for i in range(num_layers):
+        names += [f"past_key_{i}", f"past_value_{i}"]
+    return names
+
+
+class PrefixGraph(nn.Module):
+    """The trunk's instruction-prefix encoder as a function of plain tensors (for export):
+    ``forward(instruction, instruction_mask) -> (context, past_key_0, past_value_0, ...)``."""
+
+    names = ["instruction", "instruction_mask"]
+
+    def __init__(self, vla: VLA):
+        super().__init__()
+        self.vla = vla
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ids, mask = inputs[0], inputs[1].long()
+        prefix = self.vla.trunk._encode_prefix(ids.long() * mask, mask)
+        return (prefix.context, *(t for kv in prefix.kv for t in kv))
+
+
+class SuffixGraph(nn.Module):
+    """The rest of the inference path given an encoded prefix (for export): the inputs of
+    ``InferenceGraph`` less ``instruction``, with the prefix's outputs before ``noise``."""
+
+    def __init__(self, vla: VLA, num_layers: int):
+        super().__init__()
+        self.vla = vla
+        self.num_layers = num_layers
+        obs = [n for n in input_names(vla.config) if n not in ("instruction", "noise")]
+        noise = ["noise"] if takes_noise(vla.config.head) else []
+        self.names = obs + prefix_output_names(num_layers) + noise
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.names, inputs, strict=True))
+        kv = [(named[f"past_key_{i}"], named[f"past_value_{i}"]) for i in range(self.num_layers)]
+        features = self.vla.trunk._suffix(named, Prefix(kv, named["context"]))
         if "noise" in named:
             return self.vla.head.sample(features, named["noise"])
         return self.vla.head.predict(features, deterministic=True)
@@ -184,6 +241,8 @@ def load_runner(format_dir: str | Path, threads: int = 1) -> Callable[[Inputs], 
         raise ExportError(
             f"{format_dir}: format {fmt!r} has no runner; runnable: {', '.join(FORMATS)}"
         )
+    if fmt in ONNX_FAMILY:  # the prefix-cached split graphs where the spec names them
+        return onnx_runner(format_dir, spec, threads)
     names = [i["name"] for i in spec["inputs"]]
     return FORMATS[fmt].load(format_dir / spec["model_file"], names, threads)
 
@@ -394,20 +453,62 @@ def triton_config(
 # ---- export steps -------------------------------------------------------------------------------
 def export_onnx(vla: VLA, path: Path, opset: int | None = None) -> Path:
     """torch.onnx (dynamo) export of ``InferenceGraph(vla)`` with a dynamic batch axis."""
-    import onnx
-
     graph = InferenceGraph(vla).eval()
     example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
     args = tuple(torch.as_tensor(example[n]) for n in graph.names)
+    return _onnx_graph(graph, args, graph.names, [OUTPUT_NAME], path, opset)
+
+
+def can_split_prefix(vla: VLA) -> bool:
+    """Whether the policy's trunk encodes the instruction as a cacheable key/value prefix."""
+    return isinstance(vla.trunk, VLATrunk)
+
+
+def export_onnx_split(vla: VLA, folder: Path, opset: int | None = None) -> dict[str, Any]:
+    """``prefix.onnx`` and ``suffix.onnx`` in ``folder`` (see the module docstring); returns
+    the spec's ``prefix_cache`` entry."""
+    example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
+    prefix = PrefixGraph(vla).eval()
+    prefix_args = tuple(torch.as_tensor(example[n]) for n in prefix.names)
+    with torch.no_grad():
+        encoded = prefix(*prefix_args)
+    num_layers = (len(encoded) - 1) // 2
+    outputs = prefix_output_names(num_layers)
+    _onnx_graph(prefix, prefix_args, prefix.names, outputs, folder / "prefix.onnx", opset)
+    suffix = SuffixGraph(vla, num_layers).eval()
+    named = {k: torch.as_tensor(v) for k, v in example.items()}
+    named.update(zip(outputs, encoded, strict=True))
+    suffix_args = tuple(named[n] for n in suffix.names)
+    _onnx_graph(suffix, suffix_args, suffix.names, [OUTPUT_NAME], folder / "suffix.onnx", opset)
+    return {
+        "prefix_model": "prefix.onnx",
+        "suffix_model": "suffix.onnx",
+        "prefix_inputs": prefix.names,
+        "prefix_outputs": outputs,
+        "suffix_inputs": suffix.names,
+    }
+
+
+def _onnx_graph(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    names: list[str],
+    outputs: list[str],
+    path: Path,
+    opset: int | None,
+) -> Path:
+    """torch.onnx (dynamo) export of ``module(*args)``, axis 0 of every input dynamic."""
+    import onnx
+
     batch = torch.export.Dim("batch", min=1, max=65536)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(), torch.no_grad():
         torch.onnx.export(
-            graph,
+            module,
             args,
             str(path),
-            input_names=graph.names,
-            output_names=[OUTPUT_NAME],
+            input_names=names,
+            output_names=outputs,
             dynamic_shapes={"inputs": tuple({0: batch} for _ in args)},
             dynamo=True,
             external_data=False,
@@ -615,6 +716,19 @@ def parity_batches(vla: VLA, seed: int = 0) -> list[Inputs]:
     ]
 
 
+def repeated_instruction_batches(vla: VLA, seed: int = 0) -> list[Inputs]:
+    """Batches whose rows share a few instructions (in an order that differs from batch to
+    batch), so that a prefix cache is hit within a batch and across batches."""
+    out = []
+    for i, (b, distinct) in enumerate(((8, 3), (12, 2), (1, 1))):
+        x = random_inputs(vla.config, len(vla.tokenizer), b, seed=seed + 10 + i)
+        pick = np.random.default_rng(seed + i).integers(0, distinct, size=b)
+        x["instruction"] = x["instruction"][pick]
+        x["instruction_mask"] = x["instruction_mask"][pick]
+        out.append(x)
+    return out
+
+
 def weights_version(directory: Path, meta: dict[str, Any]) -> str:
     """``PRESET[-itN]-SHA12``: names the run and pins the exact weights of a save_pretrained dir."""
     digest = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()[:12]
@@ -631,13 +745,16 @@ def export(
     triton_max_batch_size: int = 64,
     triton_instance_group: TritonInstanceGroup | str | None = None,
     opset: int | None = None,
+    prefix_cache: bool = True,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` (RLlib checkpoint or save_pretrained dir) to ``output``.
 
     Every format is checked against the PyTorch module; one that misses its tolerance raises
     ExportError and nothing is written. ``output`` is replaced atomically; an existing folder that
-    is not an earlier export is refused. Returns the summary written to ``export.json``.
+    is not an earlier export is refused. ``prefix_cache=False`` leaves the split prefix/suffix
+    graphs out of ``onnx/`` (a faster export; runners then encode every row's instruction).
+    Returns the summary written to ``export.json``.
     """
     from vla_ray.evaluate import load_policy
 
@@ -701,14 +818,25 @@ def export(
             FORMATS[fmt].write(vla, target, onnx_path)
             spec = build_spec(vla, fmt, model_file, meta)
             tol = tolerance(fmt, spec)
+            split = prefix_cache and fmt == "onnx" and can_split_prefix(vla)
+            if split:
+                spec[PREFIX_CACHE_KEY] = export_onnx_split(vla, folder, opset)
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
-            runner = load_runner(folder)
+            runner = OnnxRunner(target) if split else load_runner(folder)
             diff = check_parity(vla, runner, batches)
             spec["parity"] = {
                 "max_abs_diff": diff,
                 "tolerance": tol,
                 "reference": "PyTorch VLA (memoised trunk), random valid inputs, batch 1, 5, 16",
             }
+            if split:
+                # the split graphs with the runner's cache, each batch twice (the second
+                # time every prefix comes from the cache)
+                cached = PrefixCachedOnnxRunner(folder, spec[PREFIX_CACHE_KEY])
+                repeated = batches + repeated_instruction_batches(vla)
+                cached_diff = check_parity(vla, cached, repeated + repeated)
+                spec["parity"]["prefix_cache_max_abs_diff"] = cached_diff
+                diff = max(diff, cached_diff)
             (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2))
             save_tokenizer(vla.tokenizer, folder / TOKENIZER_DIR)
             if fmt == "triton":

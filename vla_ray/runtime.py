@@ -29,6 +29,8 @@ SPEC_NAME = "spec.json"
 SUMMARY_NAME = "export.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
+# spec.json key of an onnx export split into prefix and suffix graphs (vla_ray.export)
+PREFIX_CACHE_KEY = "prefix_cache"
 
 Inputs = dict[str, np.ndarray]
 
@@ -74,6 +76,70 @@ class OnnxRunner:
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
         return self.session.run(None, {k: inputs[k] for k in self.names})[0]
+
+
+class PrefixCachedOnnxRunner:
+    """The ``onnx`` export's split graphs with an instruction-prefix cache, as the eager trunk
+    keeps one: each distinct instruction (ids and mask) is encoded by ``prefix.onnx`` once,
+    and its outputs are reused by every later row that carries it (``suffix.onnx`` runs every
+    row)."""
+
+    # cached prefixes beyond this many are dropped (bounds memory)
+    MAX_CACHED = 4096
+
+    def __init__(self, folder: str | Path, entry: dict[str, Any], threads: int = 1):
+        folder = Path(folder)
+        self.prefix = OnnxRunner(folder / entry["prefix_model"], threads)
+        self.suffix = OnnxRunner(folder / entry["suffix_model"], threads)
+        self.outputs = list(entry["prefix_outputs"])
+        self.names = list(entry["suffix_inputs"])
+        self._cache: dict[bytes, list[np.ndarray]] = {}
+        self.encoded = 0  # instructions run through prefix.onnx (cache misses)
+
+    def _prefixes(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """The prefix outputs for every row, each distinct row encoded at most once."""
+        ids = ids.astype(np.int64) * mask
+        keys = [ids[i].tobytes() + mask[i].tobytes() for i in range(len(ids))]
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        missing = [i for k, i in first.items() if k not in self._cache]
+        if missing:
+            if len(self._cache) + len(missing) > self.MAX_CACHED:
+                self._cache.clear()
+                missing = list(first.values())
+            sel = np.asarray(missing)
+            feed = {"instruction": ids[sel], "instruction_mask": mask[sel].astype(np.int64)}
+            new = self.prefix.session.run(self.outputs, feed)
+            for j, i in enumerate(missing):
+                self._cache[keys[i]] = [out[j : j + 1] for out in new]
+            self.encoded += len(missing)
+        order = list(first)
+        if len(order) == 1:  # one instruction for the whole batch: broadcast it
+            cached = self._cache[order[0]]
+            return [np.repeat(a, len(keys), axis=0) for a in cached]
+        slot = {k: j for j, k in enumerate(order)}
+        inverse = np.fromiter((slot[k] for k in keys), dtype=np.int64, count=len(keys))
+        rows = [self._cache[k] for k in order]
+        return [np.concatenate([r[n] for r in rows])[inverse] for n in range(len(self.outputs))]
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        mask = np.asarray(inputs["instruction_mask"]).astype(np.int64)
+        encoded = self._prefixes(np.asarray(inputs["instruction"]), mask)
+        feed = {**inputs, "instruction_mask": mask, **dict(zip(self.outputs, encoded, strict=True))}
+        return self.suffix.session.run(None, {k: feed[k] for k in self.names})[0]
+
+
+def onnx_runner(
+    folder: str | Path, spec: dict[str, Any], threads: int = 1
+) -> OnnxRunner | PrefixCachedOnnxRunner:
+    """The runner of an ONNX-family export folder: the prefix-cached split graphs where the
+    spec names them, else the single graph ``model_file``."""
+    folder = Path(folder)
+    entry = spec.get(PREFIX_CACHE_KEY)
+    if entry is not None:
+        return PrefixCachedOnnxRunner(folder, entry, threads)
+    return OnnxRunner(folder / spec["model_file"], threads)
 
 
 class OpenVINORunner:
