@@ -528,10 +528,20 @@ def test_serve_estop_and_resume_per_session(client, body):
     assert client.post("/v1/act", json=body, headers=headers("c")).json()["action"] != [0.0, 0.0]
 
 
-def test_serve_batch_rows_get_the_rules_the_stop_and_their_own_errors(client, body):
+def _let_overflowing_states_through(client, monkeypatch) -> None:
+    """The replica rejects states beyond the range it probed at start-up (422); lifted to
+    float32's range, so that a huge state reaches the model and its output is NaN: the model
+    error that a state pattern the probe missed would cause."""
+    from vla_ray.serve.schema import FLOAT32_MAX
+
+    monkeypatch.setattr(client.replica.parser, "state_limit", FLOAT32_MAX)
+
+
+def test_serve_batch_rows_get_the_rules_the_stop_and_their_own_errors(client, body, monkeypatch):
     """/v1/act_batch: each row is shielded and counted as /v1/act does; the session's e-stop and
     a stale timestamp stop every row; a bad row is a 422 in its slot; a row the model fails on
     gets the stop action (stop_on_model_error)."""
+    _let_overflowing_states_through(client, monkeypatch)
     nan_row = {**body, "state": [3e38] * 4}
     batch = {"observations": [body, {**body, "state": [1e39, 0, 0, 0]}, nan_row, body]}
     r = client.post("/v1/act_batch", json=batch, headers=headers("e"))
@@ -569,8 +579,9 @@ def test_serve_watchdog_stale_observation_and_timestamp_errors(client, body):
     assert r.status_code == 422 and "Unix seconds" in r.json()["detail"]
 
 
-def test_serve_watchdog_answers_stop_on_a_model_error(client, body):
-    # a state within float32 that drives the model to NaN (see test_serve.py)
+def test_serve_watchdog_answers_stop_on_a_model_error(client, body, monkeypatch):
+    _let_overflowing_states_through(client, monkeypatch)
+    # a state within float32 that drives the model to NaN
     bad = {**body, "state": [3e38] * 4}
     r = client.post("/v1/act", json=bad, headers=headers("e"))
     assert r.status_code == 200, r.text
