@@ -94,6 +94,8 @@ def measure(runners: int, service: dict[str, Any] | None, args: argparse.Namespa
             env_steps_per_s=round(runners * args.steps / wall, 2),
             env_runner_rss_mb=[round(x) for x in rss],
             env_runner_rss_mean_mb=round(sum(rss) / len(rss)),
+            # 1-minute load average after sampling: other jobs on the machine beside the bench
+            load_avg_1m=round(os.getloadavg()[0], 1),
         )
         if svc is not None:
             stats = svc.stats()

@@ -1,0 +1,190 @@
+"""Benchmark: GRPO with LoRA from a weak BC start on one-target LangReach, several seeds.
+
+Per seed, the whole pipeline through the code of the CLI commands:
+
+1. ``vla-ray collect``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``);
+2. ``vla-ray train --preset langreach-bc``: ``--bc-iters`` updates on them (a weak start);
+3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
+4. ``vla-ray train --preset langreach-lora-grpo --set model.pretrained_path=BC_CHECKPOINT``:
+   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference);
+5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
+
+The env is LangReach's one-target variant at the CI learning tests' size (``num_targets=1``,
+32 px images, 20-step episodes: ``ENV``). Writes ``OUT/lora_grpo_langreach.json`` and prints a
+table of success before and after per seed.
+
+    python bench/lora_grpo.py --seeds 0 1 2 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+ENV = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
+NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
+
+
+def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
+    """``vla-ray eval --checkpoint CHECKPOINT --episodes N`` (deterministic, seeds 100000+)."""
+    from vla_ray.evaluate import evaluate, load_policy
+
+    result = evaluate(load_policy(checkpoint), env_config=ENV, episodes=episodes, progress=False)
+    keep = ("success_rate", "mean_return", "mean_length", "episodes")
+    return {k: result[k] for k in keep if k in result}
+
+
+def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The five stages for one seed; their settings, timings and evaluations."""
+    from vla_ray.data import collect
+    from vla_ray.train import _merge, parse_overrides, resolve, train
+
+    record: dict[str, Any] = {"seed": seed}
+    t0 = time.time()
+    demos = workdir / f"demos{seed}"
+    summary = collect(
+        "vla_ray/LangReach-v0",
+        "expert",
+        args.demos,
+        demos,
+        seed=1000 * seed,
+        env_config=ENV,
+        progress=False,
+    )
+    record["demos"] = {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
+
+    bc_dir = workdir / f"bc{seed}"
+    bc = resolve(
+        "langreach-bc",
+        _merge(
+            {
+                "env_config": ENV,
+                "seed": seed,
+                "eval_every": NEVER,
+                "checkpoint_every": NEVER,
+            },
+            parse_overrides(args.bc_set),
+        ),
+        data=demos,
+    )
+    train(bc, bc_dir, stop_iters=args.bc_iters, progress=False)
+    record["bc_seconds"] = round(time.time() - t0)
+    start = bc_dir / "checkpoints" / "last"
+    record["start"] = evaluate_checkpoint(start, args.eval_episodes)
+    print(f"seed {seed}: start {record['start']}", flush=True)
+
+    t1 = time.time()
+    grpo_dir = workdir / f"grpo{seed}"
+    grpo = resolve(
+        args.preset,
+        _merge(
+            {
+                "env_config": ENV,
+                "seed": seed,
+                "model": {"pretrained_path": str(start / "vla")},
+                "checkpoint_every": NEVER,
+            },
+            parse_overrides(args.set),
+        ),
+    )
+    summary = train(grpo, grpo_dir, stop_iters=args.grpo_iters, progress=False)
+    record["grpo_seconds"] = round(time.time() - t1)
+    record["grpo_env_steps"] = summary.get("env_steps")
+    record["grpo_curve"] = read_curve(grpo_dir)
+    record["after"] = evaluate_checkpoint(grpo_dir / "checkpoints" / "last", args.eval_episodes)
+    print(f"seed {seed}: after {record['after']}", flush=True)
+    return record
+
+
+def read_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """Training success / return per iteration from the run's metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        keep = (
+            "iteration",
+            "env_steps",
+            "episode_return_mean",
+            "success_rate",
+            "time_s",
+            "learner",
+        )
+        rows.append({k: row[k] for k in keep if k in row})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--demos", type=int, default=20, help="expert episodes for BC")
+    parser.add_argument("--bc-iters", type=int, default=30, help="BC updates (batch 256)")
+    parser.add_argument("--grpo-iters", type=int, default=20)
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--preset", default="langreach-lora-grpo")
+    parser.add_argument("--set", action="append", default=[], help="GRPO override KEY=VALUE")
+    parser.add_argument("--bc-set", action="append", default=[], help="BC override KEY=VALUE")
+    parser.add_argument("--name", default="lora_grpo_langreach")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--workdir", help="keep the demos and run dirs here (default: a temp dir)")
+    args = parser.parse_args()
+
+    import platform
+
+    from vla_ray.train import init_ray
+
+    init_ray(num_cpus=2)
+    out = Path(args.out)
+    path = out / f"{args.name}.json"
+    # seeds run one at a time (each its own locked run) accumulate in one file; a seed run again
+    # replaces its row only when the settings match
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "workdir")}
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record and record.get("args") != settings:
+        raise SystemExit(f"{path} holds runs with other settings: {record.get('args')}; use --name")
+    runs = {r["seed"]: r for r in record.get("runs", [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        for seed in args.seeds:
+            t0 = time.time()
+            run = run_seed(seed, args, workdir)
+            run.update(
+                started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
+                seconds=round(time.time() - t0),
+                load_average_end=[round(x, 1) for x in os.getloadavg()],  # others' jobs beside
+            )
+            if path.exists():  # another process may have added a seed meanwhile
+                runs.update({r["seed"]: r for r in json.loads(path.read_text())["runs"]})
+            runs[seed] = run
+            record = dict(
+                bench=args.name,
+                env_config=ENV,
+                args=settings,
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                runs=[runs[k] for k in sorted(runs)],
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2))
+    runs = record["runs"]
+    print("\n| seed | start success | after GRPO+LoRA | change | GRPO s | BC s |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        a, b = r["start"]["success_rate"], r["after"]["success_rate"]
+        print(
+            f"| {r['seed']} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {r['grpo_seconds']} | "
+            f"{r['bc_seconds']} |"
+        )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
