@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import gymnasium as gym
@@ -260,6 +261,20 @@ def test_inference_only_module_drops_critics_and_acts_in_the_env_bounds():
     assert torch.allclose(det, torch.full_like(det, 2.0), atol=1e-3)
     sampled = dist.sample()
     assert (sampled.abs() <= 2.0).all()
+
+
+def test_nested_overrides_leave_the_algorithm_defaults_alone():
+    """An override of a nested default (the replay buffer's capacity) is the run's only: a
+    shallow copy once let one test's capacity of 100 shrink every later SAC run's buffer."""
+    from vla_ray.algorithms import get_algorithm
+
+    defaults = get_algorithm("sac").TRAINING_DEFAULTS
+    before = copy.deepcopy(defaults)
+    spec = resolve("pendulum-sac", {"training": {"replay_buffer_config": {"capacity": 100}}})
+    assert spec.settings["training"]["replay_buffer_config"]["capacity"] == 100
+    assert defaults == before
+    fresh = resolve("pendulum-sac").settings["training"]["replay_buffer_config"]
+    assert fresh["capacity"] == before["replay_buffer_config"]["capacity"]
 
 
 def test_bad_model_config_is_a_clear_error():

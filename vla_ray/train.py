@@ -145,8 +145,10 @@ def resolve(
     algo = get_algorithm(p.algorithm)
     check_overrides(overrides or {}, p.algorithm, p.env)  # did-you-mean for every section
     settings = p.sections()
-    settings["training"] = {**algo.TRAINING_DEFAULTS, **settings["training"]}
-    settings["model"] = {**algo.MODEL_DEFAULTS, **settings["model"]}
+    # deep copies: overrides merge into nested defaults (replay_buffer_config ...), which must
+    # not change the algorithm's module-level defaults for later runs in the process
+    settings["training"] = copy.deepcopy({**algo.TRAINING_DEFAULTS, **settings["training"]})
+    settings["model"] = copy.deepcopy({**algo.MODEL_DEFAULTS, **settings["model"]})
     settings.update(
         seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
     )
@@ -519,6 +521,24 @@ def recover_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for name in sorted(names) for p in recover_dir(ckpt_dir / name)]
 
 
+def restore_algorithm(algo: Any, path: str | os.PathLike) -> None:
+    """``algo.restore_from_path(path)``, also for offline algorithms (BC, CQL, ...): RLlib
+    2.60's override then pushes the restored weights to ``env_runner_group``, which an offline
+    algorithm does not have (``None``: AttributeError). For them the checkpoint is restored by
+    the base ``Checkpointable`` and the weights go to the evaluation EnvRunners, if any."""
+    path = str(Path(path).resolve())
+    if algo.env_runner_group is not None:
+        algo.restore_from_path(path)
+        return
+    from ray.rllib.utils.checkpoints import Checkpointable
+
+    Checkpointable.restore_from_path(algo, path)
+    if algo.eval_env_runner_group is not None:
+        algo.eval_env_runner_group.sync_weights(
+            from_worker_or_learner_group=algo.learner_group, inference_only=True
+        )
+
+
 def prepare_run_dir(
     output: str | os.PathLike, resume: bool, resume_if_exists: bool = False
 ) -> bool:
@@ -619,7 +639,7 @@ def train(
     best_value = -math.inf
     start_iter, t_offset = 0, 0.0
     if resume:
-        algo.restore_from_path(str((ckpt_dir / "last").resolve()))
+        restore_algorithm(algo, ckpt_dir / "last")
         meta = json.loads((ckpt_dir / "last" / META_NAME).read_text())
         start_iter, t_offset = meta["iteration"], meta.get("time_s", 0.0)
         best_value = meta.get("best_value", -math.inf)
