@@ -9,31 +9,18 @@ loss is rewritten; the learner adds the module's auxiliary loss when it has one,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.appo.torch.appo_torch_learner import APPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS, TargetNetworkAPI
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
+from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.rl_module import VLAModule, with_aux_loss
-
-NAME = "appo"
-# Heads that give the log-probabilities APPO needs.
-HEADS = ("gaussian",)
-# Defaults for VLA policies from pixels; presets and ``--set training.X=...`` override them.
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=3e-4,
-    gamma=0.99,
-    clip_param=0.2,
-    vf_loss_coeff=0.5,
-    entropy_coeff=0.0,
-    grad_clip=0.5,
-    train_batch_size_per_learner=512,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
 
 
 class VLAAPPOModule(VLAModule, TargetNetworkAPI):
@@ -67,14 +54,33 @@ class VLAAPPOLearner(APPOTorchLearner):
         return with_aux_loss(self, module_id, total, fwd_out)
 
 
-def module_class() -> type:
-    """The RLModule class ``vla-ray train`` builds for this algorithm."""
-    return VLAAPPOModule
-
-
-def make_config() -> APPOConfig:
-    """A fresh APPO config; the caller adds env, module, runners and training settings.
+class VLAAPPOConfig(VLAAlgorithmConfig, APPOConfig):
+    """RLlib's APPOConfig with vla-ray's defaults, learner and module (``VLAAPPOModule``).
 
     The learner runs in the driver like vla-ray's other algorithms (RLlib's APPO starts one
     remote learner); ``--set learners.num_learners=1`` gives RLlib's asynchronous updates."""
-    return APPOConfig().learners(learner_class=VLAAPPOLearner, num_learners=0)
+
+    NAME: ClassVar[str] = "appo"
+    # Heads that give the log-probabilities APPO needs.
+    HEADS: ClassVar[tuple[str, ...]] = ("gaussian",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class)
+        self.num_learners = 0
+        # defaults for VLA policies from pixels; presets and ``--set training.X=...`` override
+        self.set_training_defaults(
+            lr=3e-4,
+            gamma=0.99,
+            clip_param=0.2,
+            vf_loss_coeff=0.5,
+            entropy_coeff=0.0,
+            grad_clip=0.5,
+            train_batch_size_per_learner=512,
+        )
+
+    def get_default_learner_class(self) -> type:
+        return VLAAPPOLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=VLAAPPOModule)

@@ -24,7 +24,7 @@ Both may be combined (weights among the filtered episodes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.rllib.algorithms.algorithm_config import NotProvided
@@ -32,25 +32,11 @@ from ray.rllib.algorithms.bc import BCConfig
 from ray.rllib.algorithms.marwil.torch.marwil_torch_learner import MARWILTorchLearner
 from ray.rllib.core.columns import Columns
 
+from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig
 from vla_ray.config import ACTION_HEADS
 from vla_ray.data.chunks import split_chunk_targets
 from vla_ray.data.stream import VLAPreLearner
 from vla_ray.rl_module import with_aux_loss
-
-NAME = "bc"
-# Every head has a behaviour-cloning loss.
-HEADS = ACTION_HEADS
-# Trains from a dataset (``vla-ray train --data PATH``); EnvRunners only evaluate.
-OFFLINE = True
-# ``model.chunk_size`` K > 1: each step's target is the window of the next K actions (masked
-# past the episode's end), filtered/weighted BC included
-ACTION_CHUNKS = True
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    train_batch_size_per_learner=256,
-    grad_clip=1.0,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 
 
 # -- loss ---------------------------------------------------------------------------------------
@@ -140,8 +126,17 @@ class ReturnSelectionPreLearner(VLAPreLearner):
 
 
 # -- config -------------------------------------------------------------------------------------
-class VLABCConfig(BCConfig):
-    """RLlib's BCConfig with the VLA learner and the return-based selection options."""
+class VLABCConfig(OfflineVLAAlgorithmConfig, BCConfig):
+    """RLlib's BCConfig with the VLA learner and the return-based selection options; the caller
+    adds env (for spaces and evaluation), module and data."""
+
+    NAME: ClassVar[str] = "bc"
+    # Every head has a behaviour-cloning loss.
+    HEADS: ClassVar[tuple[str, ...]] = ACTION_HEADS
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="none")
+    # ``model.chunk_size`` K > 1: each step's target is the window of the next K actions
+    # (masked past the episode's end), filtered/weighted BC included
+    ACTION_CHUNKS: ClassVar[bool] = True
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class)
@@ -150,6 +145,7 @@ class VLABCConfig(BCConfig):
         # computed from the dataset when the algorithm is built
         self.return_threshold: float | None = None
         self.return_max: float | None = None
+        self.set_training_defaults(lr=1e-3, train_batch_size_per_learner=256, grad_clip=1.0)
 
     def training(
         self,
@@ -187,8 +183,3 @@ class VLABCConfig(BCConfig):
 
     def get_default_learner_class(self):
         return VLABCLearner
-
-
-def make_config() -> VLABCConfig:
-    """A fresh BC config; the caller adds env (for spaces and evaluation), module and data."""
-    return VLABCConfig()

@@ -11,44 +11,19 @@ offline iteration was as many updates as fit in a second.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.cql import CQL, CQLConfig
 from ray.rllib.algorithms.cql.torch.cql_torch_learner import CQLTorchLearner
 from ray.rllib.algorithms.marwil import MARWIL
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ALL_MODULES
 from ray.tune.result import TRAINING_ITERATION
 
+from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig
 from vla_ray.data.stats import add_state_normalisation
 from vla_ray.sac_module import VLACQLModule
-
-NAME = "cql"
-HEADS = ("tanh_gaussian",)
-# Trains from a dataset (``--data PATH``); EnvRunners only evaluate.
-OFFLINE = True
-# CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC warm-up), but
-# the entropy temperature's lr at 1e-3: from alpha 1.0, at 1e-4 it was still at 0.6-0.75 after
-# the 3,000-5,000 updates of a CPU budget (the actor weighing entropy, not Q); at 1e-3 it reaches
-# ~0.1 by 2,500 updates (docs/benchmarks.md, "CQL's entropy temperature"). States standardised
-# with the dataset's statistics (as CORL's CQL and our TD3+BC): without it, CQL on HalfCheetah
-# medium-replay peaked early and fell to BC's level ("CQL with standardised states").
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    actor_lr=1e-4,
-    critic_lr=3e-4,
-    alpha_lr=1e-3,
-    gamma=0.99,
-    tau=0.005,
-    initial_alpha=1.0,
-    twin_q=True,
-    train_batch_size_per_learner=256,
-    num_actions=10,
-    min_q_weight=5.0,
-    bc_iters=100,  # learner updates of BC warm-up for the actor (VLACQLLearner counts them)
-    deterministic_backup=True,
-    normalize_states=True,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="tanh_gaussian", q_hidden=256)
 
 
 class VLACQLLearner(CQLTorchLearner):
@@ -95,14 +70,56 @@ class VLACQL(CQL):
     training_step = MARWIL.training_step
 
 
-class VLACQLConfig(CQLConfig):
-    """RLlib's CQLConfig building ``VLACQL`` with ``VLACQLLearner``, plus ``normalize_states``:
-    standardise the ``state`` observation with the dataset's mean/std (kept in the VLA's config,
-    so every trunk, checkpoint and export applies it), as TD3+BC does."""
+class VLACQLConfig(OfflineVLAAlgorithmConfig, CQLConfig):
+    """RLlib's CQLConfig building ``VLACQL`` with ``VLACQLLearner`` and ``VLACQLModule``, plus
+    ``normalize_states``: standardise the ``state`` observation with the dataset's mean/std
+    (kept in the VLA's config, so every trunk, checkpoint and export applies it), as TD3+BC
+    does. The caller adds env (spaces, evaluation) and data.
+
+    Dataset actions are the env's raw actions: the module's squashed Gaussian covers the env's
+    bounds, so RLlib's action normalisation is off.
+    """
+
+    NAME: ClassVar[str] = "cql"
+    HEADS: ClassVar[tuple[str, ...]] = ("tanh_gaussian",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="tanh_gaussian", q_hidden=256)
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or VLACQL)
         self.normalize_states = False
+        self.normalize_actions = False
+        self.clip_actions = False
+        # RLlib's CQLConfig sets ``lr`` but its SAC validation refuses it: actor/critic/alpha
+        # lrs. SAC's and CQL's reporting defaults (an iteration repeats its training step for
+        # >= 1 s, >= 100 sampled and >= 100 trained steps) made an offline iteration as many
+        # updates as fit in a second: one iteration is one update here, as in the other
+        # offline algorithms.
+        self.lr = None
+        self.min_time_s_per_iteration = 0
+        self.min_sample_timesteps_per_iteration = 0
+        self.min_train_timesteps_per_iteration = 0
+        # CORL's MuJoCo settings (alpha auto-tuned, min_q_weight 5 -> RLlib's default, BC
+        # warm-up), but the entropy temperature's lr at 1e-3: from alpha 1.0, at 1e-4 it was
+        # still at 0.6-0.75 after the 3,000-5,000 updates of a CPU budget (the actor weighing
+        # entropy, not Q); at 1e-3 it reaches ~0.1 by 2,500 updates (docs/benchmarks.md, "CQL's
+        # entropy temperature"). States standardised with the dataset's statistics (as CORL's
+        # CQL and our TD3+BC): without it, CQL on HalfCheetah medium-replay peaked early and
+        # fell to BC's level ("CQL with standardised states").
+        self.set_training_defaults(
+            actor_lr=1e-4,
+            critic_lr=3e-4,
+            alpha_lr=1e-3,
+            gamma=0.99,
+            tau=0.005,
+            initial_alpha=1.0,
+            twin_q=True,
+            train_batch_size_per_learner=256,
+            num_actions=10,
+            min_q_weight=5.0,
+            bc_iters=100,  # learner updates of BC warm-up for the actor (VLACQLLearner counts)
+            deterministic_backup=True,
+            normalize_states=True,
+        )
 
     def training(self, *, normalize_states: bool = NotProvided, **kwargs) -> VLACQLConfig:
         super().training(**kwargs)
@@ -118,29 +135,5 @@ class VLACQLConfig(CQLConfig):
     def get_default_learner_class(self) -> type:
         return VLACQLLearner
 
-
-def make_config() -> CQLConfig:
-    """A fresh CQL config; the caller adds env (spaces, evaluation), module and data.
-
-    Dataset actions are the env's raw actions: the module's squashed Gaussian covers the env's
-    bounds, so RLlib's action normalisation is off.
-    """
-    # RLlib's CQLConfig sets ``lr`` but its SAC validation refuses it: actor/critic/alpha lrs.
-    # SAC's and CQL's reporting defaults (an iteration repeats its training step for >= 1 s,
-    # >= 100 sampled and >= 100 trained steps) made an offline iteration as many updates as fit
-    # in a second: one iteration is one update here, as in the other offline algorithms.
-    return (
-        VLACQLConfig()
-        .environment(normalize_actions=False, clip_actions=False)
-        .training(lr=None)
-        .reporting(
-            min_time_s_per_iteration=0,
-            min_sample_timesteps_per_iteration=0,
-            min_train_timesteps_per_iteration=0,
-        )
-    )
-
-
-def module_class() -> type:
-    """The RLModule class ``vla-ray train`` builds for this algorithm."""
-    return VLACQLModule
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=VLACQLModule)

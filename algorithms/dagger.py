@@ -22,13 +22,12 @@ one observation and returning an action. The env is wrapped in ``ExpertMixing`` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.utils.metrics import (
@@ -38,58 +37,51 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
+from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.algorithms.bc import VLABCLearner
 from vla_ray.config import ACTION_HEADS
 from vla_ray.data.chunks import chunk_episode, with_chunk_actions
 from vla_ray.envs.chunking import EXPERT_CHUNK_KEY, EXPERT_MASK_KEY
 
-NAME = "dagger"
-HEADS = ACTION_HEADS
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    train_batch_size_per_learner=256,
-    grad_clip=1.0,
-    beta=1.0,
-    beta_decay=0.5,
-    rollout_steps=1000,
-    updates_per_iteration=50,
-    max_dataset_steps=200_000,
-    expert="env",
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 EXPERT_LABEL = "expert_action"
-# Training episodes mix in the expert: success is measured on evaluation episodes instead.
-EVALUATE = True
-# ``--data`` is optional: expert demos that seed the aggregate dataset.
-ACCEPTS_DATA = True
-# ``model.chunk_size`` K > 1: demos are windowed (``vla_ray.data.chunks``); rollouts run chunks
-# through ``ExecuteChunk``, and a state's label is the expert's action at each state the chunk
-# visited (``expert_action_chunk``, masked past the episode's end or the executed steps)
-ACTION_CHUNKS = True
-
-
-def evaluation_env_config(env_config: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation episodes are the policy's alone (no expert actions, no expert to load)."""
-    return {**env_config, "expert_beta": 0.0, "expert": "env"}
 
 
 # -- config -------------------------------------------------------------------------------------
-class DAggerConfig(AlgorithmConfig):
-    """DAgger settings: beta schedule, rollout size, updates per iteration, dataset cap, demos."""
+class DAggerConfig(VLAAlgorithmConfig, AlgorithmConfig):
+    """DAgger settings: beta schedule, rollout size, updates per iteration, dataset cap, demos,
+    expert; the caller adds env, module and runners."""
+
+    NAME: ClassVar[str] = "dagger"
+    HEADS: ClassVar[tuple[str, ...]] = ACTION_HEADS
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="none")
+    # Training episodes mix in the expert: success is measured on evaluation episodes instead.
+    EVALUATES: ClassVar[bool] = True
+    # ``--data`` is optional: expert demos that seed the aggregate dataset.
+    ACCEPTS_DATA: ClassVar[bool] = True
+    # ``model.chunk_size`` K > 1: demos are windowed (``vla_ray.data.chunks``); rollouts run
+    # chunks through ``ExecuteChunk``, and a state's label is the expert's action at each state
+    # the chunk visited (``expert_action_chunk``, masked past the episode's end or the executed
+    # steps)
+    ACTION_CHUNKS: ClassVar[bool] = True
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or DAgger)
-        self.lr = 1e-3
-        self.train_batch_size_per_learner = 256
-        self.beta = 1.0
-        self.beta_decay = 0.5
-        self.rollout_steps = 1000
-        self.updates_per_iteration = 50
-        self.max_dataset_steps = 200_000
         # RLlib episode parquet files that seed the aggregate (``--data``; see ``use_data``)
         self.demos: list[str] | None = None
-        # who labels (and, with probability beta, acts): see the module docstring
-        self.expert = "env"
+        # the EnvRunners' envs are wrapped in ExpertMixing (the algorithm sets its beta)
+        self.env_config = {"expert_beta": 1.0}
+        self.set_training_defaults(
+            lr=1e-3,
+            train_batch_size_per_learner=256,
+            grad_clip=1.0,
+            beta=1.0,
+            beta_decay=0.5,
+            rollout_steps=1000,
+            updates_per_iteration=50,
+            max_dataset_steps=200_000,
+            # who labels (and, with probability beta, acts): see the module docstring
+            expert="env",
+        )
 
     def training(
         self,
@@ -137,25 +129,18 @@ class DAggerConfig(AlgorithmConfig):
     def get_default_learner_class(self):
         return VLABCLearner
 
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        from vla_ray.rl_module import VLAModule
+    def use_data(self, data: str | None) -> None:
+        """``--data`` (optional): expert demos that seed the aggregate, in any format
+        ``--data`` reads (converted once to RLlib episodes)."""
+        if not data:
+            return
+        from vla_ray.data.convert import offline_input
 
-        return RLModuleSpec(module_class=VLAModule)
+        self.training(demos=offline_input(data, self.env, self.env_config))
 
-
-def make_config() -> DAggerConfig:
-    """A fresh DAgger config; the caller adds env, module and runners."""
-    return DAggerConfig().environment(env_config={"expert_beta": 1.0})
-
-
-def use_data(config: DAggerConfig, path: str | None) -> None:
-    """``--data`` of ``vla-ray train`` (optional): expert demos that seed the aggregate, in any
-    format ``--data`` reads (converted once to RLlib episodes)."""
-    if not path:
-        return
-    from vla_ray.data.convert import offline_input
-
-    config.training(demos=offline_input(path, config.env, config.env_config))
+    def evaluation_env_config(self, env_config: dict[str, Any]) -> dict[str, Any]:
+        """Evaluation episodes are the policy's alone (no expert actions, no expert to load)."""
+        return {**env_config, "expert_beta": 0.0, "expert": "env"}
 
 
 # -- relabelling and the aggregate dataset --------------------------------------------------------

@@ -27,7 +27,7 @@ plays (the settings come from the checkpoint's ``vla_ray_meta.json``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,25 +41,12 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils import flatten_dict
 from torch import nn
 
+from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig
 from vla_ray.config import ConfigError
 from vla_ray.data.stream import BUFFER_STEPS, VLAPreLearner
 from vla_ray.models.vla import build_trunk, load_vla_tokenizer
 from vla_ray.rl_module import vla_config_from_spaces
 
-NAME = "dt"
-HEADS = ("mlp",)  # the action predictor is the DT's own (tanh-squashed linear) output layer
-OFFLINE = True
-EXPORTS_VLA = False
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-4,
-    train_batch_size_per_learner=64,
-    grad_clip=0.25,
-    context_length=20,
-    target_return=3600.0,
-    return_scale=1000.0,
-    return_to_go_gamma=1.0,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="mlp", value="none")
 # model_config keys of the DT module (sequence model size); the rest are VLAConfig fields
 MODULE_KEYS = ("dt_hidden", "dt_layers", "dt_heads", "dt_dropout", "max_timestep", "value")
 RTG, TIMESTEPS, MASK, PREV_ACTIONS = "dt_rtg", "dt_timesteps", "dt_mask", "dt_actions"
@@ -396,11 +383,6 @@ class DTModule(TorchRLModule):
         return None
 
 
-def module_class() -> type:
-    """The RLModule class ``vla-ray train`` builds for this algorithm."""
-    return DTModule
-
-
 # -- learner, config, algorithm ------------------------------------------------------------------
 class DTLearner(TorchLearner):
     """Masked action MSE over the windows."""
@@ -411,18 +393,29 @@ class DTLearner(TorchLearner):
         return loss
 
 
-class DTConfig(BCConfig):
-    """Decision Transformer settings on RLlib's offline (BC) pipeline."""
+class DTConfig(OfflineVLAAlgorithmConfig, BCConfig):
+    """Decision Transformer settings on RLlib's offline (BC) pipeline; the caller adds env
+    (spaces, evaluation), module and data."""
+
+    NAME: ClassVar[str] = "dt"
+    # the action predictor is the DT's own (tanh-squashed linear) output layer
+    HEADS: ClassVar[tuple[str, ...]] = ("mlp",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="mlp", value="none")
+    # the RLlib checkpoint is the policy (the transformer is part of it): no ``vla/`` export
+    EXPORTS_VLA: ClassVar[bool] = False
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or DT)
-        self.lr = 1e-4
-        self.grad_clip = 0.25
-        self.context_length = 20
-        self.target_return = 3600.0
-        self.return_scale = 1000.0
-        self.return_to_go_gamma = 1.0
         self.prelearner_class = DTPreLearner
+        self.set_training_defaults(
+            lr=1e-4,
+            train_batch_size_per_learner=64,
+            grad_clip=0.25,
+            context_length=20,
+            target_return=3600.0,
+            return_scale=1000.0,
+            return_to_go_gamma=1.0,
+        )
 
     def training(
         self,
@@ -481,8 +474,3 @@ class DT(BC):
     @classmethod
     def get_default_config(cls) -> DTConfig:
         return DTConfig()
-
-
-def make_config() -> DTConfig:
-    """A fresh DT config; the caller adds env (spaces, evaluation), module and data."""
-    return DTConfig()

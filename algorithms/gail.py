@@ -22,7 +22,7 @@ Expert demos are loaded into the learner process once (they are small: a few tho
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,24 +34,12 @@ from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from torch.nn import functional as F
 
+from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.algorithms.ppo import VLAPPOLearner
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import VLAModule
 
-NAME = "gail"
-HEADS = ("gaussian", "tanh_gaussian")
-# online (PPO) but needs expert demos: ``vla-ray train --preset langreach-gail --data DEMOS``
-NEEDS_DATA = True
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=5e-4,
-    train_batch_size_per_learner=2048,
-    minibatch_size=256,
-    num_epochs=4,
-    disc_coeff=1.0,
-    env_reward_coeff=0.0,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
 MODULE_KEYS = ("disc_hidden",)
 
 
@@ -94,11 +82,6 @@ class GAILModule(VLAModule):
 
     def get_non_inference_attributes(self) -> list[str]:
         return [*super().get_non_inference_attributes(), "disc_trunk", "disc"]
-
-
-def module_class() -> type:
-    """The RLModule class ``vla-ray train`` builds for this algorithm."""
-    return GAILModule
 
 
 # -- reward relabelling ---------------------------------------------------------------------------
@@ -188,14 +171,28 @@ class GAILLearner(VLAPPOLearner):
 
 
 # -- config and algorithm -----------------------------------------------------------------------
-class GAILConfig(PPOConfig):
-    """PPO settings + the expert demos and the discriminator's weight."""
+class GAILConfig(VLAAlgorithmConfig, PPOConfig):
+    """PPO settings + the expert demos and the discriminator's weight; the caller adds env,
+    module, runners and the demos (``--data``)."""
+
+    NAME: ClassVar[str] = "gail"
+    HEADS: ClassVar[tuple[str, ...]] = ("gaussian", "tanh_gaussian")
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
+    # online (PPO) but needs expert demos: ``vla-ray train --preset langreach-gail --data DEMOS``
+    NEEDS_DATA: ClassVar[bool] = True
+    ACCEPTS_DATA: ClassVar[bool] = True
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or GAIL)
         self.expert_data: str | None = None
-        self.disc_coeff = 1.0
-        self.env_reward_coeff = 0.0
+        self.set_training_defaults(
+            lr=5e-4,
+            train_batch_size_per_learner=2048,
+            minibatch_size=256,
+            num_epochs=4,
+            disc_coeff=1.0,
+            env_reward_coeff=0.0,
+        )
 
     def training(
         self,
@@ -240,6 +237,13 @@ class GAILConfig(PPOConfig):
 
         return RLModuleSpec(module_class=GAILModule)
 
+    def use_data(self, data: str | None) -> None:
+        """``--data``: the expert demos."""
+        from vla_ray.data.rllib_format import dataset_files
+
+        dataset_files(data)  # a clear error now for a missing / empty dataset
+        self.training(expert_data=str(data))
+
 
 class GAIL(PPO):
     """RLlib's PPO training step; the reward is relabelled in the learner pipeline."""
@@ -247,16 +251,3 @@ class GAIL(PPO):
     @classmethod
     def get_default_config(cls) -> GAILConfig:
         return GAILConfig()
-
-
-def use_data(config: GAILConfig, path: str) -> None:
-    """``--data`` of ``vla-ray train``: the expert demos."""
-    from vla_ray.data.rllib_format import dataset_files
-
-    dataset_files(path)  # a clear error now for a missing / empty dataset
-    config.training(expert_data=str(path))
-
-
-def make_config() -> GAILConfig:
-    """A fresh GAIL config; the caller adds env, module, runners and the demos (``--data``)."""
-    return GAILConfig()

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -83,6 +83,7 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
 
+from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.learner import TrainableParametersMixin
 from vla_ray.models.lora import (
     adapters_disabled,
@@ -91,27 +92,6 @@ from vla_ray.models.lora import (
     is_adapter_param,
     parameters_replaced,
 )
-
-NAME = "grpo"
-# Heads with log-probabilities (the surrogate needs them).
-HEADS = ("gaussian",)
-# ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
-ACTION_CHUNKS = True
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-4,
-    grad_clip=1.0,
-    group_size=8,
-    groups_per_iteration=8,
-    reward_kind="return",
-    clip_param=0.2,
-    kl_coeff=0.04,
-    kl_estimator="analytic",
-    step_kl_coeff=0.0,
-    advantage="outcome",
-    num_epochs=4,
-    minibatch_size=256,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="none")
 
 REWARD_KINDS = ("return", "success")
 ADVANTAGES = ("outcome", "process")
@@ -372,25 +352,34 @@ class GRPOTorchLearner(TrainableParametersMixin, TorchLearner):
 
 
 # -- config -------------------------------------------------------------------------------------
-class GRPOConfig(AlgorithmConfig):
+class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
     """GRPO settings: group size and count, reward kind, advantage kind, clip range, KL
-    coefficient/estimator, per-iteration KL penalty."""
+    coefficient/estimator, per-iteration KL penalty; the caller adds env, module and runners."""
+
+    NAME: ClassVar[str] = "grpo"
+    # Heads with log-probabilities (the surrogate needs them).
+    HEADS: ClassVar[tuple[str, ...]] = ("gaussian",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="none")
+    # ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
+    ACTION_CHUNKS: ClassVar[bool] = True
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GRPO)
-        self.lr = 1e-4
-        self.grad_clip = 1.0
-        self.group_size = 8
-        self.groups_per_iteration = 8
-        self.reward_kind = "return"
-        self.clip_param = 0.2
-        self.kl_coeff = 0.04
-        self.kl_estimator = "analytic"
-        self.step_kl_coeff = 0.0
-        self.advantage = "outcome"
-        self.num_epochs = 4
-        self.minibatch_size = 256
         self.env_config = {GROUP_SEEDING: True}
+        self.set_training_defaults(
+            lr=1e-4,
+            grad_clip=1.0,
+            group_size=8,
+            groups_per_iteration=8,
+            reward_kind="return",
+            clip_param=0.2,
+            kl_coeff=0.04,
+            kl_estimator="analytic",
+            step_kl_coeff=0.0,
+            advantage="outcome",
+            num_epochs=4,
+            minibatch_size=256,
+        )
 
     def environment(self, env=NotProvided, *, env_config=NotProvided, **kwargs) -> GRPOConfig:
         # every env config keeps the group-seeding flag (the env creator wraps the env)
@@ -464,7 +453,7 @@ class GRPOConfig(AlgorithmConfig):
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from vla_ray.rl_module import VLAModule
 
-        return RLModuleSpec(module_class=VLAModule, model_config=dict(MODEL_DEFAULTS))
+        return RLModuleSpec(module_class=VLAModule, model_config=dict(self.MODEL_DEFAULTS))
 
     def build_learner_connector(self, input_observation_space, input_action_space, device=None):
         pipeline = super().build_learner_connector(
@@ -474,11 +463,6 @@ class GRPOConfig(AlgorithmConfig):
         )
         pipeline.insert_after(AddColumnsFromEpisodesToTrainBatch, AddGroupAdvantages())
         return pipeline
-
-
-def make_config() -> GRPOConfig:
-    """A fresh GRPO config; the caller adds env, module and runners."""
-    return GRPOConfig()
 
 
 # -- training step ------------------------------------------------------------------------------

@@ -9,24 +9,27 @@ stochastic head for log-likelihoods (``gaussian`` or ``tanh_gaussian``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.rllib.algorithms.marwil import MARWILConfig
 
-NAME = "marwil"
-HEADS = ("gaussian", "tanh_gaussian")
-# Trains from a dataset (``vla-ray train --data PATH``); EnvRunners only evaluate.
-OFFLINE = True
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    train_batch_size_per_learner=256,
-    grad_clip=1.0,
-    beta=1.0,
-    vf_coeff=1.0,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
+from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig
 
 
-def make_config() -> MARWILConfig:
-    """A fresh MARWIL config; the caller adds env (for spaces and evaluation), module and data."""
-    return MARWILConfig()
+class VLAMARWILConfig(OfflineVLAAlgorithmConfig, MARWILConfig):
+    """RLlib's MARWILConfig with vla-ray's defaults; the caller adds env (for spaces and
+    evaluation), module and data."""
+
+    NAME: ClassVar[str] = "marwil"
+    HEADS: ClassVar[tuple[str, ...]] = ("gaussian", "tanh_gaussian")
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class)
+        self.set_training_defaults(
+            lr=1e-3,
+            train_batch_size_per_learner=256,
+            grad_clip=1.0,
+            beta=1.0,
+            vf_coeff=1.0,
+        )

@@ -2,41 +2,20 @@
 
 RLlib's own PPO (clipped surrogate, GAE, value loss, entropy bonus) drives ``VLAModule``, which
 supplies the Gaussian action distribution and the value function (``ValueFunctionAPI``). Nothing
-of RLlib's loss is rewritten here: this file is the algorithm's defaults, the config it starts
-from, and a learner that adds the module's auxiliary loss when the module has one.
+of RLlib's loss is rewritten here: this file is the algorithm's config (its defaults, module and
+learner) and a learner that adds the module's auxiliary loss when the module has one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 
+from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.learner import TrainableParametersMixin
 from vla_ray.rl_module import with_aux_loss
-
-NAME = "ppo"
-# Heads that give the log-probabilities PPO needs.
-HEADS = ("gaussian",)
-# ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
-ACTION_CHUNKS = True
-# Defaults for VLA policies from pixels; presets and ``--set training.X=...`` override them.
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    lr=3e-4,
-    gamma=0.99,
-    lambda_=0.95,
-    clip_param=0.2,
-    vf_clip_param=10.0,
-    vf_loss_coeff=0.5,
-    entropy_coeff=0.0,
-    kl_coeff=0.0,
-    grad_clip=0.5,
-    train_batch_size_per_learner=2048,
-    minibatch_size=256,
-    num_epochs=4,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="gaussian", value="shared")
 
 
 class VLAPPOLearner(TrainableParametersMixin, PPOTorchLearner):
@@ -51,6 +30,33 @@ class VLAPPOLearner(TrainableParametersMixin, PPOTorchLearner):
         return with_aux_loss(self, module_id, total, fwd_out)
 
 
-def make_config() -> PPOConfig:
-    """A fresh PPO config; the caller adds env, module, runners and training settings."""
-    return PPOConfig().learners(learner_class=VLAPPOLearner)
+class VLAPPOConfig(VLAAlgorithmConfig, PPOConfig):
+    """RLlib's PPOConfig with vla-ray's defaults and learner; the module is ``VLAModule``."""
+
+    NAME: ClassVar[str] = "ppo"
+    # Heads that give the log-probabilities PPO needs.
+    HEADS: ClassVar[tuple[str, ...]] = ("gaussian",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
+    # ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
+    ACTION_CHUNKS: ClassVar[bool] = True
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class)
+        # defaults for VLA policies from pixels; presets and ``--set training.X=...`` override
+        self.set_training_defaults(
+            lr=3e-4,
+            gamma=0.99,
+            lambda_=0.95,
+            clip_param=0.2,
+            vf_clip_param=10.0,
+            vf_loss_coeff=0.5,
+            entropy_coeff=0.0,
+            kl_coeff=0.0,
+            grad_clip=0.5,
+            train_batch_size_per_learner=2048,
+            minibatch_size=256,
+            num_epochs=4,
+        )
+
+    def get_default_learner_class(self) -> type:
+        return VLAPPOLearner

@@ -18,24 +18,20 @@ connector's state (saved in checkpoints) and logged as ``lagrange_multiplier``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.rllib.algorithms.algorithm_config import NotProvided
-from ray.rllib.algorithms.ppo import PPO, PPOConfig
+from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
-from vla_ray.algorithms import ppo
+from vla_ray.algorithms.ppo import VLAPPOConfig, VLAPPOLearner
 from vla_ray.safety import COST_INFO_KEY, EPISODE_COST_INFO_KEY
 
-NAME = "ppo_lag"
-HEADS = ppo.HEADS
 # the constraint's settings, stated once (the config and the connector piece start from them)
 LAGRANGIAN_DEFAULTS: dict[str, float] = dict(
     cost_limit=1.0, lagrangian_lr=0.05, lagrangian_init=0.0
 )
-TRAINING_DEFAULTS: dict[str, Any] = dict(ppo.TRAINING_DEFAULTS, **LAGRANGIAN_DEFAULTS)
-MODEL_DEFAULTS: dict[str, Any] = dict(ppo.MODEL_DEFAULTS)
 MULTIPLIER_KEY = "lagrange_multiplier"
 
 
@@ -103,7 +99,7 @@ class CostPenalty(ConnectorV2):
             self.multiplier = float(state[MULTIPLIER_KEY])
 
 
-class PPOLagLearner(ppo.VLAPPOLearner):
+class PPOLagLearner(VLAPPOLearner):
     """The PPO learner of ``ppo.py``, logging the multiplier and the batch's mean episode cost."""
 
     def build(self) -> None:
@@ -138,14 +134,17 @@ class PPOLagLearner(ppo.VLAPPOLearner):
         )
 
 
-class PPOLagConfig(PPOConfig):
-    """PPO settings + ``cost_limit``, ``lagrangian_lr`` and ``lagrangian_init``."""
+class PPOLagConfig(VLAPPOConfig):
+    """vla-ray's PPO settings + ``cost_limit``, ``lagrangian_lr`` and ``lagrangian_init``; the
+    caller adds env (with ``env.safety``), module, runners and training settings."""
+
+    NAME: ClassVar[str] = "ppo_lag"
+    # single-step actions only (PPO's chunks are not declared for the cost penalty)
+    ACTION_CHUNKS: ClassVar[bool] = False
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or PPOLag)
-        self.cost_limit = LAGRANGIAN_DEFAULTS["cost_limit"]
-        self.lagrangian_lr = LAGRANGIAN_DEFAULTS["lagrangian_lr"]
-        self.lagrangian_init = LAGRANGIAN_DEFAULTS["lagrangian_init"]
+        self.set_training_defaults(**LAGRANGIAN_DEFAULTS)
 
     def training(
         self,
@@ -198,9 +197,3 @@ class PPOLag(PPO):
     @classmethod
     def get_default_config(cls) -> PPOLagConfig:
         return PPOLagConfig()
-
-
-def make_config() -> PPOLagConfig:
-    """A fresh PPO-Lagrangian config; the caller adds env (with ``env.safety``), module,
-    runners and training settings."""
-    return PPOLagConfig().learners(learner_class=PPOLagLearner)

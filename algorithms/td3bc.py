@@ -28,7 +28,7 @@ and training loop: RLlib's offline pipeline (BC's
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from ray.rllib.algorithms.algorithm_config import NotProvided
@@ -40,28 +40,13 @@ from ray.rllib.core.learner.utils import make_target_network, update_target_netw
 from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from torch.nn import functional as F
 
+from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig
 from vla_ray.config import ConfigError
 from vla_ray.data.stats import add_state_normalisation
 from vla_ray.models.heads import mlp
 from vla_ray.models.vla import build_trunk
 from vla_ray.rl_module import VLAModule
 
-NAME = "td3bc"
-HEADS = ("mlp",)
-OFFLINE = True
-TRAINING_DEFAULTS: dict[str, Any] = dict(
-    actor_lr=3e-4,
-    critic_lr=3e-4,
-    train_batch_size_per_learner=256,
-    gamma=0.99,
-    tau=0.005,
-    policy_delay=2,
-    policy_noise=0.2,
-    noise_clip=0.5,
-    alpha=2.5,
-    normalize_states=True,
-)
-MODEL_DEFAULTS: dict[str, Any] = dict(head="mlp", value="none")
 # model_config keys of the TD3+BC module (not VLAConfig fields)
 MODULE_KEYS = ("q_hidden",)
 
@@ -185,11 +170,6 @@ class TD3BCModule(VLAModule, TargetNetworkAPI):
         return None
 
 
-def module_class() -> type:
-    """The RLModule class ``vla-ray train`` builds for this algorithm."""
-    return TD3BCModule
-
-
 # -- learner ------------------------------------------------------------------------------------
 class TD3BCLearner(TorchLearner):
     """Twin-critic TD learning + delayed, BC-regularised actor updates + Polyak targets."""
@@ -290,20 +270,28 @@ class TD3BCLearner(TorchLearner):
 
 
 # -- config and algorithm -----------------------------------------------------------------------
-class TD3BCConfig(BCConfig):
-    """TD3+BC settings on RLlib's offline (BC) pipeline."""
+class TD3BCConfig(OfflineVLAAlgorithmConfig, BCConfig):
+    """TD3+BC settings on RLlib's offline (BC) pipeline; the caller adds env (spaces,
+    evaluation), module and data."""
+
+    NAME: ClassVar[str] = "td3bc"
+    HEADS: ClassVar[tuple[str, ...]] = ("mlp",)
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="mlp", value="none")
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or TD3BC)
-        self.actor_lr = 3e-4
-        self.critic_lr = 3e-4
-        self.gamma = 0.99
-        self.tau = 0.005
-        self.policy_delay = 2
-        self.policy_noise = 0.2
-        self.noise_clip = 0.5
-        self.alpha = 2.5
-        self.normalize_states = True
+        self.set_training_defaults(
+            actor_lr=3e-4,
+            critic_lr=3e-4,
+            train_batch_size_per_learner=256,
+            gamma=0.99,
+            tau=0.005,
+            policy_delay=2,
+            policy_noise=0.2,
+            noise_clip=0.5,
+            alpha=2.5,
+            normalize_states=True,
+        )
 
     def training(
         self,
@@ -363,8 +351,3 @@ class TD3BC(BC):
     @classmethod
     def get_default_config(cls) -> TD3BCConfig:
         return TD3BCConfig()
-
-
-def make_config() -> TD3BCConfig:
-    """A fresh TD3+BC config; the caller adds env (spaces, evaluation), module and data."""
-    return TD3BCConfig()

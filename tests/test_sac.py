@@ -268,11 +268,11 @@ def test_nested_overrides_leave_the_algorithm_defaults_alone():
     shallow copy once let one test's capacity of 100 shrink every later SAC run's buffer."""
     from vla_ray.algorithms import get_algorithm
 
-    defaults = get_algorithm("sac").TRAINING_DEFAULTS
+    defaults = get_algorithm("sac").training_defaults()
     before = copy.deepcopy(defaults)
     spec = resolve("pendulum-sac", {"training": {"replay_buffer_config": {"capacity": 100}}})
     assert spec.settings["training"]["replay_buffer_config"]["capacity"] == 100
-    assert defaults == before
+    assert get_algorithm("sac").training_defaults() == before
     fresh = resolve("pendulum-sac").settings["training"]["replay_buffer_config"]
     assert fresh["capacity"] == before["replay_buffer_config"]["capacity"]
 

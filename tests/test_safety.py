@@ -682,9 +682,9 @@ def test_ppo_lag_preset_resolves_with_the_rules_inline():
 
 
 def test_ppo_lag_learner_pipeline_starts_with_the_cost_penalty(langreach_spaces):
-    from vla_ray.algorithms.ppo_lag import CostPenalty, PPOLagLearner, make_config
+    from vla_ray.algorithms.ppo_lag import CostPenalty, PPOLagConfig, PPOLagLearner
 
-    cfg = make_config().training(cost_limit=0.5, lagrangian_lr=0.2, lagrangian_init=0.1)
+    cfg = PPOLagConfig().training(cost_limit=0.5, lagrangian_lr=0.2, lagrangian_init=0.1)
     obs_space, act_space = langreach_spaces
     pipeline = cfg.build_learner_connector(obs_space, act_space)
     first = pipeline.connectors[0]
@@ -692,7 +692,7 @@ def test_ppo_lag_learner_pipeline_starts_with_the_cost_penalty(langreach_spaces)
     assert (first.cost_limit, first.lr, first.multiplier) == (0.5, 0.2, 0.1)
     assert cfg.get_default_learner_class() is PPOLagLearner
     with pytest.raises(ValueError, match="cost_limit: expected >= 0"):
-        make_config().training(cost_limit=-1.0).validate()
+        PPOLagConfig().training(cost_limit=-1.0).validate()
 
 
 def test_serve_session_rate_limits_from_its_last_answer(client, body, monkeypatch):

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from vla_ray.presets import get_preset
 
         algorithm = get_preset(args.preset).algorithm
-        if "expert" not in get_algorithm(algorithm).TRAINING_DEFAULTS:
+        if "expert" not in get_algorithm(algorithm).training_defaults():
             raise ValueError(
                 f"--expert: {algorithm} (preset {args.preset}) takes no expert; DAgger does, "
                 "e.g. --preset langreach-dagger"

@@ -139,7 +139,7 @@ def _context_policy(module: Any, meta: dict[str, Any], path: Path) -> Policy:
     (the training settings it recorded; the algorithm's defaults for what it lacks)."""
     from vla_ray.algorithms import dt
 
-    training = {**dt.TRAINING_DEFAULTS, **(meta.get("training") or {})}
+    training = {**dt.DTConfig.training_defaults(), **(meta.get("training") or {})}
     if "training" not in meta:
         print(
             f"checkpoint: {path} records no training settings; the Decision Transformer "

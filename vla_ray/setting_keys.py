@@ -56,13 +56,12 @@ def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[
     from vla_ray.algorithms import ALGORITHMS, get_algorithm
     from vla_ray.config import VLAConfig
     from vla_ray.envs import env_kwargs
-    from vla_ray.rl_module import _RLLIB_MODEL_KEYS, SPACE_DERIVED_KEYS, VLAModule
+    from vla_ray.rl_module import _RLLIB_MODEL_KEYS, SPACE_DERIVED_KEYS
 
     # sections of an algorithm this build lacks stay unchecked (its module may take more keys)
     out: dict[str, set[str] | None] = dict.fromkeys((*CONFIG_METHOD_SECTIONS, "model"))
     if algorithm in ALGORITHMS:
-        algo = get_algorithm(algorithm)
-        cfg = algo.make_config()
+        cfg = get_algorithm(algorithm)()
         for section in CONFIG_METHOD_SECTIONS:
             params = _method_params(cfg, section)
             out[section] = (
@@ -70,7 +69,7 @@ def known_setting_keys(algorithm: str | None, env: str | None) -> dict[str, set[
             )
         model = {f.name for f in dataclasses.fields(VLAConfig)} - set(SPACE_DERIVED_KEYS)
         # the module the run builds (as vla_ray.train does) and the model_config keys it reads
-        module = getattr(algo, "module_class", lambda: VLAModule)()
+        module = cfg.get_default_rl_module_spec().module_class
         out["model"] = model | set(module.MODEL_KEYS) | set(_RLLIB_MODEL_KEYS)
     env_keys = env_kwargs(env)
     # worker_index/num_workers come from the EnvRunner, not from the settings

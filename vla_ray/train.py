@@ -147,16 +147,15 @@ def resolve(
     settings = p.sections()
     # deep copies: overrides merge into nested defaults (replay_buffer_config ...), which must
     # not change the algorithm's module-level defaults for later runs in the process
-    settings["training"] = copy.deepcopy({**algo.TRAINING_DEFAULTS, **settings["training"]})
+    settings["training"] = copy.deepcopy({**algo.training_defaults(), **settings["training"]})
     settings["model"] = copy.deepcopy({**algo.MODEL_DEFAULTS, **settings["model"]})
     settings.update(
         seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
     )
-    offline = bool(getattr(algo, "OFFLINE", False))
-    if offline:
+    if algo.OFFLINE:
         settings["data"] = None
-    if _evaluates(algo):
-        settings.update(eval_every=25 if offline else 1, eval_episodes=p.eval_episodes)
+    if algo.EVALUATES:
+        settings.update(eval_every=25 if algo.OFFLINE else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
     safety = (settings.get("env_config") or {}).get("safety")
     if isinstance(safety, str):  # the rules themselves go into config.json and checkpoints
@@ -165,18 +164,16 @@ def resolve(
         settings["env_config"]["safety"] = load_rules_file(safety)
     if data is not None:
         settings["data"] = str(data)
-    # online algorithms that learn from demonstrations too (GAIL) set NEEDS_DATA
-    needs_data = offline or bool(getattr(algo, "NEEDS_DATA", False))
-    if needs_data and "data" not in settings:
+    # offline algorithms and online ones that learn from demonstrations too (GAIL)
+    if algo.NEEDS_DATA and "data" not in settings:
         settings["data"] = None
-    if needs_data and not settings.get("data"):
+    if algo.NEEDS_DATA and not settings.get("data"):
         raise ValueError(
             f"--data: {p.algorithm} trains from a dataset; give --data PATH "
             "(e.g. one written by `vla-ray collect`)"
         )
-    # online algorithms that may start from demonstrations (DAgger) set ACCEPTS_DATA
-    accepts_data = needs_data or bool(getattr(algo, "ACCEPTS_DATA", False))
-    if not accepts_data and settings.get("data"):
+    # online algorithms that may start from demonstrations (DAgger) accept it too
+    if not algo.ACCEPTS_DATA and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
     settings["env_config"] = chunk_env_config(
         p.algorithm, settings["model"], settings["env_config"]
@@ -217,8 +214,8 @@ def chunk_env_config(
     given = dict(env_config.get(CHUNK_CONFIG_KEY) or {})
     if size == 1 and int(given.get("size", 1)) == 1:
         return env_config
-    if not getattr(get_algorithm(algorithm), "ACTION_CHUNKS", False):
-        takes = [a for a in ALGORITHMS if getattr(get_algorithm(a), "ACTION_CHUNKS", False)]
+    if not get_algorithm(algorithm).ACTION_CHUNKS:
+        takes = [a for a in ALGORITHMS if get_algorithm(a).ACTION_CHUNKS]
         raise ConfigError(
             f"model.chunk_size: {algorithm} learns single-step actions (chunk_size=1); "
             f"got {size}. Algorithms that take chunks: {', '.join(takes)}"
@@ -290,12 +287,10 @@ def build_algorithm_config(spec: RunSpec):
     from vla_ray.callbacks import SuccessRateCallback
     from vla_ray.envs import CARLA_ID
     from vla_ray.models.lerobot_vla import check_algorithm as check_lerobot_algorithm
-    from vla_ray.rl_module import VLAModule
     from vla_ray.scale import fault_tolerance_settings, resolve_gpus
 
     s = dict(spec.settings)
     s["env_config"] = chunk_env_config(spec.algorithm, s["model"], s["env_config"])
-    algo_mod = get_algorithm(spec.algorithm)
     check_lerobot_algorithm(spec.algorithm, s["model"])  # smolvla / pi0: bc, dagger, ppo, grpo, sac
     register_envs()
     runners = dict(s["env_runners"])
@@ -311,18 +306,17 @@ def build_algorithm_config(spec: RunSpec):
             runners.get("num_env_runners", 0),
             runners.get("num_envs_per_env_runner", 1),
         )
+    cfg = get_algorithm(spec.algorithm)()
     cfg = (
-        get_algorithm(spec.algorithm)
-        .make_config()
-        .environment(spec.env, env_config=s["env_config"])
+        cfg.environment(spec.env, env_config=s["env_config"])
         .framework("torch")
         .env_runners(**runners)
         .learners(**learners)
         .rl_module(
             rl_module_spec=RLModuleSpec(
-                # algorithms needing more than the policy (critics, a sequence model) give
-                # their VLAModule subclass as ``module_class()``
-                module_class=getattr(algo_mod, "module_class", lambda: VLAModule)(),
+                # the algorithm's module (VLAModule, or a subclass with critics, a target
+                # network or a sequence model) with the run's model settings
+                module_class=cfg.get_default_rl_module_spec().module_class,
                 model_config=s["model"],
             )
         )
@@ -336,20 +330,10 @@ def build_algorithm_config(spec: RunSpec):
         from vla_ray.inference import use_inference_service
 
         use_inference_service(cfg, inference)
-    if getattr(algo_mod, "OFFLINE", False):
-        from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
-        from vla_ray.data.stream import VLAPreLearner, offline_data_settings
-
-        # fresh uniform batches over the whole dataset, one episode read per iteration
-        cfg.offline_data(
-            **offline_data_settings(offline_input(s["data"], spec.env, s["env_config"]))
-        )
-        if cfg.prelearner_class is None:
-            cfg.offline_data(prelearner_class=VLAPreLearner)
-    if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
-        algo_mod.use_data(cfg, s.get("data"))
-    if _evaluates(algo_mod):  # offline algorithms and DAgger: deterministic evaluation episodes
-        eval_env = getattr(algo_mod, "evaluation_env_config", dict)(dict(s["env_config"]))
+    # offline algorithms' dataset, GAIL's / DAgger's expert demos
+    cfg.use_data(s.get("data"))
+    if cfg.EVALUATES:  # offline algorithms and DAgger: deterministic evaluation episodes
+        eval_env = cfg.evaluation_env_config(dict(s["env_config"]))
         cfg.evaluation(
             evaluation_interval=int(s["eval_every"]),
             evaluation_duration=int(s["eval_episodes"]),
@@ -359,12 +343,6 @@ def build_algorithm_config(spec: RunSpec):
             evaluation_config={"env_config": eval_env, "explore": False},
         )
     return cfg
-
-
-def _evaluates(algo_mod) -> bool:
-    """Algorithms whose training episodes do not measure the policy (offline data, or DAgger's
-    expert mixing) report deterministic evaluation episodes instead."""
-    return bool(getattr(algo_mod, "OFFLINE", False) or getattr(algo_mod, "EVALUATE", False))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -480,7 +458,7 @@ def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any])
 
     # algorithms whose policy is more than a VLA (e.g. the Decision Transformer) set
     # EXPORTS_VLA = False: their RLlib checkpoint is the policy
-    if getattr(get_algorithm(spec.algorithm), "EXPORTS_VLA", True):
+    if get_algorithm(spec.algorithm).EXPORTS_VLA:
         _export_vla(algo, directory / "vla")
         (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
         from vla_ray.model_card import write_model_card
@@ -633,7 +611,7 @@ def train(
 
     init_ray(num_cpus)
     algo = build_algorithm_config(spec).build_algo()
-    evaluates = _evaluates(get_algorithm(spec.algorithm))
+    evaluates = get_algorithm(spec.algorithm).EVALUATES
     ckpt_dir = out / "checkpoints"
     metric = spec.settings["checkpoint_metric"]
     best_value = -math.inf

@@ -649,12 +649,8 @@ class VLATrainable(tune.Trainable):
     @classmethod
     def default_resource_request(cls, config: dict[str, Any]):
         """The RLlib algorithm's placement group: main process/learners + EnvRunners."""
-        from vla_ray.algorithms import get_algorithm
-
-        spec = spec_from_trial_config(config)
-        algo_config = build_algorithm_config(spec)
-        algo_cls = get_algorithm(spec.algorithm).make_config().algo_class
-        return algo_cls.default_resource_request(algo_config)
+        algo_config = build_algorithm_config(spec_from_trial_config(config))
+        return algo_config.algo_class.default_resource_request(algo_config)
 
 
 # keys Tune fills in itself (an inner Algorithm.train() result has them too)
