@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vla_ray.callbacks import TARGET_INFO_KEY
+from vla_ray.checkpoint import META_NAME, MODULE_SUBDIR
 from vla_ray.envs.chunking import (
     CHUNK_CONFIG_KEY,
     RETURN_KEY,
@@ -20,7 +21,6 @@ from vla_ray.envs.chunking import (
     TemporalEnsemble,
     wrap_action_chunks,
 )
-from vla_ray.train import META_NAME, MODULE_SUBDIR
 
 ObsDict = dict[str, np.ndarray]
 

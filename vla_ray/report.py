@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vla_ray.train import META_NAME
+from vla_ray.checkpoint import META_NAME, run_checkpoints
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -215,8 +215,7 @@ class Stage:
 
     @property
     def checkpoint(self) -> Path | None:
-        for name in ("best", "last"):
-            ckpt = self.path / "checkpoints" / name
+        for ckpt in run_checkpoints(self.path):
             if (ckpt / META_NAME).is_file():
                 return ckpt
         return None

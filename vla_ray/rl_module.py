@@ -156,10 +156,11 @@ def resolve_pretrained_dir(path: str | os.PathLike) -> Path:
     """The ``VLA.save_pretrained`` directory behind ``path``: the directory itself, a vla-ray
     checkpoint's ``vla/`` export, or a vla-ray run directory's ``checkpoints/best`` (else
     ``last``) export. ConfigError naming the three accepted forms otherwise."""
+    from vla_ray.checkpoint import VLA_DIR, run_checkpoints
     from vla_ray.models.vla import CONFIG_NAME
 
     p = Path(path)
-    for candidate in (p, p / "vla", *(p / "checkpoints" / c / "vla" for c in ("best", "last"))):
+    for candidate in (p, p / VLA_DIR, *(c / VLA_DIR for c in run_checkpoints(p))):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     raise ConfigError(

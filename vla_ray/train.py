@@ -1,232 +1,51 @@
-"""Training glue: preset + overrides -> RLlib AlgorithmConfig -> training loop with checkpoints.
+"""Training: a :class:`~vla_ray.run_spec.RunSpec` -> the algorithm's RLlib AlgorithmConfig ->
+the training loop (metrics rows, progress, trackers, checkpoints).
 
-Each run's output directory holds ``config.json`` (the resolved settings), ``metrics.jsonl``
-(one JSON line per iteration), and ``checkpoints/last`` + ``checkpoints/best`` (RLlib checkpoints,
-each with a ``vla_ray_meta.json`` naming the env, and a ``vla/`` ``save_pretrained`` export).
-With ``keep_checkpoints=true``, every periodic checkpoint is also kept as
-``checkpoints/iter_NNNNNN`` (e.g. to pick a start policy from the middle of a run).
+Settings are resolved in :mod:`vla_ray.run_spec`; the run directory and checkpoint layout is
+:mod:`vla_ray.checkpoint`'s. Both are re-exported here (``from vla_ray.train import resolve``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import re
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vla_ray.fsutil import OutputExistsError, recover_dir, replace_dir, temp_path
-from vla_ray.logs import LOG_NAME
-from vla_ray.presets import Preset, get_preset
-
-SECTIONS = (
-    "env_config",
-    "model",
-    "training",
-    "env_runners",
-    "learners",
-    "stop",
-    "fault_tolerance",
+from vla_ray.checkpoint import (  # noqa: F401  (re-exported)
+    BEST,
+    CHECKPOINTS_DIR,
+    DEFAULT_MODULE_ID,
+    LAST,
+    META_NAME,
+    MODULE_SUBDIR,
+    ResumeError,
+    export_vla,
+    kept_name,
+    prepare_run_dir,
+    recover_checkpoints,
+    restore_algorithm,
+    run_checkpoints,
+    save_checkpoint,
+    write_checkpoint,
 )
-TOP_LEVEL_KEYS = (
-    "seed",
-    "checkpoint_every",
-    "checkpoint_metric",
-    "keep_checkpoints",
-    "data",
-    "eval_every",
-    "eval_episodes",
+from vla_ray.fsutil import temp_path
+from vla_ray.run_spec import (  # noqa: F401  (re-exported)
+    SECTIONS,
+    TOP_LEVEL_KEYS,
+    RunSpec,
+    _merge,
+    chunk_env_config,
+    override_path,
+    parse_overrides,
+    parse_value,
+    resolve,
+    set_override,
 )
-META_NAME = "vla_ray_meta.json"
-DEFAULT_MODULE_ID = "default_policy"
-MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 
-
-def parse_value(text: str) -> Any:
-    """``--set`` values: JSON where it parses (numbers, true/false/null, lists, dicts), else text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def override_path(key: str) -> list[str]:
-    """``"training.lr"`` -> ``["training", "lr"]`` (``env.`` means ``env_config.``).
-
-    ValueError naming the key and the valid forms when it is not a setting of a run.
-    """
-    parts = key.strip().split(".")
-    if parts == ["vlm_path"]:  # shorthand: start the policy's trunk from a pretrained VLM
-        parts = ["model", "vlm_path"]
-    if parts[0] == "env":
-        parts[0] = "env_config"
-    if (parts[0] in SECTIONS and len(parts) >= 2 and all(parts)) or (
-        len(parts) == 1 and parts[0] in TOP_LEVEL_KEYS
-    ):
-        return parts
-    raise ValueError(
-        f"unknown key {key!r}; use one of "
-        f"{', '.join(s + '.KEY' for s in ('env', *SECTIONS[1:]))} or {', '.join(TOP_LEVEL_KEYS)}"
-    )
-
-
-def set_override(out: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """Put ``value`` at the dotted ``key`` (see :func:`override_path`) of the nested ``out``."""
-    parts = override_path(key)
-    node = out
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["training.lr=1e-4", "seed=3"]`` -> nested dict; ValueError naming a malformed item."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. training.lr=1e-4")
-        key, value = item.split("=", 1)
-        try:
-            set_override(out, key, parse_value(value))
-        except ValueError as err:
-            raise ValueError(f"--set {item!r}: {err}") from None
-    return out
-
-
-def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
-@dataclass
-class RunSpec:
-    """Everything a run needs, fully resolved and JSON-serialisable."""
-
-    preset: str
-    algorithm: str
-    env: str
-    settings: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(preset=self.preset, algorithm=self.algorithm, env=self.env, **self.settings)
-
-
-def resolve(
-    preset: str | Preset,
-    overrides: dict[str, Any] | None = None,
-    *,
-    num_env_runners: int | None = None,
-    num_envs_per_env_runner: int | None = None,
-    local: bool = False,
-    data: str | os.PathLike | None = None,
-    vectorize: str | None = None,
-    num_gpus_per_learner: float | str | None = None,
-    num_gpus_per_env_runner: float | None = None,
-) -> RunSpec:
-    """Preset + algorithm defaults + overrides + CLI flags -> RunSpec.
-
-    ``data`` is the offline dataset of offline algorithms (BC ...); required for them, refused
-    for online ones.
-    """
-    from vla_ray.algorithms import get_algorithm
-    from vla_ray.setting_keys import check_overrides
-
-    p = preset if isinstance(preset, Preset) else get_preset(preset)
-    algo = get_algorithm(p.algorithm)
-    check_overrides(overrides or {}, p.algorithm, p.env)  # did-you-mean for every section
-    settings = p.sections()
-    # deep copies: overrides merge into nested defaults (replay_buffer_config ...), which must
-    # not change the algorithm's module-level defaults for later runs in the process
-    settings["training"] = copy.deepcopy({**algo.training_defaults(), **settings["training"]})
-    settings["model"] = copy.deepcopy({**algo.MODEL_DEFAULTS, **settings["model"]})
-    settings.update(
-        seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
-    )
-    if algo.OFFLINE:
-        settings["data"] = None
-    if algo.EVALUATES:
-        settings.update(eval_every=25 if algo.OFFLINE else 1, eval_episodes=p.eval_episodes)
-    _merge(settings, copy.deepcopy(overrides or {}))
-    safety = (settings.get("env_config") or {}).get("safety")
-    if isinstance(safety, str):  # the rules themselves go into config.json and checkpoints
-        from vla_ray.safety import load_rules_file
-
-        settings["env_config"]["safety"] = load_rules_file(safety)
-    if data is not None:
-        settings["data"] = str(data)
-    # offline algorithms and online ones that learn from demonstrations too (GAIL)
-    if algo.NEEDS_DATA and "data" not in settings:
-        settings["data"] = None
-    if algo.NEEDS_DATA and not settings.get("data"):
-        raise ValueError(
-            f"--data: {p.algorithm} trains from a dataset; give --data PATH "
-            "(e.g. one written by `vla-ray collect`)"
-        )
-    # online algorithms that may start from demonstrations (DAgger) accept it too
-    if not algo.ACCEPTS_DATA and settings.get("data"):
-        raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
-    settings["env_config"] = chunk_env_config(
-        p.algorithm, settings["model"], settings["env_config"]
-    )
-    runners = settings["env_runners"]
-    if num_env_runners is not None:
-        runners["num_env_runners"] = num_env_runners
-    if num_envs_per_env_runner is not None:
-        runners["num_envs_per_env_runner"] = num_envs_per_env_runner
-    if local:
-        runners["num_env_runners"] = 0
-        settings["learners"]["num_learners"] = 0
-    from vla_ray.scale import apply_scale_flags
-
-    apply_scale_flags(
-        settings,
-        vectorize=vectorize,
-        num_gpus_per_learner=num_gpus_per_learner,
-        num_gpus_per_env_runner=num_gpus_per_env_runner,
-    )
-    return RunSpec(p.name, p.algorithm, p.env, settings)
-
-
-def chunk_env_config(
-    algorithm: str, model: dict[str, Any], env_config: dict[str, Any]
-) -> dict[str, Any]:
-    """``env_config`` with ``action_chunk.size`` set to ``model.chunk_size`` when that is > 1
-    (the env then takes chunks: ``vla_ray.envs.chunking``). ConfigError naming the field when
-    the algorithm learns single-step actions only (it does not set ``ACTION_CHUNKS``) or the
-    env's chunk size disagrees with the model's."""
-    from vla_ray.algorithms import ALGORITHMS, get_algorithm
-    from vla_ray.config import ConfigError
-    from vla_ray.envs.chunking import CHUNK_CONFIG_KEY, chunk_settings
-
-    size = model.get("chunk_size", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"model.chunk_size: expected an integer >= 1, got {size!r}")
-    given = dict(env_config.get(CHUNK_CONFIG_KEY) or {})
-    if size == 1 and int(given.get("size", 1)) == 1:
-        return env_config
-    if not get_algorithm(algorithm).ACTION_CHUNKS:
-        takes = [a for a in ALGORITHMS if get_algorithm(a).ACTION_CHUNKS]
-        raise ConfigError(
-            f"model.chunk_size: {algorithm} learns single-step actions (chunk_size=1); "
-            f"got {size}. Algorithms that take chunks: {', '.join(takes)}"
-        )
-    if given.get("size", size) != size:
-        raise ConfigError(
-            f"env.{CHUNK_CONFIG_KEY}.size: must equal model.chunk_size={size}, "
-            f"got {given['size']!r}"
-        )
-    chunk_settings({**given, "size": size})  # checks execute / gamma
-    return {**env_config, CHUNK_CONFIG_KEY: {**given, "size": size}}
+_export_vla = export_vla  # the former private name (tests, benchmarks)
 
 
 def register_envs() -> None:
@@ -430,128 +249,6 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _export_vla(algo, directory: Path) -> None:
-    """``save_pretrained`` of the policy's VLA, from an EnvRunner or (offline) the learner."""
-    if algo.env_runner_group is not None:
-        algo.get_module().vla.save_pretrained(directory)
-        return
-    target = str(directory.resolve())
-    algo.learner_group.foreach_learner(
-        lambda learner: learner.module[DEFAULT_MODULE_ID].vla.save_pretrained(target)
-    )
-
-
-def write_checkpoint(algo, spec: RunSpec, directory: Path, info: dict[str, Any]) -> Path:
-    """Write an RLlib checkpoint + ``vla_ray_meta.json`` + ``vla/`` export into ``directory``."""
-    directory = Path(directory)
-    algo.save_to_path(str(directory.resolve()))
-    meta = dict(
-        env=spec.env,
-        env_config=spec.settings["env_config"],
-        preset=spec.preset,
-        # what a sequence policy needs to be run again (the Decision Transformer's window)
-        training=spec.settings["training"],
-        **info,
-    )
-    (directory / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
-    from vla_ray.algorithms import get_algorithm
-
-    # algorithms whose policy is more than a VLA (e.g. the Decision Transformer) set
-    # EXPORTS_VLA = False: their RLlib checkpoint is the policy
-    if get_algorithm(spec.algorithm).EXPORTS_VLA:
-        _export_vla(algo, directory / "vla")
-        (directory / "vla" / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
-        from vla_ray.model_card import write_model_card
-
-        write_model_card(directory / "vla", meta=json.loads(json.dumps(meta, default=str)))
-    return directory
-
-
-def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> Path:
-    """Write an RLlib checkpoint + meta + ``vla/`` export to ``target``, replacing it atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    try:
-        write_checkpoint(algo, spec, tmp, info)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return replace_dir(tmp, target)
-
-
-class ResumeError(FileNotFoundError):
-    """``--resume`` was asked for but the run directory has no checkpoint to resume from."""
-
-
-# entries created in the run directory before training starts: a tracker's (``--wandb``) and
-# the log file of ``vla_ray.logs.quiet_logs``
-_TRACKER_ENTRIES = frozenset({"wandb", LOG_NAME})
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)(?:-.*)?$")
-
-
-def recover_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Recover or clean up after an interrupted checkpoint save in ``ckpt_dir``: a checkpoint
-    moved aside but not yet replaced is put back, unfinished temporary ones are removed.
-    Returns the removed paths."""
-    if not ckpt_dir.is_dir():
-        return []
-    names = {m["name"] for p in ckpt_dir.iterdir() if (m := _LEFTOVER.match(p.name))}
-    return [p for name in sorted(names) for p in recover_dir(ckpt_dir / name)]
-
-
-def restore_algorithm(algo: Any, path: str | os.PathLike) -> None:
-    """``algo.restore_from_path(path)``, also for offline algorithms (BC, CQL, ...): RLlib
-    2.60's override then pushes the restored weights to ``env_runner_group``, which an offline
-    algorithm does not have (``None``: AttributeError). For them the checkpoint is restored by
-    the base ``Checkpointable`` and the weights go to the evaluation EnvRunners, if any."""
-    path = str(Path(path).resolve())
-    if algo.env_runner_group is not None:
-        algo.restore_from_path(path)
-        return
-    from ray.rllib.utils.checkpoints import Checkpointable
-
-    Checkpointable.restore_from_path(algo, path)
-    if algo.eval_env_runner_group is not None:
-        algo.eval_env_runner_group.sync_weights(
-            from_worker_or_learner_group=algo.learner_group, inference_only=True
-        )
-
-
-def prepare_run_dir(
-    output: str | os.PathLike, resume: bool, resume_if_exists: bool = False
-) -> bool:
-    """Check ``output`` before a run and say whether the run resumes.
-
-    ``resume``: ``OUTPUT/checkpoints/last`` must exist (``ResumeError`` otherwise);
-    ``resume_if_exists``: resume when it exists, else start fresh; neither: ``output`` must be
-    new or empty (``OutputExistsError``; a tracker's ``wandb/`` folder does not count).
-    Interrupted checkpoint saves are recovered or cleaned up first.
-    """
-    out = Path(output)
-    ckpt_dir = out / "checkpoints"
-    recover_checkpoints(ckpt_dir)
-    has_last = (ckpt_dir / "last" / META_NAME).is_file()
-    if resume and not has_last:
-        raise ResumeError(
-            f"--resume: no checkpoint to resume from at {ckpt_dir / 'last'}; expected the run "
-            "directory of an earlier `vla-ray train` (--resume-if-exists starts fresh when "
-            "there is none)"
-        )
-    if resume or (resume_if_exists and has_last):
-        return True
-    leftover = (
-        sorted(p.name for p in out.iterdir() if p.name not in _TRACKER_ENTRIES)
-        if out.is_dir()
-        else []
-    )
-    if leftover and not resume_if_exists:
-        raise OutputExistsError(
-            f"--output: {out} is not empty (holds {', '.join(leftover[:5])}); pass --resume to "
-            "continue that run, or choose another --output"
-        )
-    return False
-
-
 def _trim_metrics(path: Path, upto: int) -> None:
     """Keep the rows of ``metrics.jsonl`` up to iteration ``upto`` (a resumed run writes the
     later ones again; an unreadable trailing line from a crash is dropped)."""
@@ -612,13 +309,13 @@ def train(
     init_ray(num_cpus)
     algo = build_algorithm_config(spec).build_algo()
     evaluates = get_algorithm(spec.algorithm).EVALUATES
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = out / CHECKPOINTS_DIR
     metric = spec.settings["checkpoint_metric"]
     best_value = -math.inf
     start_iter, t_offset = 0, 0.0
     if resume:
-        restore_algorithm(algo, ckpt_dir / "last")
-        meta = json.loads((ckpt_dir / "last" / META_NAME).read_text())
+        restore_algorithm(algo, ckpt_dir / LAST)
+        meta = json.loads((ckpt_dir / LAST / META_NAME).read_text())
         start_iter, t_offset = meta["iteration"], meta.get("time_s", 0.0)
         best_value = meta.get("best_value", -math.inf)
     # rows past the checkpoint we continue from (written before a crash) would repeat
@@ -674,17 +371,17 @@ def train(
             info = dict(iteration=it, env_steps=steps, time_s=row["time_s"], metric=metric)
             if value is not None and value > best_value:
                 best_value = value
-                save_checkpoint(algo, spec, ckpt_dir / "best", {**info, "best_value": best_value})
+                save_checkpoint(algo, spec, ckpt_dir / BEST, {**info, "best_value": best_value})
             if done or it % int(spec.settings["checkpoint_every"]) == 0:
-                save_checkpoint(algo, spec, ckpt_dir / "last", {**info, "best_value": best_value})
+                save_checkpoint(algo, spec, ckpt_dir / LAST, {**info, "best_value": best_value})
                 if spec.settings["keep_checkpoints"]:
-                    kept = ckpt_dir / f"iter_{it:06d}"
+                    kept = ckpt_dir / kept_name(it)
                     save_checkpoint(algo, spec, kept, {**info, "best_value": best_value})
             if done:
                 break
-        summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / "last"))
-        if (ckpt_dir / "best").exists():
-            summary["best_checkpoint"] = str(ckpt_dir / "best")
+        summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / LAST))
+        if (ckpt_dir / BEST).exists():
+            summary["best_checkpoint"] = str(ckpt_dir / BEST)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         bar.close()

@@ -44,18 +44,10 @@ import yaml
 from ray import tune
 from ray.tune.logger import LoggerCallback
 
+from vla_ray.checkpoint import META_NAME, run_checkpoints, write_checkpoint
+from vla_ray.run_spec import TOP_LEVEL_KEYS, RunSpec, override_path, resolve, set_override
 from vla_ray.setting_keys import known_setting_keys, setting_problem
-from vla_ray.train import (
-    META_NAME,
-    TOP_LEVEL_KEYS,
-    RunSpec,
-    build_algorithm_config,
-    override_path,
-    resolve,
-    set_override,
-    summarize,
-    write_checkpoint,
-)
+from vla_ray.train import build_algorithm_config, summarize
 
 PRIMITIVES = ("choice", "grid_search", "loguniform", "randint", "uniform")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -922,8 +914,9 @@ def summarize_results(
             except (ValueError, KeyError, RuntimeError):
                 best_ckpt = None
         last_ckpt = result.checkpoint.path if result.checkpoint else None
-        _link(path / "checkpoints" / "best", best_ckpt or last_ckpt)
-        _link(path / "checkpoints" / "last", last_ckpt)
+        best_link, last_link = run_checkpoints(path)
+        _link(best_link, best_ckpt or last_ckpt)
+        _link(last_link, last_ckpt)
         m = result.metrics or {}
         best_iter = None
         meta = Path(best_ckpt or last_ckpt or "", META_NAME)
