@@ -44,7 +44,7 @@ import yaml
 from ray import tune
 from ray.tune.logger import LoggerCallback
 
-from vla_ray.checkpoint import META_NAME, run_checkpoints, write_checkpoint
+from vla_ray.checkpoint import META_NAME, restore_algorithm, run_checkpoints, write_checkpoint
 from vla_ray.run_spec import TOP_LEVEL_KEYS, RunSpec, override_path, resolve, set_override
 from vla_ray.setting_keys import known_setting_keys, setting_problem
 from vla_ray.train import build_algorithm_config, summarize
@@ -630,7 +630,8 @@ class VLATrainable(tune.Trainable):
         write_checkpoint(self.algo, self.spec, Path(checkpoint_dir), info)
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
-        self.algo.restore_from_path(str(Path(checkpoint).resolve()))
+        # as ``vla-ray train --resume`` does (offline algorithms have no env_runner_group)
+        restore_algorithm(self.algo, checkpoint)
 
     def cleanup(self) -> None:
         self.algo.stop()
