@@ -84,6 +84,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from vla_ray.algorithm_spec import VLAAlgorithmConfig
+from vla_ray.env_factory import EnvWrapper
 from vla_ray.learner import TrainableParametersMixin
 from vla_ray.models.lora import (
     adapters_disabled,
@@ -104,6 +105,11 @@ SEED_LOW, SEED_HIGH = 1_000_000, 2**31 - 1  # group seeds; evaluation uses 100_0
 
 
 # -- group seeding ------------------------------------------------------------------------------
+def group_seeding(env: gym.Env, group_seeding: bool) -> gym.Env:
+    """``env`` in :class:`GroupSeeding` when ``group_seeding`` (the env config flag)."""
+    return GroupSeeding(env) if group_seeding else env
+
+
 class GroupSeeding(gym.Wrapper):
     """Resets from a queue of ``(seed, group)`` set by the algorithm (``group_schedule``).
 
@@ -362,6 +368,10 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
     MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="none")
     # ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
     ACTION_CHUNKS: ClassVar[bool] = True
+    # ``env.group_seeding`` wraps each sub-env in GroupSeeding (resets from a seed schedule)
+    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = (
+        EnvWrapper((GROUP_SEEDING,), "vla_ray.algorithms.grpo:group_seeding"),
+    )
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GRPO)

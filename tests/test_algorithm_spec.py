@@ -12,7 +12,7 @@ from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig, VLAAlgorithmConfig
 from vla_ray.algorithms import ALGORITHMS, get_algorithm
 from vla_ray.config import ACTION_HEADS, ConfigError
 from vla_ray.presets import PRESETS
-from vla_ray.setting_keys import known_setting_keys
+from vla_ray.setting_keys import ENV_FACTORY_KEYS, known_setting_keys
 from vla_ray.train import resolve
 
 # one preset per algorithm (the first one listed)
@@ -95,3 +95,32 @@ def test_action_chunk_flag_is_what_resolve_enforces(name):
     else:
         with pytest.raises(ConfigError, match=f"model.chunk_size: {name} learns single-step"):
             resolve(preset, overrides, data=data)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_declared_env_wrappers_import_and_their_keys_are_env_settings(name):
+    import importlib
+
+    cls = get_algorithm(name)
+    for wrapper in cls.ENV_WRAPPERS:
+        module, _, attr = wrapper.wrap.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        assert set(wrapper.keys) <= set(ENV_FACTORY_KEYS)  # ``--set env.KEY`` takes them
+
+
+def test_env_factory_applies_an_algorithms_wrapper_only_when_its_key_is_set():
+    from vla_ray.algorithms.grpo import GroupSeeding
+    from vla_ray.env_factory import EnvFactory
+    from vla_ray.envs import LANGREACH_STATE_ID
+    from vla_ray.envs.experts import ExpertMixing
+
+    dagger = EnvFactory(LANGREACH_STATE_ID, get_algorithm("dagger").ENV_WRAPPERS)
+    env = dagger({"expert_beta": 0.5, "expert": "env", "max_episode_steps": 5})
+    assert isinstance(env, ExpertMixing) and env.expert_beta == 0.5
+    assert not isinstance(dagger({"max_episode_steps": 5}), ExpertMixing)
+    grpo = EnvFactory(LANGREACH_STATE_ID, get_algorithm("grpo").ENV_WRAPPERS)
+    assert isinstance(grpo({"group_seeding": True}), GroupSeeding)
+    assert not isinstance(grpo({"group_seeding": False}), GroupSeeding)  # key taken, no wrapper
+    # without the algorithm's wrapper, its key is not an env argument
+    with pytest.raises(TypeError, match="expert_beta"):
+        EnvFactory(LANGREACH_STATE_ID)({"expert_beta": 0.5})

@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
+from vla_ray.env_factory import EnvWrapper
+
 
 class VLAAlgorithmConfig:
     """Mixin for an algorithm's RLlib ``AlgorithmConfig`` subclass (listed first among the
@@ -40,6 +42,9 @@ class VLAAlgorithmConfig:
     # checkpoints carry a ``vla/`` ``save_pretrained`` export (False: the policy is more than a
     # VLA, e.g. the Decision Transformer, and the RLlib checkpoint is the policy)
     EXPORTS_VLA: ClassVar[bool] = True
+    # env wrappers the algorithm needs, applied by the env factory when their key is in the env
+    # config (which the algorithm sets)
+    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = ()
 
     def set_training_defaults(self, **values: Any) -> None:
         """Apply ``values`` through ``training()`` and record them as this algorithm's training

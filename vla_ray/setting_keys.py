@@ -26,7 +26,7 @@ from typing import Any
 
 from vla_ray.config import ConfigError
 
-# keys the env factory (vla_ray.train._EnvCreator) consumes itself: wrappers, not env arguments
+# keys the env factory (vla_ray.env_factory) consumes itself: wrappers, not env arguments
 ENV_FACTORY_KEYS = ("expert_beta", "expert", "group_seeding", "safety", "action_chunk")
 # keys vla_ray.train takes out of a section before RLlib sees it
 SECTION_EXTRA_KEYS = {"env_runners": ("inference",)}  # the shared inference actors

@@ -31,6 +31,7 @@ from vla_ray.checkpoint import (  # noqa: F401  (re-exported)
     save_checkpoint,
     write_checkpoint,
 )
+from vla_ray.env_factory import EnvFactory, register_envs  # noqa: F401  (re-exported)
 from vla_ray.fsutil import temp_path
 from vla_ray.run_spec import (  # noqa: F401  (re-exported)
     SECTIONS,
@@ -46,56 +47,7 @@ from vla_ray.run_spec import (  # noqa: F401  (re-exported)
 )
 
 _export_vla = export_vla  # the former private name (tests, benchmarks)
-
-
-def register_envs() -> None:
-    """Register every vla-ray env id with Tune so EnvRunner processes can build them."""
-    from ray.tune.registry import register_env
-
-    from vla_ray.envs import ENV_IDS
-
-    for env_id in ENV_IDS:
-        register_env(env_id, _EnvCreator(env_id))
-
-
-class _EnvCreator:
-    """Picklable env factory run inside EnvRunners."""
-
-    def __init__(self, env_id: str):
-        self.env_id = env_id
-
-    def __call__(self, env_config: dict[str, Any]):
-        from ray.rllib.env.env_context import EnvContext
-
-        import vla_ray.envs  # noqa: F401  (registers the gymnasium ids in this process)
-        from vla_ray.envs import env_kwargs
-        from vla_ray.envs.chunking import CHUNK_CONFIG_KEY, wrap_action_chunks
-        from vla_ray.safety import make_env
-
-        kwargs = dict(env_config or {})
-        # envs that place themselves by their EnvRunner (CARLA: one server per sub-env) get its
-        # index and the number of runners
-        if isinstance(env_config, EnvContext) and "worker_index" in (env_kwargs(self.env_id) or ()):
-            kwargs.update(worker_index=env_config.worker_index, num_workers=env_config.num_workers)
-        # ``expert_beta`` (DAgger) is not an env argument: it wraps the env in ExpertMixing
-        beta = kwargs.pop("expert_beta", None)
-        expert = kwargs.pop("expert", None)  # and names its expert (the env's by default)
-        # ``group_seeding`` (GRPO) wraps the env in GroupSeeding (resets from a seed schedule)
-        group_seeding = kwargs.pop("group_seeding", False)
-        # ``action_chunk`` (model.chunk_size > 1) wraps it in ExecuteChunk, outermost
-        chunks = kwargs.pop(CHUNK_CONFIG_KEY, None)
-        # ``safety`` (a rules file) wraps the env in SafetyWrapper, innermost: the shield sees
-        # the action the env will execute (after any expert mixing)
-        env = make_env(self.env_id, kwargs)
-        if beta is not None:
-            from vla_ray.envs.experts import ExpertMixing
-
-            env = ExpertMixing(env, expert_beta=beta, **({"expert": expert} if expert else {}))
-        if group_seeding:
-            from vla_ray.algorithms.grpo import GroupSeeding
-
-            env = GroupSeeding(env)
-        return wrap_action_chunks(env, chunks)
+_EnvCreator = EnvFactory  # the former name of the env factory (tests)
 
 
 def build_algorithm_config(spec: RunSpec):
@@ -111,7 +63,7 @@ def build_algorithm_config(spec: RunSpec):
     s = dict(spec.settings)
     s["env_config"] = chunk_env_config(spec.algorithm, s["model"], s["env_config"])
     check_lerobot_algorithm(spec.algorithm, s["model"])  # smolvla / pi0: bc, dagger, ppo, grpo, sac
-    register_envs()
+    register_envs(get_algorithm(spec.algorithm).ENV_WRAPPERS)
     runners = dict(s["env_runners"])
     inference = runners.pop("inference", None)  # the shared inference actors (vla_ray.inference)
     runners.setdefault("rollout_fragment_length", "auto")
