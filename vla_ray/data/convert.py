@@ -39,9 +39,18 @@ READERS = {
 CONVERTER_VERSION = 1
 
 
+def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` itself, or the local snapshot folder of a Hub dataset ``hf://<repo_id>``."""
+    if lerobot_format.is_hub_id(path):
+        return lerobot_format.resolve_hub(path)
+    return path
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5 file), ``lerobot``
-    (meta/info.json), ``minari`` (data/metadata.json + main_data.hdf5, or a local Minari id)."""
+    (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``minari`` (data/metadata.json +
+    main_data.hdf5, or a local Minari id)."""
+    path = resolve_source(path)
     p = Path(path)
     if minari_format.resolve(p) is not None:
         return minari_format.FORMAT
@@ -70,6 +79,7 @@ def read_dataset(
 ) -> list[Any]:
     """All episodes of a dataset in any format, as ``SingleAgentEpisode``s on ``env_id``'s
     spaces (in-process; :func:`convert_to_rllib` is the ray.data route for training)."""
+    path = resolve_source(path)
     fmt = detect_format(path)
     if fmt == RLLIB:
         return read_episodes(path)
@@ -116,6 +126,7 @@ def convert_to_rllib(
     non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import ray
 
+    path = resolve_source(path)
     fmt = detect_format(path)
     if fmt == RLLIB:
         raise DataError(f"data: {path} is already an RLlib episode dataset")
@@ -196,6 +207,7 @@ def offline_input(
 ) -> list[str]:
     """The RLlib episode parquet files for ``data`` in any format (converted + cached when not
     RLlib's own); what ``config.offline_data(input_=...)`` gets."""
+    data = resolve_source(data)
     fmt = detect_format(data)
     if fmt == RLLIB:
         return dataset_files(data)
