@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vla_ray.data import d4rl_format, lerobot_format, minari_format
+from vla_ray.data import d4rl_format, lerobot_format, minari_format, rlds_format
 from vla_ray.data.contract import EnvContract
 from vla_ray.data.rllib_format import (
     FORMAT as RLLIB,
@@ -35,6 +35,7 @@ READERS = {
     d4rl_format.FORMAT: d4rl_format,
     minari_format.FORMAT: minari_format,
     lerobot_format.FORMAT: lerobot_format,
+    rlds_format.FORMAT: rlds_format,
 }
 CONVERTER_VERSION = 1
 
@@ -48,14 +49,17 @@ def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
 
 def detect_format(path: str | os.PathLike) -> str:
     """``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5 file), ``lerobot``
-    (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``minari`` (data/metadata.json +
-    main_data.hdf5, or a local Minari id)."""
+    (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``rlds`` (a TFDS-built RLDS folder:
+    features.json + dataset_info.json, or a spec file ``{"format": "rlds", ...}``), ``minari``
+    (data/metadata.json + main_data.hdf5, or a local Minari id)."""
     path = resolve_source(path)
     p = Path(path)
     if minari_format.resolve(p) is not None:
         return minari_format.FORMAT
     if d4rl_format.is_d4rl(p):
         return d4rl_format.FORMAT
+    if rlds_format.is_rlds(p):
+        return rlds_format.FORMAT
     if p.is_dir():
         if lerobot_format.is_lerobot(p):
             return lerobot_format.FORMAT
@@ -69,8 +73,9 @@ def detect_format(path: str | os.PathLike) -> str:
         raise DataError(f"data: {p} does not exist")
     raise DataError(
         f"data: cannot tell the format of {p}: expected an RLlib episode dataset (dataset.json), "
-        "a D4RL .hdf5 file, a LeRobotDataset folder (meta/info.json) or a Minari dataset "
-        "(data/metadata.json) / local Minari id"
+        "a D4RL .hdf5 file, a LeRobotDataset folder (meta/info.json), an RLDS/TFDS folder "
+        "(features.json + dataset_info.json) or a Minari dataset (data/metadata.json) / local "
+        "Minari id"
     )
 
 
@@ -155,9 +160,13 @@ def convert_to_rllib(
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(str(cause)) from err
         raise
+    from vla_ray.data.stats import dataset_action_statistics
+
     meta = dict(
         format=RLLIB,
         episodes=len(refs),
+        # per-dimension normalisation statistics of the converted actions (mean/std, q01/q99)
+        action_stats=dataset_action_statistics(str(tmp)),
         env=env_id,
         env_config=env_config or {},
         converted_from=dict(format=fmt, path=str(path)),
@@ -190,6 +199,9 @@ def _fingerprint(path: str | os.PathLike, fmt: str, env_id: str, env_config: dic
     p = Path(path)
     if p.exists():
         files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+        if fmt == rlds_format.FORMAT and p.is_file():  # a spec file: and the folder it names
+            root = rlds_format.load_spec(p).root
+            files += sorted(x for x in root.rglob("*") if x.is_file())
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     else:  # a Minari id
         data_dir = minari_format.resolve(path)
