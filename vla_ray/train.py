@@ -39,6 +39,7 @@ TOP_LEVEL_KEYS = (
     "checkpoint_metric",
     "keep_checkpoints",
     "data",
+    "val_fraction",
     "eval_every",
     "eval_episodes",
 )
@@ -153,8 +154,8 @@ def resolve(
         seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
     )
     offline = bool(getattr(algo, "OFFLINE", False))
-    if offline:
-        settings["data"] = None
+    if offline:  # val_fraction: held-out episodes (vla_ray.data.validation)
+        settings.update(data=None, val_fraction=0.0)
     if _evaluates(algo):
         settings.update(eval_every=25 if offline else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
@@ -178,6 +179,8 @@ def resolve(
     accepts_data = needs_data or bool(getattr(algo, "ACCEPTS_DATA", False))
     if not accepts_data and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
+    if settings.get("val_fraction") and not offline:
+        raise ValueError(f"--val-fraction: {p.algorithm} is not an offline algorithm")
     settings["env_config"] = chunk_env_config(
         p.algorithm, settings["model"], settings["env_config"]
     )
@@ -340,10 +343,13 @@ def build_algorithm_config(spec: RunSpec):
         from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
         from vla_ray.data.stream import VLAPreLearner, offline_data_settings
 
+        files = offline_input(s["data"], spec.env, s["env_config"])
+        if s.get("val_fraction"):  # held-out episodes, scored in train(): data.validation
+            from vla_ray.data.validation import split_files
+
+            files = split_files(files, s["val_fraction"], s["seed"])[0]
         # fresh uniform batches over the whole dataset, one episode read per iteration
-        cfg.offline_data(
-            **offline_data_settings(offline_input(s["data"], spec.env, s["env_config"]))
-        )
+        cfg.offline_data(**offline_data_settings(files))
         if cfg.prelearner_class is None:
             cfg.offline_data(prelearner_class=VLAPreLearner)
     if getattr(algo_mod, "use_data", None) is not None:  # e.g. GAIL's / DAgger's expert demos
@@ -615,6 +621,7 @@ def train(
     from tqdm import tqdm
 
     from vla_ray.algorithms import get_algorithm
+    from vla_ray.data.validation import iteration_metrics
 
     out = Path(output)
     resume = prepare_run_dir(out, resume, resume_if_exists)
@@ -661,6 +668,9 @@ def train(
             it += 1
             row = summarize(
                 result, evaluated=evaluates and it % int(spec.settings["eval_every"]) == 0
+            )
+            row.update(  # --val-fraction
+                iteration_metrics(algo, spec.settings, it, final=it == stop_iters)
             )
             now = time.time()
             steps = row["env_steps"]
