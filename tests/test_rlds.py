@@ -291,3 +291,13 @@ def test_action_statistics():
     np.testing.assert_allclose(got["std"], np.std(np.concatenate([a, b]), axis=0))
     assert got["min"] == [0.0, -1.0] and got["max"] == [4.0, 3.0] and got["count"] == [3]
     np.testing.assert_allclose(got["q01"], np.quantile(np.concatenate([a, b]), 0.01, axis=0))
+
+
+def test_a_corrupt_record_fails_its_checksum(bridge):
+    pytest.importorskip("google_crc32c", reason="record data checksums need google-crc32c")
+    shard = bridge / "bridge_dataset-train.tfrecord-00001-of-00002"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first record's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"00001-of-00002 record 0 \(byte 0\): data checksum"):
+        rf.episode_refs(bridge)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vla_ray.data import d4rl_format, lerobot_format, minari_format, rlds_format
+from vla_ray.data import d4rl_format, lerobot_format, minari_format, rlds_format, rosbag_format
 from vla_ray.data.contract import EnvContract
 from vla_ray.data.rllib_format import (
     FORMAT as RLLIB,
@@ -36,6 +36,7 @@ READERS = {
     minari_format.FORMAT: minari_format,
     lerobot_format.FORMAT: lerobot_format,
     rlds_format.FORMAT: rlds_format,
+    rosbag_format.FORMAT: rosbag_format,
 }
 CONVERTER_VERSION = 1
 
@@ -50,8 +51,9 @@ def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
 def detect_format(path: str | os.PathLike) -> str:
     """``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5 file), ``lerobot``
     (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``rlds`` (a TFDS-built RLDS folder:
-    features.json + dataset_info.json, or a spec file ``{"format": "rlds", ...}``), ``minari``
-    (data/metadata.json + main_data.hdf5, or a local Minari id)."""
+    features.json + dataset_info.json, or a spec file ``{"format": "rlds", ...}``), ``rosbag``
+    (a mapping file ``{"format": "rosbag", ...}``), ``minari`` (data/metadata.json +
+    main_data.hdf5, or a local Minari id)."""
     path = resolve_source(path)
     p = Path(path)
     if minari_format.resolve(p) is not None:
@@ -60,6 +62,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return d4rl_format.FORMAT
     if rlds_format.is_rlds(p):
         return rlds_format.FORMAT
+    if rosbag_format.is_spec_file(p):
+        return rosbag_format.FORMAT
     if p.is_dir():
         if lerobot_format.is_lerobot(p):
             return lerobot_format.FORMAT
@@ -202,6 +206,11 @@ def _fingerprint(path: str | os.PathLike, fmt: str, env_id: str, env_config: dic
         if fmt == rlds_format.FORMAT and p.is_file():  # a spec file: and the folder it names
             root = rlds_format.load_spec(p).root
             files += sorted(x for x in root.rglob("*") if x.is_file())
+        if fmt == rosbag_format.FORMAT:  # a mapping file: and its bags
+            for bag in map(Path, rosbag_format.load_spec(p)["bags"]):
+                files += (
+                    [bag] if bag.is_file() else sorted(x for x in bag.rglob("*") if x.is_file())
+                )
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     else:  # a Minari id
         data_dir = minari_format.resolve(path)

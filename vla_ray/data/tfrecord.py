@@ -7,8 +7,8 @@ masked_crc32c(data)``. ``tf.train.Example`` (``tensorflow/core/example/example.p
 ``protobuf`` package parses and writes it byte for byte as TensorFlow does.
 
 The length checksum of every record is verified (pure Python: 8 bytes); the data checksum only
-when ``google_crc32c`` or ``crc32c`` is importable (pure-Python CRC of images is too slow), else
-corruption inside a record shows when its contents are parsed or decoded.
+when ``google_crc32c`` is importable (the ``data`` extra; a pure-Python CRC of images is too
+slow), else corruption inside a record shows when its contents are parsed or decoded.
 """
 
 from __future__ import annotations
@@ -51,16 +51,9 @@ def crc32c(data: bytes) -> int:
 def _fast_crc() -> Any:
     try:
         import google_crc32c
-
-        return lambda data: int(google_crc32c.value(data))
-    except ImportError:
-        pass
-    try:
-        import crc32c as mod
-
-        return mod.crc32c
     except ImportError:
         return None
+    return lambda data: int(google_crc32c.value(data))
 
 
 def masked_crc(data: bytes) -> int:
