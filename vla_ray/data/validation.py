@@ -157,7 +157,7 @@ def _learner_metrics(files: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
     def run(learner: Any) -> dict[str, Any]:
         from ray.rllib.core import DEFAULT_MODULE_ID
 
-        module = learner.module[DEFAULT_MODULE_ID]
+        module = learner.module[DEFAULT_MODULE_ID].unwrapped()  # (DDP-wrapped on several)
         was_training = module.training
         module.eval()
         try:
