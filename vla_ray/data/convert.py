@@ -1,5 +1,7 @@
-"""Format detection and conversion of Minari / D4RL / LeRobotDataset data to RLlib's offline
-episode format (msgpack-packed ``SingleAgentEpisode`` parquet) through ``ray.data``.
+"""Format detection and conversion of Minari / D4RL / LeRobotDataset / RLDS / ROS bag data to
+RLlib's offline episode format (msgpack-packed ``SingleAgentEpisode`` parquet) through
+``ray.data``; the converted dataset's ``dataset.json`` keeps the actions' normalisation
+statistics (``action_stats``).
 
 ``vla-ray train --data PATH`` accepts any of them: an RLlib dataset is used as is; anything else
 is converted once per (dataset, env, env config) into a cache directory (``VLA_RAY_DATA_CACHE``,
