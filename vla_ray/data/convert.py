@@ -19,7 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vla_ray.data import d4rl_format, lerobot_format, minari_format, rlds_format, rosbag_format
+from vla_ray.data import (
+    d4rl_format,
+    lerobot_format,
+    minari_format,
+    nuscenes_format,
+    rlds_format,
+    rosbag_format,
+)
 from vla_ray.data.contract import EnvContract
 from vla_ray.data.rllib_format import (
     FORMAT as RLLIB,
@@ -39,6 +46,7 @@ READERS = {
     lerobot_format.FORMAT: lerobot_format,
     rlds_format.FORMAT: rlds_format,
     rosbag_format.FORMAT: rosbag_format,
+    nuscenes_format.FORMAT: nuscenes_format,
 }
 CONVERTER_VERSION = 1
 
@@ -51,11 +59,11 @@ def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5 file), ``lerobot``
-    (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``rlds`` (a TFDS-built RLDS folder:
-    features.json + dataset_info.json, or a spec file ``{"format": "rlds", ...}``), ``rosbag``
-    (a mapping file ``{"format": "rosbag", ...}``), ``minari`` (data/metadata.json +
-    main_data.hdf5, or a local Minari id)."""
+    """The format of ``path``: ``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5
+    file), ``lerobot`` (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``rlds`` (a
+    TFDS-built RLDS folder: features.json + dataset_info.json, or a spec file ``{"format":
+    "rlds", ...}``), ``rosbag`` (a mapping file ``{"format": "rosbag", ...}``), ``nuscenes`` (a
+    v1.0 table folder), ``minari`` (data/metadata.json + main_data.hdf5, or a local Minari id)."""
     path = resolve_source(path)
     p = Path(path)
     if minari_format.resolve(p) is not None:
@@ -66,6 +74,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return rlds_format.FORMAT
     if rosbag_format.is_spec_file(p):
         return rosbag_format.FORMAT
+    if nuscenes_format.is_nuscenes(p):
+        return nuscenes_format.FORMAT
     if p.is_dir():
         if lerobot_format.is_lerobot(p):
             return lerobot_format.FORMAT
