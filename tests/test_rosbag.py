@@ -26,10 +26,13 @@ TIMING = {"/camera/image_raw": (1 / 30, 0.02), "/joint_states": (1 / 50, 0.0), "
 DURATION = 1.0
 
 
-def _header(t: float):
-    Time = TS.types["builtin_interfaces/msg/Time"]
-    Header = TS.types["std_msgs/msg/Header"]
-    return Header(stamp=Time(sec=int(t), nanosec=int((t % 1) * 1e9)), frame_id="base")
+def _header(t: float, ts=TS):
+    Time = ts.types["builtin_interfaces/msg/Time"]
+    Header = ts.types["std_msgs/msg/Header"]
+    stamp = Time(sec=int(t), nanosec=int((t % 1) * 1e9))
+    if ts is TS:
+        return Header(stamp=stamp, frame_id="base")
+    return Header(seq=0, stamp=stamp, frame_id="base")  # ROS 1's Header has a seq
 
 
 def image(t: float) -> np.ndarray:
@@ -45,13 +48,13 @@ def command(t: float) -> np.ndarray:
     return np.array([t, 1 - t], np.float32)
 
 
-def message(topic: str, t: float, encoding: str = "rgb8"):
+def message(topic: str, t: float, encoding: str = "rgb8", ts=TS):
     if topic == "/camera/image_raw":
         img = image(t)
         if encoding == "bgr8":
             img = img[..., ::-1]
-        return "sensor_msgs/msg/Image", TS.types["sensor_msgs/msg/Image"](
-            header=_header(t),
+        return "sensor_msgs/msg/Image", ts.types["sensor_msgs/msg/Image"](
+            header=_header(t, ts),
             height=H,
             width=W,
             encoding=encoding,
@@ -61,30 +64,43 @@ def message(topic: str, t: float, encoding: str = "rgb8"):
         )
     if topic == "/joint_states":
         z = np.zeros(3)
-        return "sensor_msgs/msg/JointState", TS.types["sensor_msgs/msg/JointState"](
-            header=_header(t), name=["a", "b", "c"], position=joints(t), velocity=z, effort=z
+        return "sensor_msgs/msg/JointState", ts.types["sensor_msgs/msg/JointState"](
+            header=_header(t, ts), name=["a", "b", "c"], position=joints(t), velocity=z, effort=z
         )
-    layout = TS.types["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
-    return "std_msgs/msg/Float32MultiArray", TS.types["std_msgs/msg/Float32MultiArray"](
+    layout = ts.types["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+    return "std_msgs/msg/Float32MultiArray", ts.types["std_msgs/msg/Float32MultiArray"](
         layout=layout, data=command(t)
     )
 
 
-def write_bag(path: Path, skip: tuple[str, float, float] | None = None, **kw) -> Path:
-    """A ROS 2 bag (sqlite3) with every topic at its rate; ``skip``: (topic, from, to) dropped."""
+def write_bag(
+    path: Path, skip: tuple[str, float, float] | None = None, ros1: bool = False, **kw
+) -> Path:
+    """A ROS 2 bag (sqlite3), or with ``ros1`` a ROS 1 ``.bag``, with every topic at its rate;
+    ``skip``: (topic, from, to) dropped."""
+    if ros1:
+        from rosbags.rosbag1 import Writer as Writer1
+
+        ts = get_typestore(Stores.ROS1_NOETIC)
+        kw["ts"] = ts
+        opened = Writer1(path)
+    else:
+        ts = TS
+        opened = Writer(path, version=9)
     msgs = []
     for topic, (period, first) in TIMING.items():
         for t in np.arange(first, DURATION, period):
             if skip and topic == skip[0] and skip[1] <= t < skip[2]:
                 continue
             msgs.append((int(round(t * 1e9)), topic, float(t)))
-    with Writer(path, version=9) as writer:
+    serialize = ts.serialize_ros1 if ros1 else ts.serialize_cdr
+    with opened as writer:
         conns = {}
         for topic in TIMING:
-            conns[topic] = writer.add_connection(topic, message(topic, 0.0, **kw)[0], typestore=TS)
+            conns[topic] = writer.add_connection(topic, message(topic, 0.0, **kw)[0], typestore=ts)
         for stamp, topic, t in sorted(msgs):
             msgtype, msg = message(topic, t, **kw)
-            writer.write(conns[topic], stamp, TS.serialize_cdr(msg, msgtype))
+            writer.write(conns[topic], stamp, serialize(msg, msgtype))
     return path
 
 
@@ -120,10 +136,11 @@ def read_all(spec: Path) -> list:
 def test_bag_synchronised_at_the_control_rate(tmp_path):
     write_bag(tmp_path / "run1")
     write_bag(tmp_path / "run2", encoding="bgr8")
-    spec = mapping(tmp_path, ["run1", "run2"])
+    write_bag(tmp_path / "run3.bag", ros1=True)  # ROS 1
+    spec = mapping(tmp_path, ["run1", "run2", "run3.bag"])
     assert detect_format(spec) == "rosbag"
     eps = read_all(spec)
-    assert len(eps) == 2
+    assert len(eps) == 3
     # ticks from 0.05 s (every topic has a message) every 0.1 s up to the earliest last message
     ends = [np.arange(first, DURATION, p)[-1] for p, first in TIMING.values()]
     ticks = np.arange(0.05, min(ends) + 1e-9, 0.1)

@@ -25,9 +25,8 @@ topic). The observation at tick t and the action in effect at tick t form step t
 final observation is the last tick's. Episodes end truncated (a recording has no termination);
 rewards are 0.
 
-Tested on: ROS 2 bags (sqlite3, rosbag2 version 9) written in tests with ``rosbags``' writer and
-the ROS 2 Humble message definitions; ROS 1 ``.bag`` files go through the same ``AnyReader`` path
-but are not tested here.
+Tested on: ROS 2 bags (sqlite3, rosbag2 version 9, ROS 2 Humble message definitions) and a
+ROS 1 ``.bag`` (Noetic definitions) written in tests with ``rosbags``' writers.
 """
 
 from __future__ import annotations
