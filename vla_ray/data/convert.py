@@ -48,7 +48,7 @@ READERS = {
     rosbag_format.FORMAT: rosbag_format,
     nuscenes_format.FORMAT: nuscenes_format,
 }
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: action_stats in dataset.json, multi-camera "images"
 
 
 def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
