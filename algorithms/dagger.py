@@ -134,7 +134,7 @@ class DAggerConfig(VLAAlgorithmConfig, AlgorithmConfig):
     def get_default_learner_class(self):
         return VLABCLearner
 
-    def use_data(self, data: str | None) -> None:
+    def use_data(self, data: str | None, val_fraction: float = 0.0) -> None:
         """``--data`` (optional): expert demos that seed the aggregate, in any format
         ``--data`` reads (converted once to RLlib episodes)."""
         if not data:

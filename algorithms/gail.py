@@ -237,7 +237,7 @@ class GAILConfig(VLAAlgorithmConfig, PPOConfig):
 
         return RLModuleSpec(module_class=GAILModule)
 
-    def use_data(self, data: str | None) -> None:
+    def use_data(self, data: str | None, val_fraction: float = 0.0) -> None:
         """``--data``: the expert demos."""
         from vla_ray.data.rllib_format import dataset_files
 

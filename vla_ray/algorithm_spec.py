@@ -74,9 +74,11 @@ class VLAAlgorithmConfig:
 
         return RLModuleSpec(module_class=VLAModule)
 
-    def use_data(self, data: str | None) -> None:
-        """Take ``--data`` (a dataset path, or None); called once the env is configured.
-        Online algorithms read none (``resolve`` refuses ``--data`` unless ``ACCEPTS_DATA``)."""
+    def use_data(self, data: str | None, val_fraction: float = 0.0) -> None:
+        """Take ``--data`` (a dataset path, or None) less the ``val_fraction`` of its episodes
+        held out for validation (offline algorithms); called once the env and seed are
+        configured. Online algorithms read none (``resolve`` refuses ``--data`` unless
+        ``ACCEPTS_DATA``)."""
 
     def evaluation_env_config(self, env_config: dict[str, Any]) -> dict[str, Any]:
         """The env config of evaluation episodes (when ``EVALUATES``): the training one."""
@@ -92,11 +94,17 @@ class OfflineVLAAlgorithmConfig(VLAAlgorithmConfig):
     ACCEPTS_DATA: ClassVar[bool] = True
     EVALUATES: ClassVar[bool] = True
 
-    def use_data(self, data: str | None) -> None:
-        """Fresh uniform batches over the whole dataset, one episode read per iteration."""
+    def use_data(self, data: str | None, val_fraction: float = 0.0) -> None:
+        """Fresh uniform batches over the whole dataset (less the held-out episodes), one
+        episode read per iteration."""
         from vla_ray.data.convert import offline_input  # any format -> RLlib episodes
         from vla_ray.data.stream import VLAPreLearner, offline_data_settings
 
-        self.offline_data(**offline_data_settings(offline_input(data, self.env, self.env_config)))
+        files = offline_input(data, self.env, self.env_config)
+        if val_fraction:  # held-out episodes, scored in train(): vla_ray.data.validation
+            from vla_ray.data.validation import split_files
+
+            files = split_files(files, val_fraction, self.seed)[0]
+        self.offline_data(**offline_data_settings(files))
         if self.prelearner_class is None:
             self.offline_data(prelearner_class=VLAPreLearner)

@@ -51,6 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "e.g. --preset langreach-dagger"
             )
         set_override(overrides, "training.expert", args.expert)
+    if args.val_fraction is not None:
+        set_override(overrides, "val_fraction", args.val_fraction)
     spec = resolve(
         args.preset,
         overrides,
@@ -163,6 +165,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.checkpoint)
     env_config = json.loads(args.env_config) if args.env_config else None
+    if args.data:  # the dataset's actions, no env
+        from vla_ray.data.validation import evaluate_on_data
+
+        result = evaluate_on_data(policy, args.data, env_id=args.env, env_config=env_config)
+        print(
+            f"{result['episodes']} episodes, {result['val_steps']} steps of {args.data}: action "
+            f"MSE {result['val_action_mse']:.4g}  L1 {result['val_action_l1']:.4g}"
+        )
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.safety:  # the safety layer's rules, on top of the training env config
         env_config = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
         env_config["safety"] = str(Path(args.safety).resolve())
@@ -782,8 +796,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--data",
         help="offline dataset for offline algorithms (and GAIL's / DAgger's expert demos): RLlib "
-        "episodes, a Minari dataset or id, a D4RL .hdf5 file or a LeRobotDataset folder (format "
-        "detected from the path)",
+        "episodes, a Minari dataset or id, a D4RL .hdf5 file, a LeRobotDataset folder or "
+        "hf://ORG/NAME, an RLDS/TFDS folder or RLDS spec .json (format detected from the path)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="offline algorithms: hold out this fraction of the episodes; action MSE/L1 on them "
+        "in metrics.jsonl every eval_every iterations",
     )
     t.add_argument(
         "--expert",
@@ -838,6 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--env", help="env id (default: the one the checkpoint was trained on)")
     e.add_argument("--env-config", help="JSON env kwargs (default: the training ones)")
     e.add_argument("--seed", type=int, default=100_000, help="seed of the first episode")
+    e.add_argument(
+        "--data",
+        help="score the policy's actions against a dataset (any --data format) instead of "
+        "running env episodes: action MSE/L1 per dimension",
+    )
     e.add_argument("--video", help="write an mp4 of the episodes")
     e.add_argument("--json", help="write the results as JSON")
     e.add_argument("--safety", help="safety rules file (YAML) applied to every action")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -103,7 +102,6 @@ def load_policy(path: str | Path) -> Policy:
             f"checkpoint: {path} is neither an RLlib checkpoint (no {MODULE_SUBDIR}) nor a "
             f"save_pretrained directory (no {CONFIG_NAME})"
         )
-    from ray.rllib.core.columns import Columns
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     module = RLModule.from_checkpoint(str(module_dir.resolve()))
@@ -117,19 +115,10 @@ def load_policy(path: str | Path) -> Policy:
             "(neither a VLA policy nor a Decision Transformer)"
         )
     module.eval()
-    # deterministic heads define no distribution: the module returns actions directly
-    dist_cls = None
-    with contextlib.suppress(ValueError):
-        dist_cls = module.get_inference_action_dist_cls()
+    from vla_ray.data.validation import module_actions
 
-    @torch.no_grad()
     def act_module(obs: ObsDict) -> np.ndarray:
-        batch = {Columns.OBS: {k: torch.as_tensor(np.asarray(v)) for k, v in obs.items()}}
-        out = module.forward_inference(batch)
-        if Columns.ACTIONS in out:
-            return out[Columns.ACTIONS].cpu().numpy()
-        dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS]).to_deterministic()
-        return dist.sample().cpu().numpy()
+        return module_actions(module, obs)
 
     return Policy(act_module, meta, "rllib", model=module.vla)
 

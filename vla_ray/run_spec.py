@@ -31,6 +31,7 @@ TOP_LEVEL_KEYS = (
     "checkpoint_metric",
     "keep_checkpoints",
     "data",
+    "val_fraction",
     "eval_every",
     "eval_episodes",
 )
@@ -141,8 +142,8 @@ def resolve(
     settings.update(
         seed=0, checkpoint_every=10, checkpoint_metric="success_rate", keep_checkpoints=False
     )
-    if algo.OFFLINE:
-        settings["data"] = None
+    if algo.OFFLINE:  # val_fraction: held-out episodes (vla_ray.data.validation)
+        settings.update(data=None, val_fraction=0.0)
     if algo.EVALUATES:
         settings.update(eval_every=25 if algo.OFFLINE else 1, eval_episodes=p.eval_episodes)
     _merge(settings, copy.deepcopy(overrides or {}))
@@ -164,6 +165,8 @@ def resolve(
     # online algorithms that may start from demonstrations (DAgger) accept it too
     if not algo.ACCEPTS_DATA and settings.get("data"):
         raise ValueError(f"--data: {p.algorithm} is an online algorithm and reads no dataset")
+    if settings.get("val_fraction") and not algo.OFFLINE:
+        raise ValueError(f"--val-fraction: {p.algorithm} is not an offline algorithm")
     settings["env_config"] = chunk_env_config(
         p.algorithm, settings["model"], settings["env_config"]
     )

@@ -102,7 +102,7 @@ def build_algorithm_config(spec: RunSpec):
 
         use_inference_service(cfg, inference)
     # offline algorithms' dataset, GAIL's / DAgger's expert demos
-    cfg.use_data(s.get("data"))
+    cfg.use_data(s.get("data"), float(s.get("val_fraction") or 0.0))
     if cfg.EVALUATES:  # offline algorithms and DAgger: deterministic evaluation episodes
         eval_env = cfg.evaluation_env_config(dict(s["env_config"]))
         cfg.evaluation(
@@ -242,6 +242,7 @@ def train(
     from tqdm import tqdm
 
     from vla_ray.algorithms import get_algorithm
+    from vla_ray.data.validation import iteration_metrics
 
     out = Path(output)
     resume = prepare_run_dir(out, resume, resume_if_exists)
@@ -288,6 +289,9 @@ def train(
             it += 1
             row = summarize(
                 result, evaluated=evaluates and it % int(spec.settings["eval_every"]) == 0
+            )
+            row.update(  # --val-fraction
+                iteration_metrics(algo, spec.settings, it, final=it == stop_iters)
             )
             now = time.time()
             steps = row["env_steps"]

@@ -1,5 +1,7 @@
-"""Format detection and conversion of Minari / D4RL / LeRobotDataset data to RLlib's offline
-episode format (msgpack-packed ``SingleAgentEpisode`` parquet) through ``ray.data``.
+"""Format detection and conversion of Minari / D4RL / LeRobotDataset / RLDS / ROS bag data to
+RLlib's offline episode format (msgpack-packed ``SingleAgentEpisode`` parquet) through
+``ray.data``; the converted dataset's ``dataset.json`` keeps the actions' normalisation
+statistics (``action_stats``).
 
 ``vla-ray train --data PATH`` accepts any of them: an RLlib dataset is used as is; anything else
 is converted once per (dataset, env, env config) into a cache directory (``VLA_RAY_DATA_CACHE``,
@@ -17,7 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vla_ray.data import d4rl_format, lerobot_format, minari_format
+from vla_ray.data import (
+    d4rl_format,
+    lerobot_format,
+    minari_format,
+    nuscenes_format,
+    rlds_format,
+    rosbag_format,
+)
 from vla_ray.data.contract import EnvContract
 from vla_ray.data.rllib_format import (
     FORMAT as RLLIB,
@@ -35,18 +44,38 @@ READERS = {
     d4rl_format.FORMAT: d4rl_format,
     minari_format.FORMAT: minari_format,
     lerobot_format.FORMAT: lerobot_format,
+    rlds_format.FORMAT: rlds_format,
+    rosbag_format.FORMAT: rosbag_format,
+    nuscenes_format.FORMAT: nuscenes_format,
 }
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: action_stats in dataset.json, multi-camera "images"
+
+
+def resolve_source(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` itself, or the local snapshot folder of a Hub dataset ``hf://<repo_id>``."""
+    if lerobot_format.is_hub_id(path):
+        return lerobot_format.resolve_hub(path)
+    return path
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5 file), ``lerobot``
-    (meta/info.json), ``minari`` (data/metadata.json + main_data.hdf5, or a local Minari id)."""
+    """The format of ``path``: ``rllib`` (dataset.json / episode parquet), ``d4rl`` (.hdf5/.h5
+    file), ``lerobot`` (meta/info.json, or a Hub dataset ``hf://<repo_id>``), ``rlds`` (a
+    TFDS-built RLDS folder: features.json + dataset_info.json, or a spec file ``{"format":
+    "rlds", ...}``), ``rosbag`` (a mapping file ``{"format": "rosbag", ...}``), ``nuscenes`` (a
+    v1.0 table folder), ``minari`` (data/metadata.json + main_data.hdf5, or a local Minari id)."""
+    path = resolve_source(path)
     p = Path(path)
     if minari_format.resolve(p) is not None:
         return minari_format.FORMAT
     if d4rl_format.is_d4rl(p):
         return d4rl_format.FORMAT
+    if rlds_format.is_rlds(p):
+        return rlds_format.FORMAT
+    if rosbag_format.is_spec_file(p):
+        return rosbag_format.FORMAT
+    if nuscenes_format.is_nuscenes(p):
+        return nuscenes_format.FORMAT
     if p.is_dir():
         if lerobot_format.is_lerobot(p):
             return lerobot_format.FORMAT
@@ -60,8 +89,9 @@ def detect_format(path: str | os.PathLike) -> str:
         raise DataError(f"data: {p} does not exist")
     raise DataError(
         f"data: cannot tell the format of {p}: expected an RLlib episode dataset (dataset.json), "
-        "a D4RL .hdf5 file, a LeRobotDataset folder (meta/info.json) or a Minari dataset "
-        "(data/metadata.json) / local Minari id"
+        "a D4RL .hdf5 file, a LeRobotDataset folder (meta/info.json), an RLDS/TFDS folder "
+        "(features.json + dataset_info.json) or a Minari dataset (data/metadata.json) / local "
+        "Minari id"
     )
 
 
@@ -70,6 +100,7 @@ def read_dataset(
 ) -> list[Any]:
     """All episodes of a dataset in any format, as ``SingleAgentEpisode``s on ``env_id``'s
     spaces (in-process; :func:`convert_to_rllib` is the ray.data route for training)."""
+    path = resolve_source(path)
     fmt = detect_format(path)
     if fmt == RLLIB:
         return read_episodes(path)
@@ -116,6 +147,7 @@ def convert_to_rllib(
     non-empty ``output`` is an ``OutputExistsError`` unless ``overwrite``."""
     import ray
 
+    path = resolve_source(path)
     fmt = detect_format(path)
     if fmt == RLLIB:
         raise DataError(f"data: {path} is already an RLlib episode dataset")
@@ -144,9 +176,13 @@ def convert_to_rllib(
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(str(cause)) from err
         raise
+    from vla_ray.data.stats import dataset_action_statistics
+
     meta = dict(
         format=RLLIB,
         episodes=len(refs),
+        # per-dimension normalisation statistics of the converted actions (mean/std, q01/q99)
+        action_stats=dataset_action_statistics(str(tmp)),
         env=env_id,
         env_config=env_config or {},
         converted_from=dict(format=fmt, path=str(path)),
@@ -179,6 +215,14 @@ def _fingerprint(path: str | os.PathLike, fmt: str, env_id: str, env_config: dic
     p = Path(path)
     if p.exists():
         files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+        if fmt == rlds_format.FORMAT and p.is_file():  # a spec file: and the folder it names
+            root = rlds_format.load_spec(p).root
+            files += sorted(x for x in root.rglob("*") if x.is_file())
+        if fmt == rosbag_format.FORMAT:  # a mapping file: and its bags
+            for bag in map(Path, rosbag_format.load_spec(p)["bags"]):
+                files += (
+                    [bag] if bag.is_file() else sorted(x for x in bag.rglob("*") if x.is_file())
+                )
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     else:  # a Minari id
         data_dir = minari_format.resolve(path)
@@ -196,6 +240,7 @@ def offline_input(
 ) -> list[str]:
     """The RLlib episode parquet files for ``data`` in any format (converted + cached when not
     RLlib's own); what ``config.offline_data(input_=...)`` gets."""
+    data = resolve_source(data)
     fmt = detect_format(data)
     if fmt == RLLIB:
         return dataset_files(data)

@@ -14,9 +14,26 @@ written here add ``next.truncated`` (so a time limit is not read as a terminatio
 stores no observation after an episode's last action: the reader repeats the last one as the
 episode's final observation (only a truncated episode's bootstrap state depends on it).
 
-Mapping onto the env contract: ``observation.state`` -> ``state``, ``observation.image`` (or the
-only ``observation.images.<camera>``) -> ``image``, other ``observation.<key>`` -> ``<key>``,
-the episode's task text -> ``instruction``/``instruction_mask`` (tokenised by the reader).
+Mapping onto the env contract: ``observation.state`` -> ``state``; every camera
+(``observation.image`` / ``observation.images.<camera>``, ``video`` or ``image`` dtype) -> its
+name (``<camera>``), the only camera also -> ``image``, and two or more cameras of one shape ->
+``images`` (T, N, H, W, 3) in the order of ``info.json``'s features (:func:`camera_names`);
+other ``observation.<key>`` -> ``<key>``; the episode's task text -> ``instruction`` /
+``instruction_mask`` (tokenised by the reader).
+
+``image``-dtype features are stored in the frames parquet as Hugging Face ``datasets.Image``
+structs (``{bytes: PNG/JPEG, path}``), decoded with Pillow; a null ``bytes`` reads ``path``
+relative to the dataset root.
+
+A Hub dataset is named ``hf://<repo_id>[@<revision>]`` and resolved through
+``huggingface_hub.snapshot_download`` (repo type ``dataset``; only the local cache when
+``HF_HUB_OFFLINE`` is set): a repo that is not cached is a :class:`DataError` naming it.
+
+Tested on: folders written by :func:`write_lerobot` (v3.0, v2.1, lossless and AV1 video) and
+folders built in tests by hand from LeRobot's published layout (info.json schema, episodes
+metadata parquet / jsonl, ``datasets.Image`` parquet structs), as read in ``huggingface/lerobot``'s
+dataset code (not written by the ``lerobot`` package itself, which pins torch < 2.11), and a fake
+Hugging Face cache (``datasets--org--name/snapshots/<rev>``). No real Hub dataset was read.
 
 Videos are written lossless by default (``libx264rgb``, crf 0: decoded frames equal the env's);
 ``codec="libsvtav1"`` writes LeRobot's default AV1 / yuv420p (lossy, smaller).
@@ -609,6 +626,120 @@ def _column(table: Any, name: str, source: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def camera_names(info: dict[str, Any]) -> list[str]:
+    """The dataset's cameras (``video``/``image`` features under ``observation.``), in
+    ``info.json`` order, by their observation key (``observation.images.top`` -> ``top``); this is
+    the order of the ``images`` observation."""
+    return [
+        name.removeprefix("observation.").removeprefix("images.")
+        for name, spec in info["features"].items()
+        if name.startswith("observation.") and spec.get("dtype") in ("video", "image")
+    ]
+
+
+def _shaped(values: np.ndarray, n: int, shape: list[int], name: str, source: str) -> np.ndarray:
+    """``values`` as ``(n, *shape)``; a DataError naming the field when the sizes differ."""
+    per_row = int(np.prod(shape))
+    if values.size != n * per_row:
+        got = values.shape[1:] if values.ndim > 1 and len(values) == n else values.shape
+        raise DataError(
+            f"{source}: field {name!r} has shape {tuple(got)} for {n} frames, info.json gives "
+            f"{list(shape)} per frame"
+        )
+    return values.reshape(n, *shape)
+
+
+def _hwc(spec: dict[str, Any]) -> tuple[int, ...]:
+    """A camera feature's (H, W, C) from its info.json shape and names (LeRobot writes
+    ``["height", "width", "channels"]``; some converted datasets ``["channels", ...]``)."""
+    shape = tuple(int(x) for x in spec["shape"])
+    names = spec.get("names") or []
+    if len(shape) == 3 and names and names[0] in ("channels", "channel", "c"):
+        return (shape[1], shape[2], shape[0])
+    return shape
+
+
+def _check_image_shape(values: np.ndarray, spec: dict, name: str, source: str) -> None:
+    want = _hwc(spec)
+    if values.shape[1:] != want:
+        raise DataError(
+            f"{source}: field {name!r} has frames of shape {values.shape[1:]}, info.json gives "
+            f"{want} (height, width, channels)"
+        )
+
+
+def _decode_images(table: Any, name: str, spec: dict, root: Path, source: str) -> np.ndarray:
+    """An ``image``-dtype column (``datasets.Image`` structs) decoded to uint8 (T, H, W, 3)."""
+    import io
+
+    from PIL import Image
+
+    if name not in table.column_names:
+        raise DataError(f"{source}: field {name!r} missing (columns: {table.column_names})")
+    frames = []
+    for row, cell in enumerate(table.column(name).to_pylist()):
+        if isinstance(cell, dict):
+            data, rel = cell.get("bytes"), cell.get("path")
+        else:
+            data, rel = cell, None
+        try:
+            if data is None and rel:
+                img = Image.open(root / rel)
+            elif data is not None:
+                img = Image.open(io.BytesIO(data))
+            else:
+                raise DataError(f"{source} row {row}: field {name!r} has no image bytes or path")
+            frames.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        except DataError:
+            raise
+        except Exception as err:  # PIL: truncated or unknown image data, missing file
+            raise DataError(
+                f"{source} row {row}: field {name!r} is not a readable image ({err})"
+            ) from err
+        if frames[-1].shape != frames[0].shape:
+            raise DataError(
+                f"{source} row {row}: field {name!r} has an image of shape {frames[-1].shape}, "
+                f"row 0 has {frames[0].shape}"
+            )
+    values = np.stack(frames) if frames else np.zeros((0, *_hwc(spec)), np.uint8)
+    _check_image_shape(values, spec, name, source)
+    return values
+
+
+HUB_PREFIX = "hf://"
+
+
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    return str(spec).startswith(HUB_PREFIX)
+
+
+def resolve_hub(spec: str | os.PathLike) -> Path:
+    """The local folder of a Hub dataset ``hf://<repo_id>[@<revision>]`` (the Hugging Face cache's
+    snapshot, downloaded when online; only the cache when ``HF_HUB_OFFLINE`` is set)."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo, _, revision = str(spec).removeprefix(HUB_PREFIX).partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise DataError(f"data: {spec!r}: expected hf://<org>/<name>[@<revision>]")
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    offline = bool(constants.HF_HUB_OFFLINE) or flag in ("1", "ON", "YES", "TRUE")
+    try:
+        folder = snapshot_download(
+            repo, repo_type="dataset", revision=revision or None, local_files_only=offline
+        )
+    except Exception as err:
+        where = constants.HF_HUB_CACHE
+        if offline:
+            raise DataError(
+                f"data: LeRobot dataset {repo!r} (revision {revision or 'main'}) is not in the "
+                f"Hugging Face cache {where} and HF_HUB_OFFLINE is set; download it on a "
+                f"connected machine (huggingface-cli download --repo-type dataset {repo}) or "
+                f"give a local folder"
+            ) from err
+        raise DataError(f"data: cannot get LeRobot dataset {repo!r} from the Hub: {err}") from err
+    return Path(folder)
+
+
 def _decode_video(path: Path, start_s: float, fps: float, n: int, source: str) -> np.ndarray:
     av = require("av", "lerobot")
 
@@ -657,27 +788,30 @@ def read_episode(path: str | os.PathLike, ref: dict[str, Any]) -> RawEpisode:
         table = table.take(order)
     features = info["features"]
     obs: dict[str, np.ndarray] = {}
-    cameras = [k for k, s in features.items() if s["dtype"] in ("video", "image")]
+    cameras = camera_names(info)
     for name, spec in features.items():
         if not name.startswith("observation."):
             continue
-        key = name.removeprefix("observation.")
+        key = name.removeprefix("observation.").removeprefix("images.")
         if spec["dtype"] == "video":
             vpath, start = ref["videos"][name]
             values = _decode_video(root / vpath, start, float(info["fps"]), n, source)
+            _check_image_shape(values, spec, name, source)
         elif spec["dtype"] == "image":
-            raise DataError(
-                f"{source}: image features stored in parquet ({name}) are not supported"
-            )
+            values = _decode_images(table, name, spec, root, source)
         else:
-            values = _column(table, name, source).reshape(n, *spec["shape"])
-        if key.startswith("images."):
-            key = key.removeprefix("images.")
-            if len(cameras) == 1:
-                obs["image"] = values
+            values = _shaped(_column(table, name, source), n, spec["shape"], name, source)
         obs[key] = values
+    if len(cameras) == 1:
+        obs["image"] = obs[cameras[0]]
+    elif len(cameras) > 1:
+        shapes = {obs[c].shape[1:] for c in cameras}
+        if len(shapes) == 1:  # cameras of different sizes: only by name
+            obs["images"] = np.stack([obs[c] for c in cameras], axis=1)
     obs = {k: np.concatenate([v, v[-1:]]) for k, v in obs.items()}  # final obs: see module doc
-    actions = _column(table, "action", source).reshape(n, *features["action"]["shape"])
+    actions = _shaped(
+        _column(table, "action", source), n, features["action"]["shape"], "action", source
+    )
     names = table.column_names
     rewards = (
         _column(table, "next.reward", source).reshape(n) if "next.reward" in names else np.zeros(n)

@@ -90,3 +90,57 @@ def top_percent_threshold(returns: np.ndarray, percent: float) -> float:
     r = np.sort(np.asarray(returns, np.float64))[::-1]
     k = max(1, int(np.ceil(len(r) * percent / 100.0)))
     return float(r[k - 1])
+
+
+# actions kept per episode for the quantiles (a bounded, evenly spaced sample)
+QUANTILE_SAMPLES_PER_EPISODE = 64
+
+
+def action_statistics(parts: Any) -> dict[str, list[float]]:
+    """Per-dimension ``mean``/``std``/``min``/``max`` (exact) and ``q01``/``q99`` (over up to
+    ``QUANTILE_SAMPLES_PER_EPISODE`` evenly spaced actions of each episode) of an iterable of
+    per-episode ``(T, D)`` action arrays, with ``count`` (steps): the normalisation statistics
+    stored with a converted dataset (Octo uses mean/std, OpenVLA q01/q99)."""
+    n, s, s2, lo, hi, sample = 0, None, None, None, None, []
+    for a in parts:
+        a = np.asarray(a, np.float64).reshape(len(a), -1)
+        if not len(a):
+            continue
+        n += len(a)
+        s = a.sum(0) if s is None else s + a.sum(0)
+        s2 = (a**2).sum(0) if s2 is None else s2 + (a**2).sum(0)
+        lo = a.min(0) if lo is None else np.minimum(lo, a.min(0))
+        hi = a.max(0) if hi is None else np.maximum(hi, a.max(0))
+        step = max(1, len(a) // QUANTILE_SAMPLES_PER_EPISODE)
+        sample.append(a[::step][:QUANTILE_SAMPLES_PER_EPISODE])
+    if n == 0:
+        raise ValueError("action_statistics: no actions")
+    mean = s / n
+    q = np.concatenate(sample)
+    return dict(
+        mean=mean.tolist(),
+        std=np.sqrt(np.maximum(s2 / n - mean**2, 0.0)).tolist(),
+        min=lo.tolist(),
+        max=hi.tolist(),
+        q01=np.quantile(q, 0.01, axis=0).tolist(),
+        q99=np.quantile(q, 0.99, axis=0).tolist(),
+        count=[int(n)],
+    )
+
+
+def _episode_actions(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``item`` (packed episodes) -> each episode's actions, flattened per step, as one row."""
+    rows = [np.asarray(ep.get_actions(), np.float64) for ep in _unpack_all(batch["item"])]
+    rows = [a.reshape(len(a), -1) for a in rows]
+    return {"actions": np.array(rows + [None], dtype=object)[:-1]}
+
+
+def dataset_action_statistics(path: str | os.PathLike | list[str]) -> dict[str, list[float]]:
+    """:func:`action_statistics` of an RLlib episode dataset, through ``ray.data`` (only each
+    episode's actions reach the driver)."""
+    import ray
+
+    files = list(path) if isinstance(path, (list, tuple)) else dataset_files(path)
+    ds = ray.data.read_parquet(files, columns=["item"])
+    rows = ds.map_batches(_episode_actions, batch_format="numpy", batch_size=16).iter_rows()
+    return action_statistics(r["actions"] for r in rows)
