@@ -249,3 +249,65 @@ def test_sensor_dropout_replaces_sensors_in_training_only():
     stack.eval()
     out = stack(obs, None, context)
     assert not torch.isclose(out[:, 1], 7.0 + ego_type).all(-1).any()
+
+
+def driving_spaces(**sensors: tuple[int, ...]):
+    import gymnasium as gym
+    import numpy as np
+
+    box = lambda shape: gym.spaces.Box(-np.inf, np.inf, shape, np.float32)  # noqa: E731
+    return gym.spaces.Dict(
+        {
+            "image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8),
+            "state": box((4,)),
+            "instruction": gym.spaces.Box(0, 1000, (16,), np.int64),
+            "instruction_mask": gym.spaces.Box(0, 1, (16,), np.int64),
+            **{k: box(s) for k, s in sensors.items()},
+        }
+    )
+
+
+def test_rl_module_reads_sensor_sizes_from_the_env_spaces():
+    import gymnasium as gym
+
+    from vla_ray.rl_module import vla_config_from_spaces
+
+    actions = gym.spaces.Box(-1, 1, (2,))
+    spaces = driving_spaces(lidar=(100, 4), imu=(8, 6), ego=(3,), depth=(24, 20))
+    model_config = {"sensors": {"lidar": {"encoder": "pillars"}, "imu": {}, "ego": {}, "depth": {}}}
+    cfg = vla_config_from_spaces(model_config, spaces, actions)
+    assert cfg.sensors["lidar"]["points"] == 100 and cfg.sensors["lidar"]["encoder"] == "pillars"
+    assert cfg.sensors["imu"]["window"] == 8 and cfg.sensors["ego"]["dim"] == 3
+    assert cfg.sensors["depth"]["size"] == [24, 20]
+    with pytest.raises(ConfigError, match=r"sensors.radar: the env's observation space has no"):
+        vla_config_from_spaces({"sensors": {"radar": {}}}, spaces, actions)
+    with pytest.raises(
+        ConfigError, match=r"\['lidar'\]: expected per-sample shape \(points, 4\), got \(100, 3\)"
+    ):
+        vla_config_from_spaces({"sensors": {"lidar": {}}}, driving_spaces(lidar=(100, 3)), actions)
+    with pytest.raises(
+        ConfigError,
+        match=r"sensors.lidar.points: the env's 'lidar' observation has points 100, the model config gives 64",
+    ):
+        vla_config_from_spaces({"sensors": {"lidar": {"points": 64}}}, spaces, actions)
+
+
+def test_rl_module_with_fused_sensors_forward_and_values():
+    import gymnasium as gym
+    from ray.rllib.core.columns import Columns
+
+    from vla_ray.rl_module import VLAModule
+
+    torch.manual_seed(0)
+    spaces = driving_spaces(lidar=(32, 4), imu=(5, 6), ego=(4,))
+    model_config = {"sensors": {"lidar": {"grid": 8}, "imu": {}, "ego": {}}, "fusion": "gated"}
+    module = VLAModule(
+        observation_space=spaces,
+        action_space=gym.spaces.Box(-1, 1, (2,)),
+        model_config=model_config,
+    )
+    obs = {k: v for k, v in full_obs().items() if k not in ("radar", "depth")}
+    out = module.forward_train({Columns.OBS: obs})
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (B, 4)
+    values = module.compute_values({Columns.OBS: obs}, out[Columns.EMBEDDINGS])
+    assert values.shape == (B,) and torch.isfinite(values).all()

@@ -149,6 +149,42 @@ def sensor_obs_shapes(sensors: Mapping[str, Mapping[str, Any]]) -> dict[str, tup
     return shapes
 
 
+def sensor_spec_from_shape(kind: str, shape: tuple[int, ...], spec: Mapping[str, Any]) -> dict:
+    """``spec`` with its size keys (points, window, dim, size) read from the per-sample
+    ``shape`` of observation ``kind`` (an env's space); ConfigError naming the key, the expected
+    and the given shape when the shape does not fit the sensor, or a size key in ``spec``
+    disagrees with it."""
+    check_choice("sensors", kind, tuple(SENSOR_KINDS))
+    shape = tuple(int(s) for s in shape)
+    expected = {
+        "lidar": ("(points, 4)", len(shape) == 2 and shape[-1] == POINT_WIDTH),
+        "radar": ("(points, 4)", len(shape) == 2 and shape[-1] == POINT_WIDTH),
+        "imu": ("(window, 6)", len(shape) == 2 and shape[-1] == IMU_CHANNELS),
+        "ego": ("(dim,)", len(shape) == 1),
+        "depth": ("(H, W)", len(shape) == 2),
+    }[kind]
+    if not expected[1]:
+        raise ConfigError(
+            f"observation_space[{kind!r}]: expected per-sample shape {expected[0]}, got {shape}"
+        )
+    if kind in ("lidar", "radar"):
+        derived: dict[str, Any] = {"points": shape[0]}
+    elif kind == "imu":
+        derived = {"window": shape[0]}
+    elif kind == "ego":
+        derived = {"dim": shape[0]}
+    else:
+        derived = {"size": list(shape)}
+    for key, value in derived.items():
+        given = spec.get(key)
+        if given is not None and (list(given) if key == "size" else given) != value:
+            raise ConfigError(
+                f"sensors.{kind}.{key}: the env's {kind!r} observation has {key} {value}, "
+                f"the model config gives {given!r}"
+            )
+    return {**spec, **derived}
+
+
 def point_mask_keys(sensors: Mapping[str, Any]) -> dict[str, int]:
     """The optional validity-mask keys of the point-cloud sensors -> their number of points."""
     return {f"{k}_mask": s["points"] for k, s in sensors.items() if k in ("lidar", "radar")}
