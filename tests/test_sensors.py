@@ -137,7 +137,7 @@ def test_vla_forward_and_gradients_every_encoder_and_fusion(fusion, encoders):
         assert any(g is not None and g.abs().sum() > 0 for g in grads), (kind, fusion)
 
 
-def test_sensor_readings_change_the_features():
+def test_sensor_readings_change_the_features_unless_flagged_failed():
     torch.manual_seed(0)
     model = VLA(VLAConfig(sensors=sensors_of(ENCODER_SETS["pointnet+mlp"])))
     obs = full_obs()
@@ -145,6 +145,12 @@ def test_sensor_readings_change_the_features():
     for kind in TINY:
         changed = dict(obs, **{kind: obs[kind] * 0.5 + 1.0})
         assert not torch.allclose(model(changed), base, atol=1e-6), kind
+        # flagged as failed, the sensor's readings no longer matter
+        failed = torch.zeros(B, dtype=torch.bool)
+        torch.testing.assert_close(
+            model(dict(changed, **{f"{kind}_valid": failed})),
+            model(dict(obs, **{f"{kind}_valid": failed})),
+        )
 
 
 def test_missing_sensor_key_names_key_and_expected_shape():
@@ -168,6 +174,8 @@ def test_point_cloud_of_wrong_width_names_key_and_shapes():
         ObservationError, match=r"'lidar_mask': expected shape \(B, 32\).*\(3, 31\)"
     ):
         model(dict(obs, lidar_mask=obs["lidar_mask"][:, :31]))
+    with pytest.raises(ObservationError, match=r"'imu_valid': expected shape \(B,\) with B=3"):
+        model(dict(obs, imu_valid=torch.ones(3, 1)))
 
 
 @pytest.mark.parametrize(
@@ -249,6 +257,11 @@ def test_sensor_dropout_replaces_sensors_in_training_only():
     stack.eval()
     out = stack(obs, None, context)
     assert not torch.isclose(out[:, 1], 7.0 + ego_type).all(-1).any()
+    # a failed sensor at inference (<key>_valid = 0) gets the same absent tokens
+    valid = torch.arange(n) % 2 == 0
+    out = stack({**obs, "ego_valid": valid}, None, context)
+    assert torch.equal(torch.isclose(out[:, 1], 7.0 + ego_type).all(-1), ~valid)
+    assert not torch.isclose(out[:, 0], 7.0 + stack.fusion.type_emb["imu"][0, 0]).all(-1).any()
 
 
 def driving_spaces(**sensors: tuple[int, ...]):

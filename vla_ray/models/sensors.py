@@ -14,7 +14,8 @@ key           per-sample shape                             encoders
 
 Point clouds may come with a validity mask ``<key>_mask`` (B, points) (nonzero = valid; all
 points are valid without it), so that padding and a failed sensor (all points invalid) give
-defined tokens. The encoders' tokens of all sensors go through one fusion module (``FUSIONS``),
+defined tokens. Any sensor may come with ``<key>_valid`` (B,): where 0 (the sensor failed), the
+fusion sees that sensor's learned "absent" tokens, the same ones sensor dropout trains with. The encoders' tokens of all sensors go through one fusion module (``FUSIONS``),
 whose output tokens join the trunk's sequence beside the vision tokens.
 """
 
@@ -185,9 +186,15 @@ def sensor_spec_from_shape(kind: str, shape: tuple[int, ...], spec: Mapping[str,
     return {**spec, **derived}
 
 
-def point_mask_keys(sensors: Mapping[str, Any]) -> dict[str, int]:
-    """The optional validity-mask keys of the point-cloud sensors -> their number of points."""
-    return {f"{k}_mask": s["points"] for k, s in sensors.items() if k in ("lidar", "radar")}
+def optional_sensor_keys(sensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The optional observation keys -> per-sample shape: ``<key>_mask`` (points,) of the
+    point-cloud sensors, and ``<key>_valid`` () of every sensor (0: the sensor failed)."""
+    keys: dict[str, tuple[int, ...]] = {}
+    for k, s in sensors.items():
+        if k in ("lidar", "radar"):
+            keys[f"{k}_mask"] = (s["points"],)
+        keys[f"{k}_valid"] = ()
+    return keys
 
 
 # ---- encoders: (B, *shape) [+ mask (B, N)] -> (B, tokens, d) ------------------------------------
@@ -362,14 +369,25 @@ class Fusion(nn.Module):
         )
         self.num_tokens = sum(sensor_tokens.values())
 
-    def embed(self, tokens: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Each sensor's tokens with its type embedding, dropped out in training."""
+    def embed(
+        self,
+        tokens: Mapping[str, torch.Tensor],
+        valid: Mapping[str, torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Each sensor's tokens with its type embedding; the "absent" tokens where ``valid``
+        (B,) is 0 and, in training, where sensor dropout drops the sensor."""
         out = []
         for k in self.names:
             t = tokens[k]
+            absent = torch.zeros(t.shape[0], 1, 1, dtype=torch.bool, device=t.device)
+            flag = None if valid is None else valid.get(k)
+            if flag is not None:
+                absent = absent | ~flag.to(t.device).bool().view(-1, 1, 1)
             if self.training and self.sensor_dropout > 0:
-                drop = torch.rand(t.shape[0], 1, 1, device=t.device) < self.sensor_dropout
-                t = torch.where(drop, self.absent[k].to(t.dtype).expand_as(t), t)
+                absent = absent | (
+                    torch.rand(t.shape[0], 1, 1, device=t.device) < self.sensor_dropout
+                )
+            t = torch.where(absent, self.absent[k].to(t.dtype).expand_as(t), t)
             out.append(t + self.type_emb[k].to(t.dtype))
         return out
 
@@ -378,6 +396,7 @@ class Fusion(nn.Module):
         tokens: Mapping[str, torch.Tensor],
         vision: torch.Tensor | None,
         context: torch.Tensor,
+        valid: Mapping[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - every fusion overrides
 
@@ -385,8 +404,8 @@ class Fusion(nn.Module):
 class ConcatFusion(Fusion):
     """All sensor tokens side by side; the language model attends over them."""
 
-    def forward(self, tokens, vision, context):
-        return torch.cat(self.embed(tokens), dim=1)
+    def forward(self, tokens, vision, context, valid=None):
+        return torch.cat(self.embed(tokens, valid), dim=1)
 
 
 class SelfAttentionFusion(Fusion):
@@ -399,8 +418,8 @@ class SelfAttentionFusion(Fusion):
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
-    def forward(self, tokens, vision, context):
-        return self.encoder(torch.cat(self.embed(tokens), dim=1))
+    def forward(self, tokens, vision, context, valid=None):
+        return self.encoder(torch.cat(self.embed(tokens, valid), dim=1))
 
 
 class CrossAttentionFusion(Fusion):
@@ -418,8 +437,8 @@ class CrossAttentionFusion(Fusion):
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.num_tokens = tokens
 
-    def forward(self, tokens, vision, context):
-        kv = torch.cat(self.embed(tokens), dim=1)
+    def forward(self, tokens, vision, context, valid=None):
+        kv = torch.cat(self.embed(tokens, valid), dim=1)
         q = self.queries + self.from_context(context.to(kv.dtype))[:, None]
         if vision is not None:
             q = q + self.from_vision(vision.mean(1).to(kv.dtype))[:, None]
@@ -436,9 +455,9 @@ class GatedFusion(Fusion):
         super().__init__(sensor_tokens, d, sensor_dropout)
         self.gates = nn.ModuleDict({k: nn.Linear(2 * d, 1) for k in self.names})
 
-    def forward(self, tokens, vision, context):
+    def forward(self, tokens, vision, context, valid=None):
         out = []
-        for k, t in zip(self.names, self.embed(tokens), strict=True):
+        for k, t in zip(self.names, self.embed(tokens, valid), strict=True):
             gate = torch.sigmoid(self.gates[k](torch.cat([t.mean(1), context.to(t.dtype)], -1)))
             out.append(t * gate[:, None])
         return torch.cat(out, dim=1)
@@ -489,4 +508,5 @@ class SensorStack(nn.Module):
         context: torch.Tensor,
     ) -> torch.Tensor:
         tokens = {k: enc(obs[k], obs.get(f"{k}_mask")) for k, enc in self.encoders.items()}
-        return self.fusion(tokens, vision, context)
+        valid = {k: obs.get(f"{k}_valid") for k in self.encoders}
+        return self.fusion(tokens, vision, context, valid)

@@ -46,7 +46,7 @@ from vla_ray.models.language import (
 from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
-from vla_ray.models.sensors import SensorStack, point_mask_keys, sensor_obs_shapes
+from vla_ray.models.sensors import SensorStack, optional_sensor_keys, sensor_obs_shapes
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer, save_tokenizer
 
@@ -120,10 +120,11 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
             raise ObservationError(
                 f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
             )
-    for key, points in point_mask_keys(config.sensors).items():  # optional validity masks
-        if key in obs and tuple(obs[key].shape) != (batch_shape, points):
+    for key, shape in optional_sensor_keys(config.sensors).items():  # validity masks and flags
+        if key in obs and tuple(obs[key].shape) != (batch_shape, *shape):
+            expected = f"(B, {', '.join(map(str, shape))})" if shape else "(B,)"
             raise ObservationError(
-                f"observation field {key!r}: expected shape (B, {points}) with B={batch_shape}, "
+                f"observation field {key!r}: expected shape {expected} with B={batch_shape}, "
                 f"got {tuple(obs[key].shape)}"
             )
     for key in ("image", "images"):
