@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -324,3 +325,17 @@ def test_rl_module_with_fused_sensors_forward_and_values():
     assert out[Columns.ACTION_DIST_INPUTS].shape == (B, 4)
     values = module.compute_values({Columns.OBS: obs}, out[Columns.EMBEDDINGS])
     assert values.shape == (B,) and torch.isfinite(values).all()
+
+
+def test_act_takes_one_unbatched_reading_per_sensor():
+    torch.manual_seed(0)
+    model = VLA(VLAConfig(sensors={"ego": {"dim": 4}, "lidar": {"points": 32}})).eval()
+    obs = full_obs(batch=1)
+    sensors = {k: obs[k][0].numpy() for k in ("ego", "lidar", "lidar_mask")}
+    chunk = model.act(
+        obs["image"][0].numpy(), "turn left", obs["state"][0].numpy(), sensors=sensors
+    )
+    expected = model.predict({**obs, "lidar_mask": obs["lidar_mask"]})[0]
+    np.testing.assert_allclose(chunk, expected.numpy(), atol=1e-5)
+    with pytest.raises(ObservationError, match="'lidar' is missing"):
+        model.act(obs["image"][0].numpy(), "turn left", obs["state"][0].numpy())

@@ -377,9 +377,11 @@ class VLA(nn.Module):
         instruction: str,
         state: np.ndarray | None = None,
         deterministic: bool = True,
+        sensors: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """One observation -> action chunk (K, A): image uint8 (H, W, 3) (None for a state-only
-        VLA, ``vision="none"``), instruction text, state."""
+        VLA, ``vision="none"``), instruction text, state, and one reading per configured sensor
+        (``sensors={"lidar": (points, 4), "lidar_mask": (points,), ...}``, unbatched)."""
         ids, mask = encode_instructions(
             [instruction], self.config.instruction_max_length, self.tokenizer
         )
@@ -388,6 +390,8 @@ class VLA(nn.Module):
             obs["image"] = np.asarray(image)[None]
         if self.config.state_dim > 0:
             obs["state"] = np.asarray(state, dtype=np.float32)[None]
+        for key, value in (sensors or {}).items():
+            obs[key] = np.asarray(value)[None]
         return self.predict(obs, deterministic=deterministic)[0].cpu().numpy()
 
     # ---- persistence --------------------------------------------------------------------------
