@@ -339,3 +339,12 @@ def test_act_takes_one_unbatched_reading_per_sensor():
     np.testing.assert_allclose(chunk, expected.numpy(), atol=1e-5)
     with pytest.raises(ObservationError, match="'lidar' is missing"):
         model.act(obs["image"][0].numpy(), "turn left", obs["state"][0].numpy())
+
+
+def test_export_refuses_a_sensor_policy_clearly(tmp_path):
+    from vla_ray.export import ExportError, export
+
+    folder = VLA(VLAConfig(sensors={"ego": {"dim": 4}})).save_pretrained(tmp_path / "m")
+    with pytest.raises(ExportError, match=r"not the driving sensors \['ego'\] yet"):
+        export(folder, "onnx", tmp_path / "out", progress=None)
+    assert not (tmp_path / "out").exists()
