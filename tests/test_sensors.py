@@ -301,7 +301,8 @@ def test_rl_module_reads_sensor_sizes_from_the_env_spaces():
         vla_config_from_spaces({"sensors": {"lidar": {}}}, driving_spaces(lidar=(100, 3)), actions)
     with pytest.raises(
         ConfigError,
-        match=r"sensors.lidar.points: the env's 'lidar' observation has points 100, the model config gives 64",
+        match=r"sensors.lidar.points: the env's 'lidar' observation has points 100, the model "
+        r"config gives 64",
     ):
         vla_config_from_spaces({"sensors": {"lidar": {"points": 64}}}, spaces, actions)
 

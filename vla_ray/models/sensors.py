@@ -2,21 +2,22 @@
 
 Each sensor kind is an observation key with a per-sample shape and a registry of encoders:
 
-============  ===========================================  ==========================
-key           per-sample shape                             encoders
-============  ===========================================  ==========================
-``lidar``     (points, 4): x, y, z, intensity              ``pointnet``, ``pillars``
-``radar``     (points, 4): x, y, z, radial velocity        ``pointnet``
-``imu``       (window, 6): 3 accelerations, 3 angular rates  ``mlp``, ``conv1d``
-``ego``       (dim,): speed, yaw rate, route-relative pose   ``mlp``
-``depth``     (H, W): metres                               ``cnn``
-============  ===========================================  ==========================
+=========  ================================================  =========================
+key        per-sample shape                                  encoders
+=========  ================================================  =========================
+``lidar``  (points, 4): x, y, z, intensity                   ``pointnet``, ``pillars``
+``radar``  (points, 4): x, y, z, radial velocity             ``pointnet``
+``imu``    (window, 6): 3 accelerations, 3 angular rates     ``mlp``, ``conv1d``
+``ego``    (dim,): speed, yaw rate, route-relative pose      ``mlp``
+``depth``  (H, W): metres                                    ``cnn``
+=========  ================================================  =========================
 
 Point clouds may come with a validity mask ``<key>_mask`` (B, points) (nonzero = valid; all
 points are valid without it), so that padding and a failed sensor (all points invalid) give
 defined tokens. Any sensor may come with ``<key>_valid`` (B,): where 0 (the sensor failed), the
-fusion sees that sensor's learned "absent" tokens, the same ones sensor dropout trains with. The encoders' tokens of all sensors go through one fusion module (``FUSIONS``),
-whose output tokens join the trunk's sequence beside the vision tokens.
+fusion sees that sensor's learned "absent" tokens, the same ones sensor dropout trains with.
+The encoders' tokens of all sensors go through one fusion module (``FUSIONS``), whose output
+tokens join the trunk's sequence beside the vision tokens.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Sequence fed to the language model::
 
-    [BOS] instruction tokens | projected vision tokens | fused sensor tokens | state token | action query
-    '------- prefix -------'   '--------------------------- suffix ---------------------------'
+    [BOS] instruction | projected vision tokens | fused sensor tokens | state | action query
+    '--- prefix ----'   '------------------------- suffix --------------------------'
 
 The instruction prefix is the same for every step of an episode, so its key/value cache is
 computed once per distinct instruction in a batch and reused for every sample that shares it;
