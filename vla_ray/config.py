@@ -109,6 +109,14 @@ class VLAConfig:
     # how the instruction prefix is pooled into one context vector: masked "mean", or
     # "attention" with a learned query (starts as the mean; can learn to weight the key words)
     context_pool: str = "mean"
+    # driving sensors beyond the camera (backbone="vla"): observation key -> encoder spec, e.g.
+    # {"lidar": {"encoder": "pointnet", "tokens": 4}, "imu": {"encoder": "conv1d"}}; defaults and
+    # shapes in ``vla_ray.models.sensors.SENSOR_KINDS``. Their tokens, fused by ``fusion``
+    # (concat, self_attention, cross_attention, gated) with ``fusion_config`` (e.g.
+    # sensor_dropout), join the sequence after the vision tokens.
+    sensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fusion: str = "concat"
+    fusion_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
@@ -132,6 +140,7 @@ class VLAConfig:
             if self.vision_skip:
                 raise ConfigError("vision_skip: there are no vision tokens with vision='none'")
         self._check_state_normalisation()
+        self._check_sensors()
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise ConfigError(f"image_size: expected (H, W) with H, W >= 8, got {self.image_size}")
         if self.projector_tokens < 1:
@@ -203,6 +212,23 @@ class VLAConfig:
         given += ["vision_skip"] if self.vision_skip else []
         if given:
             raise ConfigError(f"{', '.join(given)}: not used with backbone='openvla'")
+
+    def _check_sensors(self) -> None:
+        if not self.sensors:
+            if self.fusion != "concat" or self.fusion_config:
+                raise ConfigError(
+                    f"fusion/fusion_config: only used with sensors; got fusion={self.fusion!r}, "
+                    f"fusion_config={self.fusion_config!r} and no sensors"
+                )
+            return
+        if self.backbone != "vla":
+            raise ConfigError(
+                f"sensors: only available with backbone='vla', got backbone={self.backbone!r}"
+            )
+        from vla_ray.models.sensors import check_fusion, normalise_sensors
+
+        self.sensors = normalise_sensors(self.sensors)
+        check_fusion(self.fusion, self.fusion_config)
 
     def _check_state_normalisation(self) -> None:
         if (self.state_mean is None) != (self.state_std is None):

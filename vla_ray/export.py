@@ -781,6 +781,12 @@ def export(
             "processor runs in Python, outside the graph); serve its save_pretrained folder "
             f"(the checkpoint's vla/) with `vla-ray serve --model DIR --backend torch`"
         )
+    if vla.config.sensors:
+        raise ExportError(
+            f"format: {', '.join(fmts)}: the exported graphs take image, state and instruction "
+            f"only, not the driving sensors {sorted(vla.config.sensors)} yet; use the "
+            "checkpoint's vla/ folder from Python (VLA.from_pretrained)"
+        )
     if vla.config.backbone in ("smolvla", "pi0"):
         raise ExportError(
             f"format: {', '.join(fmts)} cannot hold a backbone={vla.config.backbone!r} policy: "

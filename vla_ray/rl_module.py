@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,8 @@ def vla_config_from_spaces(
                 f"vision: {vision!r} needs an 'image' observation, but the env's observation "
                 f"space has only {list(spaces)}; use vision='none' for state-only envs"
             )
+    if user.get("sensors"):
+        user["sensors"] = _sensors_from_spaces(user["sensors"], spaces)
     state = spaces.get("state")
     return VLAConfig.from_dict(
         {
@@ -150,6 +153,23 @@ def vla_config_from_spaces(
             "action_high": float(np.max(action_space.high)),
         }
     )
+
+
+def _sensors_from_spaces(sensors: Any, spaces: Mapping[str, gym.Space]) -> dict[str, Any]:
+    """The model config's sensor specs with their sizes read from the env's observation space."""
+    from vla_ray.models.sensors import sensor_spec_from_shape
+
+    if not isinstance(sensors, Mapping):
+        raise ConfigError(f"sensors: expected a dict of sensor name -> spec, got {sensors!r}")
+    out = {}
+    for kind, spec in sensors.items():
+        if kind not in spaces:
+            raise ConfigError(
+                f"sensors.{kind}: the env's observation space has no {kind!r} key; "
+                f"it has {list(spaces)}"
+            )
+        out[kind] = sensor_spec_from_shape(kind, tuple(spaces[kind].shape), dict(spec or {}))
+    return out
 
 
 def resolve_pretrained_dir(path: str | os.PathLike) -> Path:

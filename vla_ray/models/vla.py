@@ -2,14 +2,16 @@
 
 Sequence fed to the language model::
 
-    [BOS] instruction tokens | projected vision tokens | state token | action query
-    '------- prefix -------'   '------------------ suffix ------------------'
+    [BOS] instruction | projected vision tokens | fused sensor tokens | state | action query
+    '--- prefix ----'   '------------------------- suffix --------------------------'
 
 The instruction prefix is the same for every step of an episode, so its key/value cache is
 computed once per distinct instruction in a batch and reused for every sample that shares it;
 outside of autograd it is also memoised across calls until the language model's weights change.
 The instruction is also pooled (mean of the prefix's last hidden states) into a context vector
 that conditions the projector's queries, so the vision tokens are instruction-aware.
+Driving sensors (``config.sensors``: lidar, radar, imu, ego, depth; ``vla_ray.models.sensors``)
+change every step, so their fused tokens sit in the suffix beside the vision tokens.
 The trunk's features are the last hidden state of the action query (plus, optionally, the raw
 proprioceptive state), which every action head and value head reads.
 """
@@ -44,6 +46,7 @@ from vla_ray.models.language import (
 from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
+from vla_ray.models.sensors import SensorStack, optional_sensor_keys, sensor_obs_shapes
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer, save_tokenizer
 
@@ -66,7 +69,7 @@ TRUNK_KEYS = (
 RL_VISION_KEYS = ("recon_coeff",)
 # Trunk parameters only RL uses (state projection, action query, keypoint decoder): a pretrained
 # VLM's copies (untrained, or absent) are not loaded; they start fresh.
-RL_ONLY_PREFIXES = ("trunk.state_proj", "trunk.query", "trunk.vision.recon.")
+RL_ONLY_PREFIXES = ("trunk.state_proj", "trunk.query", "trunk.vision.recon.", "trunk.sensors.")
 
 
 class ObservationError(ValueError):
@@ -86,6 +89,7 @@ def expected_obs_shapes(config: VLAConfig) -> dict[str, tuple[int, ...]]:
     shapes["instruction_mask"] = (config.instruction_max_length,)
     if config.state_dim > 0:
         shapes["state"] = (config.state_dim,)
+    shapes.update(sensor_obs_shapes(config.sensors))
     return shapes
 
 
@@ -115,6 +119,13 @@ def validate_observation(obs: Mapping[str, Any], config: VLAConfig) -> None:
         elif given[0] != batch_shape:
             raise ObservationError(
                 f"observation field {key!r}: batch size {given[0]} differs from {batch_shape}"
+            )
+    for key, shape in optional_sensor_keys(config.sensors).items():  # validity masks and flags
+        if key in obs and tuple(obs[key].shape) != (batch_shape, *shape):
+            expected = f"(B, {', '.join(map(str, shape))})" if shape else "(B,)"
+            raise ObservationError(
+                f"observation field {key!r}: expected shape {expected} with B={batch_shape}, "
+                f"got {tuple(obs[key].shape)}"
             )
     for key in ("image", "images"):
         if key in shapes and obs[key].dtype not in (torch.uint8, np.uint8):
@@ -151,6 +162,10 @@ class VLATrunk(CachedPrefixTrunk):
             self.vision.requires_grad_(not config.freeze_vision)
             self.projector.requires_grad_(not config.freeze_projector)
         self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
+        # driving sensors (lidar, radar, imu, ego, depth): fused tokens after the vision tokens
+        self.sensors: SensorStack | None = None
+        if config.sensors:
+            self.sensors = SensorStack(config.sensors, config.fusion, config.fusion_config, d)
         self.bos = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim > 0 else None
         # state standardisation from the config (not in the weights: the config carries it)
@@ -224,8 +239,8 @@ class VLATrunk(CachedPrefixTrunk):
     def _suffix_tokens(
         self, obs: Mapping[str, torch.Tensor], context: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Vision, state and action-query token embeddings (B, S, d), the (standardised) state
-        and the vision tokens."""
+        """Vision, fused sensor, state and action-query token embeddings (B, S, d), the
+        (standardised) state and the vision tokens."""
         B = obs["instruction_mask"].shape[0]
         parts = []
         vis = None
@@ -235,6 +250,8 @@ class VLATrunk(CachedPrefixTrunk):
             tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
             vis = self.projector(tokens, context)
             parts.append(vis)
+        if self.sensors is not None:
+            parts.append(self.sensors(obs, vis, context.to(self.bos.device)))
         state = None
         if self.state_proj is not None:
             state = obs["state"].float()
@@ -360,9 +377,11 @@ class VLA(nn.Module):
         instruction: str,
         state: np.ndarray | None = None,
         deterministic: bool = True,
+        sensors: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """One observation -> action chunk (K, A): image uint8 (H, W, 3) (None for a state-only
-        VLA, ``vision="none"``), instruction text, state."""
+        VLA, ``vision="none"``), instruction text, state, and one reading per configured sensor
+        (``sensors={"lidar": (points, 4), "lidar_mask": (points,), ...}``, unbatched)."""
         ids, mask = encode_instructions(
             [instruction], self.config.instruction_max_length, self.tokenizer
         )
@@ -371,6 +390,8 @@ class VLA(nn.Module):
             obs["image"] = np.asarray(image)[None]
         if self.config.state_dim > 0:
             obs["state"] = np.asarray(state, dtype=np.float32)[None]
+        for key, value in (sensors or {}).items():
+            obs[key] = np.asarray(value)[None]
         return self.predict(obs, deterministic=deterministic)[0].cpu().numpy()
 
     # ---- persistence --------------------------------------------------------------------------

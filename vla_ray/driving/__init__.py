@@ -1,0 +1,1 @@
+"""Driving-specific parts that are not model layers (controllers)."""
