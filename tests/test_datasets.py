@@ -268,17 +268,20 @@ def test_collect_cli_formats(tmp_path):
 
 @pytest.mark.slow
 def test_bc_trains_from_every_format(ray_session, datasets, tmp_path, monkeypatch, capsys):
-    """`train --data` converts each format with ray.data into the cache, then BC trains on it."""
+    """`train --data` converts each format with ray.data into the cache (``offline_input``, what
+    ``train`` hands RLlib), then BC trains on it (one format trained end to end: past the
+    conversion every format is the same RLlib episode files)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("VLA_RAY_DATA_CACHE", str(cache))
-    for fmt in FORMATS:
-        spec = resolve(
-            "langreach-bc",
-            {"training": {"train_batch_size_per_learner": 16}, "eval_every": 100},
-            data=str(datasets[fmt]),
-        )
-        summary = train(spec, tmp_path / f"run-{fmt}", stop_iters=2, progress=False)
-        assert summary["iteration"] == 2 and np.isfinite(summary["learner"]["total_loss"])
+    for fmt in FORMATS[1:]:
+        assert offline_input(datasets[fmt], LANGREACH, {})
+    spec = resolve(
+        "langreach-bc",
+        {"training": {"train_batch_size_per_learner": 16}, "eval_every": 100},
+        data=str(datasets[FORMATS[0]]),
+    )
+    summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
+    assert summary["iteration"] == 2 and np.isfinite(summary["learner"]["total_loss"])
     err = capsys.readouterr().err
     assert all(f"converting {fmt} dataset" in err for fmt in FORMATS)
     # the ray.data conversion gives the episodes the in-process reader gives
