@@ -125,6 +125,8 @@ def test_bc_trains_from_collected_demos_and_exports(ray_session, demos, tmp_path
             "training": {"train_batch_size_per_learner": 32},
             "eval_every": 2,
             "eval_episodes": 2,
+            # flow_matching: 2 of the 6 episodes held out, scored at iterations 1, 2 and 4
+            "val_fraction": 0.0 if head == "gaussian" else 0.34,
         },
         data=str(path),
     )
@@ -139,6 +141,9 @@ def test_bc_trains_from_collected_demos_and_exports(ray_session, demos, tmp_path
     losses = [r["learner"]["total_loss"] for r in rows]
     assert len(rows) == 4 and all(np.isfinite(losses))
     assert rows[0]["success_rate"] is None and rows[1]["success_rate"] is not None  # evaluated
+    scored = [r["iteration"] for r in rows if "val_action_mse" in r]
+    assert scored == ([] if head == "gaussian" else [1, 2, 4])
+    assert all(np.isfinite(r["val_action_mse"]) for r in rows if "val_action_mse" in r)
     ckpt = tmp_path / "run" / "checkpoints" / "last"
     js = tmp_path / "eval.json"
     assert (
