@@ -157,7 +157,9 @@ def test_ppo_two_iterations_two_env_runners_and_checkpoint_roundtrip(
         algo.stop()
 
 
-PPO_LEARNING_ITERS = 12
+# after 8 iterations seeds 0-2 gained 2.29, 2.04, 1.97 (6: 1.90, 1.71, 1.59; 12: 2.18, 2.11,
+# 2.54): kept checkpoints of 12-iteration runs, 32 episodes each, 2026-12-06
+PPO_LEARNING_ITERS = 8
 
 
 @pytest.mark.slow
@@ -165,4 +167,4 @@ def test_ppo_from_scratch_raises_the_return_on_one_target_langreach(ray_session,
     """The PPO learning check: one target (no colour to ground), small images, short episodes."""
     before, after = ppo_one_target_returns("langreach-ppo", tmp_path / "run", PPO_LEARNING_ITERS)
     print(f"PPO on one-target LangReach: eval return {before:.2f} -> {after:.2f}")
-    assert after > before + 1.0  # observed: -0.2 -> 1.8 to 2.3 in 8-15 iterations
+    assert after > before + 1.0
