@@ -5,6 +5,7 @@ directory."""
 import json
 
 import pytest
+import torch
 
 from vla_ray import cli
 from vla_ray.presets import get_preset
@@ -23,6 +24,7 @@ def recorded(monkeypatch, tmp_path):
 
     def fake_clone_run(output, model_config, env_id, **kwargs):
         calls["clone"] = dict(output=output, model=model_config, env=env_id, **kwargs)
+        calls["clone_threads"] = torch.get_num_threads()
         return output / "vla"
 
     def fake_train(spec, output, **kwargs):
@@ -44,7 +46,12 @@ def recorded(monkeypatch, tmp_path):
 def test_quickstart_default_clones_the_expert_and_evaluates_the_clone(recorded, tmp_path, capsys):
     out = tmp_path / "qs"
     argv = ["quickstart", "--seed", "3", "--no-serve", "--quiet", "--output", str(out)]
+    threads = torch.get_num_threads()
     assert cli.main(argv) == 0
+    # one torch thread while cloning (a second one waits on the first beside other work), then
+    # the caller's setting back
+    assert recorded["clone_threads"] == cli.QUICKSTART_TORCH_THREADS == 1
+    assert torch.get_num_threads() == threads
     clone = recorded["clone"]
     assert clone["output"] == out / "bc" and clone["env"] == "vla_ray/LangReach-v0"
     assert clone["episodes"] == cli.QUICKSTART_DEMOS and clone["noise"] == cli.QUICKSTART_NOISE

@@ -377,12 +377,16 @@ QUICKSTART_METHODS = ("none", "dagger", "ppo", "grpo")
 # what binds the colour words; RLlib's offline BC (Ray Data) is too slow per update for it
 QUICKSTART_DEMOS = 2000
 QUICKSTART_NOISE = 0.3
-QUICKSTART_CLONE_MINUTES = 6.0
+QUICKSTART_CLONE_MINUTES = 7.0
 QUICKSTART_CLONE_BATCH = 256
 QUICKSTART_CLONE_LR = 1e-3
 # the clone's vision encoder: langreach-ppo's keypoints without the reconstruction decoder, whose
 # second CNN pass made each update ~2.5x slower; the dense labels bind every colour without it
 QUICKSTART_CLONE_VISION: dict[str, Any] = {"tokens": "keypoints"}
+# torch's intra-op threads for the quickstart's in-process stages (cloning, evaluation): beside
+# other work on a 2-core CPU, a second OpenMP thread waits at every barrier for a preempted one
+# (measured: ~5 s per cloning update with 2 threads against ~0.3 s with 1, at load average 11)
+QUICKSTART_TORCH_THREADS = 1
 QUICKSTART_RL = "none"
 QUICKSTART_RL_MINUTES = 4.0
 # DAgger's settings in the quickstart: langreach-ppo's keypoint-reconstruction loss, which keeps
@@ -430,8 +434,20 @@ def quickstart_report(output: Path) -> Path | None:
 
 
 def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
-    """Cloning, the optional training stage and the held-out evaluation; returns the
-    checkpoint (or save_pretrained folder) to serve."""
+    """Cloning, the optional training stage and the held-out evaluation, with torch's threads
+    at ``QUICKSTART_TORCH_THREADS`` in this process; returns the checkpoint (or save_pretrained
+    folder) to serve."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(QUICKSTART_TORCH_THREADS)
+    try:
+        return _quickstart_run(args, output)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quickstart_run(args: argparse.Namespace, output: Path) -> str:
     from vla_ray.clone import clone_run
     from vla_ray.config import ConfigError
     from vla_ray.evaluate import evaluate, load_policy
