@@ -40,6 +40,9 @@ def test_clone_run_writes_a_policy_that_eval_loads(tmp_path):
     path = clone_run(tmp_path / "bc", model, ENV, episodes=2, seconds=0.01, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "bc" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] >= 1 and rows[-1]["learner"]["aux_loss"] > 0  # recon trained
+    # no preset: `vla-ray report` offers no (wrong) `vla-ray train --preset` command for it
+    config = json.loads((tmp_path / "bc" / "config.json").read_text())
+    assert "preset" not in config and config["episodes"] == 2
     policy = load_policy(path)
     assert policy.meta["env"] == ENV and policy.meta["iteration"] == rows[-1]["iteration"]
     obs = expert_frames(ENV, 1, progress=False)

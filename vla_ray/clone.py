@@ -159,7 +159,8 @@ def clone_run(
         seed=seed,
         frames_seed=frames_seed,
     )
-    config = dict(preset="clone", algorithm="bc (in-process)", env=env_id, model=model_config)
+    # no "preset": `vla-ray report` writes a `vla-ray train` command only for preset runs
+    config = dict(stage="clone", algorithm="bc (in-process)", env=env_id, model=model_config)
     (output / "config.json").write_text(json.dumps(dict(config, **settings), indent=2))
     t0 = time.time()
     frames = expert_frames(env_id, episodes, seed=frames_seed, noise=noise, progress=progress)
