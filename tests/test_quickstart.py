@@ -5,23 +5,27 @@ directory."""
 import json
 
 import pytest
+import torch
 
 from vla_ray import cli
+from vla_ray.presets import get_preset
 
 RESULT = dict(env="e", episodes=100, success_rate=0.9, mean_return=1.0, mean_length=9.0)
 
 
 @pytest.fixture
 def recorded(monkeypatch, tmp_path):
-    """The quickstart with collection, training and evaluation replaced by recorders."""
-    import vla_ray.data
+    """The quickstart with cloning, training and evaluation replaced by recorders."""
+    import vla_ray.clone
     import vla_ray.evaluate
     import vla_ray.train
 
     calls: dict = {"train": []}
 
-    def fake_collect(env_id, policy, episodes, output, **kwargs):
-        calls["collect"] = dict(policy=policy, episodes=episodes, output=output, **kwargs)
+    def fake_clone_run(output, model_config, env_id, **kwargs):
+        calls["clone"] = dict(output=output, model=model_config, env=env_id, **kwargs)
+        calls["clone_threads"] = torch.get_num_threads()
+        return output / "vla"
 
     def fake_train(spec, output, **kwargs):
         calls["train"].append((spec, output, kwargs))
@@ -32,61 +36,88 @@ def recorded(monkeypatch, tmp_path):
         calls["evaluate"] = dict(policy=policy, **kwargs)
         return RESULT
 
-    monkeypatch.setattr(vla_ray.data, "collect", fake_collect)
+    monkeypatch.setattr(vla_ray.clone, "clone_run", fake_clone_run)
     monkeypatch.setattr(vla_ray.train, "train", fake_train)
     monkeypatch.setattr(vla_ray.evaluate, "load_policy", lambda path: path)
     monkeypatch.setattr(vla_ray.evaluate, "evaluate", fake_evaluate)
     return calls
 
 
-def test_quickstart_dagger_is_seeded_by_the_demos_with_the_reconstruction_loss(
-    recorded, tmp_path, capsys
-):
+def test_quickstart_default_clones_the_expert_and_evaluates_the_clone(recorded, tmp_path, capsys):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--rl", "dagger", "--seed", "3", "--no-serve", "--quiet"]
-    argv += ["--output", str(out)]
+    argv = ["quickstart", "--seed", "3", "--no-serve", "--quiet", "--output", str(out)]
+    threads = torch.get_num_threads()
     assert cli.main(argv) == 0
-    assert recorded["collect"]["policy"] == "expert" and recorded["collect"]["episodes"] == 300
-    # demo seeds differ per --seed and stay below the held-out evaluation seeds (100_000 + i)
-    assert recorded["collect"]["seed"] == 3 * cli.QUICKSTART_DEMO_SEED
-    assert recorded["collect"]["seed"] + 300 < 100_000
-    [(spec, output, kwargs)] = recorded["train"]  # no BC stage: the demos seed DAgger
-    assert spec.preset == "langreach-dagger" and output == out / "dagger"
-    assert spec.settings["data"] == str(out / "demos")
-    assert spec.settings["seed"] == 3
-    assert spec.settings["model"]["vision_config"]["recon_coeff"] > 0
-    assert spec.settings["training"]["beta"] == 0.0  # the policy acts from the first rollout
-    assert kwargs["stop_seconds"] == 8.0 * 60
-    # DAgger's last policy (its "best" row can be an early lucky rollout), 100 held-out episodes
-    assert recorded["evaluate"]["policy"] == str(out / "dagger" / "checkpoints" / "last")
+    # one torch thread while cloning (a second one waits on the first beside other work), then
+    # the caller's setting back
+    assert recorded["clone_threads"] == cli.QUICKSTART_TORCH_THREADS == 1
+    assert torch.get_num_threads() == threads
+    clone = recorded["clone"]
+    assert clone["output"] == out / "bc" and clone["env"] == "vla_ray/LangReach-v0"
+    assert clone["episodes"] == cli.QUICKSTART_DEMOS and clone["noise"] == cli.QUICKSTART_NOISE
+    assert clone["seconds"] == cli.QUICKSTART_CLONE_MINUTES * 60
+    assert clone["seed"] == 3
+    # expert episodes differ per --seed and stay below the held-out evaluation seeds (100_000 + i)
+    assert clone["frames_seed"] == 3 * cli.QUICKSTART_DEMO_SEED
+    assert clone["frames_seed"] + cli.QUICKSTART_DEMOS < 100_000
+    # langreach-ppo's VLA (keypoints, Gaussian head; RL can continue it) without the
+    # reconstruction decoder (a second CNN pass per update)
+    ppo_model = get_preset("langreach-ppo").model
+    assert clone["model"] == dict(ppo_model, vision_config={"tokens": "keypoints"})
+    assert recorded["train"] == []  # the default: the cloned policy is the result
+    assert recorded["evaluate"]["policy"] == str(out / "bc" / "vla")
     assert recorded["evaluate"]["episodes"] == 100
     assert json.loads((out / "eval.json").read_text()) == RESULT
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].endswith(f"run directory: {out}")
 
 
+def test_quickstart_flags_set_the_cloning_recipe(recorded, tmp_path):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--demos", "7", "--noise", "0.1", "--bc-minutes", "0.5"]
+    assert cli.main([*argv, "--no-serve", "--quiet", "--output", str(out)]) == 0
+    clone = recorded["clone"]
+    assert (clone["episodes"], clone["noise"], clone["seconds"]) == (7, 0.1, 30.0)
+
+
+def test_quickstart_rl_none_without_demos_is_refused(recorded, tmp_path, capsys):
+    argv = ["quickstart", "--rl", "none", "--demos", "0", "--no-serve", "--quiet"]
+    assert cli.main([*argv, "--output", str(tmp_path / "qs")]) != 0
+    assert "--rl none" in capsys.readouterr().err and "--demos" not in recorded
+
+
+def test_quickstart_dagger_continues_the_clone_with_the_reconstruction_loss(recorded, tmp_path):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--rl", "dagger", "--minutes", "2", "--no-serve", "--quiet"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    [(spec, output, kwargs)] = recorded["train"]
+    assert spec.preset == "langreach-dagger" and output == out / "dagger"
+    assert spec.settings["model"]["pretrained_path"] == str(out / "bc" / "vla")
+    assert spec.settings["model"]["vision_config"]["recon_coeff"] > 0
+    assert spec.settings["training"]["beta"] == 0.0  # the cloned policy acts from the first rollout
+    assert kwargs["stop_seconds"] == 2 * 60
+    # DAgger's last policy (its "best" row can be an early lucky rollout)
+    assert recorded["evaluate"]["policy"] == str(out / "dagger" / "checkpoints" / "last")
+
+
 def test_quickstart_dagger_without_demos_keeps_the_expert_schedule(recorded, tmp_path):
     out = tmp_path / "qs"
     argv = ["quickstart", "--rl", "dagger", "--demos", "0", "--no-serve", "--quiet"]
     assert cli.main([*argv, "--output", str(out)]) == 0
-    assert "collect" not in recorded
+    assert "clone" not in recorded
     [(spec, _, _)] = recorded["train"]
-    assert spec.settings.get("data") is None
+    assert spec.settings.get("data") is None and "pretrained_path" not in spec.settings["model"]
     assert spec.settings["training"]["beta"] == 1.0  # the preset's: the expert acts first
     assert spec.settings["model"]["vision_config"]["recon_coeff"] > 0
 
 
-def test_quickstart_default_clones_the_demos_then_runs_ppo(recorded, tmp_path):
+def test_quickstart_ppo_starts_from_the_clone(recorded, tmp_path):
     out = tmp_path / "qs"
-    argv = ["quickstart", "--no-serve", "--quiet", "--output", str(out)]
-    assert cli.main([*argv, "--bc-iters", "7"]) == 0
-    (bc, bc_out, bc_kwargs), (ppo, ppo_out, _) = recorded["train"]
-    assert bc.preset == "langreach-bc" and bc_out == out / "bc" and bc_kwargs["stop_iters"] == 7
+    argv = ["quickstart", "--rl", "ppo", "--no-serve", "--quiet", "--output", str(out)]
+    assert cli.main(argv) == 0
+    [(ppo, ppo_out, _)] = recorded["train"]
     assert ppo.preset == "langreach-ppo" and ppo_out == out / "ppo"
-    bc_best = out / "bc" / "checkpoints" / "best"
-    assert ppo.settings["model"]["pretrained_path"] == str(bc_best / "vla")
-    # the BC learner trains the PPO preset's keypoint-reconstruction decoder too
-    assert bc.settings["model"]["vision_config"]["recon_coeff"] > 0
+    assert ppo.settings["model"]["pretrained_path"] == str(out / "bc" / "vla")
     assert recorded["evaluate"]["policy"] == str(out / "ppo" / "checkpoints" / "best")
 
 

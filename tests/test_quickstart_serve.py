@@ -47,7 +47,8 @@ def test_quickstart_runs_the_serve_stage_unless_no_serve(tmp_path, monkeypatch):
 
     def quickstart(output, *flags):  # each run gets a new output (a used one is refused)
         output.mkdir()  # empty: train is mocked and writes nothing there
-        argv = ["quickstart", "--minutes", "0.1", "--demos", "0", "--output", str(output)]
+        argv = ["quickstart", "--rl", "ppo", "--minutes", "0.1", "--demos", "0"]
+        argv += ["--output", str(output)]
         return cli.main([*argv, "--quiet", *flags])
 
     assert quickstart(tmp_path / "run", "--no-serve") == 0

@@ -381,16 +381,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# Quickstart seeds: demonstration episode i resets with QUICKSTART_DEMO_SEED * seed + i, far
-# below the held-out evaluation seeds (100_000 + i, as `vla-ray eval`).
+# Quickstart seeds: expert episode i resets with QUICKSTART_DEMO_SEED * seed + i, far below the
+# held-out evaluation seeds (100_000 + i, as `vla-ray eval`).
 QUICKSTART_DEMO_SEED = 10_000
-# The quickstart's stage after the demonstrations: DAgger (the demos seed its aggregate; the
-# scripted expert labels the policy's own states) or RL from a behaviour-cloned policy.
-QUICKSTART_METHODS = ("dagger", "ppo", "grpo")
+# The quickstart's stage after cloning: none (the cloned policy is the result), DAgger (the
+# scripted expert labels the states the policy visits) or RL, each from the cloned policy.
+QUICKSTART_METHODS = ("none", "dagger", "ppo", "grpo")
+# The default recipe (docs/benchmarks.md, "The quickstart"): cloning on many distinct layouts is
+# what binds the colour words; RLlib's offline BC (Ray Data) is too slow per update for it
+QUICKSTART_DEMOS = 2000
+QUICKSTART_NOISE = 0.3
+QUICKSTART_CLONE_MINUTES = 7.0
+QUICKSTART_CLONE_BATCH = 256
+QUICKSTART_CLONE_LR = 1e-3
+# the clone's vision encoder: langreach-ppo's keypoints without the reconstruction decoder, whose
+# second CNN pass made each update ~2.5x slower; the dense labels bind every colour without it
+QUICKSTART_CLONE_VISION: dict[str, Any] = {"tokens": "keypoints"}
+# torch's intra-op threads for the quickstart's in-process stages (cloning, evaluation): beside
+# other work on a 2-core CPU, a second OpenMP thread waits at every barrier for a preempted one
+# (measured: ~5 s per cloning update with 2 threads against ~0.3 s with 1, at load average 11)
+QUICKSTART_TORCH_THREADS = 1
+QUICKSTART_RL = "none"
+QUICKSTART_RL_MINUTES = 4.0
 # DAgger's settings in the quickstart: langreach-ppo's keypoint-reconstruction loss, which keeps
-# every target colour decodable from the CNN's keypoints; with demos the policy acts from the
-# first rollout (beta 0: the demos are the expert's share); 8 envs per EnvRunner (batched
-# inference); an evaluation every 5 iterations
+# every target colour decodable from the CNN's keypoints; from a cloned policy it acts from the
+# first rollout (beta 0); 8 envs per EnvRunner (batched inference); an evaluation every 5
+# iterations
 QUICKSTART_DAGGER: dict[str, Any] = {
     "model": {"vision_config": {"tokens": "keypoints", "recon_coeff": 0.05}},
     "training": {"beta": 0.0},
@@ -432,79 +448,106 @@ def quickstart_report(output: Path) -> Path | None:
 
 
 def _quickstart_stages(args: argparse.Namespace, output: Path) -> str:
-    """Demos, training and the held-out evaluation; returns the checkpoint to serve."""
-    from vla_ray.data import collect
+    """Cloning, the optional training stage and the held-out evaluation, with torch's threads
+    at ``QUICKSTART_TORCH_THREADS`` in this process; returns the checkpoint (or save_pretrained
+    folder) to serve."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(QUICKSTART_TORCH_THREADS)
+    try:
+        return _quickstart_run(args, output)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quickstart_run(args: argparse.Namespace, output: Path) -> str:
+    from vla_ray.clone import clone_run
+    from vla_ray.config import ConfigError
     from vla_ray.evaluate import evaluate, load_policy
     from vla_ray.presets import get_preset
-    from vla_ray.train import resolve, train
 
     method = args.rl
     progress = not args.quiet
+    if method == "none" and args.demos <= 0:
+        raise ConfigError("--rl none: the cloned policy is the result; give --demos > 0")
     stage = 1
     overrides: dict[str, Any] = {"seed": args.seed}
+    ckpt = ""
     if args.demos > 0:
         print(
-            f"quickstart {stage}: {args.demos} expert demonstrations on LangReach -> {output}/demos"
+            f"quickstart {stage}: cloning the scripted expert on LangReach: {args.demos} episodes "
+            f"(action noise {args.noise:g}, noise-free labels), Adam for {args.bc_minutes:g} min "
+            f"-> {output}/bc"
         )
-        collect(
+        # the VLA of langreach-ppo (keypoints, Gaussian head), so that a later RL stage continues
+        # from it with its own preset's architecture
+        model = dict(get_preset("langreach-ppo").model, vision_config=QUICKSTART_CLONE_VISION)
+        vla_dir = clone_run(
+            output / "bc",
+            model,
             "vla_ray/LangReach-v0",
-            "expert",
-            args.demos,
-            output / "demos",
-            seed=QUICKSTART_DEMO_SEED * args.seed,
+            episodes=args.demos,
+            seconds=args.bc_minutes * 60.0,
+            noise=args.noise,
+            seed=args.seed,
+            frames_seed=QUICKSTART_DEMO_SEED * args.seed,
+            batch_size=QUICKSTART_CLONE_BATCH,
+            lr=QUICKSTART_CLONE_LR,
             progress=progress,
         )
+        ckpt = str(vla_dir)
+        overrides["model"] = {"pretrained_path": ckpt}
         stage += 1
-    data = output / "demos" if args.demos > 0 and method == "dagger" else None
-    if args.demos > 0 and method != "dagger":
-        print(f"quickstart {stage}: behaviour cloning for {args.bc_iters} updates -> {output}/bc")
-        # the RL stage continues from the cloned VLA, whose architecture wins: build it with the
-        # RL preset's vision encoder (langreach-ppo's keypoint-reconstruction decoder)
-        rl_vision = get_preset(f"langreach-{method}").model["vision_config"]
-        bc_spec = resolve(
-            "langreach-bc",
-            {
-                "seed": args.seed,
-                "eval_every": max(1, args.bc_iters // 4),
-                "eval_episodes": 10,
-                "model": {"vision_config": dict(rl_vision)},
-            },
-            data=output / "demos",
-        )
-        bc = train(bc_spec, output / "bc", stop_iters=args.bc_iters, progress=progress)
-        bc_ckpt = Path(bc.get("best_checkpoint", bc["last_checkpoint"]))
-        overrides["model"] = {"pretrained_path": str(bc_ckpt / "vla")}
+    if method != "none":
+        ckpt = _quickstart_training(args, output, stage, overrides)
         stage += 1
+    print(f"quickstart {stage}: evaluating {ckpt} on {args.episodes} held-out episodes")
+    result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=progress)
+    _print_eval(result)
+    Path(output, "eval.json").write_text(json.dumps(result, indent=2))
+    if method == "none":
+        print(f"policy (save_pretrained): {ckpt}")
+    else:
+        print(f"checkpoint (RLlib): {ckpt}")
+        print(f"policy (save_pretrained): {Path(ckpt) / 'vla'}")
+    print(f"evaluate again: vla-ray eval --checkpoint {ckpt} --episodes 100 --video eval.mp4")
+    return ckpt
+
+
+def _quickstart_training(
+    args: argparse.Namespace, output: Path, stage: int, overrides: dict[str, Any]
+) -> str:
+    """The quickstart's DAgger/PPO/GRPO stage (from the cloned policy when ``overrides`` name
+    one); returns the checkpoint to evaluate."""
+    from vla_ray.train import resolve, train
+
+    method = args.rl
     what = {
-        "dagger": "DAgger (the scripted expert labels every state the policy visits"
-        + (", the demos seed the dataset)" if data else ")"),
+        "dagger": "DAgger (the scripted expert labels every state the policy visits)",
         "ppo": "PPO",
         "grpo": "GRPO",
     }[method]
-    start = " from the BC policy" if "model" in overrides else ""
+    start = " from the cloned policy" if "model" in overrides else ""
     print(
         f"quickstart {stage}: {what}{start} on an embedded local Ray for {args.minutes:g} min "
         f"(CPU) -> {output}/{method}"
     )
     if method == "dagger":
-        overrides.update(copy.deepcopy(QUICKSTART_DAGGER))
-        if data is None:  # no demos: the expert's share of the actions decays from 1
-            overrides.pop("training")
-    spec = resolve(f"langreach-{method}", overrides, data=data)
-    summary = train(spec, output / method, stop_seconds=args.minutes * 60.0, progress=progress)
+        dagger = copy.deepcopy(QUICKSTART_DAGGER)
+        dagger["model"].update(overrides.get("model", {}))
+        if "model" not in overrides:  # no cloned start: the expert's share decays from 1
+            dagger.pop("training")
+        overrides = {**overrides, **dagger}
+    spec = resolve(f"langreach-{method}", overrides)
+    summary = train(
+        spec, output / method, stop_seconds=args.minutes * 60.0, progress=not args.quiet
+    )
     # DAgger's rows mix 20-episode evaluations with its own stochastic rollouts: a lucky early
     # row can win "best" (it did: iteration 1), so its policy is the last one
-    ckpt = summary["last_checkpoint"]
-    if method != "dagger":
-        ckpt = summary.get("best_checkpoint", ckpt)
-    print(f"quickstart {stage + 1}: evaluating {ckpt} on {args.episodes} held-out episodes")
-    result = evaluate(load_policy(ckpt), episodes=args.episodes, progress=progress)
-    _print_eval(result)
-    Path(output, "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"checkpoint (RLlib): {ckpt}")
-    print(f"policy (save_pretrained): {Path(ckpt) / 'vla'}")
-    print(f"evaluate again: vla-ray eval --checkpoint {ckpt} --episodes 100 --video eval.mp4")
-    return ckpt
+    if method == "dagger":
+        return summary["last_checkpoint"]
+    return summary.get("best_checkpoint", summary["last_checkpoint"])
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -1020,26 +1063,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="expert demos -> BC -> PPO on LangReach (or DAgger), evaluate, export and serve",
-    )
-    q.add_argument(
-        "--minutes", type=float, default=8.0, help="wall-clock minutes of the training stage"
+        help="clone the scripted expert on LangReach (then optionally DAgger/PPO/GRPO), "
+        "evaluate, export and serve",
     )
     q.add_argument(
         "--demos",
         type=int,
-        default=300,
-        help="expert demos: DAgger's first data, or cloned before PPO/GRPO (0: none)",
+        default=QUICKSTART_DEMOS,
+        help="expert episodes whose frames are cloned (0: no cloning; needs --rl other than none)",
+    )
+    q.add_argument(
+        "--noise",
+        type=float,
+        default=QUICKSTART_NOISE,
+        help="std of the Gaussian noise added to the expert's executed actions while its "
+        "episodes are recorded (the labels stay noise-free: DART)",
+    )
+    q.add_argument(
+        "--bc-minutes",
+        type=float,
+        default=QUICKSTART_CLONE_MINUTES,
+        help="wall-clock minutes of cloning (Adam, batch 256, in this process)",
     )
     q.add_argument(
         "--rl",
         choices=QUICKSTART_METHODS,
-        default="ppo",
-        help="the training stage: PPO/GRPO (from the BC policy when there are demos), or DAgger "
-        "with the scripted expert (the demos seed its dataset)",
+        default=QUICKSTART_RL,
+        help="the stage after cloning: none (the cloned policy is the result), DAgger with the "
+        "scripted expert, or PPO/GRPO, each from the cloned policy",
     )
     q.add_argument(
-        "--bc-iters", type=int, default=300, help="behaviour-cloning updates before PPO/GRPO"
+        "--minutes",
+        type=float,
+        default=QUICKSTART_RL_MINUTES,
+        help="wall-clock minutes of the --rl stage",
     )
     q.add_argument("--seed", type=int, default=0, help="seeds the demos and the training")
     q.add_argument("--episodes", type=int, default=100, help="held-out evaluation episodes")
