@@ -358,7 +358,7 @@ def test_grpo_raises_the_return_of_a_weak_bc_policy(bc_run, tmp_path):
     assert after > before + 1.5
 
 
-@pytest.mark.parametrize("rl", [None, "ppo", "grpo"])
+@pytest.mark.parametrize("rl", ["ppo", "grpo"])
 def test_quickstart_rl_flag_picks_the_preset(rl, monkeypatch, tmp_path):
     import vla_ray.evaluate
     import vla_ray.train
@@ -375,6 +375,5 @@ def test_quickstart_rl_flag_picks_the_preset(rl, monkeypatch, tmp_path):
     monkeypatch.setattr(vla_ray.evaluate, "load_policy", lambda path: None)
     monkeypatch.setattr(vla_ray.evaluate, "evaluate", lambda *a, **k: result)
     args = ["quickstart", "--demos", "0", "--no-serve", "--output", str(tmp_path), "--quiet"]
-    assert main(args + (["--rl", rl] if rl else [])) == 0
-    name = rl or "ppo"  # PPO stays the default
-    assert seen == {"preset": f"langreach-{name}", "output": tmp_path / name}
+    assert main([*args, "--rl", rl]) == 0  # the default (--rl none) is tests/test_quickstart.py's
+    assert seen == {"preset": f"langreach-{rl}", "output": tmp_path / rl}
