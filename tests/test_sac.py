@@ -431,7 +431,7 @@ def test_sac_checkpoint_evaluates_alike_from_rllib_and_save_pretrained(ray_sessi
 
 
 # env steps of the SAC learning check (one update per step after 100 warm-up steps)
-SAC_LEARNING_STEPS = 600
+SAC_LEARNING_STEPS = 800
 SAC_LEARNING_SEED = 0
 
 
@@ -471,8 +471,8 @@ def test_sac_from_scratch_raises_the_return_on_state_langreach(ray_session, tmp_
         f"{random['mean_return']:.2f} (random) -> {after['mean_return']:.2f}; success "
         f"{before['success_rate']:.2f}, {random['success_rate']:.2f} -> {after['success_rate']:.2f}"
     )
-    # observed (seeds 0-2, 600 and 800 steps; the test runs 600): untrained -0.4 to 0.1, random 0.3 -> 10.9 to 13.5;
+    # observed (seeds 0-2, 600 and 800 steps): untrained -0.4 to 0.1, random 0.3 -> 10.9 to 13.5;
     # success 0.00 / 0.03 -> 0.62 to 1.00
     best_before = max(before["mean_return"], random["mean_return"])
     assert after["mean_return"] > best_before + 5.0
-    assert after["success_rate"] >= 0.3
+    assert after["success_rate"] >= 0.3  # at 600 steps seed 0 once gave 0.16 (CI, 2026-12-07)
