@@ -26,7 +26,15 @@ def ray_session():
 
     from vla_ray.train import init_ray
 
-    init_ray(num_cpus=2)
+    # Ray gives a starting node 30 s (hard-coded) to register; on a 2-core machine loaded by other
+    # jobs it can take longer: one more try, not a session of errors
+    try:
+        init_ray(num_cpus=2)
+    except Exception as e:  # ray raises a bare Exception
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
