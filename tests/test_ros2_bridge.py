@@ -440,3 +440,45 @@ def test_cli_checks_the_topics_file_and_the_policy_source(tmp_path, capsys):
     if importlib.util.find_spec("rclpy") is None:
         assert main(["ros2-bridge", "--model", str(tmp_path), "--config", str(path)]) == 2
         assert "rclpy does not import" in capsys.readouterr().err
+
+
+def test_serve_policy_posts_each_observation(monkeypatch):
+    """``serve: {url}``: the spec from GET /v1/spec, one POST /v1/act per model call (a PNG
+    image, the state, the instruction, the API key from the named variable); an error answer
+    is a model error (stop action)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    import vla_ray.serve.client as client
+    from vla_ray.ros2_bridge import ServePolicy
+
+    calls = []
+
+    def fake_request(url, body=None, api_key=None, timeout=30.0):
+        calls.append((url, body, api_key))
+        if url.endswith("/v1/spec"):
+            return 200, SPEC
+        if body["instruction"] == "fail":
+            return 503, {"detail": "overloaded"}
+        return 200, {"actions": [[0.25, -0.5]] * K}
+
+    monkeypatch.setattr(client, "request", fake_request)
+    monkeypatch.setenv("VLA_KEY", "secret")
+    policy = ServePolicy("http://robot:8000/", api_key_env="VLA_KEY")
+    cfg = BridgeConfig.from_dict(TOPICS)
+    core = BridgeCore(cfg, policy, FakeClock())
+    feed(core, cfg)
+    assert core.step().action.tolist() == [0.25, -0.5]
+    url, body, key = calls[-1]
+    assert (url, key) == ("http://robot:8000/v1/act", "secret")
+    assert body["state"] == pytest.approx([0.2, 0.5, 0.7])
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"]))))
+    np.testing.assert_array_equal(img, image_from_msg(image_msg()))
+    failing = BridgeCore(
+        BridgeConfig.from_dict({**TOPICS, "instruction": "fail"}), policy, FakeClock()
+    )
+    feed(failing, cfg)
+    step = failing.step()
+    assert step.status == "model_error" and "answered 503: overloaded" in step.detail
