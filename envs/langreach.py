@@ -50,6 +50,9 @@ TEMPLATES: tuple[str, ...] = (
 BLIND_INSTRUCTION = "reach the target"
 INSTRUCTION_MODES = ("text", "blind")
 OBSERVATION_MODES = ("pixels", "state")
+# the scene's cameras, in the order of the ``images`` observation (``num_cameras`` > 1): the
+# top-down view, and a view from the arena's -y side looking down at 37 degrees
+CAMERAS = ("top", "side")
 
 ARENA_HALF = 1.0
 SPAWN_HALF = 0.8
@@ -99,6 +102,7 @@ def _scene_xml(num_targets: int, offscreen: int) -> str:
     <light name="top" directional="true" pos="0 0 3" dir="0 0 -1" castshadow="false"
            diffuse="0.6 0.6 0.6" specular="0 0 0"/>
     <camera name="top" pos="0 0 2.5" xyaxes="1 0 0 0 1 0" fovy="45"/>
+    <camera name="side" pos="0 -1.5 1.3" xyaxes="1 0 0 0 0.6 0.8" fovy="75"/>
     <geom name="floor" type="plane" size="{ARENA_HALF} {ARENA_HALF} 0.1" material="floor"
           contype="0" conaffinity="0"/>
 {targets}
@@ -169,6 +173,7 @@ class LangReachEnv(gym.Env):
         render_mode: str | None = None,
         tokenizer: str | os.PathLike | None = None,
         observation: str = "pixels",
+        num_cameras: int = 1,
     ) -> None:
         self.image_size = _check_int("image_size", image_size, 8, 1024)
         self.num_targets = _check_int("num_targets", num_targets, 1, len(COLORS))
@@ -188,6 +193,11 @@ class LangReachEnv(gym.Env):
                 f"got {observation!r}"
             )
         self.observation = observation
+        self.num_cameras = _check_int("num_cameras", num_cameras, 1, len(CAMERAS))
+        if self.num_cameras > 1 and observation != "pixels":
+            raise ValueError(
+                f"LangReachEnv: `num_cameras` > 1 needs observation='pixels', got {observation!r}"
+            )
         if (
             isinstance(success_radius, bool)
             or not isinstance(success_radius, (int, float, np.floating, np.integer))
@@ -234,6 +244,10 @@ class LangReachEnv(gym.Env):
         self.model.vis.quality.shadowsize = 0
         self.data = mujoco.MjData(self.model)
         self._camera = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, "top")
+        self._cameras = [
+            mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            for name in CAMERAS[: self.num_cameras]
+        ]
         self._renderer: mujoco.Renderer | None = None
         self._video_renderer: mujoco.Renderer | None = None
         _LIVE_ENVS.add(self)
@@ -243,6 +257,9 @@ class LangReachEnv(gym.Env):
         obs_spaces: dict[str, spaces.Space] = {}
         if self.observation == "pixels":
             obs_spaces["image"] = spaces.Box(0, 255, (s, s, 3), np.uint8)
+            if self.num_cameras > 1:  # every camera; ``image`` is the first (top) one
+                n = self.num_cameras
+                obs_spaces["images"] = spaces.Box(0, 255, (n, s, s, 3), np.uint8)
             state_dim = 4
         else:  # agent position + velocity, then every target's position
             state_dim = 4 + 2 * self.num_targets
@@ -294,16 +311,19 @@ class LangReachEnv(gym.Env):
                 if len(targets) == self.num_targets:
                     return agent, np.stack(targets)
 
-    def _render_image(self) -> np.ndarray:
+    def _render_image(self, camera: int | None = None) -> np.ndarray:
         if self._renderer is None:
             self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
-        self._renderer.update_scene(self.data, camera=self._camera)
+        self._renderer.update_scene(self.data, camera=self._camera if camera is None else camera)
         return self._renderer.render()
 
     def _obs(self) -> dict[str, np.ndarray]:
         parts = [self.data.qpos[:2], self.data.qvel[:2]]
         obs: dict[str, np.ndarray] = {}
-        if self.observation == "pixels":
+        if self.observation == "pixels" and self.num_cameras > 1:
+            obs["images"] = np.stack([self._render_image(c) for c in self._cameras])
+            obs["image"] = obs["images"][0].copy()
+        elif self.observation == "pixels":
             obs["image"] = self._render_image()
         else:
             parts.append(self._target_pos.reshape(-1))

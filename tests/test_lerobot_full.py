@@ -326,3 +326,37 @@ def test_hub_id_from_the_cache_offline(tmp_path, monkeypatch):
         detect_format("hf://org/missing")
     with pytest.raises(DataError, match=r"expected hf://<org>/<name>"):
         resolve_source("hf://no-org")
+
+
+def test_delta_timestamps_windows(tmp_path):
+    """LeRobot's ``delta_timestamps``: an observation history and an action chunk by time
+    offsets, clamped to the episode with ``*_is_pad`` masks; off-grid offsets are refused."""
+    from vla_ray.data.delta_timestamps import delta_indices, read_windows
+
+    root = write_v30(tmp_path / "ds")
+    ref = lf.episode_refs(root)[0]  # episode 0: 4 frames at 10 fps
+    frames = _frames(0, LENGTHS[0])
+    out = read_windows(
+        root,
+        ref,
+        {
+            "observation.state": [-0.2, -0.1, 0.0],
+            "action": [0.0, 0.1, 0.2],
+            "observation.images.top": [-0.1, 0.0],
+        },
+    )
+    assert out["observation.state"].shape == (4, 3, 4)
+    assert out["action"].shape == (4, 3, 2)
+    assert out["observation.images.top"].shape == (4, 2, H, W, 3)
+    # frame 1: states of frames 0 (clamped from -1), 0, 1; actions of frames 1, 2, 3
+    np.testing.assert_array_equal(out["observation.state"][1], frames["state"][[0, 0, 1]])
+    assert out["observation.state_is_pad"][1].tolist() == [True, False, False]
+    np.testing.assert_array_equal(out["action"][1], frames["action"][[1, 2, 3]])
+    assert out["action_is_pad"][3].tolist() == [False, True, True]  # past the episode's end
+    np.testing.assert_array_equal(out["action"][3], frames["action"][[3, 3, 3]])
+    np.testing.assert_array_equal(out["observation.images.top"][2, 0], frames["top"][1])
+    assert delta_indices({"action": [0.0, 0.05, 0.1]}, 20)["action"].tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match=r"delta_timestamps\['action'\]: offsets \[0.05\] are not"):
+        read_windows(root, ref, {"action": [0.0, 0.05]})
+    with pytest.raises(DataError, match="names 'observation.depth', not a feature"):
+        read_windows(root, ref, {"observation.depth": [0.0]})

@@ -24,6 +24,14 @@ def _quat(yaw: float) -> list[float]:
     return [float(np.cos(yaw / 2)), 0.0, 0.0, float(np.sin(yaw / 2))]
 
 
+def sweep(i: int) -> np.ndarray:
+    """Sample i's LiDAR points (x, y, z, intensity, ring), sensor frame: 3 + i points, and 400
+    at sample 1 (more than the reader keeps)."""
+    n = 400 if i == 1 else 3 + i
+    k = np.arange(n, dtype=np.float32)
+    return np.stack([k + 1, 0.5 * k, -k / 10, k % 7, k % 32], axis=1).astype(np.float32)
+
+
 def write_db(dataroot: Path) -> Path:
     version = dataroot / "v1.0-mini"
     version.mkdir(parents=True)
@@ -34,7 +42,8 @@ def write_db(dataroot: Path) -> Path:
             "token": f"c-{s['channel']}",
             "sensor_token": s["token"],
             "translation": [1.0, 0.0, 1.5],
-            "rotation": [1.0, 0.0, 0.0, 0.0],
+            # the LiDAR turned 90 degrees left: its x axis is the ego's y
+            "rotation": _quat(np.pi / 2) if s["channel"] == "LIDAR_TOP" else [1.0, 0.0, 0.0, 0.0],
             "camera_intrinsic": [[10, 0, 3], [0, 10, 2], [0, 0, 1]]
             if "CAM" in s["channel"]
             else [],
@@ -68,7 +77,7 @@ def write_db(dataroot: Path) -> Path:
             path = dataroot / (name + (".pcd.bin" if c == "LIDAR_TOP" else ".jpg"))
             path.parent.mkdir(parents=True, exist_ok=True)
             if c == "LIDAR_TOP":
-                path.write_bytes(np.zeros((2, 5), np.float32).tobytes())
+                path.write_bytes(sweep(i).tobytes())
             else:
                 buf = io.BytesIO()
                 Image.fromarray(np.full((4, 6, 3), 30 * k + i, np.uint8)).save(buf, "JPEG")
@@ -131,6 +140,15 @@ def test_scene_as_waypoint_episode(tmp_path):
     np.testing.assert_allclose(obs["state"][0], [0.0, 0.0])
     np.testing.assert_allclose(obs["state"][1:], [[chord, OMEGA]] * n, rtol=1e-4)
     assert raw.instruction == "turn left" and raw.truncated
+    # LiDAR: (T + 1, 256, 4) in the ego frame (sensor x -> ego y, then the mount offset)
+    assert obs["lidar"].shape == (n + 1, nu.LIDAR_POINTS, 4)
+    assert obs["lidar_mask"][0].sum() == 3 and obs["lidar_mask"][1].sum() == nu.LIDAR_POINTS
+    s0 = sweep(0)
+    expected = np.stack([1.0 - s0[:, 1], s0[:, 0], 1.5 + s0[:, 2], s0[:, 3]], axis=1)
+    np.testing.assert_allclose(obs["lidar"][0, :3], expected, atol=1e-5)
+    assert not obs["lidar"][0, 3:].any()  # padding
+    kept = obs["lidar"][1][:, 1]  # ego y = sensor x = k + 1: evenly strided over 400
+    assert kept[0] == 1.0 and kept[-1] == 400.0 and np.all(np.diff(kept) > 0)
     assert nu.command(np.array([[5.0, -3.0]])) == "turn right"
     assert nu.command(np.array([[5.0, 1.0]])) == "go straight"
 
@@ -157,4 +175,18 @@ def test_bad_databases(tmp_path):
     (db / "sample.json").write_text(json.dumps(samples))
     nu._tables.cache_clear()
     with pytest.raises(DataError, match=r"field 'next' names sample token 'sample-missing'"):
+        nu.read_episode(db, nu.episode_refs(db)[0])
+    db = write_db(tmp_path / "e")
+    lidar = sorted((tmp_path / "e" / "samples" / "LIDAR_TOP").iterdir())[2]
+    lidar.write_bytes(lidar.read_bytes()[:-6])
+    with pytest.raises(
+        DataError, match=r"sample 2 \(sample2\) LIDAR_TOP: .* not whole points of 5"
+    ):
+        nu.read_episode(db, nu.episode_refs(db)[0])
+    db = write_db(tmp_path / "f")
+    lidar = sorted((tmp_path / "f" / "samples" / "LIDAR_TOP").iterdir())[0]
+    bad = sweep(0)
+    bad[1, 2] = np.nan
+    lidar.write_bytes(bad.tobytes())
+    with pytest.raises(DataError, match=r"sample 0 \(sample0\) LIDAR_TOP: .* non-finite"):
         nu.read_episode(db, nu.episode_refs(db)[0])

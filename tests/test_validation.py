@@ -1,5 +1,5 @@
 """Held-out validation (``--val-fraction``) and dataset action metrics (``eval --data``): the
-seeded episode split and the MSE / L1 / chunk ADE-FDE values, without Ray."""
+seeded episode split and the MSE / L1 / chunk ADE-FDE / token accuracy values, without Ray."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gymnasium import spaces
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from vla_ray.data import DataError, read_episodes, write_episodes
-from vla_ray.data.validation import action_metrics, split_files
+from vla_ray.data.validation import action_metrics, split_files, token_bins
 
 OBS = spaces.Box(-10, 10, (3,), np.float32)
 ACT = spaces.Box(-1, 1, (2,), np.float32)
@@ -76,6 +76,27 @@ def test_action_metrics_values():
 
     with pytest.raises(DataError, match=r"the policy gives 3 action values per step, the datas"):
         action_metrics(lambda o: np.zeros((len(o), 3)), eps)
+
+
+def test_token_accuracy_of_a_token_head():
+    from types import SimpleNamespace
+
+    from vla_ray.models.heads import GaussianHead, TransformerHead
+
+    head = TransformerHead(8, 2, 2, -1.0, 1.0)
+    tokenize = token_bins(SimpleNamespace(head=head))
+    assert tokenize(np.array([[-1.0, 1.0], [0.0, 0.004]])).tolist() == [[0, 255], [128, 128]]
+    assert token_bins(SimpleNamespace(head=GaussianHead(8, 2, 1, -1.0, 1.0))) is None
+
+    def chunk(obs):  # step t's true action, then t's again (the wrong bin for step t + 1)
+        t = np.asarray(obs)[:, 0] % 10
+        a = np.stack([t, -t], axis=1) * 0.1
+        return np.concatenate([a, a], axis=1)
+
+    got = action_metrics(chunk, [episode(0)], tokenize=tokenize)
+    # steps 0..2: 2 of 4 tokens right (the first action's); step 3: 2 of 2 (no step 4)
+    assert got["val_token_accuracy"] == pytest.approx(8 / 14)
+    assert "val_token_accuracy" not in action_metrics(chunk, [episode(0)])
 
 
 def test_val_fraction_setting():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -230,6 +231,34 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"(tolerance {row['tolerance']:.0e})"
         )
     print(f"serve it: vla-ray serve --model {summary['output']}")
+    return 0
+
+
+def cmd_ros2_bridge(args: argparse.Namespace) -> int:
+    from vla_ray.ros2_bridge import BridgeConfig, BridgeConfigError, ExportedPolicy, ServePolicy
+
+    config = BridgeConfig.load(args.config)
+    if (args.model is None) == (config.serve is None):
+        raise BridgeConfigError(
+            "--model / serve",
+            "exactly one policy: --model DIR or serve.url in the topics file",
+            {"model": args.model, "serve": config.serve},
+        )
+    if importlib.util.find_spec("rclpy") is None:
+        print(
+            "vla-ray ros2-bridge: rclpy does not import; run it where ROS 2 is installed and "
+            "sourced (README: ROS 2 bridge)",
+            file=sys.stderr,
+        )
+        return 2
+    from vla_ray.ros2_node import spin
+
+    if args.model is not None:
+        policy = ExportedPolicy(args.model, args.backend, args.threads)
+    else:
+        policy = ServePolicy(**config.serve)
+    stats = spin(config, policy, args.max_seconds)
+    print(json.dumps(stats))
     return 0
 
 
@@ -710,6 +739,9 @@ vla-ray export --checkpoint runs/lr/checkpoints/best --format onnx,onnx-int8,tri
     --output runs/lr/export
 vla-ray export --checkpoint runs/lr/checkpoints/best --format torch-export,triton \\
     --triton-instance-group kind=KIND_GPU,count=2 --output runs/lr/export-gpu""",
+    "ros2-bridge": """\
+vla-ray ros2-bridge --model runs/lr/export --config topics.yaml
+vla-ray ros2-bridge --model runs/lr/export --config topics.yaml --backend openvino --threads 2""",
     "serve": """\
 vla-ray serve --model runs/lr/export --backend onnx --port 8000
 vla-ray serve --model runs/lr/export --autoscale 1:4 --api-key-file key.txt""",
@@ -979,6 +1011,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     x.set_defaults(fn=cmd_export)
+
+    b = sub.add_parser(
+        "ros2-bridge", help="run an exported policy as a ROS 2 node (topics in, actions out)"
+    )
+    b.add_argument("--model", help="export folder (or serve.url in the topics file)")
+    b.add_argument("--config", required=True, help="topics file (YAML/JSON): README, ROS 2")
+    b.add_argument("--backend", choices=("onnx", "openvino"), default="onnx")
+    b.add_argument("--threads", type=int, default=1, help="intra-op threads of the runtime")
+    b.add_argument("--max-seconds", type=float, help="stop after this long (default: Ctrl-C)")
+    b.set_defaults(fn=cmd_ros2_bridge)
 
     v = sub.add_parser("serve", help="serve an exported policy over HTTP with Ray Serve")
     v.add_argument("--model", required=True, help="export folder (or one format folder)")

@@ -56,7 +56,9 @@ class VLAConfig:
     # I/O contract
     image_size: tuple[int, int] = (64, 64)
     # cameras per observation: 1 reads ``image`` (B, H, W, 3); N > 1 reads ``images``
-    # (B, N, H, W, 3) (backbone="vlm" only)
+    # (B, N, H, W, 3): the default trunk encodes each camera with the shared encoder and
+    # projector and tells them apart by a learned camera embedding; backbone="vlm" gives the
+    # VLM N images
     num_cameras: int = 1
     state_dim: int = 4
     action_dim: int = 2
@@ -161,14 +163,17 @@ class VLAConfig:
             ]
             if self.vlm_config:
                 given.append("vlm_config")
-            if self.num_cameras != 1:
-                given.append("num_cameras")
             if self.dtype != "float32":
                 given.append("dtype")
             if given:
                 raise ConfigError(
                     f"{', '.join(given)}: only used with backbone='vlm' (dtype also with "
                     "'openvla'); the default trunk trains in float32"
+                )
+            if self.num_cameras > 1 and self.vision == "none":
+                raise ConfigError(
+                    f"num_cameras: {self.num_cameras} cameras need a vision encoder; got "
+                    "vision='none'"
                 )
             return
         from vla_ray.models.vlm import VLM_FAMILIES, family_of_directory

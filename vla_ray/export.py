@@ -787,6 +787,12 @@ def export(
             f"only, not the driving sensors {sorted(vla.config.sensors)} yet; use the "
             "checkpoint's vla/ folder from Python (VLA.from_pretrained)"
         )
+    if vla.config.num_cameras > 1:
+        raise ExportError(
+            f"format: {', '.join(fmts)}: the exported graphs take one image, not the "
+            f"{vla.config.num_cameras} cameras of this policy (num_cameras) yet; use the "
+            "checkpoint's vla/ folder from Python (VLA.from_pretrained)"
+        )
     if vla.config.backbone in ("smolvla", "pi0"):
         raise ExportError(
             f"format: {', '.join(fmts)} cannot hold a backbone={vla.config.backbone!r} policy: "

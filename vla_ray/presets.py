@@ -143,6 +143,21 @@ PRESETS: dict[str, Preset] = {
             eval_episodes=20,
         ),
         Preset(
+            name="langreach-bc-multicam",
+            algorithm="bc",
+            env="vla_ray/LangReach-v0",
+            description=(
+                "behaviour cloning on two cameras (top-down and side view; LeRobot multi-camera "
+                "data): each camera through the shared CNN, its tokens tagged by camera"
+            ),
+            env_config=dict(num_cameras=2),
+            model=dict(TINY_VLA, vision_skip=True, head="gaussian", value="none", num_cameras=2),
+            training=dict(lr=1e-3, train_batch_size_per_learner=256),
+            env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+            stop=dict(iters=500),
+            eval_episodes=20,
+        ),
+        Preset(
             name="langreach-bc-chunk",
             algorithm="bc",
             env="vla_ray/LangReach-v0",

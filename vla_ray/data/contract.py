@@ -221,6 +221,8 @@ def _find(given: dict[str, np.ndarray], key: str) -> np.ndarray | None:
     for name in (key, *ALIASES.get(key, ())):
         if name in given:
             return given[name]
+    if key == "image" and "images" in given:  # a multi-camera env's ``image``: its first camera
+        return given["images"][:, 0]
     return None
 
 
@@ -229,7 +231,8 @@ def _pick(given: dict[str, np.ndarray], key: str, source: str) -> np.ndarray:
     if value is None:
         raise DataError(
             f"{source}: observation key {key!r} missing (the dataset has "
-            f"{sorted(given)}; accepted names: {[key, *ALIASES.get(key, ())]})"
+            f"{sorted(given)}; accepted names: {[key, *ALIASES.get(key, ())]}"
+            + (", or 'images' (its first camera))" if key == "image" else ")")
         )
     return value
 

@@ -19,9 +19,17 @@ One episode per scene, one step per key-frame sample (2 Hz), in ``first_sample_t
   left`` / ``turn right`` when the last future waypoint lies more than ``TURN_M`` (2 m) to the
   side, else ``go straight`` (the convention of driving planners such as ST-P3 / UniAD).
 
-LiDAR sweeps are not read. Tested on: a synthetic database written in tests in the v1.0 table
-layout (one scene with eight samples and six tiny JPEG cameras); not on the real nuScenes mini
-split (no download here).
+- ``lidar`` (T, ``LIDAR_POINTS``, 4): the key-frame ``LIDAR_TOP`` sweep of each sample
+  (``.pcd.bin``: float32 x, y, z, intensity, ring index per point, nuScenes' binary layout) as
+  x, y, z, intensity in the ego frame (the sensor's ``calibrated_sensor`` pose applied; the ring
+  index dropped); a sweep of more points keeps an evenly strided ``LIDAR_POINTS`` of them, one of
+  fewer is padded with zeros, and ``lidar_mask`` (T, ``LIDAR_POINTS``) is 1 on real points. The
+  points the vla-ray ``lidar`` sensor reads (``vla_ray.models.sensors``). Only key frames: the
+  sweeps between samples (20 Hz) are not accumulated.
+
+Tested on: a synthetic database written in tests in the v1.0 table layout (one scene with eight
+samples, six tiny JPEG cameras and LiDAR sweeps); not on the real nuScenes mini split (no
+download here).
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ CAMERAS = (
 )
 HORIZON = 6
 TURN_M = 2.0
+LIDAR = "LIDAR_TOP"
+LIDAR_POINTS = 256  # points per sweep kept (the lidar sensor's default ``points``)
+PCD_FIELDS = 5  # float32 per point in a .pcd.bin: x, y, z, intensity, ring index
 
 
 def is_nuscenes(path: Path) -> bool:
@@ -108,6 +119,52 @@ def _image(path: Path, where: str) -> np.ndarray:
         raise DataError(f"{where}: {path} is not a readable image ({err})") from err
 
 
+def _rotation(q: list[float]) -> np.ndarray:
+    """3x3 rotation of a unit quaternion (w, x, y, z)."""
+    w, x, y, z = np.asarray(q, float) / np.linalg.norm(q)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def read_sweep(path: Path, where: str) -> np.ndarray:
+    """A ``.pcd.bin`` sweep as (N, 5) float32; ``DataError`` for a missing or truncated file
+    (size not whole points) or non-finite values."""
+    if not path.is_file():
+        raise DataError(f"{where}: file {path} does not exist")
+    raw = path.read_bytes()
+    width = 4 * PCD_FIELDS
+    if len(raw) % width:
+        raise DataError(
+            f"{where}: {path} has {len(raw)} bytes, not whole points of {PCD_FIELDS} float32 "
+            f"(x, y, z, intensity, ring; {width} bytes each): truncated?"
+        )
+    points = np.frombuffer(raw, np.float32).reshape(-1, PCD_FIELDS)
+    if not np.all(np.isfinite(points)):
+        raise DataError(f"{where}: {path} holds non-finite point values")
+    return points
+
+
+def lidar_points(
+    points: np.ndarray, calibration: dict[str, Any], size: int = LIDAR_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """A sweep (N, 5) in the sensor frame -> (size, 4) x, y, z, intensity in the ego frame and
+    its mask (size,) (1 on real points; evenly strided when N > size, zero-padded when less)."""
+    if len(points) > size:
+        points = points[np.linspace(0, len(points) - 1, size).round().astype(int)]
+    rot = _rotation(calibration["rotation"])
+    xyz = points[:, :3] @ rot.T + np.asarray(calibration["translation"], float)
+    out = np.zeros((size, 4), np.float32)
+    mask = np.zeros(size, np.float32)
+    out[: len(points), :3], out[: len(points), 3] = xyz, points[:, 3]
+    mask[: len(points)] = 1.0
+    return out, mask
+
+
 def command(waypoints: np.ndarray) -> str:
     """The high-level command of a (H, 2) future route in the ego frame (y left)."""
     y = float(waypoints[-1, 1])
@@ -142,7 +199,7 @@ def read_episode(path: str | os.PathLike, ref: dict[str, Any]) -> RawEpisode:
     if len(samples) <= HORIZON:
         raise DataError(f"{source}: {len(samples)} samples, a step needs {HORIZON} future ones")
     images: dict[str, list[np.ndarray]] = {c: [] for c in CAMERAS}
-    poses, times = [], []
+    poses, times, lidar, lidar_mask = [], [], [], []
     for i, sample in enumerate(samples):
         where = f"{source} sample {i} ({sample['token']})"
         data = by_sample.get(sample["token"], {})
@@ -150,6 +207,26 @@ def read_episode(path: str | os.PathLike, ref: dict[str, Any]) -> RawEpisode:
             if cam not in data:
                 raise DataError(f"{where}: no key-frame sample_data for camera {cam}")
             images[cam].append(_image(root.parent / data[cam]["filename"], f"{where} {cam}"))
+        if LIDAR not in data:
+            raise DataError(f"{where}: no key-frame sample_data for {LIDAR}")
+        sweep = read_sweep(root.parent / data[LIDAR]["filename"], f"{where} {LIDAR}")
+        calib = tables["calibrated_sensor"][data[LIDAR]["calibrated_sensor_token"]]
+        t, q = calib.get("translation"), calib.get("rotation")
+        if not (
+            isinstance(t, list)
+            and isinstance(q, list)
+            and len(t) == 3
+            and len(q) == 4
+            and np.all(np.isfinite([*t, *q]))
+            and np.linalg.norm(q) > 0
+        ):
+            raise DataError(
+                f"{where}: calibrated_sensor {calib['token']} fields 'translation'/'rotation' "
+                f"must be 3 and 4 finite numbers (a non-zero quaternion), got {t} / {q}"
+            )
+        points, mask = lidar_points(sweep, calib)
+        lidar.append(points)
+        lidar_mask.append(mask)
         pose = _get(
             tables, "ego_pose", data["CAM_FRONT"]["ego_pose_token"], where, "ego_pose_token"
         )
@@ -181,6 +258,8 @@ def read_episode(path: str | os.PathLike, ref: dict[str, Any]) -> RawEpisode:
     if len({obs[c].shape for c in CAMERAS}) == 1:
         obs["images"] = np.stack([obs[c] for c in CAMERAS], axis=1)
     obs["state"] = np.asarray(state[: n + 1], np.float32)
+    obs["lidar"] = np.stack(lidar[: n + 1])
+    obs["lidar_mask"] = np.stack(lidar_mask[: n + 1])
     return RawEpisode(
         observations=obs,
         actions=np.stack(waypoints).reshape(n, -1),

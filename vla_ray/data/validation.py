@@ -8,12 +8,14 @@ policy's deterministic actions are to a dataset's, without an env.
   against the dataset's action at each step (``val_action_mse``, ``val_action_l1`` and their
   per-dimension lists); for a policy of action chunks (K actions per prediction), the average
   and final displacement (L2) over the horizon where the episode has the next actions
-  (``val_chunk_ade``, ``val_chunk_fde``), as for waypoint outputs.
+  (``val_chunk_ade``, ``val_chunk_fde``), as for waypoint outputs; for a token head (the
+  ``transformer`` head's 256 bins per dimension), the fraction of action tokens the greedy
+  decoding gets right (``val_token_accuracy``: the policy's actions and the dataset's binned
+  with the head's own bins, over every action value compared, the chunk's included). This is
+  the accuracy of the generated tokens, not OpenVLA's teacher-forced training accuracy.
 - :func:`iteration_metrics`: those metrics of a training run's current module on its held-out
   episodes, computed in the learner's process (``LearnerGroup.foreach_learner``), for
   ``metrics.jsonl``.
-
-Token accuracy of token heads is not computed (their actions are de-tokenised here).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from vla_ray.data.rllib_format import DataError, dataset_files, read_episodes
 
 ActFn = Callable[[dict[str, np.ndarray] | np.ndarray], np.ndarray]
+TokenizeFn = Callable[[np.ndarray], np.ndarray]
 SPLIT_VERSION = 1
 
 
@@ -71,11 +74,36 @@ def split_files(
     return dataset_files(out / "train"), dataset_files(out / "val")
 
 
-def action_metrics(act: ActFn, episodes: Iterable[Any], batch_size: int = 64) -> dict[str, Any]:
+def token_bins(model: Any) -> TokenizeFn | None:
+    """Actions (..., D) -> their token ids under ``model``'s (a ``VLA``) token head; None for
+    a head that does not tokenise actions."""
+    from vla_ray.models.heads import TransformerHead
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, TransformerHead):
+        return None
+    import torch
+
+    def tokenize(actions: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            values = torch.as_tensor(np.asarray(actions, np.float32), device=head.causal.device)
+            return head.tokenize(values).cpu().numpy()
+
+    return tokenize
+
+
+def action_metrics(
+    act: ActFn,
+    episodes: Iterable[Any],
+    batch_size: int = 64,
+    tokenize: TokenizeFn | None = None,
+) -> dict[str, Any]:
     """Metrics of ``act`` (batched observations -> actions (B, D) or chunks (B, K*D)) against
-    the actions of ``episodes`` (``SingleAgentEpisode``s); see the module doc."""
+    the actions of ``episodes`` (``SingleAgentEpisode``s); ``tokenize`` (:func:`token_bins`)
+    adds the token accuracy. See the module doc."""
     sq, ab, n = None, None, 0
     ade, fde, chunks = 0.0, 0.0, 0
+    right, compared = 0, 0
     for ep in episodes:
         obs = ep.get_observations()
         actions = np.asarray(ep.get_actions(), np.float64)
@@ -101,9 +129,12 @@ def action_metrics(act: ActFn, episodes: Iterable[Any], batch_size: int = 64) ->
             ab = np.abs(err).sum(0) if ab is None else ab + np.abs(err).sum(0)
             n += stop - start
             K = pred.shape[1]
-            if K > 1:
-                for b, t in enumerate(range(start, stop)):
-                    h = min(K, T - t)  # steps of the chunk the episode has targets for
+            for b, t in enumerate(range(start, stop)):
+                h = min(K, T - t)  # steps of the chunk the episode has targets for
+                if tokenize is not None:
+                    same = tokenize(pred[b, :h]) == tokenize(actions[t : t + h])
+                    right, compared = right + int(same.sum()), compared + same.size
+                if K > 1:
                     dist = np.linalg.norm(pred[b, :h] - actions[t : t + h], axis=-1)
                     ade += float(dist.mean())
                     fde += float(dist[-1])
@@ -120,6 +151,8 @@ def action_metrics(act: ActFn, episodes: Iterable[Any], batch_size: int = 64) ->
     }
     if chunks:
         out.update(val_chunk_ade=ade / chunks, val_chunk_fde=fde / chunks)
+    if compared:
+        out["val_token_accuracy"] = right / compared
     return out
 
 
@@ -161,7 +194,11 @@ def _learner_metrics(files: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
         was_training = module.training
         module.eval()
         try:
-            return action_metrics(lambda o: module_actions(module, o), _episodes(files))
+            return action_metrics(
+                lambda o: module_actions(module, o),
+                _episodes(files),
+                tokenize=token_bins(getattr(module, "vla", None)),
+            )
         finally:
             module.train(was_training)
 
@@ -211,6 +248,6 @@ def evaluate_on_data(
         raise ValueError("env: the checkpoint names no env (no vla_ray_meta.json); pass --env")
     cfg = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
     episodes = read_dataset(data, env_id, cfg)
-    result = action_metrics(policy, episodes)
+    result = action_metrics(policy, episodes, tokenize=token_bins(policy.model))
     result.update(data=str(data), env=env_id, episodes=len(episodes))
     return result

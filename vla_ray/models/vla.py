@@ -69,7 +69,13 @@ TRUNK_KEYS = (
 RL_VISION_KEYS = ("recon_coeff",)
 # Trunk parameters only RL uses (state projection, action query, keypoint decoder): a pretrained
 # VLM's copies (untrained, or absent) are not loaded; they start fresh.
-RL_ONLY_PREFIXES = ("trunk.state_proj", "trunk.query", "trunk.vision.recon.", "trunk.sensors.")
+RL_ONLY_PREFIXES = (
+    "trunk.state_proj",
+    "trunk.query",
+    "trunk.vision.recon.",
+    "trunk.sensors.",
+    "trunk.camera_embed",
+)
 
 
 class ObservationError(ValueError):
@@ -161,6 +167,12 @@ class VLATrunk(CachedPrefixTrunk):
             )
             self.vision.requires_grad_(not config.freeze_vision)
             self.projector.requires_grad_(not config.freeze_projector)
+        # several cameras: one shared encoder; a learned embedding per camera on its tokens
+        self.camera_embed = (
+            nn.Parameter(torch.randn(config.num_cameras, 1, d) * 0.02)
+            if self.vision is not None and config.num_cameras > 1
+            else None
+        )
         self._vision_conditioned = bool(getattr(self.vision, "film", None) is not None)
         # driving sensors (lidar, radar, imu, ego, depth): fused tokens after the vision tokens
         self.sensors: SensorStack | None = None
@@ -184,7 +196,7 @@ class VLATrunk(CachedPrefixTrunk):
         self.feature_dim = (
             d
             + (config.state_dim if config.state_skip else 0)
-            + (d * self.projector.num_tokens if config.vision_skip else 0)
+            + (d * self.projector.num_tokens * config.num_cameras if config.vision_skip else 0)
         )
         if not config.lora:  # with LoRA, peft has frozen the base weights: only adapters train
             self.lm.requires_grad_(not config.freeze_llm)
@@ -245,10 +257,15 @@ class VLATrunk(CachedPrefixTrunk):
         parts = []
         vis = None
         if self.vision is not None:
-            image = obs["image"]
+            n = self.config.num_cameras
+            image = obs["images"].flatten(0, 1) if n > 1 else obs["image"]  # (B * N, H, W, 3)
             context = context.to(image.device)
+            if n > 1:
+                context = context.repeat_interleave(n, dim=0)
             tokens = self.vision(image, context) if self._vision_conditioned else self.vision(image)
             vis = self.projector(tokens, context)
+            if n > 1:  # (B * N, T, d) -> (B, N * T, d), camera by camera
+                vis = (vis.unflatten(0, (B, n)) + self.camera_embed.to(vis.dtype)).flatten(1, 2)
             parts.append(vis)
         if self.sensors is not None:
             parts.append(self.sensors(obs, vis, context.to(self.bos.device)))
@@ -379,15 +396,16 @@ class VLA(nn.Module):
         deterministic: bool = True,
         sensors: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
-        """One observation -> action chunk (K, A): image uint8 (H, W, 3) (None for a state-only
-        VLA, ``vision="none"``), instruction text, state, and one reading per configured sensor
+        """One observation -> action chunk (K, A): image uint8 (H, W, 3) ((N, H, W, 3) with
+        ``num_cameras`` N > 1; None for a state-only VLA, ``vision="none"``), instruction text, state, and one reading per configured sensor
         (``sensors={"lidar": (points, 4), "lidar_mask": (points,), ...}``, unbatched)."""
         ids, mask = encode_instructions(
             [instruction], self.config.instruction_max_length, self.tokenizer
         )
         obs: dict[str, Any] = {"instruction": ids, "instruction_mask": mask}
-        if self.config.vision != "none":
-            obs["image"] = np.asarray(image)[None]
+        if self.config.vision != "none":  # (N, H, W, 3) with num_cameras N > 1
+            key = "images" if self.config.num_cameras > 1 else "image"
+            obs[key] = np.asarray(image)[None]
         if self.config.state_dim > 0:
             obs["state"] = np.asarray(state, dtype=np.float32)[None]
         for key, value in (sensors or {}).items():
