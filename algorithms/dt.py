@@ -22,7 +22,10 @@ window of ``K = context_length`` steps predicts each step's action from its obse
 Return-to-go values are divided by ``return_scale`` in the data and the connector alike. The
 RLlib checkpoint is the policy (the transformer is part of it; no ``vla/`` export);
 ``vla-ray eval`` runs it with ``ContextRunner``, which builds the same window from the episode it
-plays (the settings come from the checkpoint's ``vla_ray_meta.json``).
+plays (the settings come from the checkpoint's ``vla_ray_meta.json``; ``--target-return``
+overrides the return it conditions on). ``vla-ray export`` writes the window graph
+(``vla_ray.export_dt``: torchscript, torch-export) whose runner keeps the window
+(``vla_ray.sequence``), and Serve's torch backend keeps one window per session id.
 """
 
 from __future__ import annotations
@@ -46,10 +49,18 @@ from vla_ray.config import ConfigError
 from vla_ray.data.stream import BUFFER_STEPS, VLAPreLearner
 from vla_ray.models.vla import build_trunk, load_vla_tokenizer
 from vla_ray.rl_module import vla_config_from_spaces
+from vla_ray.sequence import (  # noqa: F401  (window and context_window: re-exported)
+    MASK,
+    PREV_ACTIONS,
+    RTG,
+    TIMESTEPS,
+    WindowRunner,
+    context_window,
+    window,
+)
 
 # model_config keys of the DT module (sequence model size); the rest are VLAConfig fields
 MODULE_KEYS = ("dt_hidden", "dt_layers", "dt_heads", "dt_dropout", "max_timestep", "value")
-RTG, TIMESTEPS, MASK, PREV_ACTIONS = "dt_rtg", "dt_timesteps", "dt_mask", "dt_actions"
 MODULE_ID = "default_policy"
 
 
@@ -63,36 +74,6 @@ def returns_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
         acc = r[t] + gamma * acc
         out[t] = acc
     return out.astype(np.float32)
-
-
-def window(
-    obs: dict[str, np.ndarray],
-    actions: np.ndarray,
-    rtg: np.ndarray,
-    end: int,
-    K: int,
-) -> dict[str, Any]:
-    """The K steps of one episode ending at step ``end`` (inclusive), left-padded with zeros.
-
-    ``obs`` values, ``actions`` and ``rtg`` are indexed by step (``len(rtg)`` steps at least up
-    to ``end``). Returns obs (dict of (K, ...)), actions (K, A), rtg (K,), timesteps (K,),
-    mask (K,) with 1 on real steps.
-    """
-    start = max(0, end - K + 1)
-    n = end + 1 - start
-    pad = K - n
-
-    def padded(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x[start : end + 1])
-        return np.concatenate([np.zeros((pad, *x.shape[1:]), x.dtype), x], axis=0)
-
-    return dict(
-        obs={k: padded(v) for k, v in obs.items()},
-        actions=padded(actions).astype(np.float32),
-        rtg=padded(rtg).astype(np.float32),
-        timesteps=np.concatenate([np.zeros(pad, np.int64), np.arange(start, end + 1)]),
-        mask=np.concatenate([np.zeros(pad, np.float32), np.ones(n, np.float32)]),
-    )
 
 
 def dt_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -191,82 +172,28 @@ class DTPreLearner(VLAPreLearner):
 
 
 # -- evaluation: the running episode -> the context window ----------------------------------------
-def context_window(
-    recent_obs: list[Any],
-    past_actions: np.ndarray,
-    rewards: np.ndarray,
-    K: int,
-    target_return: float,
-    return_scale: float,
-) -> dict[str, Any]:
-    """The window (see :func:`window`) ending at the current step ``t = len(past_actions)`` of a
-    running episode: ``recent_obs`` are its last ``min(K, t + 1)`` observations (the current
-    one last), ``past_actions`` (t, A) and ``rewards`` (t,) everything before it. Returns-to-go
-    are ``target_return`` minus the rewards collected so far, divided by ``return_scale``; the
-    current step's action slot is zero (the causal mask hides it)."""
-    t = len(past_actions)
-    start = max(0, t - K + 1)
-    obs = _stack(list(recent_obs)[-(t + 1 - start) :])
-    collected = np.concatenate([[0.0], np.cumsum(np.asarray(rewards, np.float64))])  # before i
-    actions = np.zeros((t + 1, past_actions.shape[-1]), np.float32)
-    actions[:t] = past_actions
-    rtg = ((target_return - collected) / return_scale).astype(np.float32)
-    full_obs = {
-        k: np.concatenate([np.zeros((start, *v.shape[1:]), v.dtype), v])
-        for k, v in (obs if isinstance(obs, dict) else {"obs": obs}).items()
-    }
-    w = window(full_obs, actions, rtg, t, K)
-    if not isinstance(obs, dict):
-        w["obs"] = w["obs"]["obs"]
-    return w
-
-
-class ContextRunner:
-    """The DT as a step-by-step policy outside RLlib (``vla-ray eval``): keeps the running
-    episode's observations, actions and rewards and feeds the module the window ``DTContext``
-    builds on the EnvRunners. ``reset()`` at every episode start, ``observe(reward)`` after
-    every step; one episode at a time (batch 1)."""
+class ContextRunner(WindowRunner):
+    """The DT's module as a step-by-step policy outside RLlib (``vla-ray eval``): the window
+    ``DTContext`` builds on the EnvRunners, from the episode it plays (see ``WindowRunner``)."""
 
     def __init__(
         self, module: DTModule, context_length: int, target_return: float, return_scale: float
     ):
         self.module = module
-        self.K, self.target, self.scale = int(context_length), target_return, return_scale
-        self.reset()
-
-    def reset(self) -> None:
-        self._obs: list[Any] = []
-        self._actions: list[np.ndarray] = []
-        self._rewards: list[float] = []
-
-    def observe(self, reward: float) -> None:
-        self._rewards.append(float(reward))
+        super().__init__(
+            self._act_module, module.act_dim, context_length, target_return, return_scale
+        )
 
     @torch.no_grad()
-    def __call__(self, obs: Any) -> np.ndarray:
-        """Batched (1, ...) observation -> actions (1, A)."""
-        one = tree.map_structure(lambda x: np.asarray(x)[0], obs)
-        if len(tree.flatten(obs)[0]) != 1:
-            raise ValueError("ContextRunner: one episode at a time (a batch of 1 observation)")
-        self._obs = [*self._obs[-(self.K - 1) :], one] if self.K > 1 else [one]
-        past = (
-            np.stack(self._actions).astype(np.float32)
-            if self._actions
-            else np.zeros((0, self.module.act_dim), np.float32)
-        )
-        w = context_window(
-            self._obs, past, np.asarray(self._rewards), self.K, self.target, self.scale
-        )
+    def _act_module(self, w: dict[str, Any]) -> np.ndarray:
         batch = {
-            Columns.OBS: tree.map_structure(lambda x: torch.as_tensor(x)[None], w["obs"]),
-            PREV_ACTIONS: torch.as_tensor(w["actions"])[None],
-            RTG: torch.as_tensor(w["rtg"])[None],
-            TIMESTEPS: torch.as_tensor(w["timesteps"])[None],
-            MASK: torch.as_tensor(w["mask"])[None],
+            Columns.OBS: tree.map_structure(torch.as_tensor, w["obs"]),
+            PREV_ACTIONS: torch.as_tensor(w["actions"]),
+            RTG: torch.as_tensor(w["rtg"]),
+            TIMESTEPS: torch.as_tensor(w["timesteps"]),
+            MASK: torch.as_tensor(w["mask"]),
         }
-        action = self.module.forward_inference(batch)[Columns.ACTIONS].cpu().numpy()
-        self._actions.append(action[0].reshape(-1))
-        return action
+        return self.module.forward_inference(batch)[Columns.ACTIONS].cpu().numpy()
 
 
 class DTContext(ConnectorV2):
@@ -318,7 +245,8 @@ class DTModule(TorchRLModule):
             {**mc, "head": "mlp"}, self.observation_space, self.action_space
         )
         self.config = config
-        self.trunk = build_trunk(config, load_vla_tokenizer(config))
+        self.tokenizer = load_vla_tokenizer(config)  # the instruction's (for export)
+        self.trunk = build_trunk(config, self.tokenizer)
         H = int(extra.get("dt_hidden", 128))
         heads = int(extra.get("dt_heads", 1))
         if H % heads:
@@ -350,12 +278,14 @@ class DTModule(TorchRLModule):
         self._low = float(np.min(self.action_space.low))
         self._high = float(np.max(self.action_space.high))
 
-    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Actions (B, K, A) predicted at every step of the windows."""
+    def predict(self, batch: dict[str, Any], functional: bool = False) -> torch.Tensor:
+        """Actions (B, K, A) predicted at every step of the windows. ``functional``: the trunk
+        as a plain function of its inputs (no instruction-prefix memo; for export)."""
         rtg = batch[RTG].float()
         B, K = rtg.shape
         obs = tree.map_structure(lambda x: x.reshape(B * K, *x.shape[2:]), batch[Columns.OBS])
-        feats = self.trunk(obs).view(B, K, -1)
+        trunk = self.trunk.forward_functional if functional else self.trunk
+        feats = trunk(obs).reshape(B, K, -1)
         t = self.embed_timestep(batch[TIMESTEPS].long().clamp(0, self.max_timestep))
         s = self.embed_state(feats) + t
         a = self.embed_action(batch[PREV_ACTIONS].float().reshape(B, K, -1)) + t

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from vla_ray.safety import SafetyRejected
-from vla_ray.serve.backends import BACKENDS, load_backend, resolve_model_dir
+from vla_ray.serve.backends import BACKENDS, SequenceBackend, load_backend, resolve_model_dir
 from vla_ray.serve.schema import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BATCH_BODY_BYTES,
@@ -148,6 +148,8 @@ class ServeSettings:
     # POST /v1/act_batch: rows per request and its body limit
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     max_batch_body_bytes: int = DEFAULT_MAX_BATCH_BODY_BYTES
+    # the return a sequence policy (Decision Transformer) conditions on; None: the trained one
+    target_return: float | None = None
 
 
 def _example_body(spec: dict[str, Any]) -> bytes:
@@ -196,7 +198,10 @@ class VLAPolicy:
         self.settings = ServeSettings(**settings)
         self.scaling = scaling or {}
         self.backend = load_backend(
-            self.settings.model, self.settings.backend, self.settings.threads
+            self.settings.model,
+            self.settings.backend,
+            self.settings.threads,
+            target_return=self.settings.target_return,
         )
         self.spec = self.backend.spec
         self.parser = RequestParser(
@@ -299,6 +304,18 @@ class VLAPolicy:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], 1)
         return predict_each(self.backend.predict, [inputs])[0]
 
+    def _predict_session(self, sid: str, parsed: Any) -> np.ndarray | Exception:
+        """A sequence policy's step for session ``sid`` (its context advances; not batched:
+        each step depends on the session's previous one)."""
+        self.stats["requests"] += 1
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], 1)
+
+        def step(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            return self.backend.act_session(sid, inputs, parsed.reward, parsed.episode_start)
+
+        return predict_each(step, [parsed.inputs])[0]
+
     async def _act(self, request: Request, api_key: str | None) -> JSONResponse:
         t0 = time.perf_counter()
         try:
@@ -323,7 +340,9 @@ class VLAPolicy:
             return self._stop_answer(sid, "estop" if self.sessions.stopped(sid) else stale, t0)
         if previous is None and SESSION_HEADER in request.headers:
             previous = self.sessions.get(sid).last_action  # a named session's last answer
-        if self._active == 1:  # alone in this replica: nothing to wait for in a batch window
+        if isinstance(self.backend, SequenceBackend):  # the session's own context window
+            chunk = self._predict_session(sid, parsed)
+        elif self._active == 1:  # alone in this replica: nothing to wait for in a batch window
             chunk = self._predict_now(parsed.inputs)
         else:
             chunk = await self._batched(parsed.inputs)
@@ -640,6 +659,9 @@ class BuildArgs(BaseModel):
         DEFAULT_MAX_QUEUED_REQUESTS, ge=-1, description="then 503 + Retry-After (-1: no bound)"
     )
     access_log: bool = True
+    target_return: float | None = Field(
+        None, description="Decision Transformer (torch backend): the return it conditions on"
+    )
 
     @field_validator("shield", mode="before")
     @classmethod
@@ -687,6 +709,7 @@ def build(args: BuildArgs) -> serve.Application:
         body_timeout_s=args.body_timeout_s,
         max_batch_rows=args.max_batch_rows,
         max_batch_body_bytes=args.max_batch_body_bytes,
+        target_return=args.target_return,
     )
     return build_app(
         settings,

@@ -22,11 +22,14 @@ from vla_ray.runtime import (
     onnx_runner,
     read_spec,
 )
+from vla_ray.sequence import CONTEXT_KEY, DEFAULT_MAX_SESSIONS, SessionWindows, WindowRunner
 
 BACKENDS = ("onnx", "openvino", "torch")
 # the export formats each backend runs, and the sub-folder of an export root it picks
 _FORMATS = {"onnx": ONNX_FAMILY, "openvino": ("openvino",), "torch": (PYTORCH_DIR,)}
 _SUBDIR = {"onnx": "onnx", "openvino": "openvino", "torch": PYTORCH_DIR}
+# the exported window graphs of a sequence policy (the Decision Transformer): torch backend
+SEQUENCE_FORMATS = ("torchscript", "torch-export")
 
 
 class BackendError(ValueError):
@@ -54,7 +57,10 @@ def resolve_model_dir(model: str | Path, backend: str) -> Path:
             )
         return sub
     if (path / SPEC_NAME).is_file():
-        fmt = read_spec(path)["format"]
+        spec = read_spec(path)
+        fmt = spec["format"]
+        if backend == "torch" and CONTEXT_KEY in spec and fmt in SEQUENCE_FORMATS:
+            return path  # a sequence policy's window graph
         if fmt not in _FORMATS[backend]:
             want = ", ".join(_FORMATS[backend])
             raise BackendError(
@@ -125,7 +131,7 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, folder: Path, threads: int = 1):
+    def __init__(self, folder: Path, threads: int = 1, policy: Any = None):
         import torch
 
         from vla_ray.evaluate import load_policy
@@ -133,7 +139,7 @@ class TorchBackend(Backend):
 
         torch.set_num_threads(int(threads))
         self._reference_actions = reference_actions
-        policy = load_policy(folder)
+        policy = policy or load_policy(folder)
         self.vla = policy.model.cpu().float().eval()
         self.tokenizer = self.vla.tokenizer
         if (folder / SPEC_NAME).is_file():
@@ -151,8 +157,101 @@ class TorchBackend(Backend):
         return self._reference_actions(self.vla, inputs)
 
 
-def load_backend(model: str | Path, backend: str = "onnx", threads: int = 1) -> Backend:
-    """Load ``model`` (see ``resolve_model_dir``) with ``backend`` (one of ``BACKENDS``)."""
+class SequenceBackend(Backend):
+    """A sequence policy (the Decision Transformer) with one context window per session id
+    (``act_session``: the session's last K observations, actions and rewards); ``predict``
+    answers each row as the first step of an episode (no session: warm-up, probes,
+    ``/v1/act_batch``). Its window graph (torchscript / torch-export) or its eager module."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        tokenizer: Any,
+        make_runner: Any,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+    ):
+        self.spec, self.tokenizer = spec, tokenizer
+        self.make_runner = make_runner
+        self.sessions = SessionWindows(make_runner, max_sessions)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        from vla_ray.export_dt import first_step_windows
+
+        runner: WindowRunner = self.make_runner()
+        return np.asarray(runner.act(first_step_windows(inputs, runner)))[:, None]
+
+    def act_session(
+        self,
+        sid: str,
+        inputs: dict[str, np.ndarray],
+        reward: float | None = None,
+        episode_start: bool = False,
+    ) -> np.ndarray:
+        """The session's next action (1, 1, A); ``reward``: that of its previous action."""
+        return self.sessions.act(sid, inputs, reward, episode_start)[:, None]
+
+
+def _sequence_backend(
+    folder: Path, threads: int, target_return: float | None, policy: Any = None
+) -> SequenceBackend:
+    """A SequenceBackend over an exported window graph (``policy`` None) or a loaded DT."""
+    import torch
+
+    from vla_ray import export_dt
+
+    torch.set_num_threads(int(threads))
+    if policy is None:
+        spec = read_spec(folder)
+        make = export_dt.sequence_runner(folder, threads, target_return)
+        tokenizer = load_export_tokenizer(folder / spec["instruction"]["tokenizer"])
+        if target_return is not None:
+            spec[CONTEXT_KEY] = {**spec[CONTEXT_KEY], "target_return": float(target_return)}
+        return SequenceBackend(spec, tokenizer, make)
+    from vla_ray.algorithms.dt import ContextRunner
+
+    ctx = policy.context
+    module = ctx.module.cpu().float().eval()
+    training = {"context_length": ctx.K, "target_return": ctx.target, "return_scale": ctx.scale}
+    meta = {
+        "model_version": export_dt.weights_version(module, policy.meta),
+        "source": str(folder),
+        "env": policy.meta.get("env"),
+    }
+    spec = export_dt.build_spec(
+        module, PYTORCH_DIR, ".", meta, export_dt.context_settings(module, training)
+    )
+
+    def make() -> WindowRunner:
+        return ContextRunner(module, ctx.K, ctx.target, ctx.scale)
+
+    return SequenceBackend(spec, module.tokenizer, make)
+
+
+def load_backend(
+    model: str | Path,
+    backend: str = "onnx",
+    threads: int = 1,
+    target_return: float | None = None,
+) -> Backend:
+    """Load ``model`` (see ``resolve_model_dir``) with ``backend`` (one of ``BACKENDS``).
+    ``target_return``: the return a sequence policy (Decision Transformer) conditions on
+    (default: the one it was trained or exported with)."""
     folder = resolve_model_dir(model, backend)
-    cls = {"onnx": OnnxBackend, "openvino": OpenVINOBackend, "torch": TorchBackend}[backend]
+    if backend == "torch":
+        if (folder / SPEC_NAME).is_file() and read_spec(folder)["format"] in SEQUENCE_FORMATS:
+            return _sequence_backend(folder, threads, target_return)
+        from vla_ray.evaluate import load_policy
+
+        policy = load_policy(folder, target_return=target_return)
+        if policy.context is not None:
+            return _sequence_backend(folder, threads, target_return, policy)
+        return TorchBackend(folder, threads, policy)
+    if target_return is not None:
+        raise BackendError(
+            f"target_return: only a Decision Transformer conditions on a return, served by the "
+            f"torch backend; the {backend} backend runs a VLA"
+        )
+    cls = {"onnx": OnnxBackend, "openvino": OpenVINOBackend}[backend]
     return cls(folder, threads)

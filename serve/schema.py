@@ -23,6 +23,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
+from vla_ray.sequence import CONTEXT_KEY
+
 
 def _json_number(value: Any) -> Any:
     """Only JSON numbers are numbers (pydantic's lax mode would take true and "1.5")."""
@@ -98,6 +100,17 @@ class ActRequest(BaseModel):
         description="the action executed last (one step, A values): the shield's max_delta "
         "limits the change from it",
     )
+    reward: FiniteFloat | None = Field(
+        default=None,
+        description="(sequence policies only: the Decision Transformer) the reward of this "
+        "session's previous action; its return-to-go is the target return minus the rewards "
+        "so far (omitted: 0)",
+    )
+    episode_start: Annotated[bool, Strict()] | None = Field(
+        default=None,
+        description="(sequence policies only) true: this observation starts a new episode, "
+        "the session's context window starts again (a new session starts one too)",
+    )
 
 
 class ShieldReport(BaseModel):
@@ -152,6 +165,9 @@ class ParsedRequest:
     inputs: dict[str, np.ndarray]
     state: np.ndarray | None
     previous_action: np.ndarray | None
+    # a sequence policy's: the reward of the session's previous action, a new episode
+    reward: float | None = None
+    episode_start: bool = False
 
 
 def _json_error(err: ValueError) -> str:
@@ -191,6 +207,8 @@ class RequestParser:
         self.max_tokens = int(spec["instruction"]["max_tokens"])
         self.action_dim = int(spec["action"]["dim"])
         self.noise_dim = int(shapes["noise"][1]) if "noise" in shapes else None
+        # a sequence policy (spec "context"): requests may carry reward and episode_start
+        self.sequence = CONTEXT_KEY in spec
         self.tokenizer = tokenizer
         self.max_body_bytes = int(max_body_bytes)
         self.max_instruction_chars = int(max_instruction_chars)
@@ -367,7 +385,15 @@ class RequestParser:
         previous = None
         if req.previous_action is not None:
             previous = float32_vector("previous_action", req.previous_action, self.action_dim)
-        return ParsedRequest(inputs, state, previous)
+        if not self.sequence:
+            for name in ("reward", "episode_start"):
+                if getattr(req, name) is not None:
+                    raise RequestError(
+                        422,
+                        name,
+                        "this model keeps no episode context (not a sequence policy); leave it out",
+                    )
+        return ParsedRequest(inputs, state, previous, req.reward, bool(req.episode_start))
 
 
 # ---- the request schema of the loaded model ----------------------------------------------------
@@ -493,6 +519,15 @@ def act_request_schema(
         "the action executed last (one step), within the action bounds: the shield's "
         "max_delta limits the change from it",
     )
+    if parser.sequence:
+        properties["reward"] = {
+            "type": "number",
+            "description": ActRequest.model_fields["reward"].description,
+        }
+        properties["episode_start"] = {
+            "type": "boolean",
+            "description": ActRequest.model_fields["episode_start"].description,
+        }
     return {
         "title": "ActRequest",
         "description": "Body of POST /v1/act for the loaded model: one observation.",

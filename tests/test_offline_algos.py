@@ -410,6 +410,12 @@ def test_decision_transformer_two_iterations(ray_session, hopper_data, tmp_path)
     alone = [evaluate(policy, episodes=1, seed=s, progress=False) for s in (7, 8)]
     assert both["mean_return"] == pytest.approx(np.mean([r["mean_return"] for r in alone]))
     assert both["mean_length"] == pytest.approx(np.mean([r["mean_length"] for r in alone]))
+    # and exports: the window graph, checked over an episode against the eager module
+    from vla_ray.export import export
+
+    summary = export(ckpt, "torchscript", tmp_path / "export", progress=None)
+    assert summary["context"]["context_length"] == 4
+    assert summary["formats"]["torchscript"]["max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.slow

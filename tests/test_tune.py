@@ -136,6 +136,14 @@ def test_tuners_build_for_asha_optuna_and_pbt(tmp_path):
     assert isinstance(make_scheduler(spec), ASHAScheduler)
     assert isinstance(make_search_alg(spec), OptunaSearch)
     assert isinstance(build_tuner(spec, tmp_path / "a"), tune.Tuner)
+    # the trial is the algorithm's RLlib Algorithm itself (a Tune Trainable), not a wrapper
+    from ray.rllib.algorithms.ppo import PPO
+
+    from vla_ray.tuning import VLATrialMixin, trainable_class
+
+    trainable = trainable_class(spec)
+    assert issubclass(trainable, PPO) and issubclass(trainable, VLATrialMixin)
+    assert issubclass(trainable, tune.Trainable) and trainable.__name__ == "VLATrainable"
     space = param_space(spec)
     assert space["base"] == {"preset": "langreach-ppo"}
     assert isinstance(space["overrides"]["training"]["lr"], tune.search.sample.Float)

@@ -164,7 +164,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vla_ray.evaluate import evaluate, load_policy
 
-    policy = load_policy(args.checkpoint)
+    policy = load_policy(args.checkpoint, target_return=args.target_return)
     env_config = json.loads(args.env_config) if args.env_config else None
     if args.data:  # the dataset's actions, no env
         from vla_ray.data.validation import evaluate_on_data
@@ -223,6 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         triton_max_batch_size=args.triton_max_batch_size,
         triton_instance_group=args.triton_instance_group,
         opset=args.opset,
+        target_return=args.target_return,
     )
     print(f"model version {summary['model_version']} -> {summary['output']}")
     for fmt, row in summary["formats"].items():
@@ -230,7 +231,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"  {fmt:<12} {row['model_file']:<28} max |diff| {row['max_abs_diff']:.2e} "
             f"(tolerance {row['tolerance']:.0e})"
         )
-    print(f"serve it: vla-ray serve --model {summary['output']}")
+    backend = " --backend torch" if "context" in summary else ""  # a sequence policy
+    print(f"serve it: vla-ray serve --model {summary['output']}{backend}")
     return 0
 
 
@@ -362,6 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watchdog=watchdog or None,
         max_batch_rows=args.max_batch_rows,
         max_batch_body_bytes=args.max_batch_body_bytes,
+        target_return=args.target_return,
     )
     options = dict(
         num_replicas=args.replicas,
@@ -953,6 +956,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="action chunks: predict every step, execute ACT's exp(-M*i)-weighted mean",
     )
+    e.add_argument(
+        "--target-return",
+        type=float,
+        help="Decision Transformer: the return it conditions on (default: the one it was "
+        "trained with, training.target_return)",
+    )
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser(
@@ -1010,6 +1019,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Triton model instances: kind=KIND_CPU or KIND_GPU, count=N (gpus=0:1 pins devices)",
     )
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    x.add_argument(
+        "--target-return",
+        type=float,
+        help="Decision Transformer: the return it conditions on (default: the one it was "
+        "trained with, training.target_return)",
+    )
     x.set_defaults(fn=cmd_export)
 
     b = sub.add_parser(
@@ -1030,6 +1045,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX")
     v.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
     v.add_argument("--threads", type=int, default=1, help="intra-op threads per replica")
+    v.add_argument(
+        "--target-return",
+        type=float,
+        help="Decision Transformer: the return it conditions on (default: the one it was "
+        "trained with, training.target_return)",
+    )
     v.add_argument("--max-batch-size", type=int, default=32)
     v.add_argument("--batch-wait-ms", type=float, default=2.0, help="batching window")
     v.add_argument("--host", default="127.0.0.1")

@@ -76,9 +76,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, target_return: float | None = None) -> Policy:
     """Load a policy from an RLlib checkpoint directory (an algorithm checkpoint, or the
-    RLModule directory inside one) or from a ``VLA.save_pretrained`` directory."""
+    RLModule directory inside one) or from a ``VLA.save_pretrained`` directory.
+    ``target_return``: the return a Decision Transformer conditions on (default: the trained
+    ``training.target_return``); refused for other policies."""
     from vla_ray.models.vla import CONFIG_NAME, VLA
 
     path = Path(path)
@@ -91,6 +93,7 @@ def load_policy(path: str | Path) -> Policy:
         def act_vla(obs: ObsDict) -> np.ndarray:
             return vla.predict(obs, deterministic=True).flatten(1).cpu().numpy()
 
+        _no_target_return(target_return, path)
         return Policy(act_vla, meta, "save_pretrained", model=vla)
 
     module_dir = path / MODULE_SUBDIR if (path / MODULE_SUBDIR).is_dir() else path
@@ -108,7 +111,8 @@ def load_policy(path: str | Path) -> Policy:
     from vla_ray.algorithms.dt import DTModule
 
     if isinstance(module, DTModule):
-        return _context_policy(module, meta, path)
+        return _context_policy(module, meta, path, target_return)
+    _no_target_return(target_return, path)
     if not hasattr(module, "vla"):
         raise ValueError(
             f"checkpoint: {path} holds a {type(module).__name__}, which vla-ray eval cannot run "
@@ -123,12 +127,25 @@ def load_policy(path: str | Path) -> Policy:
     return Policy(act_module, meta, "rllib", model=module.vla)
 
 
-def _context_policy(module: Any, meta: dict[str, Any], path: Path) -> Policy:
+def _no_target_return(target_return: float | None, path: Path) -> None:
+    if target_return is not None:
+        raise ValueError(
+            f"target_return: only a Decision Transformer conditions on a return; {path} holds "
+            "a VLA policy"
+        )
+
+
+def _context_policy(
+    module: Any, meta: dict[str, Any], path: Path, target_return: float | None = None
+) -> Policy:
     """The Decision Transformer as a Policy: its window settings from the checkpoint's meta
-    (the training settings it recorded; the algorithm's defaults for what it lacks)."""
+    (the training settings it recorded; the algorithm's defaults for what it lacks);
+    ``target_return`` overrides the trained one."""
     from vla_ray.algorithms import dt
 
     training = {**dt.DTConfig.training_defaults(), **(meta.get("training") or {})}
+    if target_return is not None:
+        training["target_return"] = float(target_return)
     if "training" not in meta:
         print(
             f"checkpoint: {path} records no training settings; the Decision Transformer "

@@ -746,9 +746,14 @@ def export(
     triton_instance_group: TritonInstanceGroup | str | None = None,
     opset: int | None = None,
     prefix_cache: bool = True,
+    target_return: float | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` (RLlib checkpoint or save_pretrained dir) to ``output``.
+
+    A Decision Transformer's checkpoint exports its window graph (``vla_ray.export_dt``: formats
+    torchscript and torch-export; ``target_return`` overrides the return it conditions on,
+    default the trained ``training.target_return``).
 
     Every format is checked against the PyTorch module; one that misses its tolerance raises
     ExportError and nothing is written. ``output`` is replaced atomically; an existing folder that
@@ -770,9 +775,13 @@ def export(
             "pick an empty or new folder"
         )
     say = progress or (lambda _msg: None)
-    policy = load_policy(checkpoint)
+    policy = load_policy(checkpoint, target_return=target_return)
     vla = policy.model
-    if vla is None:  # pragma: no cover - load_policy always sets it
+    if vla is None and policy.context is not None:  # a sequence policy: the window graph
+        from vla_ray.export_dt import export_sequence
+
+        return export_sequence(checkpoint, policy, fmts, out, progress=progress)
+    if vla is None:  # pragma: no cover - load_policy sets it for every other policy
         raise ExportError(f"checkpoint: {checkpoint} did not yield a VLA model")
     vla = vla.cpu().float().eval()
     if vla.config.backbone == "vlm":

@@ -20,9 +20,10 @@ dotted keys as ``vla-ray train --set`` (``training.lr``, ``model.head_config.ini
 
 :func:`load_tune_config` checks all of it (unknown keys, bad ranges, unknown primitives, keys the
 algorithm/model/env do not take) and reports every problem at once, before anything starts. Each
-trial is a :class:`VLATrainable`: the RLlib ``Algorithm`` built by
-:func:`vla_ray.train.build_algorithm_config` from ``resolve(preset, overrides)``; its resources are
-the algorithm's own placement group (learner + EnvRunners). Every trial directory holds
+trial is the algorithm's RLlib ``Algorithm`` class itself as the Tune trainable (with
+:class:`VLATrialMixin` mixed in), built by :func:`vla_ray.train.build_algorithm_config` from
+``resolve(preset, overrides)``; its resources are the algorithm's own placement group (learner +
+EnvRunners). Every trial directory holds
 ``config.json`` (the resolved settings), ``metrics.jsonl`` (one summary row per iteration, as in
 ``vla-ray train``), Tune's ``result.json``/``progress.csv``, and its checkpoints (the best by the
 checkpoint metric and the last are kept; each is an RLlib checkpoint plus a ``vla/``
@@ -31,6 +32,8 @@ checkpoint metric and the last are kept; each is an RLlib checkpoint plus a ``vl
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
@@ -525,7 +528,8 @@ def trial_resources(spec: TuneSpec, *, num_env_runners: int | None = None) -> di
     overrides = param_space_fixed(spec)
     if num_env_runners is not None:
         set_override(overrides, "env_runners.num_env_runners", num_env_runners)
-    pgf = VLATrainable.default_resource_request({"base": base_of(spec), "overrides": overrides})
+    trial = {"base": base_of(spec), "overrides": overrides}
+    pgf = trainable_class(spec).default_resource_request(trial)
     return {k: float(v) for k, v in pgf.required_resources.items() if v}
 
 
@@ -603,71 +607,79 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-class VLATrainable(tune.Trainable):
-    """One trial: the RLlib Algorithm of ``resolve(preset, overrides)``, one ``train()`` per step.
-
-    Reports the whole RLlib result plus the summary scalars (:data:`REPORTED`) at the top level;
-    checkpoints are RLlib checkpoints with a ``vla/`` ``save_pretrained`` export.
+class VLATrialMixin:
+    """Mixin that makes an algorithm's RLlib ``Algorithm`` class the trial's Tune trainable
+    (RLlib's ``Algorithm`` is a ``tune.Trainable``; :func:`trainable_class` builds the
+    subclass). What it adds to the Algorithm: it is built from a trial's sample of
+    :func:`param_space` (``resolve(preset, overrides)`` -> ``build_algorithm_config``, so
+    ``--data`` hooks and resources are those of ``vla-ray train``); results carry the summary
+    scalars (:data:`REPORTED`, the names ``metric:`` may use) at the top level; checkpoints have
+    ``vla-ray train``'s layout (``vla_ray.checkpoint.write_checkpoint``: the RLlib checkpoint,
+    ``vla_ray_meta.json`` and the ``vla/`` export) and restore as ``vla-ray train --resume``
+    does; its resources are the algorithm's placement group (learner + EnvRunners).
     """
 
-    def setup(self, config: dict[str, Any]) -> None:
-        self.spec = spec_from_trial_config(config)
-        self.algo = build_algorithm_config(self.spec).build_algo()
+    run_spec: RunSpec
+    trial_config: dict[str, Any]
+
+    def __init__(self, config: Any = None, env: Any = None, **kwargs: Any) -> None:
+        if isinstance(config, dict) and "base" in config:  # a trial's param_space sample
+            self.trial_config = copy.deepcopy(config)
+            self.run_spec = spec_from_trial_config(config)
+            config = build_algorithm_config(self.run_spec)
+        super().__init__(config=config, env=env, **kwargs)
+
+    def get_auto_filled_metrics(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # results name the trial's sample of the search space (what Tune searched), not the
+        # AlgorithmConfig it resolves to
+        auto = super().get_auto_filled_metrics(*args, **kwargs)
+        auto["config"] = copy.deepcopy(self.trial_config)
+        return auto
 
     def step(self) -> dict[str, Any]:
-        result = self.algo.train()
+        result = super().step()
         row = summarize(result)
-        out = {k: v for k, v in result.items() if k not in _AUTO_KEYS}
         for k in REPORTED:
             value = row.get(k)
-            out[k] = float("nan") if value is None else value
-        return out
+            result[k] = float("nan") if value is None else value
+        return result
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        info = dict(
-            iteration=self.iteration, env_steps=self._last_env_steps(), trial=self.trial_name
-        )
-        write_checkpoint(self.algo, self.spec, Path(checkpoint_dir), info)
+        env_steps = int((self._last_result or {}).get("env_steps", 0) or 0)
+        info = dict(iteration=self.iteration, env_steps=env_steps, trial=self.trial_name)
+        write_checkpoint(self, self.run_spec, Path(checkpoint_dir), info)
 
-    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
         # as ``vla-ray train --resume`` does (offline algorithms have no env_runner_group)
-        restore_algorithm(self.algo, checkpoint)
-
-    def cleanup(self) -> None:
-        self.algo.stop()
-
-    def _last_env_steps(self) -> int:
-        return int((self._last_result or {}).get("env_steps", 0) or 0)
+        restore_algorithm(self, checkpoint_dir)
 
     @classmethod
-    def default_resource_request(cls, config: dict[str, Any]):
+    def default_resource_request(cls, config: Any):
         """The RLlib algorithm's placement group: main process/learners + EnvRunners."""
-        algo_config = build_algorithm_config(spec_from_trial_config(config))
-        return algo_config.algo_class.default_resource_request(algo_config)
+        if isinstance(config, dict) and "base" in config:
+            config = build_algorithm_config(spec_from_trial_config(config))
+        return super().default_resource_request(config)
 
 
-# keys Tune fills in itself (an inner Algorithm.train() result has them too)
-_AUTO_KEYS = frozenset(
-    {
-        "config",
-        "done",
-        "trial_id",
-        "date",
-        "timestamp",
-        "time_this_iter_s",
-        "time_total_s",
-        "pid",
-        "hostname",
-        "node_ip",
-        "time_since_restore",
-        "iterations_since_restore",
-        "timesteps_since_restore",
-        "training_iteration",
-        "experiment_id",
-        "should_checkpoint",
-        "checkpoint_dir_name",
-    }
-)
+def trainable_class(spec: TuneSpec) -> type:
+    """The Tune trainable of ``spec``'s trials: its algorithm's RLlib ``Algorithm`` class with
+    :class:`VLATrialMixin` mixed in."""
+    from vla_ray.algorithms import get_algorithm
+    from vla_ray.presets import get_preset
+
+    base = base_of(spec)
+    name = base.get("algorithm") or get_preset(base["preset"]).algorithm
+    return _trainable_for(get_algorithm(name)().algo_class)
+
+
+@functools.cache
+def _trainable_for(algo_class: type) -> type:
+    # named VLATrainable (Tune names trials and their directories after it)
+    return type(
+        "VLATrainable",
+        (VLATrialMixin, algo_class),
+        {"__module__": __name__, "__doc__": f"{algo_class.__name__} as a vla-ray Tune trial."},
+    )
 
 
 class RunFilesCallback(LoggerCallback):
@@ -814,7 +826,10 @@ def build_tuner(
         trial_name_creator=_trial_dirname,
     )
     return tune.Tuner(
-        VLATrainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config
+        trainable_class(spec),
+        param_space=param_space(spec),
+        tune_config=tune_config,
+        run_config=run_config,
     )
 
 
@@ -855,7 +870,7 @@ def run_tune(
             print(f"tune: {at_once} trial(s) at a time (CPUs left free for Ray Data's reads)")
             spec.max_concurrent_trials = at_once
     if resume:
-        tuner = tune.Tuner.restore(str(out), trainable=VLATrainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(out), trainable=trainable_class(spec), resume_errored=True)
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "tune_config.json").write_text(
