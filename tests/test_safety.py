@@ -415,6 +415,29 @@ def test_eval_reports_and_prints_interventions(tmp_path, capsys):
     )
 
 
+
+def test_collect_applies_env_safety_and_records_the_action_sent(tmp_path, capsys):
+    from vla_ray.cli import main
+    from vla_ray.data import read_episodes
+    from vla_ray.envs import LANGREACH_STATE_ID
+
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - {id: slow, kind: speed_limit, max: 0.5}\n")
+    out = tmp_path / "data"
+    args = ["collect", "--env", LANGREACH_STATE_ID, "--policy", "random", "--episodes", "2",
+            "--env-config", '{"max_episode_steps": 3}', "--safety", str(path), "--quiet",
+            "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    actions = np.concatenate([np.asarray(ep.get_actions()) for ep in read_episodes(out)])
+    assert actions.shape == (6, 2)
+    # the dataset holds what the env was sent: the speed limit held on every step
+    assert np.linalg.norm(actions, axis=1).max() <= 0.5 + 1e-6
+    slowed = int(np.sum(np.linalg.norm(actions, axis=1) > 0.5 - 1e-6))
+    assert summary["safety_interventions"] == {"slow": slowed} and slowed > 0
+    assert summary["mean_episode_cost"] == pytest.approx(slowed / 2)
+
+
 # ---- Serve: the app in process ----------------------------------------------------------------
 KEY = "k3y"
 

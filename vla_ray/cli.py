@@ -554,6 +554,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
 
     env_config = json.loads(args.env_config) if args.env_config else None
+    if args.safety:  # the safety layer's rules on every action, as in train, eval and serve
+        rules = Path(args.safety)  # a relative path not found here: the bundled examples
+        env_config = {
+            **(env_config or {}),
+            "safety": str(rules.resolve() if rules.exists() else rules),
+        }
     summary = collect(
         args.env,
         args.policy,
@@ -952,6 +958,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     c.add_argument("--env-config", help="JSON env kwargs")
+    c.add_argument(
+        "--safety",
+        help="safety rules file (YAML) applied to every action (also env_config's 'safety')",
+    )
     c.add_argument(
         "--overwrite", action="store_true", help="replace an existing non-empty --output"
     )
