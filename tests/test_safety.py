@@ -415,7 +415,6 @@ def test_eval_reports_and_prints_interventions(tmp_path, capsys):
     )
 
 
-
 def test_collect_applies_env_safety_and_records_the_action_sent(tmp_path, capsys):
     from vla_ray.cli import main
     from vla_ray.data import read_episodes
