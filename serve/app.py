@@ -12,6 +12,7 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 # inside replicas that unpickle this class by value.
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -57,7 +58,11 @@ from vla_ray.serve.sessions import (
     TIMESTAMP_HEADER,
     SafetySessions,
     SessionError,
+    SharedSessions,
     WatchdogSettings,
+    delete_session_stores,
+    new_store_name,
+    session_store,
 )
 from vla_ray.serve.shield import Shield, ShieldInputError
 
@@ -148,6 +153,13 @@ class ServeSettings:
     # POST /v1/act_batch: rows per request and its body limit
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     max_batch_body_bytes: int = DEFAULT_MAX_BATCH_BODY_BYTES
+    # e-stop state shared by the replicas (serve/sessions.py SessionStore): True, False, or None
+    # (build_app: shared when there can be several replicas)
+    shared_sessions: bool | None = None
+    # set by build_app: the store's actor name (None: replica-local state) and whether last
+    # actions go through it too (several replicas)
+    session_store: str | None = None
+    shared_last_action: bool = False
 
 
 def _example_body(spec: dict[str, Any]) -> bytes:
@@ -209,7 +221,12 @@ class VLAPolicy:
             self.parser, self.settings.max_batch_rows, self.settings.max_batch_body_bytes
         )
         self.shield = Shield(self.settings.shield, self.spec)
-        self.sessions = SafetySessions(WatchdogSettings.from_dict(self.settings.watchdog))
+        watchdog = WatchdogSettings.from_dict(self.settings.watchdog)
+        if self.settings.session_store:
+            store = session_store(self.settings.session_store, watchdog.max_sessions)
+            self.sessions = SharedSessions(watchdog, store, self.settings.shared_last_action)
+        else:
+            self.sessions = SafetySessions(watchdog)
         if self.parser.has_image:
             limit_image_pixels(self.parser.height, self.parser.width)
         self._parse_pool = ThreadPoolExecutor(
@@ -228,6 +245,14 @@ class VLAPolicy:
             self.parser, self.shield.low.tolist(), self.shield.high.tolist()
         )
         self._openapi: dict[str, Any] | None = None
+        self._follow_sessions()
+
+    def _follow_sessions(self) -> None:
+        """Follow the shared session store from this replica's event loop (Serve runs the
+        constructor in it; else the first request starts it)."""
+        if isinstance(self.sessions, SharedSessions) and self.sessions._task is None:
+            with contextlib.suppress(RuntimeError):  # no running event loop yet
+                self.sessions.start()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray | Exception]:
@@ -287,6 +312,7 @@ class VLAPolicy:
         self, request: Request, api_key: str | None = Security(_api_key_header)
     ) -> JSONResponse:
         self._active += 1
+        self._follow_sessions()
         try:
             return await self._act(request, api_key)
         finally:
@@ -319,17 +345,18 @@ class VLAPolicy:
             logger.warning("unreadable /v1/act body (%s)", type(err).__name__)
             payload = RequestError(422, "body", "could not be read as an observation").payload()
             return JSONResponse(payload, status_code=422)
-        if self.sessions.stopped(sid) or stale:
-            return self._stop_answer(sid, "estop" if self.sessions.stopped(sid) else stale, t0)
+        stop = self.sessions.stop_reason(sid) or stale
+        if stop:
+            return self._stop_answer(sid, stop, t0)
         if previous is None and SESSION_HEADER in request.headers:
-            previous = self.sessions.get(sid).last_action  # a named session's last answer
+            previous = await self.sessions.last_action(sid)  # a named session's last answer
         if self._active == 1:  # alone in this replica: nothing to wait for in a batch window
             chunk = self._predict_now(parsed.inputs)
         else:
             chunk = await self._batched(parsed.inputs)
         status, payload, actions = self._shielded(chunk, parsed.state, previous, sid, "/v1/act")
         if actions is not None and SESSION_HEADER in request.headers:
-            self.sessions.get(sid).last_action = actions[-1].copy()
+            await self.sessions.set_last_action(sid, actions[-1].copy())
         if status == 200:
             payload = {**payload, **self._meta(t0)}
         return JSONResponse(payload, status_code=status)
@@ -437,7 +464,7 @@ class VLAPolicy:
             logger.warning("unreadable /v1/act_batch body (%s)", type(err).__name__)
             payload = RequestError(422, "body", "could not be read as observations").payload()
             return JSONResponse(payload, status_code=422)
-        stop = "estop" if self.sessions.stopped(sid) else stale
+        stop = self.sessions.stop_reason(sid) or stale
         results: list[dict[str, Any] | None] = [None] * len(rows)
         todo = []
         for i, row in enumerate(rows):
@@ -474,10 +501,14 @@ class VLAPolicy:
             return JSONResponse(err.payload(), status_code=err.status)
         except SessionError as err:
             return JSONResponse(RequestError(422, err.field, err.message).payload(), 422)
-        (self.sessions.estop if stop else self.sessions.resume)(sid)
+        self._follow_sessions()
+        applied = await self.sessions.set_stop(sid, stop)
         logger.warning("%s: session %s", "e-stop" if stop else "resume", sid or "* (all)")
         stopped = self.sessions.global_stop if sid is None else self.sessions.stopped(sid)
-        return JSONResponse({"session": sid or "*", "stopped": stopped})
+        answer: dict[str, Any] = {"session": sid or "*", "stopped": stopped}
+        if isinstance(self.sessions, SharedSessions):  # replicas that had applied it
+            answer["replicas"] = applied["replicas"]
+        return JSONResponse(answer)
 
     @app.post(
         "/v1/estop",
@@ -518,10 +549,11 @@ class VLAPolicy:
         serving = {
             k: v
             for k, v in asdict(self.settings).items()
-            if k not in ("api_key", "shield", "model", "watchdog")
+            if k not in ("api_key", "shield", "model", "watchdog", "session_store")
         }
         serving.update(api_key_required=bool(self.settings.api_key), **self.scaling)
         serving["watchdog"] = asdict(self.sessions.watchdog)
+        serving["sessions"] = "shared" if isinstance(self.sessions, SharedSessions) else "local"
         return JSONResponse(
             {
                 **public_spec(self.spec),
@@ -609,6 +641,16 @@ def build_app(
             raise ValueError(f"replicas: expected >= 1, got {num_replicas}")
         options["num_replicas"] = int(num_replicas)
         scaling = {"replicas": int(num_replicas)}
+    several = autoscaling is not None or num_replicas > 1
+    if settings.shared_sessions or (settings.shared_sessions is None and several):
+        # one store per build: replicas of this application share it (and it outlives them)
+        settings = ServeSettings(
+            **{
+                **asdict(settings),
+                "session_store": settings.session_store or new_store_name(),
+                "shared_last_action": several,
+            }
+        )
     return VLAPolicy.options(**options).bind(asdict(settings), scaling)
 
 
@@ -727,5 +769,7 @@ def start(
 
 
 def shutdown() -> None:
-    """Stop every Serve application and the Serve instance (Ray itself keeps running)."""
+    """Stop every Serve application and the Serve instance, and remove the applications' session
+    stores (Ray itself keeps running)."""
     serve.shutdown()
+    delete_session_stores()

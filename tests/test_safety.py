@@ -790,3 +790,47 @@ def test_cli_serve_safety_file_errors_name_the_rule(onnx_export, tmp_path, capsy
     assert "'gap': source: expected state[i] with i < 4, got 'state[9]'" in capsys.readouterr().err
     assert main(["serve", "--model", str(onnx_export), "--stale-after", "-1"]) == 2
     assert "watchdog.max_age_s: expected a number > 0" in capsys.readouterr().err
+
+
+def test_shared_sessions_hold_an_estop_across_replicas(ray_session):
+    """Two replicas' session state over one store (no Serve): an e-stop taken by one is applied
+    by the other before ``set_stop`` returns; a replica started later (a restart) sees it; last
+    actions are shared; a replica that stops answering is dropped after the ack timeout; a lost
+    store makes every session answer the stop action (fail closed)."""
+    import asyncio
+
+    from vla_ray.serve.sessions import (
+        SharedSessions,
+        WatchdogSettings,
+        new_store_name,
+        session_store,
+    )
+
+    store = session_store(new_store_name())
+    watchdog = WatchdogSettings()
+
+    async def scenario() -> None:
+        a, b = (SharedSessions(watchdog, store, True) for _ in range(2))
+        a.start(), b.start()
+        assert (await a.set_stop("s1", True))["replicas"] == 2
+        assert b.stop_reason("s1") == "estop" and b.stop_reason("s2") is None
+        later = SharedSessions(watchdog, store, True)  # not following: registered, never acks
+        assert later.stop_reason("s1") == "estop"
+        answer = await store.set_stop.remote(None, True, ack_timeout=0.3)  # global stop
+        assert answer["replicas"] == 2  # `later` did not acknowledge: dropped
+        assert a.stop_reason("s2") == "estop" and b.stop_reason("s3") == "estop"
+        await b.set_stop(None, False)  # resume all: the global stop and every session
+        assert a.stop_reason("s1") is None and b.stop_reason("s1") is None
+        await a.set_last_action("s1", np.array([0.25, -0.5], np.float32))
+        np.testing.assert_array_equal(await b.last_action("s1"), [0.25, -0.5])
+        assert await b.last_action("nobody") is None
+        ray_session.kill(store)
+        for _ in range(50):
+            if a.stop_reason("s1") is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert a.stop_reason("s1") == "session_store_unreachable" and a.stopped("any")
+        for s in (a, b):
+            s._task.cancel()
+
+    asyncio.run(scenario())
