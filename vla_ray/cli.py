@@ -294,12 +294,14 @@ def _drain_and_shutdown() -> None:
     from ray import serve
 
     from vla_ray.serve.app import APP_NAME
+    from vla_ray.serve.sessions import delete_session_stores
 
     try:
         serve.delete(APP_NAME)
     except Exception as err:  # Serve never started or already gone: nothing to drain
         print(f"vla-ray serve: no application to drain ({type(err).__name__})", file=sys.stderr)
     serve.shutdown()
+    delete_session_stores()  # the e-stop stores outlive replicas, not the server
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
