@@ -677,6 +677,16 @@ def test_cost_penalty_connector_updates_the_multiplier_and_penalises_rewards():
     assert piece.multiplier == pytest.approx(2.0)
 
 
+def test_cost_penalty_rewrites_read_only_rewards():
+    """Episodes from remote EnvRunners come out of Ray's object store with read-only arrays."""
+    from vla_ray.algorithms.ppo_lag import CostPenalty
+
+    ep = _episode([1.0, 1.0], [1.0, 0.0])
+    ep.rewards.data.setflags(write=False)
+    CostPenalty(cost_limit=0.0, lagrangian_lr=1.0)(rl_module=None, batch={}, episodes=[ep])
+    np.testing.assert_allclose(ep.get_rewards(), [0.0, 0.5], rtol=1e-6)  # lambda 1: (r - c) / 2
+
+
 def test_cost_penalty_needs_the_safety_cost_in_info():
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
