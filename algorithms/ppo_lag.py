@@ -88,6 +88,10 @@ class CostPenalty(ConnectorV2):
                 continue
             rewards = np.asarray(ep.get_rewards(), np.float32)
             new = penalised_rewards(rewards, step_costs(ep), self.multiplier).astype(np.float32)
+            data = ep.rewards.data
+            if isinstance(data, np.ndarray) and not data.flags.writeable:
+                # episodes from remote EnvRunners arrive as read-only views of Ray's object store
+                ep.rewards.data = data.copy()
             ep.set_rewards(new_data=new if ep.is_numpy else list(new), at_indices=slice(0, n))
         return batch
 

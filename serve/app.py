@@ -12,6 +12,7 @@ Concurrent ``/v1/act`` requests are grouped by ``@serve.batch`` into one model c
 # inside replicas that unpickle this class by value.
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -57,12 +58,18 @@ from vla_ray.serve.sessions import (
     TIMESTAMP_HEADER,
     SafetySessions,
     SessionError,
+    SharedSessions,
     WatchdogSettings,
+    delete_session_stores,
+    new_store_name,
+    session_store,
 )
 from vla_ray.serve.shield import Shield, ShieldInputError
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "VLA_RAY_API_KEY"
+# a PNG observation of a 64x64 camera is ~5-15 kB as base64 JSON: parsed inline
+DEFAULT_INLINE_PARSE_BYTES = 32 * 1024
 logger = logging.getLogger("ray.serve")
 APP_NAME = "vla"
 
@@ -129,6 +136,15 @@ async def parse_off_loop(executor: ThreadPoolExecutor, fn: Any, *args: Any) -> A
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
+async def parse_body(executor: ThreadPoolExecutor, fn: Any, body: bytes, inline_bytes: int) -> Any:
+    """``fn(body)``: inline for a body of at most ``inline_bytes`` (its decoding is bounded by
+    the image pixel limit and takes ~0.1 ms, less than the thread hand-off), else off the event
+    loop (``parse_off_loop``)."""
+    if len(body) <= inline_bytes:
+        return fn(body)
+    return await parse_off_loop(executor, fn, body)
+
+
 @dataclass
 class ServeSettings:
     """What every replica needs (JSON-serialisable: it travels to the replicas)."""
@@ -150,6 +166,15 @@ class ServeSettings:
     max_batch_body_bytes: int = DEFAULT_MAX_BATCH_BODY_BYTES
     # the return a sequence policy (Decision Transformer) conditions on; None: the trained one
     target_return: float | None = None
+    # bodies up to this size are parsed on the event loop (0: every body in the parse threads)
+    inline_parse_bytes: int = DEFAULT_INLINE_PARSE_BYTES
+    # e-stop state shared by the replicas (serve/sessions.py SessionStore): True, False, or None
+    # (build_app: shared when there can be several replicas)
+    shared_sessions: bool | None = None
+    # set by build_app: the store's actor name (None: replica-local state) and whether last
+    # actions go through it too (several replicas)
+    session_store: str | None = None
+    shared_last_action: bool = False
 
 
 def _example_body(spec: dict[str, Any]) -> bytes:
@@ -214,7 +239,12 @@ class VLAPolicy:
             self.parser, self.settings.max_batch_rows, self.settings.max_batch_body_bytes
         )
         self.shield = Shield(self.settings.shield, self.spec)
-        self.sessions = SafetySessions(WatchdogSettings.from_dict(self.settings.watchdog))
+        watchdog = WatchdogSettings.from_dict(self.settings.watchdog)
+        if self.settings.session_store:
+            store = session_store(self.settings.session_store, watchdog.max_sessions)
+            self.sessions = SharedSessions(watchdog, store, self.settings.shared_last_action)
+        else:
+            self.sessions = SafetySessions(watchdog)
         if self.parser.has_image:
             limit_image_pixels(self.parser.height, self.parser.width)
         self._parse_pool = ThreadPoolExecutor(
@@ -233,6 +263,14 @@ class VLAPolicy:
             self.parser, self.shield.low.tolist(), self.shield.high.tolist()
         )
         self._openapi: dict[str, Any] | None = None
+        self._follow_sessions()
+
+    def _follow_sessions(self) -> None:
+        """Follow the shared session store from this replica's event loop (Serve runs the
+        constructor in it; else the first request starts it)."""
+        if isinstance(self.sessions, SharedSessions) and self.sessions._task is None:
+            with contextlib.suppress(RuntimeError):  # no running event loop yet
+                self.sessions.start()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[np.ndarray | Exception]:
@@ -292,6 +330,7 @@ class VLAPolicy:
         self, request: Request, api_key: str | None = Security(_api_key_header)
     ) -> JSONResponse:
         self._active += 1
+        self._follow_sessions()
         try:
             return await self._act(request, api_key)
         finally:
@@ -321,7 +360,9 @@ class VLAPolicy:
         try:
             self._authorize(api_key)
             body = await self._read_body(request)
-            parsed = await parse_off_loop(self._parse_pool, self.parser.parse, body)
+            parsed = await parse_body(
+                self._parse_pool, self.parser.parse, body, self.settings.inline_parse_bytes
+            )
             previous = self.shield.check_previous_action(parsed.previous_action)
             sid = self.sessions.session_id(request.headers.get(SESSION_HEADER))
             stale = self.sessions.stale(request.headers.get(TIMESTAMP_HEADER))
@@ -336,10 +377,11 @@ class VLAPolicy:
             logger.warning("unreadable /v1/act body (%s)", type(err).__name__)
             payload = RequestError(422, "body", "could not be read as an observation").payload()
             return JSONResponse(payload, status_code=422)
-        if self.sessions.stopped(sid) or stale:
-            return self._stop_answer(sid, "estop" if self.sessions.stopped(sid) else stale, t0)
+        stop = self.sessions.stop_reason(sid) or stale
+        if stop:
+            return self._stop_answer(sid, stop, t0)
         if previous is None and SESSION_HEADER in request.headers:
-            previous = self.sessions.get(sid).last_action  # a named session's last answer
+            previous = await self.sessions.last_action(sid)  # a named session's last answer
         if isinstance(self.backend, SequenceBackend):  # the session's own context window
             chunk = self._predict_session(sid, parsed)
         elif self._active == 1:  # alone in this replica: nothing to wait for in a batch window
@@ -348,7 +390,7 @@ class VLAPolicy:
             chunk = await self._batched(parsed.inputs)
         status, payload, actions = self._shielded(chunk, parsed.state, previous, sid, "/v1/act")
         if actions is not None and SESSION_HEADER in request.headers:
-            self.sessions.get(sid).last_action = actions[-1].copy()
+            await self.sessions.set_last_action(sid, actions[-1].copy())
         if status == 200:
             payload = {**payload, **self._meta(t0)}
         return JSONResponse(payload, status_code=status)
@@ -456,7 +498,7 @@ class VLAPolicy:
             logger.warning("unreadable /v1/act_batch body (%s)", type(err).__name__)
             payload = RequestError(422, "body", "could not be read as observations").payload()
             return JSONResponse(payload, status_code=422)
-        stop = "estop" if self.sessions.stopped(sid) else stale
+        stop = self.sessions.stop_reason(sid) or stale
         results: list[dict[str, Any] | None] = [None] * len(rows)
         todo = []
         for i, row in enumerate(rows):
@@ -493,10 +535,14 @@ class VLAPolicy:
             return JSONResponse(err.payload(), status_code=err.status)
         except SessionError as err:
             return JSONResponse(RequestError(422, err.field, err.message).payload(), 422)
-        (self.sessions.estop if stop else self.sessions.resume)(sid)
+        self._follow_sessions()
+        applied = await self.sessions.set_stop(sid, stop)
         logger.warning("%s: session %s", "e-stop" if stop else "resume", sid or "* (all)")
         stopped = self.sessions.global_stop if sid is None else self.sessions.stopped(sid)
-        return JSONResponse({"session": sid or "*", "stopped": stopped})
+        answer: dict[str, Any] = {"session": sid or "*", "stopped": stopped}
+        if isinstance(self.sessions, SharedSessions):  # replicas that had applied it
+            answer["replicas"] = applied["replicas"]
+        return JSONResponse(answer)
 
     @app.post(
         "/v1/estop",
@@ -537,10 +583,11 @@ class VLAPolicy:
         serving = {
             k: v
             for k, v in asdict(self.settings).items()
-            if k not in ("api_key", "shield", "model", "watchdog")
+            if k not in ("api_key", "shield", "model", "watchdog", "session_store")
         }
         serving.update(api_key_required=bool(self.settings.api_key), **self.scaling)
         serving["watchdog"] = asdict(self.sessions.watchdog)
+        serving["sessions"] = "shared" if isinstance(self.sessions, SharedSessions) else "local"
         return JSONResponse(
             {
                 **public_spec(self.spec),
@@ -628,6 +675,16 @@ def build_app(
             raise ValueError(f"replicas: expected >= 1, got {num_replicas}")
         options["num_replicas"] = int(num_replicas)
         scaling = {"replicas": int(num_replicas)}
+    several = autoscaling is not None or num_replicas > 1
+    if settings.shared_sessions or (settings.shared_sessions is None and several):
+        # one store per build: replicas of this application share it (and it outlives them)
+        settings = ServeSettings(
+            **{
+                **asdict(settings),
+                "session_store": settings.session_store or new_store_name(),
+                "shared_last_action": several,
+            }
+        )
     return VLAPolicy.options(**options).bind(asdict(settings), scaling)
 
 
@@ -750,5 +807,7 @@ def start(
 
 
 def shutdown() -> None:
-    """Stop every Serve application and the Serve instance (Ray itself keeps running)."""
+    """Stop every Serve application and the Serve instance, and remove the applications' session
+    stores (Ray itself keeps running)."""
     serve.shutdown()
+    delete_session_stores()

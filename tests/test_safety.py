@@ -415,6 +415,28 @@ def test_eval_reports_and_prints_interventions(tmp_path, capsys):
     )
 
 
+def test_collect_applies_env_safety_and_records_the_action_sent(tmp_path, capsys):
+    from vla_ray.cli import main
+    from vla_ray.data import read_episodes
+    from vla_ray.envs import LANGREACH_STATE_ID
+
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - {id: slow, kind: speed_limit, max: 0.5}\n")
+    out = tmp_path / "data"
+    args = ["collect", "--env", LANGREACH_STATE_ID, "--policy", "random", "--episodes", "2",
+            "--env-config", '{"max_episode_steps": 3}', "--safety", str(path), "--quiet",
+            "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    actions = np.concatenate([np.asarray(ep.get_actions()) for ep in read_episodes(out)])
+    assert actions.shape == (6, 2)
+    # the dataset holds what the env was sent: the speed limit held on every step
+    assert np.linalg.norm(actions, axis=1).max() <= 0.5 + 1e-6
+    slowed = int(np.sum(np.linalg.norm(actions, axis=1) > 0.5 - 1e-6))
+    assert summary["safety_interventions"] == {"slow": slowed} and slowed > 0
+    assert summary["mean_episode_cost"] == pytest.approx(slowed / 2)
+
+
 # ---- Serve: the app in process ----------------------------------------------------------------
 KEY = "k3y"
 
@@ -656,6 +678,16 @@ def test_cost_penalty_connector_updates_the_multiplier_and_penalises_rewards():
     assert piece.multiplier == pytest.approx(2.0)
 
 
+def test_cost_penalty_rewrites_read_only_rewards():
+    """Episodes from remote EnvRunners come out of Ray's object store with read-only arrays."""
+    from vla_ray.algorithms.ppo_lag import CostPenalty
+
+    ep = _episode([1.0, 1.0], [1.0, 0.0])
+    ep.rewards.data.setflags(write=False)
+    CostPenalty(cost_limit=0.0, lagrangian_lr=1.0)(rl_module=None, batch={}, episodes=[ep])
+    np.testing.assert_allclose(ep.get_rewards(), [0.0, 0.5], rtol=1e-6)  # lambda 1: (r - c) / 2
+
+
 def test_cost_penalty_needs_the_safety_cost_in_info():
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
@@ -769,3 +801,47 @@ def test_cli_serve_safety_file_errors_name_the_rule(onnx_export, tmp_path, capsy
     assert "'gap': source: expected state[i] with i < 4, got 'state[9]'" in capsys.readouterr().err
     assert main(["serve", "--model", str(onnx_export), "--stale-after", "-1"]) == 2
     assert "watchdog.max_age_s: expected a number > 0" in capsys.readouterr().err
+
+
+def test_shared_sessions_hold_an_estop_across_replicas(ray_session):
+    """Two replicas' session state over one store (no Serve): an e-stop taken by one is applied
+    by the other before ``set_stop`` returns; a replica started later (a restart) sees it; last
+    actions are shared; a replica that stops answering is dropped after the ack timeout; a lost
+    store makes every session answer the stop action (fail closed)."""
+    import asyncio
+
+    from vla_ray.serve.sessions import (
+        SharedSessions,
+        WatchdogSettings,
+        new_store_name,
+        session_store,
+    )
+
+    store = session_store(new_store_name())
+    watchdog = WatchdogSettings()
+
+    async def scenario() -> None:
+        a, b = (SharedSessions(watchdog, store, True) for _ in range(2))
+        a.start(), b.start()
+        assert (await a.set_stop("s1", True))["replicas"] == 2
+        assert b.stop_reason("s1") == "estop" and b.stop_reason("s2") is None
+        later = SharedSessions(watchdog, store, True)  # not following: registered, never acks
+        assert later.stop_reason("s1") == "estop"
+        answer = await store.set_stop.remote(None, True, ack_timeout=0.3)  # global stop
+        assert answer["replicas"] == 2  # `later` did not acknowledge: dropped
+        assert a.stop_reason("s2") == "estop" and b.stop_reason("s3") == "estop"
+        await b.set_stop(None, False)  # resume all: the global stop and every session
+        assert a.stop_reason("s1") is None and b.stop_reason("s1") is None
+        await a.set_last_action("s1", np.array([0.25, -0.5], np.float32))
+        np.testing.assert_array_equal(await b.last_action("s1"), [0.25, -0.5])
+        assert await b.last_action("nobody") is None
+        ray_session.kill(store)
+        for _ in range(50):
+            if a.stop_reason("s1") is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert a.stop_reason("s1") == "session_store_unreachable" and a.stopped("any")
+        for s in (a, b):
+            s._task.cancel()
+
+    asyncio.run(scenario())

@@ -764,6 +764,23 @@ def test_parsing_runs_off_the_event_loop():
     assert parse_thread != loop_thread
 
 
+def test_small_bodies_parse_inline_and_large_ones_off_the_loop():
+    import asyncio
+    import threading
+
+    from vla_ray.serve.app import parse_body
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            here = threading.get_ident()
+            small = await parse_body(pool, lambda b: threading.get_ident(), b"x" * 10, 10)
+            large = await parse_body(pool, lambda b: threading.get_ident(), b"x" * 11, 10)
+            return here, small, large
+
+    here, small, large = asyncio.run(main())
+    assert small == here and large != here
+
+
 def test_one_failing_request_does_not_fail_its_batch():
     from vla_ray.serve.app import predict_each
 

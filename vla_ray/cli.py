@@ -325,12 +325,14 @@ def _drain_and_shutdown() -> None:
     from ray import serve
 
     from vla_ray.serve.app import APP_NAME
+    from vla_ray.serve.sessions import delete_session_stores
 
     try:
         serve.delete(APP_NAME)
     except Exception as err:  # Serve never started or already gone: nothing to drain
         print(f"vla-ray serve: no application to drain ({type(err).__name__})", file=sys.stderr)
     serve.shutdown()
+    delete_session_stores()  # the e-stop stores outlive replicas, not the server
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -586,6 +588,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from vla_ray.data import collect
 
     env_config = json.loads(args.env_config) if args.env_config else None
+    if args.safety:  # the safety layer's rules on every action, as in train, eval and serve
+        rules = Path(args.safety)  # a relative path not found here: the bundled examples
+        env_config = {
+            **(env_config or {}),
+            "safety": str(rules.resolve() if rules.exists() else rules),
+        }
     summary = collect(
         args.env,
         args.policy,
@@ -993,6 +1001,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     c.add_argument("--env-config", help="JSON env kwargs")
+    c.add_argument(
+        "--safety",
+        help="safety rules file (YAML) applied to every action (also env_config's 'safety')",
+    )
     c.add_argument(
         "--overwrite", action="store_true", help="replace an existing non-empty --output"
     )

@@ -665,7 +665,8 @@ class SafetyWrapper(gym.Wrapper):
 
     ``info["safety"]``: interventions per rule id so far in the episode (all ids, 0 included);
     ``info["cost"]``: this step's cost; ``info["episode_cost"]``: the episode's so far. A
-    ``reject`` rule sends the stop action (an env step cannot be skipped)."""
+    ``reject`` rule sends the stop action (an env step cannot be skipped). ``last_action``: the
+    action the env was last sent (the neutral action after a reset)."""
 
     def __init__(self, env: gym.Env, rules: str | Path | dict[str, Any] | RuleSet):
         super().__init__(env)
@@ -675,6 +676,11 @@ class SafetyWrapper(gym.Wrapper):
         self._prev = self.rules.neutral
         self._counts = dict.fromkeys((r.id for r in self.rules.rules), 0)
         self._cost = 0.0
+
+    @property
+    def last_action(self) -> np.ndarray:
+        """The action the env was last sent, after the rules (flat, float32)."""
+        return self._prev.copy()
 
     @staticmethod
     def _state_of(obs: Any) -> np.ndarray | None:
@@ -692,7 +698,7 @@ class SafetyWrapper(gym.Wrapper):
     def reset(self, **kwargs: Any):
         obs, info = self.env.reset(**kwargs)
         self._state, self._info = self._state_of(obs), info
-        self._prev = self.rules.neutral
+        self._prev = self.rules.neutral.copy()
         self._counts = dict.fromkeys(self._counts, 0)
         self._cost = 0.0
         return obs, self._annotate(info, 0.0)

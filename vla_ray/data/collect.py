@@ -68,12 +68,17 @@ def collect(
     mistakes do not average out). Returns the dataset summary (also written to
     ``dataset.json``). An existing non-empty ``output`` is refused (``OutputExistsError``,
     before any rollout) unless ``overwrite``.
+
+    ``env_config["safety"]`` (a rules file, as for training and eval) puts every action through
+    the safety layer: the dataset records the action the env was sent (after the rules, noise
+    and random actions included), each step's ``info`` its interventions, and the summary the
+    interventions per rule id (``safety_interventions``) and ``mean_episode_cost``.
     """
-    import gymnasium as gym
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
     from tqdm import tqdm
 
     import vla_ray.envs  # noqa: F401  (registers the ids)
+    from vla_ray.safety import EPISODE_COST_INFO_KEY, SAFETY_INFO_KEY, SafetyWrapper, make_env
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: unknown format {fmt!r}; available: {', '.join(FORMATS)}")
@@ -84,13 +89,16 @@ def collect(
     if not 0.0 <= random_prob <= 1.0:
         raise ValueError(f"--random-prob: must be in [0, 1], got {random_prob}")
     check_output(d4rl_path(output) if fmt == "d4rl" else output, overwrite)
-    env = gym.make(env_id, **(env_config or {}))
+    env = make_env(env_id, env_config)  # env_config["safety"]: the safety layer's rules
+    shielded = isinstance(env, SafetyWrapper)
     act = make_actor(policy, env, env_id, seed)
     rng = np.random.default_rng(seed)
     space = env.action_space
     if random_prob > 0 and not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         raise ValueError(f"--random-prob: {env_id}'s action space {space} has unbounded dimensions")
     returns, successes = [], []
+    safety: list[dict[str, int]] = []
+    costs: list[float] = []
 
     def generate():
         for i in tqdm(range(episodes), disable=not progress, unit="ep", desc="collect"):
@@ -108,6 +116,8 @@ def collect(
                     action = rng.uniform(space.low, space.high).astype(np.float32)
                 action = np.clip(action, space.low, space.high).astype(np.float32)
                 obs, reward, term, trunc, info = env.step(action)
+                if shielded:  # what the env was sent, not what the policy asked for
+                    action = env.last_action.reshape(space.shape).astype(np.float32)
                 ep.add_env_step(
                     observation=obs,
                     action=action,
@@ -119,6 +129,9 @@ def collect(
                 done = term or trunc
             returns.append(ep.get_return())
             successes.append(bool(info.get("is_success", False)))
+            if shielded:
+                safety.append(dict(info[SAFETY_INFO_KEY]))
+                costs.append(float(info[EPISODE_COST_INFO_KEY]))
             yield ep
 
     meta = dict(env=env_id, env_config=env_config or {}, policy=policy, noise=noise, seed=seed)
@@ -135,6 +148,9 @@ def collect(
         mean_return=float(np.mean(returns)),
         success_rate=float(np.mean(successes)),
     )
+    if safety:
+        summary["safety_interventions"] = {r: int(sum(s[r] for s in safety)) for r in safety[0]}
+        summary["mean_episode_cost"] = float(np.mean(costs))
     return summary
 
 
