@@ -195,43 +195,53 @@ class WorldModel(nn.Module):
             embed, batch["prev_actions"].float(), batch["is_first"], generator
         )
         feat = post_state.features()
+        B, T = feat.shape[:2]
+        mask = batch.get("mask")  # 0 on padding steps of short fragments
+        w = torch.ones(B, T) if mask is None else torch.as_tensor(mask).float()
+        w = w.to(feat.device)
+
+        def mean(x: torch.Tensor, weight: torch.Tensor = w) -> torch.Tensor:
+            return (x * weight).sum() / weight.sum().clamp(min=1.0)
+
         kl = kl_balance(
             post, prior, self.config.free_nats, self.config.dyn_scale, self.config.rep_scale
         )
-        total = kl["loss"].mean()
+        total = mean(kl["loss"])
         metrics = {
-            "kl": kl["kl"].mean().item(),
-            "dyn_loss": kl["dyn"].mean().item(),
-            "rep_loss": kl["rep"].mean().item(),
+            "kl": mean(kl["kl"]).item(),
+            "dyn_loss": mean(kl["dyn"]).item(),
+            "rep_loss": mean(kl["rep"]).item(),
         }
         for key, decoder in self.decoders.items():
             pred = decoder(feat)
             if key == "image":
                 err = (pred - image_target(obs["image"])) ** 2
-                metrics["image_mse"] = err.mean().item()
-                total = total + err.flatten(2).sum(-1).mean()
+                metrics["image_mse"] = mean(err.flatten(2).mean(-1)).item()
+                total = total + mean(err.flatten(2).sum(-1))
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
-                metrics[f"{key}_mse"] = err.mean().item()
-                total = total + err.sum(-1).mean()
+                metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
+                total = total + mean(err.sum(-1))
         if self.latent_head is not None:
             target = nn.functional.layer_norm(embed.detach(), embed.shape[-1:])
             err = ((self.latent_head(post_state.h) - target) ** 2).mean(-1)
-            metrics["latent_loss"] = err.mean().item()
-            total = total + self.config.latent_scale * err.mean()
+            metrics["latent_loss"] = mean(err).item()
+            total = total + self.config.latent_scale * mean(err)
         if self.reward_head is not None:
+            # the reward on arriving at a window's first step is not in the window
+            wr = w * (1 - batch["is_first"].float().to(w.device))
             rewards = batch["rewards"].float()
             hidden = self.reward_head[0](feat)
-            total = total + self.reward_head[1].loss(hidden, rewards).mean()
+            total = total + mean(self.reward_head[1].loss(hidden, rewards), wr)
             with torch.no_grad():
                 pred = self.reward_head[1](hidden)
-            metrics["reward_mae"] = (pred - rewards).abs().mean().item()
+            metrics["reward_mae"] = mean((pred - rewards).abs(), wr).item()
         if self.continue_head is not None:
             logits = self.continue_head(feat).squeeze(-1)
             cont = batch["continues"].float()
-            bce = nn.functional.binary_cross_entropy_with_logits(logits, cont)
-            metrics["continue_bce"] = bce.item()
-            total = total + bce
+            bce = nn.functional.binary_cross_entropy_with_logits(logits, cont, reduction="none")
+            metrics["continue_bce"] = mean(bce).item()
+            total = total + mean(bce)
         metrics["loss"] = total.item()
         return total, metrics, post_state
 
