@@ -172,3 +172,24 @@ def test_dreamer_pretrains_offline_then_trains_two_iterations_with_two_env_runne
     torch.manual_seed(0)
     b = dream(restored)
     assert torch.equal(a.features, b.features) and torch.equal(a.rewards, b.rewards)
+
+
+@pytest.mark.parametrize("planner", ["none", "cem", "mppi"])
+def test_eval_runs_a_world_model_checkpoint_with_a_planner(module, tmp_path, planner):
+    from vla_ray.evaluate import evaluate, load_policy
+
+    module.save_to_path(tmp_path / "module")
+    policy = load_policy(tmp_path / "module", planner=planner)
+    if planner != "none":
+        policy.context.config.iterations, policy.context.config.num_samples = 2, 16
+    result = evaluate(
+        policy, "vla_ray/LangReach-v0", {"max_episode_steps": 4}, episodes=1, progress=False
+    )
+    assert result["episodes"] == 1 and result["mean_length"] == 4
+
+
+def test_planner_needs_a_world_model_checkpoint(tiny_vla_dir):
+    from vla_ray.evaluate import load_policy
+
+    with pytest.raises(ValueError, match="--planner cem: planning needs a world-model"):
+        load_policy(tiny_vla_dir, planner="cem")

@@ -163,7 +163,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vla_ray.evaluate import evaluate, load_policy
 
-    policy = load_policy(args.checkpoint)
+    policy = load_policy(args.checkpoint, planner=args.planner)
     env_config = json.loads(args.env_config) if args.env_config else None
     if args.data:  # the dataset's actions, no env
         from vla_ray.data.validation import evaluate_on_data
@@ -920,6 +920,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="M",
         help="action chunks: predict every step, execute ACT's exp(-M*i)-weighted mean",
+    )
+    e.add_argument(
+        "--planner",
+        choices=("none", "cem", "mppi"),
+        default="none",
+        help="world-model checkpoints (dreamer): plan over the latent dynamics, warm-started "
+        "from the actor",
     )
     e.set_defaults(fn=cmd_eval)
 

@@ -76,9 +76,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, planner: str | None = None) -> Policy:
     """Load a policy from an RLlib checkpoint directory (an algorithm checkpoint, or the
-    RLModule directory inside one) or from a ``VLA.save_pretrained`` directory."""
+    RLModule directory inside one) or from a ``VLA.save_pretrained`` directory. ``planner``
+    ("cem", "mppi"): a world-model checkpoint (``dreamer``) plans over its latent dynamics
+    instead of acting with its actor alone."""
     from vla_ray.models.vla import CONFIG_NAME, VLA
 
     path = Path(path)
@@ -86,6 +88,11 @@ def load_policy(path: str | Path) -> Policy:
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
     meta = _read_meta(path)
     if (path / CONFIG_NAME).is_file():
+        if planner not in (None, "none"):
+            raise ValueError(
+                f"--planner {planner}: planning needs a world-model checkpoint (algorithm "
+                f"'dreamer'); {path} is a VLA save_pretrained directory"
+            )
         vla = VLA.from_pretrained(path).eval()
 
         def act_vla(obs: ObsDict) -> np.ndarray:
@@ -109,6 +116,18 @@ def load_policy(path: str | Path) -> Policy:
 
     if isinstance(module, DTModule):
         return _context_policy(module, meta, path)
+    from vla_ray.world_model.rl_module import WorldModelModule
+
+    if isinstance(module, WorldModelModule):
+        from vla_ray.world_model.policy import LatentPolicy
+
+        runner = LatentPolicy(module, planner or "none")
+        return Policy(runner, meta, "rllib", model=None, context=runner)
+    if planner not in (None, "none"):
+        raise ValueError(
+            f"--planner {planner}: planning needs a world-model checkpoint (algorithm "
+            f"'dreamer'); {path} holds a {type(module).__name__}"
+        )
     if not hasattr(module, "vla"):
         raise ValueError(
             f"checkpoint: {path} holds a {type(module).__name__}, which vla-ray eval cannot run "
