@@ -150,7 +150,7 @@ def test_lambda_returns_two_hot_and_return_scale():
 
 def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
-    batch = scene_batch(T=4)
+    batch = scene_batch(B=2, T=4)
     wm = WorldModel(
         VLAConfig(
             image_size=(16, 16),
@@ -163,7 +163,7 @@ def test_world_model_overfits_a_tiny_fixed_dataset():
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(wm.parameters(), lr=1e-2)
     first = None
-    for _ in range(100):
+    for _ in range(80):  # ~2.6 s on a lightly loaded 2-core CPU
         loss, metrics, _ = wm.loss(batch, generator=g)
         first = first or metrics
         opt.zero_grad()
@@ -172,8 +172,8 @@ def test_world_model_overfits_a_tiny_fixed_dataset():
     pixel_var = (batch["obs"]["image"].float() / 255).var().item()  # MSE of the mean image
     reward_std = batch["rewards"].std().item()
     assert first["image_mse"] > pixel_var  # starts worse than the mean image
-    assert metrics["image_mse"] < 0.6 * pixel_var, (metrics, pixel_var)
-    assert metrics["reward_mae"] < 0.5 * reward_std, (metrics, reward_std)
+    assert metrics["image_mse"] < 0.4 * pixel_var, (metrics, pixel_var)
+    assert metrics["reward_mae"] < 0.4 * reward_std, (metrics, reward_std)
     assert metrics["state_mse"] < 0.1 * first["state_mse"]
     assert metrics["continue_bce"] < 0.05
 
