@@ -28,6 +28,7 @@ _CONFIG_CLASSES = {
     "dt": "DTConfig",
     "gail": "GAILConfig",
     "ppo_lag": "PPOLagConfig",
+    "dreamer": "VLADreamerConfig",
 }
 ALGORITHMS = tuple(_CONFIG_CLASSES)
 

@@ -164,7 +164,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vla_ray.evaluate import evaluate, load_policy
 
-    policy = load_policy(args.checkpoint, target_return=args.target_return)
+    policy = load_policy(args.checkpoint, target_return=args.target_return, planner=args.planner)
     env_config = json.loads(args.env_config) if args.env_config else None
     if args.data:  # the dataset's actions, no env
         from vla_ray.data.validation import evaluate_on_data
@@ -969,6 +969,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="Decision Transformer: the return it conditions on (default: the one it was "
         "trained with, training.target_return)",
+    )
+    e.add_argument(
+        "--planner",
+        choices=("none", "cem", "mppi"),
+        default="none",
+        help="world-model checkpoints (dreamer): plan over the latent dynamics, warm-started "
+        "from the actor",
     )
     e.set_defaults(fn=cmd_eval)
 

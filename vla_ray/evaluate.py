@@ -76,11 +76,23 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_policy(path: str | Path, target_return: float | None = None) -> Policy:
+def _no_planner(planner: str | None, path: str | Path, module: Any) -> None:
+    if planner not in (None, "none"):
+        raise ValueError(
+            f"--planner {planner}: planning needs a world-model checkpoint (algorithm "
+            f"'dreamer'); {path} holds a {type(module).__name__}"
+        )
+
+
+def load_policy(
+    path: str | Path, target_return: float | None = None, planner: str | None = None
+) -> Policy:
     """Load a policy from an RLlib checkpoint directory (an algorithm checkpoint, or the
     RLModule directory inside one) or from a ``VLA.save_pretrained`` directory.
     ``target_return``: the return a Decision Transformer conditions on (default: the trained
-    ``training.target_return``); refused for other policies."""
+    ``training.target_return``); refused for other policies. ``planner`` ("cem", "mppi"): a
+    world-model checkpoint (``dreamer``) plans over its latent dynamics instead of acting with
+    its actor alone; refused for other policies."""
     from vla_ray.models.vla import CONFIG_NAME, VLA
 
     path = Path(path)
@@ -88,6 +100,11 @@ def load_policy(path: str | Path, target_return: float | None = None) -> Policy:
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
     meta = _read_meta(path)
     if (path / CONFIG_NAME).is_file():
+        if planner not in (None, "none"):
+            raise ValueError(
+                f"--planner {planner}: planning needs a world-model checkpoint (algorithm "
+                f"'dreamer'); {path} is a VLA save_pretrained directory"
+            )
         vla = VLA.from_pretrained(path).eval()
 
         def act_vla(obs: ObsDict) -> np.ndarray:
@@ -111,8 +128,17 @@ def load_policy(path: str | Path, target_return: float | None = None) -> Policy:
     from vla_ray.algorithms.dt import DTModule
 
     if isinstance(module, DTModule):
+        _no_planner(planner, path, module)
         return _context_policy(module, meta, path, target_return)
     _no_target_return(target_return, path)
+    from vla_ray.world_model.rl_module import WorldModelModule
+
+    if isinstance(module, WorldModelModule):
+        from vla_ray.world_model.policy import LatentPolicy
+
+        runner = LatentPolicy(module, planner or "none")
+        return Policy(runner, meta, "rllib", model=None, context=runner)
+    _no_planner(planner, path, module)
     if not hasattr(module, "vla"):
         raise ValueError(
             f"checkpoint: {path} holds a {type(module).__name__}, which vla-ray eval cannot run "

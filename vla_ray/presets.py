@@ -479,6 +479,32 @@ PRESETS["langreach-state-ppo-lag"] = replace(
     training=dict(copy.deepcopy(PRESETS["langreach-ppo"].training), cost_limit=1.0),
 )
 
+# Model-based RL (issue 27): DreamerV3-style world model whose encoder is the VLA trunk (the
+# langreach-ppo model's vision/projector/LM), imagination actor-critic; 32x32 pixels keep the
+# image decoder cheap on CPU. Not yet tuned for learning (docs/benchmarks.md).
+PRESETS["langreach-dreamer"] = Preset(
+    name="langreach-dreamer",
+    algorithm="dreamer",
+    env="vla_ray/LangReach-v0",
+    description="VLA-Dreamer on LangReach: RSSM world model over the VLA trunk + imagination",
+    env_config={"image_size": 32},
+    model=dict(
+        TINY_VLA,
+        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15),
+    ),
+    training=dict(
+        lr=3e-4,
+        actor_lr=3e-5,
+        critic_lr=3e-5,
+        batch_size_B=16,
+        batch_length_T=16,
+        train_batch_size_per_learner=64,
+        updates_per_iteration=4,
+    ),
+    env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+    stop=dict(timesteps=100_000),
+)
+
 
 # --- environments at scale (issue 3): MuJoCo state-only PPO, PushT, highway-env, CARLA ----------
 # RLlib's restart options, stated in every preset below (vla_ray.scale applies the same defaults

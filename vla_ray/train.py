@@ -183,6 +183,17 @@ LEARNER_KEYS = (
     "action_mse",
     "disc_loss",
     "disc_accuracy",
+    # world model (dreamer): KL balancing terms, reconstruction / latent and reward errors
+    "kl",
+    "dyn_loss",
+    "rep_loss",
+    "image_mse",
+    "state_mse",
+    "latent_loss",
+    "reward_mae",
+    "continue_bce",
+    "imagined_return",
+    "return_scale",
 )
 
 
