@@ -137,3 +137,87 @@ def test_waypoint_actions():
 def test_bad_options_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}` must be"):
         gym.make(LANGDRIVE_ID, **kwargs)
+
+
+# -- driving metrics ------------------------------------------------------------------------------
+def test_driving_score_carla_coefficients():
+    from vla_ray.driving.metrics import aggregate, episode_metrics, infraction_penalty
+
+    assert infraction_penalty({"collision_vehicle": 2, "red_light": 1}) == pytest.approx(
+        0.6 * 0.6 * 0.7
+    )
+    assert infraction_penalty({"offroad": 3}) == 1.0  # no coefficient: shows in completion
+    with pytest.raises(ValueError, match=r"infractions\['red_light'\]: expected a count >= 0"):
+        infraction_penalty({"red_light": -1})
+    assert episode_metrics({"is_success": True}) is None
+    a = episode_metrics(
+        dict(
+            route_completion=0.5,
+            collision=True,
+            infractions={"collision_vehicle": 1},
+            mean_speed=4.0,
+            distance=400.0,
+        )
+    )
+    b = episode_metrics(dict(route_completion=1.0, infractions={}, mean_speed=8.0, distance=600.0))
+    assert a["driving_score"] == pytest.approx(0.3) and b["driving_score"] == 1.0
+    agg = aggregate([a, b])
+    assert agg["driving_score"] == pytest.approx(0.65)
+    assert agg["collision_rate"] == 0.5 and agg["mean_speed"] == 6.0
+    assert agg["infractions_per_km"] == {"collision_vehicle": pytest.approx(1.0)}
+
+
+def test_eval_reports_driving_metrics_per_manoeuvre(capsys):
+    """`vla-ray eval`'s evaluate(): a policy that always drives straight at cruise speed
+    succeeds only on the straight episodes; driving metrics come from the env's info."""
+    from vla_ray.cli import _print_eval
+    from vla_ray.evaluate import Policy, evaluate
+
+    def straight(obs):  # waypoints straight ahead, target speed ~8 m/s
+        n = len(obs["state"])
+        return np.tile(
+            np.array([0.2, 0.0, 0.4, 0.0, 0.6, 0.0, 0.8, 0.0, 1 / 3], np.float32), (n, 1)
+        )
+
+    policy = Policy(straight, {}, "test")
+    cfg = dict(action="waypoints", initial_vehicles=1, spawn_probability=0.0)
+    result = evaluate(policy, LANGDRIVE_STATE_ID, cfg, episodes=4, seed=0, progress=False)
+    by = result["success_by_target"]
+    assert set(by) <= set(MANOEUVRES) and by.get("straight", 1.0) == 1.0
+    assert by.get("left", 0.0) == 0.0 and by.get("right", 0.0) == 0.0
+    driving = result["driving"]
+    assert 0.0 < driving["route_completion"] <= 1.0 and 0.0 <= driving["collision_rate"] <= 1.0
+    assert driving["mean_speed"] > 4.0
+    _print_eval(result)
+    assert "driving: route completion" in capsys.readouterr().out
+
+
+def test_training_callback_logs_goal_and_driving_metrics():
+    from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
+
+    from vla_ray.callbacks import SuccessRateCallback
+    from vla_ray.train import summarize
+
+    class Episode:
+        def __init__(self, info):
+            self.info = info
+
+        def get_infos(self, index):
+            return self.info
+
+    logger = MetricsLogger()
+    for ok, completion in ((True, 1.0), (False, 0.5)):
+        info = dict(
+            is_success=ok,
+            goal="left",
+            route_completion=completion,
+            collision=not ok,
+            infractions={"collision_vehicle": int(not ok)},
+            mean_speed=6.0,
+        )
+        SuccessRateCallback().on_episode_end(episode=Episode(info), metrics_logger=logger)
+    row = summarize({"env_runners": logger.reduce()})
+    assert row["success_by_target"] == {"left": 0.5}
+    assert row["driving"]["route_completion"] == pytest.approx(0.75)
+    assert row["driving"]["driving_score"] == pytest.approx((1.0 + 0.5 * 0.6) / 2)
+    assert row["driving"]["collision"] == pytest.approx(0.5)
