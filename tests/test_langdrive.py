@@ -221,3 +221,39 @@ def test_training_callback_logs_goal_and_driving_metrics():
     assert row["driving"]["route_completion"] == pytest.approx(0.75)
     assert row["driving"]["driving_score"] == pytest.approx((1.0 + 0.5 * 0.6) / 2)
     assert row["driving"]["collision"] == pytest.approx(0.5)
+
+
+# -- presets ------------------------------------------------------------------------------------
+def test_langdrive_presets_fused_sensors_and_waypoints():
+    from vla_ray.presets import get_preset
+
+    for name in ("langdrive-bc", "langdrive-dagger", "langdrive-ppo", "langdrive-sac"):
+        preset = get_preset(name)
+        assert preset.env_config["action"] == "waypoints"
+        assert set(preset.model["sensors"]) == {"lidar", "imu", "ego"}
+        assert preset.model["fusion"] == "gated"
+    assert get_preset("langdrive-dagger").env_config["expert_beta"] == 1.0
+
+
+@pytest.mark.slow
+def test_ppo_fused_multisensor_two_iterations_two_env_runners(ray_session, tmp_path):
+    """PPO with the camera + LiDAR + IMU + ego VLA (gated fusion) in waypoint space: 2
+    iterations on 2 EnvRunners (tiny batch). ~25-35 s on the 2-core CPU, most of it the
+    EnvRunners' start."""
+    import json
+
+    from vla_ray.run_spec import resolve
+    from vla_ray.train import train
+
+    small = {
+        "training": {"train_batch_size_per_learner": 64, "minibatch_size": 32, "num_epochs": 1},
+        "env_runners": {"num_envs_per_env_runner": 1},
+        "env_config": {"image_size": 32, "lidar_beams": 16, "initial_vehicles": 2},
+    }
+    spec = resolve("langdrive-ppo", small, num_env_runners=2)
+    summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
+    assert summary["iteration"] == 2 and summary["env_steps"] >= 128
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().strip().splitlines()
+    assert len(rows) == 2 and "driving" in json.loads(rows[-1])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["fusion"] == "gated"
