@@ -35,12 +35,18 @@ PUSHT_ID = "vla_ray/PushT-v0"
 HIGHWAY_ID = "vla_ray/Highway-v0"
 HIGHWAY_STATE_ID = "vla_ray/HighwayState-v0"
 CARLA_ID = "vla_ray/Carla-v0"
+# language-routed intersection driving (camera + LiDAR + IMU + ego); State: no camera
+LANGDRIVE_ID = "vla_ray/LangDrive-v0"
+LANGDRIVE_STATE_ID = "vla_ray/LangDriveState-v0"
 _EXTRA_ENVS: dict[str, tuple[str, int | None, dict[str, Any]]] = {
     PUSHT_ID: ("vla_ray.envs.pusht:PushTEnv", 300, {}),
     # highway-env truncates after `duration` seconds itself, CARLA after `max_steps`
     HIGHWAY_ID: ("vla_ray.envs.driving:HighwayDrivingEnv", None, {"image": True}),
     HIGHWAY_STATE_ID: ("vla_ray.envs.driving:HighwayDrivingEnv", None, {"image": False}),
     CARLA_ID: ("vla_ray.envs.carla_env:CarlaDrivingEnv", None, {}),
+    # LangDrive truncates after `duration` seconds itself
+    LANGDRIVE_ID: ("vla_ray.envs.langdrive:LangDriveEnv", None, {"image": True}),
+    LANGDRIVE_STATE_ID: ("vla_ray.envs.langdrive:LangDriveEnv", None, {"image": False}),
 }
 for _id, (_entry, _steps, _kwargs) in _EXTRA_ENVS.items():
     if _id not in gym.registry:
@@ -81,6 +87,8 @@ __all__ = [
     "EXPERTS",
     "HIGHWAY_ID",
     "HIGHWAY_STATE_ID",
+    "LANGDRIVE_ID",
+    "LANGDRIVE_STATE_ID",
     "LANGREACH_ID",
     "LANGREACH_STATE_ID",
     "LangReachEnv",

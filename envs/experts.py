@@ -164,6 +164,8 @@ class ExpertMixing(gym.Wrapper):
 EXPERTS: dict[str, type[ScriptedExpert]] = {
     "vla_ray/LangReach-v0": ScriptedExpert,
     "vla_ray/LangReachState-v0": ScriptedExpert,
+    "vla_ray/LangDrive-v0": ScriptedExpert,
+    "vla_ray/LangDriveState-v0": ScriptedExpert,
 }
 
 

@@ -151,6 +151,13 @@ def _print_eval(result: dict[str, Any]) -> None:
             "  per target: "
             + "  ".join(f"{t} {v:.3f} ({counts.get(t, '?')} eps)" for t, v in by_target.items())
         )
+    driving = result.get("driving")
+    if driving:
+        print(
+            f"  driving: route completion {driving['route_completion']:.3f}  driving score "
+            f"{driving['driving_score']:.3f}  collision rate {driving['collision_rate']:.3f}"
+            + (f"  mean speed {driving['mean_speed']:.2f} m/s" if "mean_speed" in driving else "")
+        )
     totals = result.get("safety_interventions")
     if totals is not None:
         per_ep = result.get("safety_per_episode", {})

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from vla_ray.callbacks import TARGET_INFO_KEY
+from vla_ray.callbacks import episode_goal
 from vla_ray.checkpoint import META_NAME, MODULE_SUBDIR
 from vla_ray.envs.chunking import (
     CHUNK_CONFIG_KEY,
@@ -217,8 +217,11 @@ def evaluate(
     mean of the overlapping predictions for that step (``vla_ray.envs.chunking``).
 
     Seeds start at ``seed`` (away from training seeds). With ``video``, every episode's frames
-    are written to one mp4. When the env's info names the goal (``info["target_color"]``), the
-    result also has ``success_by_target`` and ``episodes_by_target`` (per goal). With the safety
+    are written to one mp4. When the env's info names the goal (``info["target_color"]`` or
+    ``info["goal"]``), the result also has ``success_by_target`` and ``episodes_by_target`` (per
+    goal). A driving env's info (``route_completion``, ``collision``, ``infractions``, ...) adds
+    ``driving``: route completion, driving score, collision rate, mean speed, infractions
+    (``vla_ray.driving.metrics``). With the safety
     layer (``env_config["safety"]``: a rules file), ``safety_interventions`` (totals per rule id),
     ``safety_per_episode`` (means) and ``mean_episode_cost``.
     """
@@ -242,6 +245,7 @@ def evaluate(
         raise ValueError("--chunk-execute: not with --temporal-ensemble (one step per query)")
     if video:
         cfg["render_mode"] = "rgb_array"
+    from vla_ray.driving.metrics import aggregate, episode_metrics
     from vla_ray.safety import EPISODE_COST_INFO_KEY, SAFETY_INFO_KEY, make_env
 
     env = make_env(env_id, cfg)  # env_config["safety"]: the safety layer's rules file
@@ -257,6 +261,7 @@ def evaluate(
     frames: list[np.ndarray] = []
     returns, lengths, successes = [], [], []
     targets: list[str | None] = []
+    driving: list[dict[str, Any]] = []
     try:
         for ep in tqdm(range(episodes), disable=not progress, desc="eval", unit="ep"):
             obs, info = env.reset(seed=seed + ep)
@@ -281,8 +286,10 @@ def evaluate(
             returns.append(ret)
             lengths.append(length)
             successes.append(float(bool(info.get("is_success", False))))
-            target = info.get(TARGET_INFO_KEY)
-            targets.append(None if target is None else str(target))
+            targets.append(episode_goal(info))
+            episode = episode_metrics(info)
+            if episode is not None:
+                driving.append(episode)
             if SAFETY_INFO_KEY in info:  # episode totals per rule id
                 safety.append(dict(info[SAFETY_INFO_KEY]))
                 costs.append(float(info.get(EPISODE_COST_INFO_KEY, 0.0)))
@@ -300,6 +307,8 @@ def evaluate(
         mean_return=float(np.mean(returns)),
         mean_length=float(np.mean(lengths)),
     )
+    if driving:
+        result["driving"] = aggregate(driving)
     if safety:
         rules = list(safety[0])
         result["safety_interventions"] = {r: int(sum(s[r] for s in safety)) for r in rules}

@@ -658,6 +658,97 @@ _SCALE_PRESETS = [
 PRESETS.update({p.name: p for p in _SCALE_PRESETS})
 
 
+# --- language-routed driving (issue 26): LangDrive, waypoint actions, fused sensors -----------
+# The env acts in waypoint space: 4 ego-frame (x, y) waypoints + a target speed, turned into
+# throttle/steer by the env's pure-pursuit/PID controller. The `gaussian` head over those
+# 2 K + 1 numbers is the waypoint head (RLlib clips to the [-1, 1] box).
+LANGDRIVE_ENV: dict[str, Any] = dict(action="waypoints", waypoints=4, waypoint_speed=True)
+# camera (tiny CNN) + 2-D LiDAR (PointNet) + IMU window + ego signals, fused by learned per-sensor
+# gates with sensor dropout (a failed sensor degrades the policy rather than breaking it)
+LANGDRIVE_SENSORS: dict[str, Any] = dict(
+    sensors={"lidar": {"encoder": "pointnet"}, "imu": {"encoder": "mlp"}, "ego": {}},
+    fusion="gated",
+    fusion_config={"sensor_dropout": 0.1},
+)
+LANGDRIVE_VLA: dict[str, Any] = dict(TINY_VLA, vision_skip=True, **LANGDRIVE_SENSORS)
+_LANGDRIVE_PRESETS = [
+    Preset(
+        name="langdrive-bc",
+        algorithm="bc",
+        env="vla_ray/LangDrive-v0",
+        description="behaviour cloning of LangDrive expert demos (vla-ray collect) in waypoint "
+        "space; camera + LiDAR + IMU + ego, gated fusion",
+        env_config=dict(LANGDRIVE_ENV),
+        model=dict(LANGDRIVE_VLA, head="gaussian", value="none"),
+        training=dict(lr=1e-3, train_batch_size_per_learner=256),
+        env_runners=dict(num_env_runners=0, num_envs_per_env_runner=4),
+        stop=dict(iters=500),
+        eval_episodes=20,
+    ),
+    Preset(
+        name="langdrive-dagger",
+        algorithm="dagger",
+        env="vla_ray/LangDrive-v0",
+        description="DAgger on LangDrive with the scripted expert relabelling every visited state",
+        env_config=dict(LANGDRIVE_ENV, expert_beta=1.0),
+        model=dict(LANGDRIVE_VLA, head="gaussian", value="none"),
+        training=dict(lr=1e-3, rollout_steps=1000, updates_per_iteration=50),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(iters=30),
+        eval_episodes=20,
+    ),
+    Preset(
+        name="langdrive-ppo",
+        algorithm="ppo",
+        env="vla_ray/LangDrive-v0",
+        description="PPO on LangDrive in waypoint space (fused sensors); start from a BC/DAgger "
+        "run with --set model.pretrained_path=RUN_DIR",
+        env_config=dict(LANGDRIVE_ENV),
+        model=dict(
+            LANGDRIVE_VLA, head="gaussian", head_config={"init_log_std": -1.0}, value="shared"
+        ),
+        training=dict(
+            lr=3e-4,
+            gamma=0.95,
+            lambda_=0.9,
+            train_batch_size_per_learner=2048,
+            minibatch_size=256,
+            num_epochs=4,
+            entropy_coeff=0.0,
+            vf_loss_coeff=0.01,
+        ),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
+        stop=dict(timesteps=500_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=30,
+    ),
+    Preset(
+        name="langdrive-sac",
+        algorithm="sac",
+        # no camera: SAC's replay buffer then holds small observations (LiDAR, IMU, ego, state)
+        env="vla_ray/LangDriveState-v0",
+        description="SAC on LangDrive without the camera (LiDAR + IMU + ego + state, gated "
+        "fusion) in waypoint space",
+        env_config=dict(LANGDRIVE_ENV),
+        model=dict(vision="none", head="tanh_gaussian", q_hidden=256, **LANGDRIVE_SENSORS),
+        training=dict(
+            gamma=0.95,
+            actor_lr=3e-4,
+            critic_lr=3e-4,
+            alpha_lr=3e-4,
+            train_batch_size_per_learner=256,
+            num_steps_sampled_before_learning_starts=2000,
+            replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 200_000},
+        ),
+        env_runners=dict(num_env_runners=2, num_envs_per_env_runner=1),
+        stop=dict(timesteps=300_000),
+        fault_tolerance=dict(FAULT_TOLERANT),
+        eval_episodes=30,
+    ),
+]
+PRESETS.update({p.name: p for p in _LANGDRIVE_PRESETS})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; ValueError listing the valid names otherwise."""
     if name not in PRESETS:

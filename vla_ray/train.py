@@ -156,6 +156,8 @@ def summarize(result: dict[str, Any], evaluated: bool = False) -> dict[str, Any]
         # interventions per episode by safety rule id, and the episode's safety cost
         safety={str(k): _num(v) for k, v in (runners.get("safety") or {}).items()},
         episode_cost=_num(runners.get("episode_cost")),
+        # driving envs: route completion, driving score, collision, mean speed (episode means)
+        driving={str(k): _num(v) for k, v in (runners.get("driving") or {}).items()},
         learner=_learner_stats(result),
     )
 
