@@ -4,6 +4,7 @@ the state carried through RLlib's stateful RLModule API and reset at episode sta
 from __future__ import annotations
 
 import itertools
+import json
 
 import gymnasium as gym
 import numpy as np
@@ -250,3 +251,26 @@ def test_predict_step_carries_the_state(reach_steps):
     again, _ = vla.predict_step(reach_steps[0], s)
     assert not torch.allclose(a0, again)
     torch.testing.assert_close(vla.predict_step(reach_steps[0])[0], a0)
+
+
+# gru ~10-15 s, transformer ~9 s on the 2-core CI machine (2026-12-07); the transformer is slow
+@pytest.mark.parametrize("temporal", ["gru", pytest.param("transformer", marks=pytest.mark.slow)])
+def test_ppo_trains_a_temporal_vla_two_iterations(ray_session, tmp_path, temporal):
+    """PPO on time-ranked sequences with 1 EnvRunner (state-only LangReach, tiny batches); the
+    exported VLA keeps the memory."""
+    from vla_ray.train import resolve, train
+
+    model = {"temporal": temporal, "temporal_config": temporal_config(temporal), "vf_hidden": 8}
+    overrides = {
+        "model": model,
+        "training": {"train_batch_size_per_learner": 64, "minibatch_size": 32, "num_epochs": 1},
+        "env_runners": {"num_envs_per_env_runner": 2},
+        "checkpoint_every": 2,
+    }
+    spec = resolve("langreach-state-ppo", overrides, num_env_runners=1)
+    summary = train(spec, tmp_path / "run", stop_iters=2, progress=False)
+    assert summary["iteration"] == 2 and summary["env_steps"] >= 128
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["learner"]["total_loss"])
+    vla = VLA.from_pretrained(tmp_path / "run" / "checkpoints" / "last" / "vla")
+    assert vla.config.temporal == temporal and vla.temporal is not None
