@@ -272,5 +272,14 @@ def test_ppo_trains_a_temporal_vla_two_iterations(ray_session, tmp_path, tempora
     assert summary["iteration"] == 2 and summary["env_steps"] >= 128
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(row["learner"]["total_loss"])
-    vla = VLA.from_pretrained(tmp_path / "run" / "checkpoints" / "last" / "vla")
+    last = tmp_path / "run" / "checkpoints" / "last"
+    vla = VLA.from_pretrained(last / "vla")
     assert vla.config.temporal == temporal and vla.temporal is not None
+    # `vla-ray eval` carries the memory through each episode, from either checkpoint form
+    from vla_ray.evaluate import RecurrentState, evaluate, load_policy
+
+    for path in (last / "vla", last):
+        policy = load_policy(path)
+        assert isinstance(policy.context, RecurrentState)
+        result = evaluate(policy, episodes=1, progress=False)
+        assert result["episodes"] == 1 and policy.context.state is not None
