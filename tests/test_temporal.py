@@ -283,3 +283,22 @@ def test_ppo_trains_a_temporal_vla_two_iterations(ray_session, tmp_path, tempora
         assert isinstance(policy.context, RecurrentState)
         result = evaluate(policy, episodes=1, progress=False)
         assert result["episodes"] == 1 and policy.context.state is not None
+
+
+def test_langreach_first_step_mode_names_the_colour_at_the_first_step_only():
+    """The memory check's task: the instruction is the blind sentence after the first step."""
+    import vla_ray.envs  # noqa: F401
+
+    env = gym.make("vla_ray/LangReachState-v0", instruction_mode="first_step")
+    blind = gym.make("vla_ray/LangReachState-v0", instruction_mode="blind")
+    try:
+        obs, info = env.reset(seed=0)
+        blind_ids = blind.reset(seed=0)[0]["instruction"]
+        assert info["target_color"] in env.unwrapped.instruction
+        assert not np.array_equal(obs["instruction"], blind_ids)
+        for _ in range(2):
+            obs = env.step(env.action_space.sample())[0]
+            np.testing.assert_array_equal(obs["instruction"], blind_ids)
+    finally:
+        env.close()
+        blind.close()
