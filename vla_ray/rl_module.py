@@ -21,6 +21,10 @@ Plug it into any RLlib algorithm config::
   (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
   (head, state projection, value function, freezing, LoRA) follows ``model_config``.
 
+With ``temporal`` ("gru" or "transformer", ``vla_ray.models.temporal``) the module is stateful
+(RLlib's API: ``get_initial_state``, ``STATE_IN``/``STATE_OUT``, time-ranked (B, T, ...) batches,
+``max_seq_len`` = ``temporal_config.history``); PPO and APPO train it.
+
 The observation space is a Dict with ``instruction`` and ``instruction_mask`` (int token ids +
 mask of a fixed length), ``image`` (uint8 HxWx3) and/or ``state``. Without ``image`` (state-only
 tasks) the module is built with ``vision="none"``.
