@@ -232,7 +232,7 @@ def test_bad_temporal_configs_name_the_field():
 
 
 def test_value_separate_and_algorithms_without_memory_refuse_temporal(langreach_obs_batch):
-    from vla_ray.run_spec import check_temporal_support
+    from vla_ray.run_spec import check_temporal_support, resolve
 
     obs = {k: torch.as_tensor(v) for k, v in langreach_obs_batch.items()}
     with pytest.raises(ConfigError, match=r"value: 'separate' .*temporal='gru'"):
@@ -241,6 +241,18 @@ def test_value_separate_and_algorithms_without_memory_refuse_temporal(langreach_
         check_temporal_support("sac", {"temporal": "gru"})
     check_temporal_support("sac", {"temporal": "none"})
     check_temporal_support("ppo", {"temporal": "transformer"})
+    with pytest.raises(ConfigError, match=r"model.temporal: bc trains on single steps"):
+        resolve("langreach-bc", {"model": {"temporal": "gru"}}, data="unused")
+    # RLlib's SAC used directly (no vla-ray preset): the module refuses
+    from vla_ray.sac_module import VLASACModule
+
+    space = space_of({k: v for k, v in obs.items() if k != "image"})
+    with pytest.raises(ConfigError, match=r"temporal: 'gru' is not supported by SAC, CQL or IQL"):
+        VLASACModule(
+            observation_space=space,
+            action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+            model_config={"temporal": "gru", "vision": "none", "q_hidden": 8},
+        )
 
 
 def test_predict_step_carries_the_state(reach_steps):
