@@ -55,7 +55,7 @@ from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
-from vla_ray.models.temporal import fold_time
+from vla_ray.models.temporal import TemporalModule, fold_time
 from vla_ray.models.vla import VLA, build_trunk, run_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
@@ -247,7 +247,6 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
         elif not self.inference_only and value == "shared":
             self.vf = mlp(self.vla.head.value_dim, int(mc.get("vf_hidden", 256)), 1)
-        self.temporal = self.vla.temporal
         if self.temporal is not None:
             if value == "separate":
                 raise ConfigError(
@@ -258,6 +257,11 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.model_config = {**mc, "max_seq_len": self.temporal.history}
 
     # ---- the stateful API (config.temporal) ---------------------------------------------------
+    @property
+    def temporal(self) -> TemporalModule | None:
+        """The VLA's memory (``config.temporal``); None: the module is stateless."""
+        return self.vla.temporal
+
     @override(RLModule)
     def get_initial_state(self) -> dict[str, Any]:
         if self.temporal is None:
