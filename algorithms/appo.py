@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.appo.torch.appo_torch_learner import APPOTorchLearner
-from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS, TargetNetworkAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -36,8 +35,9 @@ class VLAAPPOModule(VLAModule, TargetNetworkAPI):
 
     @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        features = self._old_vla.trunk(batch[Columns.OBS])
-        return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._old_vla.head.dist_inputs(features)}
+        features, _ = self._features(batch, self._old_vla)  # with the target's own memory
+        dist_inputs = self._per_row(self._old_vla.head.dist_inputs, features)
+        return {TARGET_NETWORK_ACTION_DIST_INPUTS: dist_inputs}
 
     @override(VLAModule)
     def get_non_inference_attributes(self) -> list[str]:
@@ -62,6 +62,8 @@ class VLAAPPOConfig(VLAAlgorithmConfig, APPOConfig):
 
     NAME: ClassVar[str] = "appo"
     # Heads that give the log-probabilities APPO needs.
+    # ``model.temporal``: RLlib's APPO trains stateful modules on zero-padded sequences
+    TEMPORAL: ClassVar[bool] = True
     HEADS: ClassVar[tuple[str, ...]] = ("gaussian",)
     MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
 

@@ -39,6 +39,8 @@ class VLAPPOConfig(VLAAlgorithmConfig, PPOConfig):
     MODEL_DEFAULTS: ClassVar[dict[str, Any]] = dict(head="gaussian", value="shared")
     # ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
     ACTION_CHUNKS: ClassVar[bool] = True
+    # ``model.temporal``: RLlib's PPO trains stateful modules on zero-padded sequences
+    TEMPORAL: ClassVar[bool] = True
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class)

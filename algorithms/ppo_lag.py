@@ -145,6 +145,8 @@ class PPOLagConfig(VLAPPOConfig):
     NAME: ClassVar[str] = "ppo_lag"
     # single-step actions only (PPO's chunks are not declared for the cost penalty)
     ACTION_CHUNKS: ClassVar[bool] = False
+    # no memory: the cost penalty's connectors are not checked on time-ranked sequences
+    TEMPORAL: ClassVar[bool] = False
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or PPOLag)

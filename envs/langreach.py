@@ -48,7 +48,9 @@ TEMPLATES: tuple[str, ...] = (
     "head for the {c} dot",
 )
 BLIND_INSTRUCTION = "reach the target"
-INSTRUCTION_MODES = ("text", "blind")
+# "first_step": the instruction at an episode's first step, the blind sentence afterwards (a
+# policy must remember the colour: the memory check of ``model.temporal``)
+INSTRUCTION_MODES = ("text", "blind", "first_step")
 OBSERVATION_MODES = ("pixels", "state")
 # the scene's cameras, in the order of the ``images`` observation (``num_cameras`` > 1): the
 # top-down view, and a view from the arena's -y side looking down at 37 degrees
@@ -328,8 +330,11 @@ class LangReachEnv(gym.Env):
         else:
             parts.append(self._target_pos.reshape(-1))
         obs["state"] = np.concatenate(parts).astype(np.float32)
-        obs["instruction"] = self._ids[self._text_index].copy()
-        obs["instruction_mask"] = self._mask[self._text_index].copy()
+        shown = self._text_index
+        if self.instruction_mode == "first_step" and self._steps > 0:
+            shown = len(self._texts) - 1
+        obs["instruction"] = self._ids[shown].copy()
+        obs["instruction_mask"] = self._mask[shown].copy()
         return obs
 
     def _info(self, distance: float) -> dict[str, Any]:

@@ -36,6 +36,9 @@ class VLAAlgorithmConfig:
     ACCEPTS_DATA: ClassVar[bool] = False
     # ``model.chunk_size`` K > 1 is supported (a chunk is one macro-action)
     ACTION_CHUNKS: ClassVar[bool] = False
+    # ``model.temporal`` (a GRU or windowed transformer memory) is supported: the algorithm
+    # trains on RLlib's time-ranked sequences with STATE_IN (``vla_ray.models.temporal``)
+    TEMPORAL: ClassVar[bool] = False
     # training episodes do not measure the policy (offline data, expert mixing): the run
     # reports deterministic evaluation episodes (``eval_every``/``eval_episodes``)
     EVALUATES: ClassVar[bool] = False

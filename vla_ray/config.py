@@ -119,6 +119,15 @@ class VLAConfig:
     sensors: dict[str, dict[str, Any]] = field(default_factory=dict)
     fusion: str = "concat"
     fusion_config: dict[str, Any] = field(default_factory=dict)
+    # memory over the trunk's per-step features (``vla_ray.models.temporal``): "none", "gru" (a
+    # recurrent state) or "transformer" (attention over a window of the last ``history`` steps),
+    # with ``temporal_config`` (history, hidden, layers, heads). The state travels through
+    # RLlib's stateful RLModule API (STATE_IN/STATE_OUT, reset at episode starts; training on
+    # sequences of ``history`` steps). Algorithms that train it: ppo and appo (their
+    # ``TEMPORAL`` flag); the others refuse it (``vla_ray.run_spec.check_temporal_support``;
+    # SAC, CQL and IQL also in their module). A temporal VLA acts through ``predict_step``.
+    temporal: str = "none"
+    temporal_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
@@ -143,6 +152,7 @@ class VLAConfig:
                 raise ConfigError("vision_skip: there are no vision tokens with vision='none'")
         self._check_state_normalisation()
         self._check_sensors()
+        self._check_temporal()
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise ConfigError(f"image_size: expected (H, W) with H, W >= 8, got {self.image_size}")
         if self.projector_tokens < 1:
@@ -234,6 +244,17 @@ class VLAConfig:
 
         self.sensors = normalise_sensors(self.sensors)
         check_fusion(self.fusion, self.fusion_config)
+
+    def _check_temporal(self) -> None:
+        from vla_ray.models.temporal import check_temporal
+
+        check_temporal(self.temporal, self.temporal_config)
+        if self.temporal != "none" and self.backbone in ("smolvla", "pi0"):
+            raise ConfigError(
+                f"temporal: {self.temporal!r} needs a head that reads trunk features; the "
+                f"{self.backbone} backbone's expert reads the VLM itself (use backbone='vla', "
+                "'vlm' or 'openvla', or temporal='none')"
+            )
 
     def _check_state_normalisation(self) -> None:
         if (self.state_mean is None) != (self.state_std is None):

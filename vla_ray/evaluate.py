@@ -69,6 +69,30 @@ class Policy:
             self.context.observe(reward)
 
 
+class RecurrentState:
+    """The memory of a temporal VLA (``config.temporal``) over one episode: forgotten at each
+    episode's start, carried from step to step (an ``EpisodeContext``)."""
+
+    def __init__(self, vla: Any):
+        self.vla = vla
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def observe(self, reward: float) -> None:
+        """Rewards do not enter the memory."""
+
+    def act(self, obs: ObsDict) -> np.ndarray:
+        actions, self.state = self.vla.predict_step(obs, self.state, deterministic=True)
+        return actions.flatten(1).cpu().numpy()
+
+
+def _temporal_policy(vla: Any, meta: dict[str, Any], source: str) -> Policy:
+    memory = RecurrentState(vla)
+    return Policy(memory.act, meta, source, model=vla, context=memory)
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     for candidate in (path / META_NAME, path.parent / META_NAME):
         if candidate.is_file():
@@ -106,6 +130,8 @@ def load_policy(
                 f"'dreamer'); {path} is a VLA save_pretrained directory"
             )
         vla = VLA.from_pretrained(path).eval()
+        if vla.temporal is not None:
+            return _temporal_policy(vla, meta, "save_pretrained")
 
         def act_vla(obs: ObsDict) -> np.ndarray:
             return vla.predict(obs, deterministic=True).flatten(1).cpu().numpy()
@@ -145,6 +171,8 @@ def load_policy(
             "(neither a VLA policy nor a Decision Transformer)"
         )
     module.eval()
+    if getattr(module.vla, "temporal", None) is not None:
+        return _temporal_policy(module.vla, meta, "rllib")
     from vla_ray.data.validation import module_actions
 
     def act_module(obs: ObsDict) -> np.ndarray:

@@ -21,6 +21,10 @@ Plug it into any RLlib algorithm config::
   (vision encoder, projector, language model, tokenizer) is built and loaded from it, the rest
   (head, state projection, value function, freezing, LoRA) follows ``model_config``.
 
+With ``temporal`` ("gru" or "transformer", ``vla_ray.models.temporal``) the module is stateful
+(RLlib's API: ``get_initial_state``, ``STATE_IN``/``STATE_OUT``, time-ranked (B, T, ...) batches,
+``max_seq_len`` = ``temporal_config.history``); PPO and APPO train it.
+
 The observation space is a Dict with ``instruction`` and ``instruction_mask`` (int token ids +
 mask of a fixed length), ``image`` (uint8 HxWx3) and/or ``state``. Without ``image`` (state-only
 tasks) the module is built with ``vision="none"``.
@@ -51,6 +55,7 @@ from ray.rllib.utils.annotations import override
 
 from vla_ray.config import ConfigError, VLAConfig, check_choice
 from vla_ray.models.heads import mlp
+from vla_ray.models.temporal import TemporalModule, fold_time
 from vla_ray.models.vla import VLA, build_trunk, run_trunk
 
 # ``_forward_train`` output: an auxiliary loss of the module (the keypoint reconstruction of a
@@ -242,24 +247,78 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
         elif not self.inference_only and value == "shared":
             self.vf = mlp(self.vla.head.value_dim, int(mc.get("vf_hidden", 256)), 1)
+        if self.temporal is not None:
+            if value == "separate":
+                raise ConfigError(
+                    f"value: 'separate' has its own trunk without the policy's memory "
+                    f"(temporal={config.temporal!r}); use value='shared' or 'none'"
+                )
+            # RLlib's connectors cut training episodes into sequences of max_seq_len steps
+            self.model_config = {**mc, "max_seq_len": self.temporal.history}
+
+    # ---- the stateful API (config.temporal) ---------------------------------------------------
+    @property
+    def temporal(self) -> TemporalModule | None:
+        """The VLA's memory (``config.temporal``); None: the module is stateless."""
+        return self.vla.temporal
+
+    @override(RLModule)
+    def get_initial_state(self) -> dict[str, Any]:
+        if self.temporal is None:
+            return {}
+        return {k: v.numpy() for k, v in self.temporal.initial_state().items()}
+
+    def _features(
+        self, batch: dict[str, Any], vla: VLA | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The features the heads of ``vla`` (default: the policy's) read and the state output
+        (empty without memory). With memory the batch is time-ranked (B, T, ...) as RLlib's
+        connectors give it, with ``STATE_IN`` (B, ...) (without it, the episodes start here); a
+        batch without a time rank is one step (T = 1) and its features keep no time rank."""
+        vla = self.vla if vla is None else vla
+        obs = batch[Columns.OBS]
+        if vla.temporal is None:
+            return vla.features(obs), {}
+        timed = obs["instruction_mask"].dim() == 3
+        if not timed:
+            obs = {k: v[:, None] for k, v in obs.items()}
+        flat, B, T = fold_time(obs)
+        per_step = vla.features(flat).view(B, T, -1)
+        state = batch.get(Columns.STATE_IN) or vla.temporal.batch_initial_state(B)
+        features, state_out = vla.temporal(per_step, state)
+        return (features if timed else features[:, 0]), {Columns.STATE_OUT: state_out}
+
+    @staticmethod
+    def _per_row(fn: Any, features: torch.Tensor) -> torch.Tensor:
+        """``fn`` (which takes (N, F)) over features with any leading dims (B, T, F)."""
+        lead = features.shape[:-1]
+        out = fn(features.reshape(-1, features.shape[-1]))
+        return out.reshape(*lead, *out.shape[1:])
 
     # ---- forward passes ---------------------------------------------------------------------
     def _policy_out(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         head = self.vla.head
         if head.stochastic:
-            return {Columns.ACTION_DIST_INPUTS: head.dist_inputs(features)}
-        return {Columns.ACTIONS: head.predict(features, deterministic=True).flatten(1)}
+            return {Columns.ACTION_DIST_INPUTS: self._per_row(head.dist_inputs, features)}
+        predict = lambda f: head.predict(f, deterministic=True).flatten(1)  # noqa: E731
+        return {Columns.ACTIONS: self._per_row(predict, features)}
 
     @override(RLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._policy_out(self.vla.features(batch[Columns.OBS]))
+        features, state = self._features(batch)
+        return {**self._policy_out(features), **state}
 
     @override(RLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        features = self.vla.features(batch[Columns.OBS])
+        features, state = self._features(batch)
         head = self.vla.head
         self._value_input = None
-        if head.stochastic and self.value_mode == "shared" and not self.inference_only:
+        if (
+            head.stochastic
+            and self.value_mode == "shared"
+            and not self.inference_only
+            and self.temporal is None
+        ):
             inputs, value_input = head.dist_inputs_and_value_input(features)
             out = {Columns.ACTION_DIST_INPUTS: inputs}
             if value_input is not features:  # a head's own representation (LeRobot's VLM)
@@ -268,9 +327,11 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         else:
             out = self._policy_out(features)
         out[Columns.EMBEDDINGS] = features
+        out.update(state)
         vision = self.vla.trunk.vision
         if getattr(vision, "recon", None) is not None:  # cnn with recon_coeff > 0
-            out[AUX_LOSS] = vision.reconstruction_loss(batch[Columns.OBS]["image"])
+            image = batch[Columns.OBS]["image"]
+            out[AUX_LOSS] = vision.reconstruction_loss(image.reshape(-1, *image.shape[-3:]))
         return out
 
     @override(ValueFunctionAPI)
@@ -284,12 +345,12 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             embeddings = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
             return self.vf(embeddings).squeeze(-1)
         if embeddings is None:
-            embeddings = self.vla.features(batch[Columns.OBS])
+            embeddings = self._features(batch)[0]
         cached, self._value_input = self._value_input, None
         if cached is not None and cached[0] is embeddings:
             value_input = cached[1]
         else:
-            value_input = self.vla.head.value_input(embeddings)
+            value_input = self._per_row(self.vla.head.value_input, embeddings)
         return self.vf(value_input).squeeze(-1)
 
     @override(InferenceOnlyAPI)

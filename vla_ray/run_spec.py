@@ -170,6 +170,7 @@ def resolve(
     settings["env_config"] = chunk_env_config(
         p.algorithm, settings["model"], settings["env_config"]
     )
+    check_temporal_support(p.algorithm, settings["model"])
     runners = settings["env_runners"]
     if num_env_runners is not None:
         runners["num_env_runners"] = num_env_runners
@@ -219,3 +220,20 @@ def chunk_env_config(
         )
     chunk_settings({**given, "size": size})  # checks execute / gamma
     return {**env_config, CHUNK_CONFIG_KEY: {**given, "size": size}}
+
+
+def check_temporal_support(algorithm: str, model: dict[str, Any]) -> None:
+    """ConfigError naming ``model.temporal`` when it is set and ``algorithm`` does not train a
+    memory (its config class does not set ``TEMPORAL``), listing the algorithms that do."""
+    from vla_ray.algorithms import ALGORITHMS, get_algorithm
+    from vla_ray.config import ConfigError
+
+    temporal = model.get("temporal", "none")
+    if temporal == "none" or get_algorithm(algorithm).TEMPORAL:
+        return
+    takes = [a for a in ALGORITHMS if get_algorithm(a).TEMPORAL]
+    raise ConfigError(
+        f"model.temporal: {algorithm} trains on single steps and cannot carry a memory; got "
+        f"temporal={temporal!r}. Algorithms that support temporal: {', '.join(takes)} "
+        "(or set model.temporal='none')"
+    )

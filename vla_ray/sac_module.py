@@ -257,6 +257,13 @@ class VLASACModule(DefaultSACTorchRLModule):
                 "SAC, CQL and IQL need 'tanh_gaussian'"
             )
         config = self.vla.config
+        if config.temporal != "none":
+            # RLlib's replay buffers sample single transitions, without the sequences and
+            # STATE_IN a memory trains on
+            raise ConfigError(
+                f"temporal: {config.temporal!r} is not supported by SAC, CQL or IQL (they learn "
+                "from replayed single transitions); use temporal='none', or ppo/appo for a memory"
+            )
         self.twin_q = bool(mc.get("twin_q", True))
         self.q_hidden = int(mc.get("q_hidden", 256))
         self._dist_cls = VLASquashedGaussian.bounded(config.action_low, config.action_high)

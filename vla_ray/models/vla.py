@@ -47,6 +47,7 @@ from vla_ray.models.lora import autocast, is_adapter_param
 from vla_ray.models.prefix import CachedPrefixTrunk, Prefix
 from vla_ray.models.projectors import build_projector
 from vla_ray.models.sensors import SensorStack, optional_sensor_keys, sensor_obs_shapes
+from vla_ray.models.temporal import TemporalModule, build_temporal
 from vla_ray.models.vision import HFVisionEncoder, build_vision_encoder
 from vla_ray.tokenizer import encode_instructions, load_tokenizer, save_tokenizer
 
@@ -360,10 +361,15 @@ class VLA(nn.Module):
 
             self.head: ActionHead = lerobot_head(self.trunk, config)
             self.tokenizer = self.trunk.policy.tokenizer
+            self.temporal = None
             return
+        # memory over the per-step features (config.temporal): the heads read its output
+        self.temporal: TemporalModule | None = build_temporal(
+            config.temporal, config.temporal_config, self.trunk.feature_dim
+        )
         self.head = build_head(
             config.head,
-            self.trunk.feature_dim,
+            self.trunk.feature_dim if self.temporal is None else self.temporal.out_dim,
             config.action_dim,
             config.chunk_size,
             config.action_low,
@@ -381,12 +387,40 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def predict(self, obs: Mapping[str, Any], deterministic: bool = True) -> torch.Tensor:
-        """Action chunks (B, K, A) for a batch of observations (tensors or numpy arrays)."""
+        """Action chunks (B, K, A) for a batch of observations (tensors or numpy arrays).
+        A temporal VLA needs its state: ``predict_step``."""
+        if self.temporal is not None:
+            raise ConfigError(
+                f"temporal: this VLA has memory (temporal={self.config.temporal!r}); predict() "
+                "is per observation. Use predict_step(obs, state) or the RLModule"
+            )
         obs_t = {
             k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
             for k, v in obs.items()
         }
         return self.head.predict(self.features(obs_t), deterministic=deterministic)
+
+    @torch.no_grad()
+    def predict_step(
+        self,
+        obs: Mapping[str, Any],
+        state: Mapping[str, torch.Tensor] | None = None,
+        deterministic: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Action chunks (B, K, A) for one step of B episodes and the state after it; ``state``
+        None starts every episode (``temporal.batch_initial_state``). A VLA without memory
+        returns an empty state."""
+        obs_t = {
+            k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+            for k, v in obs.items()
+        }
+        features = self.features(obs_t)
+        if self.temporal is None:
+            return self.head.predict(features, deterministic=deterministic), {}
+        if state is None:
+            state = self.temporal.batch_initial_state(features.shape[0])
+        out, state = self.temporal(features[:, None], state)
+        return self.head.predict(out[:, 0], deterministic=deterministic), state
 
     def act(
         self,
