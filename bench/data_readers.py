@@ -6,7 +6,10 @@ Datasets (``--episodes`` x ``--steps``, ``--size`` px RGB, state 8, action 7), b
 LeRobotDataset v3.0 with one mp4 camera (lossless H.264 RGB, vla-ray's default) and with AV1
 (LeRobot's default), LeRobotDataset v3.0 with two ``image``-dtype PNG cameras in the parquet,
 RLDS shards with one PNG and one JPEG camera, and (with ``rosbags``) ROS 2 bags at 30 Hz camera /
-50 Hz joints / 10 Hz commands read at 10 Hz (frames/s counts the 10 Hz output ticks).
+50 Hz joints / 10 Hz commands read at 10 Hz (frames/s counts the 10 Hz output ticks), and a
+nuScenes v1.0 database at the real sensor sizes (``--nuscenes-scenes`` scenes of 20 key-frame
+samples: six 1600x900 JPEG cameras and a 34,720-point LiDAR sweep each; frames/s counts steps,
+i.e. samples with 3 s of future waypoints).
 
     python bench/data_readers.py --out docs/bench
 """
@@ -210,6 +213,103 @@ def build_rosbags(folder: Path, n: int, seconds: float, size: int) -> Path | Non
     return folder / "topics.json"
 
 
+def build_nuscenes(
+    dataroot: Path, scenes: int, samples: int, width: int, height: int, points: int
+) -> Path:
+    """A nuScenes v1.0 database (tables + ``samples/`` files) at the real sensor sizes: six
+    ``width`` x ``height`` JPEG cameras and a ``points``-point ``LIDAR_TOP`` sweep per key-frame
+    sample (2 Hz), each scene driving straight at 5 m/s."""
+    from vla_ray.data import nuscenes_format as nu
+
+    version = dataroot / "v1.0-bench"
+    version.mkdir(parents=True)
+    channels = [*nu.CAMERAS, nu.LIDAR]
+    sensors = [
+        {"token": f"s-{c}", "channel": c, "modality": "lidar" if c == nu.LIDAR else "camera"}
+        for c in channels
+    ]
+    calib = [
+        {
+            "token": f"c-{c}",
+            "sensor_token": f"s-{c}",
+            "translation": [1.0, 0.0, 1.8],
+            "rotation": [1.0, 0.0, 0.0, 0.0],
+            "camera_intrinsic": []
+            if c == nu.LIDAR
+            else [[1266, 0, 816], [0, 1266, 491], [0, 0, 1]],
+        }
+        for c in channels
+    ]
+    rng = np.random.default_rng(0)
+    # one camera picture and one sweep reused (the reader decodes every file it is given)
+    base = rng.integers(0, 255, (-(-height // 8), -(-width // 8), 3), dtype=np.uint8)
+    picture = np.kron(base, np.ones((8, 8, 1), np.uint8))[:height, :width]
+    jpeg = _encode(picture, "JPEG")
+    cloud = rng.normal(0, 20, (points, 5)).astype(np.float32).tobytes()
+    tables: dict[str, list[dict[str, Any]]] = {k: [] for k in ("scene", "sample", "sample_data")}
+    tables["ego_pose"] = []
+    for s in range(scenes):
+        for i in range(samples):
+            stamp = 1_532_402_927_647_951 + s * 10**9 + i * 500_000
+            tok = f"sample{s}-{i}"
+            tables["sample"].append(
+                {
+                    "token": tok,
+                    "timestamp": stamp,
+                    "prev": f"sample{s}-{i - 1}" if i else "",
+                    "next": f"sample{s}-{i + 1}" if i < samples - 1 else "",
+                    "scene_token": f"scene{s}",
+                }
+            )
+            tables["ego_pose"].append(
+                {
+                    "token": f"pose{s}-{i}",
+                    "timestamp": stamp,
+                    "rotation": [1.0, 0.0, 0.0, 0.0],
+                    "translation": [2.5 * i, 0.0, 0.0],
+                }
+            )
+            for c in channels:
+                lidar = c == nu.LIDAR
+                name = f"samples/{c}/n015-2018-07-24-11-22-45+0800__{c}__{stamp}"
+                path = dataroot / (name + (".pcd.bin" if lidar else ".jpg"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(cloud if lidar else jpeg)
+                tables["sample_data"].append(
+                    {
+                        "token": f"sd-{c}-{s}-{i}",
+                        "sample_token": tok,
+                        "ego_pose_token": f"pose{s}-{i}",
+                        "calibrated_sensor_token": f"c-{c}",
+                        "timestamp": stamp,
+                        "fileformat": "pcd" if lidar else "jpg",
+                        "is_key_frame": True,
+                        "height": 0 if lidar else height,
+                        "width": 0 if lidar else width,
+                        "filename": str(path.relative_to(dataroot)),
+                        "prev": "",
+                        "next": "",
+                    }
+                )
+        tables["scene"].append(
+            {
+                "token": f"scene{s}",
+                "log_token": "log0",
+                "nbr_samples": samples,
+                "first_sample_token": f"sample{s}-0",
+                "last_sample_token": f"sample{s}-{samples - 1}",
+                "name": f"scene-{s:04d}",
+                "description": "straight, synthetic",
+            }
+        )
+    tables["calibrated_sensor"] = calib
+    tables["sensor"] = sensors
+    tables["log"] = [{"token": "log0", "location": "boston-seaport", "vehicle": "n015"}]
+    for name, rows in tables.items():
+        (version / f"{name}.json").write_text(json.dumps(rows))
+    return version
+
+
 def time_reader(name: str, module: Any, path: Path, repeats: int) -> dict[str, Any]:
     """Frames/s of reading every episode ``repeats`` times (best pass), and the decode share."""
     from vla_ray.data import lerobot_format
@@ -257,10 +357,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--nuscenes-scenes", type=int, default=2, help="20 samples (10 s) each")
+    ap.add_argument(
+        "--nuscenes-points", type=int, default=34_720, help="points per LiDAR sweep (nuScenes')"
+    )
     ap.add_argument("--out", help="write data_readers.json here")
     args = ap.parse_args()
 
-    from vla_ray.data import lerobot_format, rlds_format, rosbag_format
+    from vla_ray.data import lerobot_format, nuscenes_format, rlds_format, rosbag_format
     from vla_ray.data.lerobot_format import write_lerobot
 
     eps, obs_space, act_space = _episodes(args.episodes, args.steps, args.size)
@@ -284,6 +388,12 @@ def main() -> None:
             rows.append(
                 time_reader("rosbag 2 (30 Hz rgb8 -> 10 Hz)", rosbag_format, spec, args.repeats)
             )
+        path = build_nuscenes(
+            tmp / "nuscenes", args.nuscenes_scenes, 20, 1600, 900, args.nuscenes_points
+        )
+        rows.append(
+            time_reader("nuscenes (6 JPEG 1600x900 + LiDAR)", nuscenes_format, path, args.repeats)
+        )
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "settings": vars(args),
