@@ -119,7 +119,7 @@ def test_eval_on_data_cli(tmp_path, monkeypatch, capsys):
 
     data = write_episodes([episode(i) for i in range(3)], tmp_path / "ds")
     policy = Policy(lambda o: np.zeros((len(o), 2)), {"env": "vla_ray/LangReach-v0"}, "test")
-    monkeypatch.setattr(evaluate, "load_policy", lambda path: policy)
+    monkeypatch.setattr(evaluate, "load_policy", lambda path, **options: policy)
     out = tmp_path / "val.json"
     assert main(["eval", "--checkpoint", "ckpt", "--data", str(data), "--json", str(out)]) == 0
     got = json.loads(out.read_text())
