@@ -260,6 +260,18 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
 
 
 # ---- spec ---------------------------------------------------------------------------------------
+def instruction_spec(tok: Any, max_tokens: int) -> dict[str, Any]:
+    """The spec's ``instruction`` block: how a client tokenises the instruction for the graph."""
+    return {
+        "max_tokens": max_tokens,
+        "tokenizer": TOKENIZER_DIR,
+        "add_special_tokens": False,
+        "padding": "right",
+        "pad_token_id": int(tok.pad_token_id or 0),
+        "vocab_size": len(tok),
+    }
+
+
 def _normalisation(vla: VLA) -> dict[str, Any]:
     from vla_ray.models.vision import _NORM
 
@@ -354,14 +366,7 @@ def build_spec(vla: VLA, fmt: str, model_file: str, meta: dict[str, Any]) -> dic
             "low": [float(cfg.action_low)] * A,
             "high": [float(cfg.action_high)] * A,
         },
-        "instruction": {
-            "max_tokens": L,
-            "tokenizer": TOKENIZER_DIR,
-            "add_special_tokens": False,
-            "padding": "right",
-            "pad_token_id": int(tok.pad_token_id or 0),
-            "vocab_size": len(tok),
-        },
+        "instruction": instruction_spec(tok, L),
         "normalisation": _normalisation(vla),
         "head": head,
         "vla_config": vla.portable_config().to_dict(),

@@ -205,7 +205,7 @@ def build_spec(
 ) -> dict[str, Any]:
     """The JSON spec written beside an exported sequence policy (the keys of a VLA's spec, plus
     ``policy``, ``graph_inputs`` and ``context``)."""
-    from vla_ray.export import _normalisation
+    from vla_ray.export import _normalisation, instruction_spec
 
     cfg = module.config
     h, w = cfg.image_size
@@ -260,14 +260,7 @@ def build_spec(
             "low": [float(module._low)] * A,
             "high": [float(module._high)] * A,
         },
-        "instruction": {
-            "max_tokens": L,
-            "tokenizer": TOKENIZER_DIR,
-            "add_special_tokens": False,
-            "padding": "right",
-            "pad_token_id": int(tok.pad_token_id or 0),
-            "vocab_size": len(tok),
-        },
+        "instruction": instruction_spec(tok, L),
         CONTEXT_KEY: context,
         "normalisation": _normalisation(module),
         "head": {"name": "dt", "deterministic": True},
