@@ -135,3 +135,22 @@ def ppo_one_target_returns(preset: str, run_dir, iters: int) -> tuple[float, flo
     before = score()
     train(spec, run_dir, stop_iters=iters, resume=True, progress=False)
     return before, score()
+
+
+def live_stream_threads() -> set:
+    """The live worker threads of Ray Data batch streams (``DataIterator.iter_batches``): each
+    calls into Ray, and one still running at ``ray.shutdown()`` ends the process with status 1."""
+    import threading
+
+    return {t for t in threading.enumerate() if t.name == "iter_threaded"}
+
+
+def assert_no_new_stream_threads(before: set, wait_s: float = 2.0) -> None:
+    """No stream thread started after ``before`` (a ``live_stream_threads()``) is still running
+    ``wait_s`` seconds from now (a closed stream's threads end within ~0.1 s)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while (left := live_stream_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"Ray Data stream threads left running: {sorted(t.name for t in left)}"

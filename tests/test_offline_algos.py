@@ -9,10 +9,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import assert_no_new_stream_threads, live_stream_threads
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from vla_ray.data import collect, read_episodes
-from vla_ray.data.stream import MAX_STREAM_BLOCKS, MIN_STREAM_EPISODES
+from vla_ray.data.stream import MAX_STREAM_BLOCKS, MIN_STREAM_EPISODES, close_offline_data
 from vla_ray.train import build_algorithm_config, resolve, train
 
 HOPPER = "vla_ray/Hopper-v5"
@@ -42,6 +43,7 @@ def _draws(
     """``state`` rows of ``n`` successive training batches (64 steps or windows each); the
     stream's (blocks, episodes) are appended to ``stream`` when given."""
     overrides = {"seed": seed, "training": {"train_batch_size_per_learner": 64}}
+    before = live_stream_threads()
     algo = build_algorithm_config(resolve(preset, overrides, data=data)).build_algo()
     try:
         if stream is not None:
@@ -51,9 +53,11 @@ def _draws(
             batch = algo.offline_data.sample(num_samples=64, num_shards=0)
             state = np.asarray(batch.policy_batches["default_policy"]["obs"]["state"])
             out.append(state.reshape(-1, state.shape[-1]).round(5))
-        return out
     finally:
+        close_offline_data(algo.offline_data)
         algo.stop()
+    assert_no_new_stream_threads(before)
+    return out
 
 
 @pytest.mark.parametrize("preset", ["hopper-bc", "hopper-iql", "hopper-dt"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_no_new_stream_threads, live_stream_threads
 from PIL import Image
 
 from vla_ray.data import DataError
@@ -301,3 +302,103 @@ def test_a_corrupt_record_fails_its_checksum(bridge):
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"00001-of-00002 record 0 \(byte 0\): data checksum"):
         rf.episode_refs(bridge)
+
+
+S = 16  # LangReach image size of the CLI run
+
+
+def write_langreach_rlds(folder: Path, episodes: int = 4, steps: int = 6) -> Path:
+    """An RLDS dataset in LangReach's shapes (one PNG camera S x S, state 4, action 2, a
+    LangReach instruction), in the published TFDS layout, one shard."""
+    step = {
+        "observation": _dict(
+            {
+                "image": {**_image("png"), "image": {**_image("png")["image"]}},
+                "state": _tensor([4]),
+            }
+        ),
+        "action": _tensor([2]),
+        "language_instruction": TEXT,
+        "reward": _tensor([], "float32", SCALAR),
+        "discount": _tensor([], "float32", SCALAR),
+        "is_first": _tensor([], "bool", SCALAR),
+        "is_last": _tensor([], "bool", SCALAR),
+        "is_terminal": _tensor([], "bool", SCALAR),
+    }
+    step["observation"]["featuresDict"]["features"]["image"]["image"]["shape"] = {
+        "dimensions": [str(S), str(S), "3"]
+    }
+    features = _dict(
+        {
+            "steps": {
+                "pythonClassName": "tensorflow_datasets.core.features.dataset_feature.Dataset",
+                "sequence": {"feature": _dict(step), "length": "-1"},
+            }
+        }
+    )
+    name = "langreach_rlds"
+    root = folder / name / "1.0.0"
+    root.mkdir(parents=True)
+    (root / "features.json").write_text(json.dumps(features))
+    records = []
+    for i in range(episodes):
+        rng = np.random.default_rng(i)
+        last = np.arange(steps) == steps - 1
+        records.append(
+            make_example(
+                {
+                    "steps/observation/image": [
+                        _img(rng.integers(0, 256, (S, S, 3), dtype=np.uint8), "PNG")
+                        for _ in range(steps)
+                    ],
+                    "steps/observation/state": rng.normal(size=steps * 4).tolist(),
+                    "steps/action": rng.uniform(-1, 1, steps * 2).tolist(),
+                    "steps/language_instruction": [b"touch the green one"] * steps,
+                    "steps/reward": last.astype(float).tolist(),
+                    "steps/discount": [1.0] * steps,
+                    "steps/is_first": (np.arange(steps) == 0).astype(int).tolist(),
+                    "steps/is_last": last.astype(int).tolist(),
+                    "steps/is_terminal": last.astype(int).tolist(),
+                }
+            )
+        )
+    write_records(root / f"{name}-train.tfrecord-00000-of-00001", records)
+    info = {
+        "name": name,
+        "version": "1.0.0",
+        "fileFormat": "tfrecord",
+        "splits": [{"name": "train", "numBytes": "0", "shardLengths": [str(episodes)]}],
+    }
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.mark.slow  # ~25 s: Ray Data conversion + 2 BC iterations + a 2-episode evaluation
+def test_bc_on_an_rlds_dataset_from_the_cli(ray_session, tmp_path):
+    """``vla-ray train --preset langreach-bc --data RLDS --val-fraction``: the shards are
+    converted through ray.data, BC runs 2 iterations, the held-out episode is scored."""
+    from vla_ray.cli import main
+
+    data = write_langreach_rlds(tmp_path / "rlds")
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "langreach-bc", "--data", str(data), "--val-fraction", "0.25"]
+    argv += ["--stop-iters", "2", "--output", str(out), "--quiet"]
+    for setting in (
+        f"env_config.image_size={S}",
+        "env_config.max_episode_steps=6",
+        "training.train_batch_size_per_learner=16",
+        "eval_every=2",
+        "eval_episodes=2",
+        "env_runners.num_envs_per_env_runner=1",
+    ):
+        argv += ["--set", setting]
+    before = live_stream_threads()  # other tests' streams
+    assert main(argv) == 0
+    assert_no_new_stream_threads(before)  # the run closed its Ray Data stream
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    scored = [r for r in rows if "val_action_mse" in r]
+    assert [r["iteration"] for r in scored] == [1, 2]
+    assert len(scored[-1]["val_action_mse_per_dim"]) == 2
+    assert all(np.isfinite(r["val_action_mse"]) and r["val_action_l1"] > 0 for r in scored)
+    assert rows[-1]["success_rate"] is not None  # evaluated on LangReach

@@ -279,3 +279,60 @@ def test_a_search_over_a_dataset_leaves_a_cpu_for_ray_data(monkeypatch, tmp_path
     assert tuning.check_trial_fits(spec, {"CPU": 8.0}) == 3  # (8 - 1) // 2 trials at once
     online = load_tune_config(ROOT / "tune_configs" / "ppo_langreach.yaml")
     assert tuning.check_trial_fits(online, {"CPU": 8.0}) is None  # no cap: nothing to read
+
+
+def test_offline_search_config_takes_validation_metrics_and_hub_datasets():
+    """``metric: val_action_mse`` (the held-out episodes' score) and ``data: hf://ORG/NAME``
+    pass the checks; the Hub id reaches every trial as it is (resolved by the data reader)."""
+    raw = {
+        "preset": "langreach-bc",
+        "data": "hf://lerobot/pusht",
+        "metric": "val_action_mse",
+        "mode": "min",
+        "set": {"val_fraction": 0.2},
+        "search_space": {"training.lr": {"choice": [1e-3, 3e-4]}},
+        "checkpoint": {"metric": "val_action_l1", "mode": "min"},
+    }
+    spec = validate_tune_config(raw, "bc.yaml")
+    check_available(spec)  # a Hub id is not a local path that must exist
+    space = param_space(spec)
+    assert space["overrides"]["data"] == "hf://lerobot/pusht"
+    assert space["overrides"]["val_fraction"] == 0.2
+    assert "val_action_msee" in _errors({**raw, "metric": "val_action_msee"})
+
+
+@pytest.mark.slow  # ~15 s: one BC trial iteration over a 3-episode dataset
+def test_an_offline_trial_reports_validation_metrics(ray_session, tmp_path):
+    """A BC trial with ``val_fraction`` scores the held-out episodes at its first iteration, as
+    ``vla-ray train`` does, and reports them at the top level of its result (for ``metric:``)."""
+    from vla_ray.data.collect import collect
+    from vla_ray.tuning import trainable_class
+
+    data = tmp_path / "demos"
+    collect("vla_ray/LangReach-v0", "expert", 3, data, seed=0, progress=False)
+    raw = {
+        "preset": "langreach-bc",
+        "data": str(data),
+        "metric": "val_action_mse",
+        "mode": "min",
+        "set": {
+            "val_fraction": 0.34,
+            "training.train_batch_size_per_learner": 16,
+            "eval_every": 100,
+            "env_runners.num_envs_per_env_runner": 1,
+        },
+        "search_space": {"training.lr": {"choice": [1e-3]}},
+    }
+    spec = validate_tune_config(raw, "bc.yaml")
+    space = param_space(spec)
+    sample = copy.deepcopy(space)
+    sample["overrides"]["training"]["lr"] = 1e-3  # what Tune's grid/choice would pick
+    trial = trainable_class(spec)(config=sample)
+    try:
+        result = trial.train()
+        second = trial.train()
+    finally:
+        trial.stop()
+    assert result["training_iteration"] == 1 and second["training_iteration"] == 2
+    assert 0 < result["val_action_mse"] < 10 and 0 < result["val_action_l1"] < 10
+    assert second["val_action_mse"] == result["val_action_mse"]  # carried until the next score

@@ -255,6 +255,7 @@ def train(
     from tqdm import tqdm
 
     from vla_ray.algorithms import get_algorithm
+    from vla_ray.data.stream import close_offline_data
     from vla_ray.data.validation import iteration_metrics
 
     out = Path(output)
@@ -355,6 +356,7 @@ def train(
     finally:
         bar.close()
         metrics_file.close()
+        close_offline_data(algo.offline_data)
         algo.stop()
         for tracker in trackers or ():
             tracker.finish(summary)

@@ -48,6 +48,8 @@ from ray import tune
 from ray.tune.logger import LoggerCallback
 
 from vla_ray.checkpoint import META_NAME, restore_algorithm, run_checkpoints, write_checkpoint
+from vla_ray.data.lerobot_format import is_hub_id
+from vla_ray.data.validation import SCALAR_METRICS, iteration_metrics
 from vla_ray.run_spec import TOP_LEVEL_KEYS, RunSpec, override_path, resolve, set_override
 from vla_ray.setting_keys import known_setting_keys, setting_problem
 from vla_ray.train import build_algorithm_config, summarize
@@ -59,6 +61,9 @@ OPTUNA_SAMPLERS = ("tpe", "random", "cmaes")
 MODES = ("max", "min")
 # Scalars every trial reports at the top level (besides the whole RLlib result, nested).
 REPORTED = ("success_rate", "episode_return_mean", "episode_len_mean", "env_steps")
+# ... plus, in trials with ``set: {val_fraction: F}`` (offline algorithms), the latest validation
+# metrics on the held-out episodes (vla_ray.data.validation), computed as ``vla-ray train`` does
+TRIAL_METRICS = REPORTED + SCALAR_METRICS
 # ``stop:`` keys -> the result key Tune compares (stop when >= the value).
 STOP_KEYS = {
     "iters": "training_iteration",
@@ -233,9 +238,9 @@ def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
         errors.append("preset: missing; name a preset, or both algorithm and env")
 
     spec.metric = raw.get("metric", "success_rate")
-    if isinstance(spec.metric, str) and spec.metric not in REPORTED and "/" not in spec.metric:
+    if isinstance(spec.metric, str) and spec.metric not in TRIAL_METRICS and "/" not in spec.metric:
         errors.append(
-            f"metric: unknown name {spec.metric!r}; use one of {', '.join(REPORTED)} or an "
+            f"metric: unknown name {spec.metric!r}; use one of {', '.join(TRIAL_METRICS)} or an "
             "RLlib result path such as env_runners/episode_return_mean"
         )
     spec.mode = raw.get("mode", "max")
@@ -322,10 +327,10 @@ def validate_tune_config(raw: Any, source: str = "<tune config>") -> TuneSpec:
         errors.append(f"checkpoint.mode: expected max or min, got {ck['mode']!r}")
     if "metric" in ck and (
         not isinstance(ck["metric"], str)
-        or (ck["metric"] not in REPORTED and "/" not in ck["metric"])
+        or (ck["metric"] not in TRIAL_METRICS and "/" not in ck["metric"])
     ):
         errors.append(
-            f"checkpoint.metric: use one of {', '.join(REPORTED)} or an RLlib result path, got {ck['metric']!r}"
+            f"checkpoint.metric: use one of {', '.join(TRIAL_METRICS)} or an RLlib result path, got {ck['metric']!r}"
         )
     spec.checkpoint = {k: v for k, v in ck.items() if k in CHECKPOINT_KEYS}
 
@@ -443,7 +448,7 @@ def check_available(spec: TuneSpec) -> None:
         )
     if spec.env and spec.env not in gym.registry:
         missing.append(f"env {spec.env!r} (not a registered gymnasium id; see `vla-ray list`)")
-    if spec.data and not Path(spec.data).exists():
+    if spec.data and not is_hub_id(spec.data) and not Path(spec.data).exists():
         missing.append(f"offline data (`data:`): {spec.data} does not exist (`vla-ray collect`)")
     if missing:
         raise ValueError(f"{spec.source} cannot run in this build; missing: " + "; ".join(missing))
@@ -476,7 +481,7 @@ def param_space_fixed(spec: TuneSpec) -> dict[str, Any]:
     for k, v in spec.fixed.items():
         set_override(overrides, k, v)
     if spec.data:  # offline algorithms: every trial reads the same dataset
-        overrides["data"] = str(Path(spec.data).resolve())
+        overrides["data"] = spec.data if is_hub_id(spec.data) else str(Path(spec.data).resolve())
     return overrides
 
 
@@ -623,6 +628,7 @@ class VLATrialMixin:
     trial_config: dict[str, Any]
 
     def __init__(self, config: Any = None, env: Any = None, **kwargs: Any) -> None:
+        self._validation: dict[str, float] = {}  # the latest validation metrics
         if isinstance(config, dict) and "base" in config:  # a trial's param_space sample
             self.trial_config = copy.deepcopy(config)
             self.run_spec = spec_from_trial_config(config)
@@ -642,6 +648,10 @@ class VLATrialMixin:
         for k in REPORTED:
             value = row.get(k)
             result[k] = float("nan") if value is None else value
+        # at iteration 1 and every eval_every, as ``vla-ray train``; the latest in every result
+        scores = iteration_metrics(self, self.run_spec.settings, self.iteration + 1)
+        self._validation.update((k, scores[k]) for k in SCALAR_METRICS if k in scores)
+        result.update(self._validation)
         return result
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
@@ -652,6 +662,12 @@ class VLATrialMixin:
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         # as ``vla-ray train --resume`` does (offline algorithms have no env_runner_group)
         restore_algorithm(self, checkpoint_dir)
+
+    def cleanup(self) -> None:
+        from vla_ray.data.stream import close_offline_data
+
+        close_offline_data(self.offline_data)  # as ``vla-ray train`` does at its end
+        super().cleanup()
 
     @classmethod
     def default_resource_request(cls, config: Any):
@@ -701,6 +717,7 @@ class RunFilesCallback(LoggerCallback):
         if trial not in self._files:
             self.log_trial_start(trial)
         row = {k: _finite(result.get(k)) for k in REPORTED}
+        row.update((k, _finite(result[k])) for k in SCALAR_METRICS if k in result)
         row.update(
             iteration=result.get("training_iteration"),
             time_s=round(float(result.get("time_total_s", 0.0)), 2),

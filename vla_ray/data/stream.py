@@ -24,6 +24,7 @@ stream but read the whole dataset in each pre-learner call (seconds per batch).
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,21 @@ class VLAPreLearner(OfflinePreLearner):
             source = files if isinstance(files, str) else f"{files[0]} (of {len(files)} files)"
             check_packed(batch["item"], source=str(source))
         return super().__call__(batch)
+
+
+def close_offline_data(offline_data: OfflineData | None) -> None:
+    """Stop ``offline_data``'s batch stream now: Ray Data's streaming executor and its
+    prefetch threads. RLlib keeps the stream's generator for the algorithm's life and never
+    closes it; its threads, still running when Ray shuts down, call into the shut-down core
+    worker, which ends the process with exit status 1 (after a run that succeeded). Safe to
+    call twice, and with ``None`` (an online algorithm)."""
+    if offline_data is None:
+        return
+    iterators = offline_data.batch_iterators
+    offline_data.batch_iterators = None
+    for it in iterators if isinstance(iterators, list) else [iterators]:
+        if isinstance(it, types.GeneratorType):
+            it.close()  # GeneratorExit -> Ray Data shuts the executor and its threads down
 
 
 def module_chunk_size(module: Any) -> int:

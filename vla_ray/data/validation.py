@@ -31,10 +31,21 @@ from typing import Any
 import numpy as np
 
 from vla_ray.data.rllib_format import DataError, dataset_files, read_episodes
+from vla_ray.fsutil import replace_dir, temp_dir
 
 ActFn = Callable[[dict[str, np.ndarray] | np.ndarray], np.ndarray]
 TokenizeFn = Callable[[np.ndarray], np.ndarray]
 SPLIT_VERSION = 1
+
+
+# the scalar validation metrics (``metric:`` names for ``vla-ray tune``); present where they apply
+SCALAR_METRICS = (
+    "val_action_mse",
+    "val_action_l1",
+    "val_chunk_ade",
+    "val_chunk_fde",
+    "val_token_accuracy",
+)
 
 
 def split_files(
@@ -67,10 +78,15 @@ def split_files(
         k = min(n - 1, max(1, round(n * float(val_fraction))))
         order = np.random.default_rng(seed).permutation(n)
         val_rows, train_rows = np.sort(order[:k]), np.sort(order[k:])
+        # written aside and moved in whole: runs that split the same data at once (Tune trials)
+        # never read a half-written split
+        tmp = temp_dir(out)
         for name, rows in (("train", train_rows), ("val", val_rows)):
-            (out / name).mkdir(parents=True, exist_ok=True)
-            pq.write_table(table.take(pa.array(rows)), out / name / "part-000000.parquet")
-        done.write_text(json.dumps({"episodes": n, "val_episodes": int(k), "seed": int(seed)}))
+            (tmp / name).mkdir()
+            pq.write_table(table.take(pa.array(rows)), tmp / name / "part-000000.parquet")
+        info = {"episodes": n, "val_episodes": int(k), "seed": int(seed)}
+        (tmp / "split.json").write_text(json.dumps(info))
+        replace_dir(tmp, out)  # the same split as any other writer's: same files, fraction, seed
     return dataset_files(out / "train"), dataset_files(out / "val")
 
 
