@@ -64,8 +64,26 @@ def test_appo_trains_with_the_inference_service(ray_session):
             if "total_loss" in rows[-1]["learner"] and stats["weights_seq_no"] > 0:
                 break
     finally:
+        settings = algo.env_runner.service.settings
         algo.stop()
+    # the run's end closes the actors and the store once they are idle (the remote EnvRunners
+    # stop after the local one: killing the actors under their last sample cost 60 s)
+    names = [settings.store_name] + [settings.actor_name(i) for i in range(settings.actors)]
+    deadline = time.time() + 30
+    while time.time() < deadline and (alive := [n for n in names if _alive(n)]):
+        time.sleep(0.5)
+    assert not alive, alive
     assert rows[-1]["env_steps"] >= 64, rows
     assert np.isfinite(rows[-1]["learner"]["total_loss"]), rows
     # the EnvRunners pulled updated weights by reference and passed them on to the actor
     assert stats["rows"] > 0 and stats["weights_seq_no"] > 0
+
+
+def _alive(actor_name: str) -> bool:
+    import ray
+
+    try:
+        ray.get(ray.get_actor(actor_name).__ray_ready__.remote(), timeout=10)
+    except (ValueError, ray.exceptions.RayActorError):  # no such name, or the actor ended
+        return False
+    return True

@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 FIELD = "env_runners.inference"
 # seconds the driver waits for the actors to take new weights before sampling goes on
 PUSH_TIMEOUT_S = 120.0
+# a stopped run's actors and store end once they have had no call for this long (see
+# InferenceService.close)
+CLOSE_IDLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,26 @@ def use_inference_service(config, settings: dict[str, Any]) -> InferenceSettings
 
 
 # ---- the actors ------------------------------------------------------------------------------
-class WeightStore:
+class _EndsWhenIdle:
+    """An actor that can be told to end once it has had no call for a while."""
+
+    _last_call = 0.0
+
+    def _touch(self) -> None:
+        self._last_call = time.monotonic()
+
+    async def close_when_idle(self, idle_s: float) -> None:
+        """End this actor (no restart) once no call has come for ``idle_s`` seconds."""
+        self._touch()
+        while time.monotonic() - self._last_call < idle_s or self._busy():
+            await asyncio.sleep(idle_s / 5)
+        ray.actor.exit_actor()
+
+    def _busy(self) -> bool:
+        return False
+
+
+class WeightStore(_EndsWhenIdle):
     """The latest published weights (an object reference), for actors that (re)start."""
 
     def __init__(self) -> None:
@@ -135,12 +157,14 @@ class WeightStore:
 
     def publish(self, seq_no: int, refs: list) -> bool:
         """Keep ``refs[0]`` when it is newer (a ``seq_no`` of 0 always is); True if kept."""
+        self._touch()
         if 0 < seq_no <= self._seq_no:
             return False
         self._seq_no, self._refs = seq_no, refs
         return True
 
     def latest(self) -> tuple[int, list]:
+        self._touch()
         return self._seq_no, self._refs
 
 
@@ -153,7 +177,7 @@ def _num_rows(batch: dict[str, Any]) -> int:
     return len(tree.flatten(batch[Columns.OBS])[0])
 
 
-class InferenceActor:
+class InferenceActor(_EndsWhenIdle):
     """Runs the policy for many EnvRunners, batching their concurrent requests."""
 
     def __init__(self, module_spec: RLModuleSpec, settings: InferenceSettings, store) -> None:
@@ -183,6 +207,7 @@ class InferenceActor:
     async def infer(self, mode: str, batch: dict[str, Any], t: int | None = None) -> dict:
         """The module's forward output for ``batch`` (numpy); ``mode``: ``"exploration"`` or
         ``"inference"``."""
+        self._touch()
         if self._batcher is None:
             self._arrived, self._full = asyncio.Event(), asyncio.Event()
             self._batcher = asyncio.get_running_loop().create_task(self._run_batches())
@@ -227,6 +252,9 @@ class InferenceActor:
                 p[4].set_result(tree.map_structure(lambda x, a=start, b=stop: x[a:b], out))
                 start = stop
 
+    def _busy(self) -> bool:
+        return bool(self._pending)
+
     def _forward(self, mode: str, batch: dict[str, Any], t: int | None) -> dict[str, Any]:
         tensors = tree.map_structure(lambda x: torch.as_tensor(x, device=self.device), batch)
         with torch.no_grad():
@@ -239,6 +267,7 @@ class InferenceActor:
     async def set_weights(self, seq_no: int, refs: list) -> bool:
         """Load ``refs[0]`` (a module state) unless it is older than the weights held (a
         ``seq_no`` of 0 always loads); True if loaded."""
+        self._touch()
         if 0 < seq_no <= self.seq_no:
             return False
         state = _single_module_state(await refs[0])
@@ -344,8 +373,18 @@ class InferenceService:
         return ray.get([a.stats.remote(reset) for a in self.actors])
 
     def stop(self) -> None:
+        """Kill the actors and the store now."""
         for actor in [*self.actors, self.store]:
             ray.kill(actor, no_restart=True)
+
+    def close(self, idle_s: float = CLOSE_IDLE_S) -> None:
+        """End the actors and the store once each has had no call for ``idle_s`` seconds: the
+        run's end. RLlib stops the local EnvRunner (the owner) before the remote ones, which
+        may still be finishing a sample through the actors; killed under them, that sample
+        fails and each EnvRunner sleeps ``delay_between_env_runner_restarts_s`` (60 s) before
+        it exits, and the algorithm's stop waits for it."""
+        for actor in [*self.actors, self.store]:
+            actor.close_when_idle.remote(idle_s)
 
 
 # ---- the EnvRunner side ----------------------------------------------------------------------
@@ -495,5 +534,6 @@ class InferenceEnvRunner(SingleAgentEnvRunner):
     def stop(self) -> None:
         super().stop()
         if self._service is not None and self._owns_service:
-            self._service.stop()
-        self._service = None
+            self._service.close()  # the remote EnvRunners stop after this one
+        else:
+            self._service = None
