@@ -29,6 +29,8 @@ from typing import Any
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 ENV = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
+# the settings that make the start (demos, BC, its evaluation); a start is reused when they match
+START_SETTINGS = ("demos", "demo_noise", "bc_iters", "bc_set", "eval_episodes")
 NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 
 
@@ -41,12 +43,11 @@ def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
     return {k: result[k] for k in keep if k in result}
 
 
-def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The five stages for one seed; their settings, timings and evaluations."""
+def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path) -> dict[str, Any]:
+    """Stages 1-3: expert demos, BC on them, the start's evaluation."""
     from vla_ray.data import collect
     from vla_ray.train import _merge, parse_overrides, resolve, train
 
-    record: dict[str, Any] = {"seed": seed}
     t0 = time.time()
     demos = workdir / f"demos{seed}"
     summary = collect(
@@ -57,10 +58,11 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         seed=1000 * seed,
         env_config=ENV,
         progress=False,
+        noise=args.demo_noise,
     )
-    record["demos"] = {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
-
-    bc_dir = workdir / f"bc{seed}"
+    record: dict[str, Any] = {
+        "demos": {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
+    }
     bc = resolve(
         "langreach-bc",
         _merge(
@@ -76,12 +78,33 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     )
     train(bc, bc_dir, stop_iters=args.bc_iters, progress=False)
     record["bc_seconds"] = round(time.time() - t0)
+    record["start"] = evaluate_checkpoint(bc_dir / "checkpoints" / "last", args.eval_episodes)
+    return record
+
+
+def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The five stages for one seed; their settings, timings and evaluations."""
+    from vla_ray.train import _merge, parse_overrides, resolve, train
+
+    record: dict[str, Any] = {"seed": seed}
+    # the start (demos, BC, its evaluation) is kept in the workdir and reused by a later run of
+    # the same start settings (e.g. --grpo-iters 0 first, then GRPO recipes from that start)
+    start_key = {k: getattr(args, k) for k in START_SETTINGS}
+    cache = workdir / f"start{seed}.json"
+    bc_dir = workdir / f"bc{seed}"
     start = bc_dir / "checkpoints" / "last"
-    record["start"] = evaluate_checkpoint(start, args.eval_episodes)
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("settings") == start_key and start.is_dir():
+        record.update({k: cached[k] for k in ("demos", "bc_seconds", "start")}, start_reused=True)
+    else:
+        record.update(build_start(seed, args, workdir, bc_dir))
+        cache.write_text(json.dumps({"settings": start_key, **record}, indent=2))
     print(f"seed {seed}: start {record['start']}", flush=True)
+    if args.grpo_iters == 0:
+        return record
 
     t1 = time.time()
-    grpo_dir = workdir / f"grpo{seed}"
+    grpo_dir = workdir / f"{args.name}_grpo{seed}"
     grpo = resolve(
         args.preset,
         _merge(
@@ -127,6 +150,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--demos", type=int, default=20, help="expert episodes for BC")
+    parser.add_argument(
+        "--demo-noise",
+        type=float,
+        default=0.0,
+        help="std of Gaussian noise on the expert's actions (recorded as executed: vla-ray "
+        "collect --noise)",
+    )
     parser.add_argument("--bc-iters", type=int, default=30, help="BC updates (batch 256)")
     parser.add_argument("--grpo-iters", type=int, default=20)
     parser.add_argument("--eval-episodes", type=int, default=100)
@@ -177,7 +207,7 @@ def main() -> None:
     runs = record["runs"]
     print("\n| seed | start success | after GRPO+LoRA | change | GRPO s | BC s |")
     print("|---|---|---|---|---|---|")
-    for r in runs:
+    for r in (r for r in runs if "after" in r):
         a, b = r["start"]["success_rate"], r["after"]["success_rate"]
         print(
             f"| {r['seed']} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {r['grpo_seconds']} | "
