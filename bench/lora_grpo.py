@@ -2,18 +2,22 @@
 
 Per seed, the whole pipeline through the code of the CLI commands:
 
-1. ``vla-ray collect``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``);
+1. ``vla-ray collect --noise``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``),
+   Gaussian noise of std ``--demo-noise`` on every action, recorded as executed;
 2. ``vla-ray train --preset langreach-bc``: ``--bc-iters`` updates on them (a weak start);
 3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
 4. ``vla-ray train --preset langreach-lora-grpo --set model.pretrained_path=BC_CHECKPOINT``:
-   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference);
+   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference;
+   ``--set`` overrides, by default ``GRPO_SET``: success reward, outcome advantage, no KL);
 5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
 
 The env is LangReach's one-target variant at the CI learning tests' size (``num_targets=1``,
-32 px images, 20-step episodes: ``ENV``). Writes ``OUT/lora_grpo_langreach.json`` and prints a
-table of success before and after per seed.
+32 px images, 20-step episodes: ``ENV``). Writes ``OUT/NAME.json`` and prints a table of success
+before and after per seed. With ``--workdir`` the demos, runs and the start's evaluation stay
+there and a later run with the same start settings reuses them (``--grpo-iters 0``: the start
+only). The defaults are the 2026-12-07 run of docs/benchmarks.md:
 
-    python bench/lora_grpo.py --seeds 0 1 2 --out docs/bench
+    python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench
 """
 
 from __future__ import annotations
@@ -31,7 +35,17 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 ENV = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
 # the settings that make the start (demos, BC, its evaluation); a start is reused when they match
 START_SETTINGS = ("demos", "demo_noise", "bc_iters", "bc_set", "eval_episodes")
-NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
+NEVER = 1_000_000
+# settings added to this script after runs were recorded, with the value those runs used
+ADDED_SETTINGS = {"demo_noise": 0.0}
+# GRPO's overrides of langreach-lora-grpo by default: the success (binary outcome) reward of
+# SimpleVLA-RL / RIPT-VLA, one advantage per episode, no KL to the start, lr 3e-4
+GRPO_SET = (
+    "training.lr=3e-4",
+    "training.reward_kind=success",
+    "training.advantage=outcome",
+    "training.kl_coeff=0",
+)  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 
 
 def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
@@ -149,24 +163,30 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--demos", type=int, default=20, help="expert episodes for BC")
+    parser.add_argument("--demos", type=int, default=400, help="expert episodes for BC")
     parser.add_argument(
         "--demo-noise",
         type=float,
-        default=0.0,
+        default=0.6,
         help="std of Gaussian noise on the expert's actions (recorded as executed: vla-ray "
         "collect --noise)",
     )
-    parser.add_argument("--bc-iters", type=int, default=30, help="BC updates (batch 256)")
-    parser.add_argument("--grpo-iters", type=int, default=20)
+    parser.add_argument("--bc-iters", type=int, default=300, help="BC updates (batch 256)")
+    parser.add_argument("--grpo-iters", type=int, default=30, help="0: the start only")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--preset", default="langreach-lora-grpo")
-    parser.add_argument("--set", action="append", default=[], help="GRPO override KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        help=f"GRPO override KEY=VALUE (default: {' '.join(GRPO_SET)})",
+    )
     parser.add_argument("--bc-set", action="append", default=[], help="BC override KEY=VALUE")
-    parser.add_argument("--name", default="lora_grpo_langreach")
+    parser.add_argument("--name", default="lora_grpo_langreach_noisy_demos_success")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--workdir", help="keep the demos and run dirs here (default: a temp dir)")
     args = parser.parse_args()
+    if args.set is None:
+        args.set = list(GRPO_SET)
 
     import platform
 
@@ -179,7 +199,9 @@ def main() -> None:
     # replaces its row only when the settings match
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "workdir")}
     record = json.loads(path.read_text()) if path.exists() else {}
-    if record and record.get("args") != settings:
+    # a setting added since a file was written: the value that file's runs had
+    stored = {**ADDED_SETTINGS, **record.get("args", {})}
+    if record and any(stored.get(k) != v for k, v in settings.items()):
         raise SystemExit(f"{path} holds runs with other settings: {record.get('args')}; use --name")
     runs = {r["seed"]: r for r in record.get("runs", [])}
     with tempfile.TemporaryDirectory() as tmp:
