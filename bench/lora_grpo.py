@@ -2,18 +2,22 @@
 
 Per seed, the whole pipeline through the code of the CLI commands:
 
-1. ``vla-ray collect``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``);
+1. ``vla-ray collect --noise``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``),
+   Gaussian noise of std ``--demo-noise`` on every action, recorded as executed;
 2. ``vla-ray train --preset langreach-bc``: ``--bc-iters`` updates on them (a weak start);
 3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
 4. ``vla-ray train --preset langreach-lora-grpo --set model.pretrained_path=BC_CHECKPOINT``:
-   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference);
+   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference;
+   ``--set`` overrides, by default ``GRPO_SET``: success reward, outcome advantage, no KL);
 5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
 
 The env is LangReach's one-target variant at the CI learning tests' size (``num_targets=1``,
-32 px images, 20-step episodes: ``ENV``). Writes ``OUT/lora_grpo_langreach.json`` and prints a
-table of success before and after per seed.
+32 px images, 20-step episodes: ``ENV``). Writes ``OUT/NAME.json`` and prints a table of success
+before and after per seed. With ``--workdir`` the demos, runs and the start's evaluation stay
+there and a later run with the same start settings reuses them (``--grpo-iters 0``: the start
+only). The defaults are the 2026-12-07 run of docs/benchmarks.md:
 
-    python bench/lora_grpo.py --seeds 0 1 2 --out docs/bench
+    python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench
 """
 
 from __future__ import annotations
@@ -29,7 +33,19 @@ from typing import Any
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 ENV = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
-NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
+# the settings that make the start (demos, BC, its evaluation); a start is reused when they match
+START_SETTINGS = ("demos", "demo_noise", "bc_iters", "bc_set", "eval_episodes")
+NEVER = 1_000_000
+# settings added to this script after runs were recorded, with the value those runs used
+ADDED_SETTINGS = {"demo_noise": 0.0}
+# GRPO's overrides of langreach-lora-grpo by default: the success (binary outcome) reward of
+# SimpleVLA-RL / RIPT-VLA, one advantage per episode, no KL to the start, lr 3e-4
+GRPO_SET = (
+    "training.lr=3e-4",
+    "training.reward_kind=success",
+    "training.advantage=outcome",
+    "training.kl_coeff=0",
+)  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 
 
 def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
@@ -41,12 +57,11 @@ def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
     return {k: result[k] for k in keep if k in result}
 
 
-def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The five stages for one seed; their settings, timings and evaluations."""
+def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path) -> dict[str, Any]:
+    """Stages 1-3: expert demos, BC on them, the start's evaluation."""
     from vla_ray.data import collect
     from vla_ray.train import _merge, parse_overrides, resolve, train
 
-    record: dict[str, Any] = {"seed": seed}
     t0 = time.time()
     demos = workdir / f"demos{seed}"
     summary = collect(
@@ -57,10 +72,11 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         seed=1000 * seed,
         env_config=ENV,
         progress=False,
+        noise=args.demo_noise,
     )
-    record["demos"] = {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
-
-    bc_dir = workdir / f"bc{seed}"
+    record: dict[str, Any] = {
+        "demos": {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
+    }
     bc = resolve(
         "langreach-bc",
         _merge(
@@ -76,12 +92,33 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     )
     train(bc, bc_dir, stop_iters=args.bc_iters, progress=False)
     record["bc_seconds"] = round(time.time() - t0)
+    record["start"] = evaluate_checkpoint(bc_dir / "checkpoints" / "last", args.eval_episodes)
+    return record
+
+
+def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The five stages for one seed; their settings, timings and evaluations."""
+    from vla_ray.train import _merge, parse_overrides, resolve, train
+
+    record: dict[str, Any] = {"seed": seed}
+    # the start (demos, BC, its evaluation) is kept in the workdir and reused by a later run of
+    # the same start settings (e.g. --grpo-iters 0 first, then GRPO recipes from that start)
+    start_key = {k: getattr(args, k) for k in START_SETTINGS}
+    cache = workdir / f"start{seed}.json"
+    bc_dir = workdir / f"bc{seed}"
     start = bc_dir / "checkpoints" / "last"
-    record["start"] = evaluate_checkpoint(start, args.eval_episodes)
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("settings") == start_key and start.is_dir():
+        record.update({k: cached[k] for k in ("demos", "bc_seconds", "start")}, start_reused=True)
+    else:
+        record.update(build_start(seed, args, workdir, bc_dir))
+        cache.write_text(json.dumps({"settings": start_key, **record}, indent=2))
     print(f"seed {seed}: start {record['start']}", flush=True)
+    if args.grpo_iters == 0:
+        return record
 
     t1 = time.time()
-    grpo_dir = workdir / f"grpo{seed}"
+    grpo_dir = workdir / f"{args.name}_grpo{seed}"
     grpo = resolve(
         args.preset,
         _merge(
@@ -126,17 +163,30 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--demos", type=int, default=20, help="expert episodes for BC")
-    parser.add_argument("--bc-iters", type=int, default=30, help="BC updates (batch 256)")
-    parser.add_argument("--grpo-iters", type=int, default=20)
+    parser.add_argument("--demos", type=int, default=400, help="expert episodes for BC")
+    parser.add_argument(
+        "--demo-noise",
+        type=float,
+        default=0.6,
+        help="std of Gaussian noise on the expert's actions (recorded as executed: vla-ray "
+        "collect --noise)",
+    )
+    parser.add_argument("--bc-iters", type=int, default=300, help="BC updates (batch 256)")
+    parser.add_argument("--grpo-iters", type=int, default=30, help="0: the start only")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--preset", default="langreach-lora-grpo")
-    parser.add_argument("--set", action="append", default=[], help="GRPO override KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        help=f"GRPO override KEY=VALUE (default: {' '.join(GRPO_SET)})",
+    )
     parser.add_argument("--bc-set", action="append", default=[], help="BC override KEY=VALUE")
-    parser.add_argument("--name", default="lora_grpo_langreach")
+    parser.add_argument("--name", default="lora_grpo_langreach_noisy_demos_success")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--workdir", help="keep the demos and run dirs here (default: a temp dir)")
     args = parser.parse_args()
+    if args.set is None:
+        args.set = list(GRPO_SET)
 
     import platform
 
@@ -149,7 +199,9 @@ def main() -> None:
     # replaces its row only when the settings match
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "workdir")}
     record = json.loads(path.read_text()) if path.exists() else {}
-    if record and record.get("args") != settings:
+    # a setting added since a file was written: the value that file's runs had
+    stored = {**ADDED_SETTINGS, **record.get("args", {})}
+    if record and any(stored.get(k) != v for k, v in settings.items()):
         raise SystemExit(f"{path} holds runs with other settings: {record.get('args')}; use --name")
     runs = {r["seed"]: r for r in record.get("runs", [])}
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +229,7 @@ def main() -> None:
     runs = record["runs"]
     print("\n| seed | start success | after GRPO+LoRA | change | GRPO s | BC s |")
     print("|---|---|---|---|---|---|")
-    for r in runs:
+    for r in (r for r in runs if "after" in r):
         a, b = r["start"]["success_rate"], r["after"]["success_rate"]
         print(
             f"| {r['seed']} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {r['grpo_seconds']} | "
