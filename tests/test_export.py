@@ -422,6 +422,21 @@ def test_folded_stem_cnn_equals_the_encoder(layers, tokens, film):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_folded_attention_pool_equals_the_projector(conditioned):
+    from vla_ray.models.projectors import AttentionPoolProjector, FoldedAttentionPool
+
+    torch.manual_seed(0)
+    projector = AttentionPoolProjector(32, 64, 8, conditioned=conditioned).eval()
+    folded = FoldedAttentionPool(projector)
+    tokens, context = torch.randn(4, 32, 32), torch.randn(4, 64)
+    with torch.no_grad():
+        want, got = projector(tokens, context), folded(tokens, context)
+    assert got.shape == want.shape == (4, 8, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(projector(tokens.flip(1).roll(1, 2), context), want)  # tokens matter
+
+
 def test_rotary_table_equals_the_rotary_embedding(tiny_vla):
     from vla_ray.models.language import decoder_of, rotary_table_of
 
@@ -437,9 +452,11 @@ def test_rotary_table_equals_the_rotary_embedding(tiny_vla):
 def test_export_variants_swap_for_the_export_and_restore(tiny_vla):
     from vla_ray.export import export_variants
     from vla_ray.models.language import DivRMSNorm, RotaryTable, decoder_of, rms_norms_of
+    from vla_ray.models.projectors import FoldedAttentionPool
     from vla_ray.models.vision import FoldedStemCNN
 
     vision, decoder = tiny_vla.trunk.vision, decoder_of(tiny_vla.trunk.lm)
+    projector = tiny_vla.trunk.projector
     rotary = decoder.rotary_emb
     norms = [n for _, _, n in rms_norms_of(decoder)]
     assert len(norms) == 2 * len(decoder.layers) + 1  # two per layer and the final one
@@ -447,6 +464,7 @@ def test_export_variants_swap_for_the_export_and_restore(tiny_vla):
     want = reference_actions(tiny_vla, obs)
     with pytest.raises(RuntimeError, match="inside"), export_variants(tiny_vla):
         assert isinstance(tiny_vla.trunk.vision, FoldedStemCNN)
+        assert isinstance(tiny_vla.trunk.projector, FoldedAttentionPool)
         assert isinstance(decoder.rotary_emb, RotaryTable)
         assert isinstance(decoder.norm, DivRMSNorm) and isinstance(
             decoder.layers[0].input_layernorm, DivRMSNorm
@@ -457,6 +475,7 @@ def test_export_variants_swap_for_the_export_and_restore(tiny_vla):
         np.testing.assert_allclose(got.numpy(), want, atol=FP32_TOLERANCE)
         raise RuntimeError("inside")  # restored on errors too
     assert tiny_vla.trunk.vision is vision and decoder.rotary_emb is rotary
+    assert tiny_vla.trunk.projector is projector
     assert [n for _, _, n in rms_norms_of(decoder)] == norms
 
 

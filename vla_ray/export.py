@@ -60,6 +60,7 @@ from vla_ray.model_card import find_eval, write_model_card
 from vla_ray.models.heads import takes_noise
 from vla_ray.models.language import DivRMSNorm, decoder_of, rms_norms_of, rotary_table_of
 from vla_ray.models.prefix import Prefix
+from vla_ray.models.projectors import AttentionPoolProjector, FoldedAttentionPool
 from vla_ray.models.vision import CNNEncoder, FoldedStemCNN
 from vla_ray.models.vla import VLA, WEIGHTS_NAME, VLATrunk
 
@@ -464,14 +465,17 @@ def triton_config(
 def export_variants(vla: VLA):
     """Within the block, the trunk's parts that have a faster equivalent for export are swapped
     for it (same outputs up to float rounding): a ``cnn`` encoder for ``FoldedStemCNN`` (its
-    input normalisation and CoordConv channels folded into the first conv) and a ``default``
-    rotary embedding for a ``RotaryTable`` (a lookup by position), each RMSNorm for a
+    input normalisation and CoordConv channels folded into the first conv), an ``attention``
+    projector for ``FoldedAttentionPool`` (its key, value and output maps composed), a
+    ``default`` rotary embedding for a ``RotaryTable`` (a lookup by position), each RMSNorm for a
     ``DivRMSNorm`` (a form onnxruntime fuses). The eager module is restored on exit."""
     trunk = vla.trunk
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     if isinstance(trunk, VLATrunk):
         if isinstance(trunk.vision, CNNEncoder):
             swaps.append((trunk, "vision", FoldedStemCNN(trunk.vision).eval()))
+        if isinstance(trunk.projector, AttentionPoolProjector):
+            swaps.append((trunk, "projector", FoldedAttentionPool(trunk.projector).eval()))
         decoder = decoder_of(trunk.lm)
         table = rotary_table_of(decoder)
         if table is not None:
