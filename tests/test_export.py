@@ -396,3 +396,95 @@ def test_cli_export_writes_summary(tiny_vla_dir, tmp_path, capsys):
     args = ["export", "--checkpoint", str(tiny_vla_dir), "--format", "torchscript"]
     assert main([*args, "--output", str(out)]) == 0
     assert not (out / "stale.txt").exists() and (out / "torchscript" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "layers, tokens, film",
+    [
+        (((32, 4, 4), (32, 3, 2), (32, 3, 1)), "keypoints", False),  # patchify stem, no padding
+        (((8, 3, 1), (8, 3, 2)), "patches", True),  # padded stem: the offset varies at the edges
+    ],
+)
+def test_folded_stem_cnn_equals_the_encoder(layers, tokens, film):
+    from vla_ray.models.vision import CNNEncoder, FoldedStemCNN
+
+    torch.manual_seed(0)
+    enc = CNNEncoder((32, 32), layers=layers, tokens=tokens, film=film, context_dim=6).eval()
+    if film:  # away from the identity initialisation, so that FiLM acts
+        torch.nn.init.normal_(enc.film.weight)
+    folded = FoldedStemCNN(enc)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    context = torch.randn(4, 6)
+    with torch.no_grad():
+        want, got = enc(images, context), folded(images, context)
+    assert folded.stem.in_channels == 3  # the two CoordConv channels are folded away
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_folded_attention_pool_equals_the_projector(conditioned):
+    from vla_ray.models.projectors import AttentionPoolProjector, FoldedAttentionPool
+
+    torch.manual_seed(0)
+    projector = AttentionPoolProjector(32, 64, 8, conditioned=conditioned).eval()
+    folded = FoldedAttentionPool(projector)
+    tokens, context = torch.randn(4, 32, 32), torch.randn(4, 64)
+    with torch.no_grad():
+        want, got = projector(tokens, context), folded(tokens, context)
+    assert got.shape == want.shape == (4, 8, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(projector(tokens.flip(1).roll(1, 2), context), want)  # tokens matter
+
+
+def test_rotary_table_equals_the_rotary_embedding(tiny_vla):
+    from vla_ray.models.language import decoder_of, rotary_table_of
+
+    decoder = decoder_of(tiny_vla.trunk.lm)
+    table = rotary_table_of(decoder)
+    positions = torch.tensor([[0, 5, 17, 30], [3, 3, 4, 511]])
+    x = torch.zeros(2, 4, 8)
+    for got, want in zip(table(x, positions), decoder.rotary_emb(x, positions), strict=True):
+        assert got.shape == want.shape == (2, 4, decoder.rotary_emb.inv_freq.numel() * 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_export_variants_swap_for_the_export_and_restore(tiny_vla):
+    from vla_ray.export import export_variants
+    from vla_ray.models.language import DivRMSNorm, RotaryTable, decoder_of, rms_norms_of
+    from vla_ray.models.projectors import FoldedAttentionPool
+    from vla_ray.models.vision import FoldedStemCNN
+
+    vision, decoder = tiny_vla.trunk.vision, decoder_of(tiny_vla.trunk.lm)
+    projector = tiny_vla.trunk.projector
+    rotary = decoder.rotary_emb
+    norms = [n for _, _, n in rms_norms_of(decoder)]
+    assert len(norms) == 2 * len(decoder.layers) + 1  # two per layer and the final one
+    obs = random_inputs(tiny_vla.config, len(tiny_vla.tokenizer), batch=3)
+    want = reference_actions(tiny_vla, obs)
+    with pytest.raises(RuntimeError, match="inside"), export_variants(tiny_vla):
+        assert isinstance(tiny_vla.trunk.vision, FoldedStemCNN)
+        assert isinstance(tiny_vla.trunk.projector, FoldedAttentionPool)
+        assert isinstance(decoder.rotary_emb, RotaryTable)
+        assert isinstance(decoder.norm, DivRMSNorm) and isinstance(
+            decoder.layers[0].input_layernorm, DivRMSNorm
+        )
+        named = {k: torch.as_tensor(v) for k, v in obs.items()}
+        with torch.no_grad():
+            got = tiny_vla.head.predict(tiny_vla.trunk.forward_functional(named), True)
+        np.testing.assert_allclose(got.numpy(), want, atol=FP32_TOLERANCE)
+        raise RuntimeError("inside")  # restored on errors too
+    assert tiny_vla.trunk.vision is vision and decoder.rotary_emb is rotary
+    assert tiny_vla.trunk.projector is projector
+    assert [n for _, _, n in rms_norms_of(decoder)] == norms
+
+
+def test_exported_suffix_graph_has_the_export_variants(tiny_export):
+    import onnx
+
+    graph = onnx.load(str(tiny_export / "onnx" / "suffix.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Sin", "Cos", "Reciprocal"}  # rotary table; RMSNorm in its division form
+    weights = {t.name: t for t in graph.initializer}
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert weights[conv.input[1]].dims[1] == 3  # RGB only: no CoordConv channels per call

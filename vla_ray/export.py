@@ -58,7 +58,10 @@ from vla_ray.config import VLAConfig
 from vla_ray.fsutil import replace_dir
 from vla_ray.model_card import find_eval, write_model_card
 from vla_ray.models.heads import takes_noise
+from vla_ray.models.language import DivRMSNorm, decoder_of, rms_norms_of, rotary_table_of
 from vla_ray.models.prefix import Prefix
+from vla_ray.models.projectors import AttentionPoolProjector, FoldedAttentionPool
+from vla_ray.models.vision import CNNEncoder, FoldedStemCNN
 from vla_ray.models.vla import VLA, WEIGHTS_NAME, VLATrunk
 
 # what runs an export needs without torch (the serving replicas) lives in vla_ray.runtime
@@ -456,12 +459,45 @@ def triton_config(
 
 
 # ---- export steps -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def export_variants(vla: VLA):
+    """Within the block, the trunk's parts that have a faster equivalent for export are swapped
+    for it (same outputs up to float rounding): a ``cnn`` encoder for ``FoldedStemCNN`` (its
+    input normalisation and CoordConv channels folded into the first conv), an ``attention``
+    projector for ``FoldedAttentionPool`` (its key, value and output maps composed), a
+    ``default`` rotary embedding for a ``RotaryTable`` (a lookup by position), each RMSNorm for a
+    ``DivRMSNorm`` (a form onnxruntime fuses). The eager module is restored on exit."""
+    trunk = vla.trunk
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    if isinstance(trunk, VLATrunk):
+        if isinstance(trunk.vision, CNNEncoder):
+            swaps.append((trunk, "vision", FoldedStemCNN(trunk.vision).eval()))
+        if isinstance(trunk.projector, AttentionPoolProjector):
+            swaps.append((trunk, "projector", FoldedAttentionPool(trunk.projector).eval()))
+        decoder = decoder_of(trunk.lm)
+        table = rotary_table_of(decoder)
+        if table is not None:
+            swaps.append((decoder, "rotary_emb", table))
+        swaps += [(owner, name, DivRMSNorm(norm)) for owner, name, norm in rms_norms_of(decoder)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    try:
+        for owner, name, module in swaps:
+            setattr(owner, name, module)
+        yield vla
+    finally:
+        for owner, name, module in saved:
+            setattr(owner, name, module)
+
+
 def export_onnx(vla: VLA, path: Path, opset: int | None = None) -> Path:
     """torch.onnx (dynamo) export of ``InferenceGraph(vla)`` with a dynamic batch axis."""
     graph = InferenceGraph(vla).eval()
     example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
     args = tuple(torch.as_tensor(example[n]) for n in graph.names)
-    return _onnx_graph(graph, args, graph.names, [OUTPUT_NAME], path, opset)
+    with export_variants(vla):
+        return _onnx_graph(graph, args, graph.names, [OUTPUT_NAME], path, opset)
 
 
 def can_split_prefix(vla: VLA) -> bool:
@@ -472,6 +508,11 @@ def can_split_prefix(vla: VLA) -> bool:
 def export_onnx_split(vla: VLA, folder: Path, opset: int | None = None) -> dict[str, Any]:
     """``prefix.onnx`` and ``suffix.onnx`` in ``folder`` (see the module docstring); returns
     the spec's ``prefix_cache`` entry."""
+    with export_variants(vla):
+        return _export_split(vla, folder, opset)
+
+
+def _export_split(vla: VLA, folder: Path, opset: int | None) -> dict[str, Any]:
     example = random_inputs(vla.config, len(vla.tokenizer), batch=3, seed=1)
     prefix = PrefixGraph(vla).eval()
     prefix_args = tuple(torch.as_tensor(example[n]) for n in prefix.names)

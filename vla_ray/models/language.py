@@ -129,3 +129,64 @@ def decoder_of(lm: nn.Module) -> nn.Module:
     """The decoder stack (no LM head) of a causal LM or of its peft wrapper."""
     inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     return inner.base_model if hasattr(inner, "base_model") else inner
+
+
+class RotaryTable(nn.Module):
+    """A transformers rotary embedding's ``(cos, sin)`` precomputed for positions
+    ``0 .. positions - 1`` and looked up by position (for export: a gather instead of the
+    per-call outer product, sine and cosine). Only for the position-independent ``default``
+    rope type, whose frequencies do not change with the sequence length."""
+
+    def __init__(self, rotary: nn.Module, positions: int):
+        super().__init__()
+        import torch
+
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"RotaryTable: rope_type must be 'default', got {rope_type!r}")
+        with torch.no_grad():
+            x = torch.zeros(1, dtype=rotary.inv_freq.dtype)
+            cos, sin = rotary(x, torch.arange(positions)[None])
+        self.register_buffer("cos", cos[0], persistent=False)
+        self.register_buffer("sin", sin[0], persistent=False)
+
+    def forward(self, x: Any, position_ids: Any) -> tuple[Any, Any]:
+        return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
+
+
+def rotary_table_of(decoder: nn.Module) -> RotaryTable | None:
+    """A ``RotaryTable`` over the decoder's ``max_position_embeddings`` for its rotary
+    embedding, or None when the decoder has none of the ``default`` type."""
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", None) != "default":
+        return None
+    return RotaryTable(rotary, int(decoder.config.max_position_embeddings))
+
+
+class DivRMSNorm(nn.Module):
+    """A transformers RMSNorm (``weight``, ``variance_epsilon``) computed as
+    ``weight * x / sqrt(mean(x^2) + eps)`` (for export): the division form is the pattern
+    onnxruntime fuses into one ``SimplifiedLayerNormalization`` kernel, where ``rsqrt`` leaves
+    seven element-wise nodes."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = float(norm.variance_epsilon)
+
+    def forward(self, x: Any) -> Any:
+        import torch
+
+        h = x.to(torch.float32)
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rms_norms_of(decoder: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, norm)`` for each transformers RMSNorm in the decoder."""
+    found = []
+    for name, module in decoder.named_modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            parent, _, attr = name.rpartition(".")
+            found.append((decoder.get_submodule(parent), attr, module))
+    return found

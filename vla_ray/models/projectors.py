@@ -58,6 +58,69 @@ class AttentionPoolProjector(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
+class FoldedAttentionPool(nn.Module):
+    """An ``AttentionPoolProjector``'s inference function with its linear maps composed (for
+    export; same outputs up to float rounding).
+
+    Keys and values are linear in the vision tokens, so each head's scores are its folded query
+    against the raw tokens (the key bias is the same for every token and cancels in the
+    softmax), and its output is the value and output maps applied once to the softmax-weighted
+    mean of the raw tokens: no per-token key/value projection, a third of the matrix products.
+    """
+
+    def __init__(self, projector: AttentionPoolProjector):
+        super().__init__()
+        attn = projector.attn
+        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError("FoldedAttentionPool: needs a plain MultiheadAttention with biases")
+        self.projector = projector
+        self.num_tokens = projector.num_tokens
+        self.heads = H = attn.num_heads
+        E, dh = attn.embed_dim, attn.head_dim
+        C = projector.kv.in_features
+        self.token_dim = C
+        with torch.no_grad():
+            wq, wk, wv = attn.in_proj_weight.double().chunk(3)
+            bq, _, bv = attn.in_proj_bias.double().chunk(3)
+            w_kv, b_kv = projector.kv.weight.double(), projector.kv.bias.double()
+            bv = wv @ b_kv + bv  # the value bias of a raw token
+            wk, wv = wk @ w_kv, wv @ w_kv  # (E, C): key and value maps of a raw token
+            scale = dh**-0.5
+            # per head h: query x -> (wq_h x + bq_h) wk_h, a C-vector scored against the tokens
+            a = torch.stack(
+                [wq[h * dh : (h + 1) * dh].T @ wk[h * dh : (h + 1) * dh] for h in range(H)]
+            )
+            c = torch.stack(
+                [bq[h * dh : (h + 1) * dh] @ wk[h * dh : (h + 1) * dh] for h in range(H)]
+            )
+            wo, bo = attn.out_proj.weight.double(), attn.out_proj.bias.double()
+            # output: sum over heads of wo_h (wv_h pooled_h + bv_h) + bo
+            wc = torch.cat(
+                [wo[:, h * dh : (h + 1) * dh] @ wv[h * dh : (h + 1) * dh] for h in range(H)], 1
+            )
+            dtype = attn.in_proj_weight.dtype
+            self.query = nn.Linear(E, H * C)
+            self.query.weight.copy_((a.permute(0, 2, 1).reshape(H * C, E) * scale).to(dtype))
+            self.query.bias.copy_((c.reshape(H * C) * scale).to(dtype))
+            self.out = nn.Linear(H * C, E)
+            self.out.weight.copy_(wc.to(dtype))
+            self.out.bias.copy_((wo @ bv + bo).to(dtype))
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.projector
+        B, N, _ = tokens.shape
+        q = p.queries.expand(B, -1, -1)
+        if p.context is not None and context is not None:
+            q = q + p.context(context)[:, None]
+        M = q.shape[1]
+        folded = self.query(q).view(B, M, self.heads, self.token_dim).transpose(1, 2)
+        t = tokens.to(folded.dtype).unsqueeze(1)  # (B, 1, N, C), shared by the heads
+        weights = (folded @ t.transpose(-1, -2)).softmax(-1)  # (B, H, M, N)
+        pooled = (weights @ t).transpose(1, 2).reshape(B, M, self.heads * self.token_dim)
+        x = q + self.out(pooled)
+        return x + p.mlp(p.norm(x))
+
+
 class PerceiverResampler(nn.Module):
     """Flamingo-style Perceiver resampler: latents attend to [vision tokens; latents], L layers."""
 

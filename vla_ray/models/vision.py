@@ -197,6 +197,63 @@ class CNNEncoder(nn.Module):
         return self.kp_proj(torch.cat([xy, peak], -1)) + self.pos
 
 
+class FoldedStemCNN(nn.Module):
+    """A ``CNNEncoder``'s inference function with its input normalisation and CoordConv
+    channels folded into the first convolution (for export; same outputs up to float rounding).
+
+    The first conv is linear and zero-padded, so on ``[(x / 255 - mean) / std, coords]`` it equals
+    a conv of the raw RGB values with rescaled weights plus a constant map (the bias, the
+    normalisation's shift and the coordinate channels): the exported graph then has no per-call
+    divide, subtract, coordinate broadcast or concatenation, and a 3-channel first conv.
+    """
+
+    def __init__(self, encoder: CNNEncoder):
+        super().__init__()
+        self.encoder = encoder
+        first = encoder.net[0]
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _NORM[encoder.family])
+        self.stem = nn.Conv2d(
+            3,
+            first.out_channels,
+            first.kernel_size,
+            stride=first.stride,
+            padding=first.padding,
+            bias=False,
+        )
+        with torch.no_grad():
+            self.stem.weight.copy_(first.weight[:, :3] / (255.0 * std.view(1, 3, 1, 1)))
+            h, w = encoder.coords.shape[-2:]
+            shift = (-mean / std).expand(1, 3, h, w)
+            offset = first(torch.cat([shift, encoder.coords.to(shift.dtype)], dim=1))
+        self.register_buffer("offset", offset, persistent=False)
+        self.num_tokens = encoder.num_tokens
+        self.hidden_size = encoder.hidden_size
+        self.film = encoder.film
+
+    def feature_map(
+        self, images: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``CNNEncoder.feature_map`` of uint8 (B, H, W, 3) images."""
+        net = self.encoder.net
+        x = self.stem(images.permute(0, 3, 1, 2).to(self.offset.dtype)) + self.offset
+        if self.film is None:
+            return net[1:](x)
+        if context is None:
+            raise ValueError("CNNEncoder(film=True): forward needs the instruction `context`")
+        x = net[1:-2](x)
+        scale, shift = self.film(context.to(x.dtype)).chunk(2, dim=-1)
+        x = x * (1.0 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return net[-2:](x)
+
+    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        enc = self.encoder
+        x = self.feature_map(images, context)
+        if enc.tokens == "patches":
+            return x.flatten(2).transpose(1, 2) + enc.pos
+        _, xy, peak = enc.spatial_keypoints(x)
+        return enc.kp_proj(torch.cat([xy, peak], -1)) + enc.pos
+
+
 class HFVisionEncoder(nn.Module):
     """A transformers vision tower (SigLIP, CLIP or DINOv2), built from config or from_pretrained."""
 
