@@ -87,13 +87,15 @@ def clone(
     seconds: float | None = None,
     updates: int | None = None,
     init: Any | None = None,
+    env_config: dict[str, Any] | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
     log_every: int = 100,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """A VLA built from ``model_config`` for ``env_id``'s spaces (or ``init``, a VLA to train
+    """A VLA built from ``model_config`` for the spaces of ``env_id`` made with
+    ``env_config`` (or ``init``, a VLA to train
     further, e.g. a DAgger round), trained by Adam on its head's loss (the Gaussian's NLL, as
     RLlib's BC) plus the vision encoder's reconstruction loss (when ``recon_coeff > 0``) on
     minibatches of ``frames`` for ``seconds`` of wall clock or for ``updates`` steps (exactly
@@ -114,7 +116,7 @@ def clone(
     if "action" not in frames:
         raise ValueError(f"frames: expected an 'action' column, got {sorted(frames)}")
     torch.manual_seed(seed)
-    env = gym.make(env_id)
+    env = gym.make(env_id, **(env_config or {}))
     try:
         if init is None:
             vla = build_vla(model_config, env.observation_space, env.action_space, _MODULE_KEYS)
