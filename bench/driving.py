@@ -1,14 +1,19 @@
-"""LangDrive: an instruction-following cloned policy vs a language-blind control, equal budget.
+"""LangDrive: an instruction-following policy vs a language-blind control, equal budget.
 
-Per seed: ``--episodes`` scripted-expert episodes of ``vla_ray/LangDriveState-v0`` (controls
-actions) give the frames; the text policy is cloned (``vla_ray.clone.clone``, in process) on
-them as they are, the blind control on the same frames with every instruction replaced by the
-env's blind instruction (the expert, and so the labels, still follow the hidden manoeuvre). Both
-train for ``--seconds`` of wall clock and are evaluated on ``--eval-episodes`` held-out episodes
-(the blind one in the env's ``instruction_mode="blind"``): success, collision rate, per-manoeuvre
-success, driving score. Writes ``driving.json`` and ``driving.png`` to ``--out``.
+Per seed and arm (``--conditions text blind``): ``--episodes`` scripted-expert episodes of
+``vla_ray/LangDriveState-v0`` (``--action`` space) are cloned (``vla_ray.clone.clone``, in
+process) for ``--updates`` Adam updates; then ``--rounds`` DAgger rounds: the clone drives
+``--round-episodes`` episodes (the expert acts instead with probability ``--beta``, halved each
+round), the env's privileged expert labels every visited state, and the clone trains
+``--round-updates`` more updates on all frames so far. The blind arm gets the same pipeline with
+``instruction_mode="blind"`` (its first frames are the same expert frames with the blind
+instruction; the expert, and so the labels, still follow the hidden manoeuvre). Both are
+evaluated on ``--eval-episodes`` held-out episodes: success, per-manoeuvre success, collision
+rate, route completion, driving score, infractions. The budget is counted in updates and
+episodes, not wall clock, so the result does not depend on the machine's load. Writes
+``driving.json`` and ``driving.png`` to ``--out``; ``--merge`` combines per-arm JSONs.
 
-    flock /work/cpu.lock python bench/driving.py --seeds 0 1 2 --out docs/bench
+    python bench/driving.py --seeds 0 1 2 --out docs/bench
 """
 
 from __future__ import annotations
@@ -181,7 +186,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(x, row, color="k", s=8, zorder=3)
     ax.set_xticks(np.arange(len(metrics)), metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(f"LangDrive cloning, {len(results)} seeds: instruction vs blind")
+    ax.set_title(f"LangDriveState-v0, BC + DAgger, {len(results)} seeds: instruction vs blind")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -233,7 +238,11 @@ def main() -> None:
         for part in parts:
             for r in part["runs"]:
                 runs.setdefault(r["seed"], {}).update(r)
-        record = dict(parts[0], merged_from=args.merge)
+        drop = ("seeds", "conditions", "out", "merge")
+        settings = {k: v for k, v in parts[0]["args"].items() if k not in drop}
+        if any({k: v for k, v in p["args"].items() if k not in drop} != settings for p in parts):
+            raise SystemExit("--merge: the parts were run with different settings")
+        record = dict(args=settings, model=parts[0]["model"], merged_from=args.merge)
         summarise([runs[s] for s in sorted(runs)], out, record)
         return
     t0 = time.time()
