@@ -1,14 +1,19 @@
-"""LangDrive: an instruction-following cloned policy vs a language-blind control, equal budget.
+"""LangDrive: an instruction-following policy vs a language-blind control, equal budget.
 
-Per seed: ``--episodes`` scripted-expert episodes of ``vla_ray/LangDriveState-v0`` (controls
-actions) give the frames; the text policy is cloned (``vla_ray.clone.clone``, in process) on
-them as they are, the blind control on the same frames with every instruction replaced by the
-env's blind instruction (the expert, and so the labels, still follow the hidden manoeuvre). Both
-train for ``--seconds`` of wall clock and are evaluated on ``--eval-episodes`` held-out episodes
-(the blind one in the env's ``instruction_mode="blind"``): success, collision rate, per-manoeuvre
-success, driving score. Writes ``driving.json`` and ``driving.png`` to ``--out``.
+Per seed and arm (``--conditions text blind``): ``--episodes`` scripted-expert episodes of
+``vla_ray/LangDriveState-v0`` (``--action`` space) are cloned (``vla_ray.clone.clone``, in
+process) for ``--updates`` Adam updates; then ``--rounds`` DAgger rounds: the clone drives
+``--round-episodes`` episodes (the expert acts instead with probability ``--beta``, halved each
+round), the env's privileged expert labels every visited state, and the clone trains
+``--round-updates`` more updates on all frames so far. The blind arm gets the same pipeline with
+``instruction_mode="blind"`` (its first frames are the same expert frames with the blind
+instruction; the expert, and so the labels, still follow the hidden manoeuvre). Both are
+evaluated on ``--eval-episodes`` held-out episodes: success, per-manoeuvre success, collision
+rate, route completion, driving score, infractions. The budget is counted in updates and
+episodes, not wall clock, so the result does not depend on the machine's load. Writes
+``driving.json`` and ``driving.png`` to ``--out``; ``--merge`` combines per-arm JSONs.
 
-    flock /work/cpu.lock python bench/driving.py --seeds 0 1 2 --out docs/bench
+    python bench/driving.py --seeds 0 1 2 --out docs/bench
 """
 
 from __future__ import annotations
@@ -36,12 +41,6 @@ MODEL: dict[str, Any] = dict(
 )
 
 
-def frames_for(seed: int, episodes: int) -> dict[str, np.ndarray]:
-    from vla_ray.clone import expert_frames
-
-    return expert_frames(ENV_ID, episodes, seed=10_000 * seed, progress=False)
-
-
 def blind(frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same frames with the blind instruction in every row."""
     import gymnasium as gym
@@ -57,23 +56,88 @@ def blind(frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     )
 
 
-def run(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def concat(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def train(
+    seed: int, condition: str, expert: dict[str, np.ndarray], args: argparse.Namespace
+) -> tuple[Any, dict[str, Any]]:
+    """BC on the expert's frames, then ``args.rounds`` DAgger rounds: the clone drives
+    ``args.round_episodes`` episodes (the expert's action with probability ``beta``, halved each
+    round), every visited state is labelled by the expert and added, and the clone trains
+    ``args.round_updates`` more updates on the aggregate."""
+    from vla_ray.clone import clone, expert_frames
+
+    env_config = {"instruction_mode": condition, "action": args.action}
+    data = expert if condition == "text" else blind(expert)
+    vla, rows = clone(
+        MODEL,
+        data,
+        ENV_ID,
+        updates=args.updates,
+        seed=seed,
+        log_every=10**9,
+        env_config={"action": args.action},
+    )
+    log: dict[str, Any] = dict(bc_loss=rows[-1]["learner"]["total_loss"], rounds=[])
+    for r in range(args.rounds):
+
+        def act(obs, vla=vla):
+            batch = {k: np.asarray(v)[None] for k, v in obs.items()}
+            return vla.predict(batch, deterministic=True).flatten().cpu().numpy()
+
+        t0 = time.time()
+        new = expert_frames(
+            ENV_ID,
+            args.round_episodes,
+            seed=10_000 * seed + 1_000 * (r + 1),
+            progress=False,
+            env_config=env_config,
+            policy=act,
+            beta=args.beta * 0.5**r,
+        )
+        data = concat(data, new)
+        vla, rows = clone(
+            MODEL,
+            data,
+            ENV_ID,
+            updates=args.round_updates,
+            init=vla,
+            env_config={"action": args.action},
+            seed=seed * 100 + r,
+            log_every=10**9,
+        )
+        log["rounds"].append(
+            dict(frames=int(len(new["action"])), rollout_s=round(time.time() - t0, 1))
+        )
+        print(json.dumps({"seed": seed, condition: log["rounds"][-1], "round": r}), flush=True)
+    log["frames"] = int(len(data["action"]))
+    log["final_loss"] = rows[-1]["learner"]["total_loss"]
+    return vla, log
+
+
+def run(seed: int, args: argparse.Namespace, conditions: list[str]) -> dict[str, Any]:
     import torch
 
-    from vla_ray.clone import clone
+    from vla_ray.clone import expert_frames
     from vla_ray.evaluate import Policy, evaluate
 
     torch.set_num_threads(1)
     t0 = time.time()
-    frames = frames_for(seed, args.episodes)
-    out: dict[str, Any] = dict(
-        seed=seed, frames=int(len(frames["action"])), frames_s=time.time() - t0
+    expert = expert_frames(
+        ENV_ID,
+        args.episodes,
+        seed=10_000 * seed,
+        progress=False,
+        env_config={"action": args.action},
     )
-    for condition, data, env_config in (
-        ("text", frames, {}),
-        ("blind", blind(frames), {"instruction_mode": "blind"}),
-    ):
-        vla, rows = clone(MODEL, data, ENV_ID, seconds=args.seconds, seed=seed, log_every=10**9)
+    out: dict[str, Any] = dict(
+        seed=seed, expert_frames=int(len(expert["action"])), expert_s=time.time() - t0
+    )
+    for condition in conditions:
+        t1 = time.time()
+        vla, log = train(seed, condition, expert, args)
 
         def act(obs, vla=vla):
             return vla.predict(obs, deterministic=True).flatten(1).cpu().numpy()
@@ -81,18 +145,26 @@ def run(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         result = evaluate(
             Policy(act, {}, "bench", model=vla),
             ENV_ID,
-            env_config,
+            {"instruction_mode": condition, "action": args.action},
             episodes=args.eval_episodes,
             seed=100_000 + 1000 * seed,
             progress=False,
         )
         out[condition] = dict(
-            updates=rows[-1]["iteration"],
-            final_loss=rows[-1]["learner"]["total_loss"],
+            **log,
+            wall_s=round(time.time() - t1, 1),
             success_rate=result["success_rate"],
             success_by_manoeuvre=result.get("success_by_target", {}),
-            **{k: result["driving"][k] for k in ("collision_rate", "driving_score")},
-            route_completion=result["driving"]["route_completion"],
+            **{
+                k: result["driving"].get(k)
+                for k in (
+                    "collision_rate",
+                    "driving_score",
+                    "route_completion",
+                    "mean_speed",
+                    "infractions_per_episode",
+                )
+            },
         )
         print(json.dumps({"seed": seed, condition: out[condition]}), flush=True)
     return out
@@ -114,25 +186,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(x, row, color="k", s=8, zorder=3)
     ax.set_xticks(np.arange(len(metrics)), metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(f"LangDrive cloning, {len(results)} seeds: instruction vs blind")
+    ax.set_title(f"LangDriveState-v0, BC + DAgger, {len(results)} seeds: instruction vs blind")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--episodes", type=int, default=60, help="expert episodes per seed")
-    parser.add_argument("--seconds", type=float, default=90.0, help="cloning wall clock")
-    parser.add_argument("--eval-episodes", type=int, default=30)
-    parser.add_argument("--out", default="docs/bench")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    results = [run(seed, args) for seed in args.seeds]
-    summary = {
+def summarise(results: list[dict[str, Any]], out: Path, record: dict[str, Any]) -> None:
+    """Mean and sd over seeds of each arm's metrics into ``driving.json``, the plot into
+    ``driving.png``."""
+    conditions = [c for c in ("text", "blind") if all(c in r for r in results)]
+    record["summary_mean_std"] = {
         c: {
             m: (
                 float(np.mean([r[c][m] for r in results])),
@@ -140,13 +204,51 @@ def main() -> None:
             )
             for m in ("success_rate", "collision_rate", "driving_score", "route_completion")
         }
-        for c in ("text", "blind")
+        for c in conditions
     }
-    record = dict(args=vars(args), model=MODEL, wall_s=time.time() - t0, runs=results)
-    record["summary_mean_std"] = summary
+    record["runs"] = results
     (out / "driving.json").write_text(json.dumps(record, indent=1))
-    plot(results, out / "driving.png")
-    print(json.dumps(summary, indent=1))
+    if conditions == ["text", "blind"]:
+        plot(results, out / "driving.png")
+    print(json.dumps(record["summary_mean_std"], indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--conditions", nargs="+", default=["text", "blind"])
+    parser.add_argument("--episodes", type=int, default=40, help="expert episodes per seed")
+    parser.add_argument("--updates", type=int, default=2000, help="BC updates on them")
+    parser.add_argument("--rounds", type=int, default=4, help="DAgger rounds")
+    parser.add_argument("--round-episodes", type=int, default=15, help="clone episodes a round")
+    parser.add_argument("--round-updates", type=int, default=1000, help="updates a round")
+    parser.add_argument("--beta", type=float, default=0.5, help="expert share, first round")
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--action", choices=["controls", "waypoints"], default="waypoints")
+    parser.add_argument("--out", default="docs/bench")
+    parser.add_argument(
+        "--merge", nargs="+", help="partial JSONs (runs of one seed/arm each) to summarise"
+    )
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        runs: dict[int, dict[str, Any]] = {}
+        for part in parts:
+            for r in part["runs"]:
+                runs.setdefault(r["seed"], {}).update(r)
+        drop = ("seeds", "conditions", "out", "merge")
+        settings = {k: v for k, v in parts[0]["args"].items() if k not in drop}
+        if any({k: v for k, v in p["args"].items() if k not in drop} != settings for p in parts):
+            raise SystemExit("--merge: the parts were run with different settings")
+        record = dict(args=settings, model=parts[0]["model"], merged_from=args.merge)
+        summarise([runs[s] for s in sorted(runs)], out, record)
+        return
+    t0 = time.time()
+    results = [run(seed, args, args.conditions) for seed in args.seeds]
+    record = dict(args=vars(args), model=MODEL, wall_s=time.time() - t0)
+    summarise(results, out, record)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,37 @@ def test_clone_refuses_frames_without_labels():
     frames.pop("action")
     with pytest.raises(ValueError, match="frames: expected an 'action' column"):
         clone(dict(get_preset("langreach-ppo").model), frames, ENV, seconds=1.0)
+
+
+def test_expert_frames_with_a_policy_visit_its_states_and_keep_the_expert_labels():
+    expert = expert_frames(ENV, 1, seed=3, progress=False)
+    still = np.zeros(2, np.float32)
+    dagger = expert_frames(ENV, 1, seed=3, progress=False, policy=lambda obs: still)
+    # the same reset and label at the first frame; then the policy's states, expert-labelled
+    assert np.array_equal(expert["image"][0], dagger["image"][0])
+    np.testing.assert_array_equal(expert["action"][0], dagger["action"][0])
+    assert not np.array_equal(expert["image"][1], dagger["image"][1])
+    assert np.abs(dagger["action"]).max() > 0.1  # the expert's labels, not the policy's zeros
+    # beta=1: the expert acts at every step, as without a policy
+    always = expert_frames(ENV, 1, seed=3, progress=False, policy=lambda obs: still, beta=1.0)
+    np.testing.assert_array_equal(always["action"], expert["action"])
+
+
+def test_expert_frames_refuse_a_beta_outside_0_1():
+    with pytest.raises(ValueError, match=r"beta: must be in \[0, 1\], got 1.5"):
+        expert_frames(ENV, 1, progress=False, beta=1.5)
+
+
+def test_clone_for_a_number_of_updates_and_on_from_a_given_vla():
+    import torch
+
+    frames = expert_frames(ENV, 1, seed=1, progress=False)
+    model = dict(get_preset("langreach-ppo").model, vision_config={"tokens": "keypoints"})
+    vla, rows = clone(model, frames, ENV, updates=3, batch_size=8, log_every=1)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    before = [p.detach().clone() for p in vla.parameters()]
+    again, rows = clone(model, frames, ENV, updates=2, init=vla, batch_size=8, log_every=1)
+    assert again is vla and [r["iteration"] for r in rows] == [1, 2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, vla.parameters(), strict=True))
+    with pytest.raises(ValueError, match="give exactly one of seconds, updates"):
+        clone(model, frames, ENV, seconds=1.0, updates=2)

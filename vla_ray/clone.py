@@ -21,13 +21,25 @@ _MODULE_KEYS = ("value", "vf_hidden")
 
 
 def expert_frames(
-    env_id: str, episodes: int, *, seed: int = 0, noise: float = 0.0, progress: bool = True
+    env_id: str,
+    episodes: int,
+    *,
+    seed: int = 0,
+    noise: float = 0.0,
+    progress: bool = True,
+    env_config: dict[str, Any] | None = None,
+    policy: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+    beta: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Every observation of ``episodes`` expert episodes (episode i reset with ``seed + i``),
-    labelled with the expert's noise-free action under ``"action"``.
+    """Every observation of ``episodes`` episodes of ``env_id`` (made with ``env_config``;
+    episode i reset with ``seed + i``), labelled with the expert's noise-free action under
+    ``"action"``.
 
     With ``noise`` the env executes the label plus Gaussian noise of that std (DART, Laskey et
     al. 2017): the frames cover states off the expert's path, labelled with how to recover.
+    With ``policy`` (one observation -> action) the env executes the policy's action, or with
+    probability ``beta`` per step the label (DAgger, Ross et al. 2011): the frames are the states
+    the policy visits, labelled with what the expert would do there.
     """
     import gymnasium as gym
     from tqdm import tqdm
@@ -39,7 +51,9 @@ def expert_frames(
         raise ValueError(f"episodes: must be >= 1, got {episodes}")
     if noise < 0:
         raise ValueError(f"noise: must be >= 0, got {noise}")
-    env = gym.make(env_id)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: must be in [0, 1], got {beta}")
+    env = gym.make(env_id, **(env_config or {}))
     expert = get_expert(env_id)
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
@@ -53,7 +67,11 @@ def expert_frames(
                 for k, v in obs.items():
                     cols.setdefault(k, []).append(np.asarray(v))
                 cols.setdefault("action", []).append(label)
-                action = label + rng.normal(0.0, noise, label.shape) if noise > 0 else label
+                action = label
+                if policy is not None and not (beta > 0 and rng.random() < beta):
+                    action = np.asarray(policy(obs), dtype=np.float32).reshape(label.shape)
+                if noise > 0:
+                    action = action + rng.normal(0.0, noise, label.shape)
                 obs, _, term, trunc, _ = env.step(np.clip(action, low, high).astype(np.float32))
                 done = term or trunc
     finally:
@@ -66,31 +84,44 @@ def clone(
     frames: dict[str, np.ndarray],
     env_id: str,
     *,
-    seconds: float,
+    seconds: float | None = None,
+    updates: int | None = None,
+    init: Any | None = None,
+    env_config: dict[str, Any] | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
     log_every: int = 100,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """A VLA built from ``model_config`` for ``env_id``'s spaces, trained by Adam on its head's
-    loss (the Gaussian's NLL, as RLlib's BC) plus the vision encoder's reconstruction loss (when
-    ``recon_coeff > 0``) on minibatches of ``frames`` for ``seconds`` of wall clock; returns
-    (vla, metric rows, one per ``log_every`` updates and one for the last)."""
+    """A VLA built from ``model_config`` for the spaces of ``env_id`` made with
+    ``env_config`` (or ``init``, a VLA to train
+    further, e.g. a DAgger round), trained by Adam on its head's loss (the Gaussian's NLL, as
+    RLlib's BC) plus the vision encoder's reconstruction loss (when ``recon_coeff > 0``) on
+    minibatches of ``frames`` for ``seconds`` of wall clock or for ``updates`` steps (exactly
+    one of the two); returns (vla, metric rows, one per ``log_every`` updates and one for the
+    last)."""
     import gymnasium as gym
     import torch
 
     import vla_ray.envs  # noqa: F401
     from vla_ray.rl_module import build_vla
 
-    if seconds <= 0:
+    if (seconds is None) == (updates is None):
+        raise ValueError(f"clone: give exactly one of seconds, updates; got {seconds}, {updates}")
+    if seconds is not None and seconds <= 0:
         raise ValueError(f"seconds: must be > 0, got {seconds}")
+    if updates is not None and updates < 1:
+        raise ValueError(f"updates: must be >= 1, got {updates}")
     if "action" not in frames:
         raise ValueError(f"frames: expected an 'action' column, got {sorted(frames)}")
     torch.manual_seed(seed)
-    env = gym.make(env_id)
+    env = gym.make(env_id, **(env_config or {}))
     try:
-        vla = build_vla(model_config, env.observation_space, env.action_space, _MODULE_KEYS)
+        if init is None:
+            vla = build_vla(model_config, env.observation_space, env.action_space, _MODULE_KEYS)
+        else:
+            vla = init
         obs_keys = [k for k in env.observation_space.spaces if k in frames]
     finally:
         env.close()
@@ -115,7 +146,7 @@ def clone(
         opt.step()
         update += 1
         elapsed = time.time() - t0
-        last = elapsed >= seconds
+        last = elapsed >= seconds if updates is None else update >= updates
         if update % log_every == 0 or last:
             row = dict(
                 iteration=update,
