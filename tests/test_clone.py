@@ -53,7 +53,7 @@ def test_clone_run_writes_a_policy_that_eval_loads(tmp_path):
 def test_clone_lowers_the_loss_on_its_frames():
     frames = expert_frames(ENV, 3, seed=1, progress=False)
     model = dict(get_preset("langreach-ppo").model, vision_config={"tokens": "keypoints"})
-    _, rows = clone(model, frames, ENV, seconds=2.0, log_every=1, seed=0)
+    _, rows = clone(model, frames, ENV, updates=8, log_every=1, seed=0)  # not wall clock: flaky
     losses = [r["learner"]["bc_loss"] for r in rows]
     assert len(losses) >= 3 and min(losses[-2:]) < losses[0]
 
