@@ -5,8 +5,8 @@ Stages (each reads what the ones before wrote under ``--runs``):
 - ``learn``: trains ``langreach-dreamer`` and ``langreach-ppo`` for ``--steps`` env steps each
   (or ``--max-minutes``), one run per ``--seeds`` seed; a learning run (its success does not
   depend on speed, so no cpu.lock);
-- ``plan``: evaluates each Dreamer run's last checkpoint with the actor alone and with the CEM
-  and MPPI planners on ``--episodes`` held-out seeds;
+- ``plan``: evaluates each run's last checkpoint on ``--episodes`` held-out seeds: PPO's policy,
+  Dreamer's actor alone and with the CEM and MPPI planners;
 - ``latency``: milliseconds per action of the actor, CEM and MPPI on the first Dreamer run's
   checkpoint (timed: run it under ``flock /work/cpu.lock``);
 - ``throughput``: training env steps per second of each algorithm over ``--seconds`` (timed:
@@ -78,13 +78,14 @@ def _checkpoint(run_dir: Path) -> str:
     return json.loads((run_dir / "bench_summary.json").read_text())["last_checkpoint"]
 
 
-def plan_eval(run_dir: Path, episodes: int) -> dict[str, Any]:
-    """Actor alone vs CEM vs MPPI on one checkpoint: held-out success, return and length."""
+def plan_eval(run_dir: Path, episodes: int, planners: tuple[str, ...]) -> dict[str, Any]:
+    """Held-out success, return and length of one checkpoint's policy alone ("none") and with
+    each planner (CEM, MPPI: Dreamer's checkpoints only)."""
     from vla_ray.evaluate import evaluate, load_policy
 
     ckpt = _checkpoint(run_dir)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "episodes": episodes}
-    for planner in PLANNERS:
+    for planner in planners:
         result = evaluate(load_policy(ckpt, planner=planner), episodes=episodes, progress=False)
         out[planner] = {k: result[k] for k in ("success_rate", "mean_return", "mean_length")}
         print(run_dir.name, planner, out[planner], flush=True)
@@ -151,13 +152,23 @@ def throughput(algo: str, seconds: float, runners: int) -> dict[str, Any]:
     return out
 
 
-def smooth(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
-    """Running mean of the y values over ``window`` points (None values skipped)."""
+BIN = 2048  # env steps per point of the curves (PPO's batch)
+
+
+def binned(rows: list[dict[str, Any]], width: int = BIN) -> list[dict[str, float]]:
+    """Training success averaged over bins of ``width`` env steps (iterations that ended no
+    episode skipped): the bin's last env steps and wall time, and the mean success."""
+    bins: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        bins.setdefault((r["env_steps"] - 1) // width, []).append(r)
     out = []
-    for i in range(len(points)):
-        ys = [y for _, y in points[max(0, i - window + 1) : i + 1] if y is not None]
+    for _, group in sorted(bins.items()):
+        ys = [r["success_rate"] for r in group if r["success_rate"] is not None]
         if ys:
-            out.append((points[i][0], sum(ys) / len(ys)))
+            last = group[-1]
+            out.append(
+                dict(env_steps=last["env_steps"], time_s=last["time_s"], success=sum(ys) / len(ys))
+            )
     return out
 
 
@@ -196,18 +207,23 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
                     for c in inst["curve"]
                 ],
             )
-    print(f"{'run':<16} {'env steps':>9} {'wall s':>7} {'last-10-iter train success':>27}")
+    print(
+        f"{'run':<16} {'env steps':>9} {'wall s':>7} {'train success, last bin':>24}  "
+        "held-out eval (success / return) by planner"
+    )
     for name, entry in results["runs"].items():
-        tail = [c["success_rate"] for c in entry["curve"][-10:] if c["success_rate"] is not None]
-        mean_tail = sum(tail) / len(tail) if tail else float("nan")
-        entry["train_success_last10"] = mean_tail
-        print(f"{name:<16} {entry['env_steps']:>9} {entry['wall_s']:>7} {mean_tail:>27.3f}")
-        for planner, row in (entry.get("plan_eval") or {}).items():
-            if isinstance(row, dict):
-                print(
-                    f"   {planner:<6} success {row['success_rate']:.3f}  return "
-                    f"{row['mean_return']:.2f}  latency {row['latency_ms_median']:.1f} ms/action"
-                )
+        entry["binned"] = binned(entry["curve"])
+        last = entry["binned"][-1]["success"] if entry["binned"] else float("nan")
+        entry["train_success_last_bin"] = last
+        evals = "  ".join(
+            f"{planner} {row['success_rate']:.2f} / {row['mean_return']:.2f}"
+            for planner, row in (entry.get("plan_eval") or {}).items()
+            if isinstance(row, dict)
+        )
+        print(f"{name:<16} {entry['env_steps']:>9} {entry['wall_s']:>7} {last:>24.3f}  {evals}")
+    for planner, row in (results.get("latency") or {}).items():
+        if isinstance(row, dict):
+            print(f"latency {planner:<5} median {row['ms_median']} ms  p90 {row['ms_p90']} ms")
     out.mkdir(parents=True, exist_ok=True)
     (out / "world_model.json").write_text(json.dumps(results, indent=2))
     try:
@@ -222,7 +238,7 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
     for name, entry in results["runs"].items():
         algo = name.split("_")[0]
         for ax, x in zip(axes, ("env_steps", "time_s"), strict=True):
-            pts = smooth([(c[x], c["success_rate"]) for c in entry["curve"]], 5)
+            pts = [(b[x], b["success"]) for b in entry["binned"]]
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=colors.get(algo), label=name, alpha=0.8)
     ref = results.get("ppo_reference")
@@ -235,7 +251,7 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock s (shared 2-core CPU, unlocked: load-sensitive)")
     for ax in axes:
-        ax.set_ylabel("training success (running mean of 5 iterations)")
+        ax.set_ylabel(f"training success (mean per {BIN} env steps)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
     fig.suptitle("LangReach: VLA-Dreamer vs PPO at equal env steps")
@@ -255,6 +271,7 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, help="learn: stop a run after this long")
     parser.add_argument("--episodes", type=int, default=20, help="plan: episodes per planner")
     parser.add_argument("--latency-steps", type=int, default=30, help="latency: timed actions")
+    parser.add_argument("--glob", default="*_seed*", help="plan: which runs under --runs")
     parser.add_argument("--seconds", type=float, default=150, help="throughput: per algorithm")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"))
     parser.add_argument("--ppo-reference", type=Path, default=Path("docs/bench/langreach_ppo.json"))
@@ -265,8 +282,9 @@ def main() -> None:
                 summary = learn(algo, seed, args.steps, args.runs, args.runners, args.max_minutes)
                 print(algo, seed, summary.get("env_steps"), summary["bench_wall_s"], flush=True)
     elif args.stage == "plan":
-        for run_dir in sorted(args.runs.glob("dreamer_seed*")):
-            result = plan_eval(run_dir, args.episodes)
+        for run_dir in sorted(args.runs.glob(args.glob)):
+            planners = PLANNERS if run_dir.name.startswith("dreamer") else ("none",)
+            result = plan_eval(run_dir, args.episodes, planners)
             (run_dir / "plan_eval.json").write_text(json.dumps(result, indent=2))
     elif args.stage == "latency":
         run_dir = sorted(args.runs.glob("dreamer_seed*"))[0]
