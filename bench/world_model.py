@@ -185,7 +185,8 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
             env_steps=summary.get("env_steps"),
             wall_s=summary.get("bench_wall_s"),
             overrides=summary.get("bench_overrides"),
-            curve=curve(run_dir),
+            # a run whose metrics.jsonl is missing keeps its summary and evaluations
+            curve=curve(run_dir) if (run_dir / "metrics.jsonl").is_file() else [],
         )
         if (run_dir / "plan_eval.json").is_file():
             entry["plan_eval"] = json.loads((run_dir / "plan_eval.json").read_text())
