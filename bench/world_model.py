@@ -214,14 +214,15 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
     )
     for name, entry in results["runs"].items():
         entry["binned"] = binned(entry["curve"])
-        last = entry["binned"][-1]["success"] if entry["binned"] else float("nan")
+        last = entry["binned"][-1]["success"] if entry["binned"] else None
         entry["train_success_last_bin"] = last
         evals = "  ".join(
             f"{planner} {row['success_rate']:.2f} / {row['mean_return']:.2f}"
             for planner, row in (entry.get("plan_eval") or {}).items()
             if isinstance(row, dict)
         )
-        print(f"{name:<16} {entry['env_steps']:>9} {entry['wall_s']:>7} {last:>24.3f}  {evals}")
+        shown = "-" if last is None else f"{last:.3f}"
+        print(f"{name:<16} {entry['env_steps']:>9} {entry['wall_s']:>7} {shown:>24}  {evals}")
     for planner, row in (results.get("latency") or {}).items():
         if isinstance(row, dict):
             print(f"latency {planner:<5} median {row['ms_median']} ms  p90 {row['ms_p90']} ms")
