@@ -193,3 +193,82 @@ def test_planner_needs_a_world_model_checkpoint(tiny_vla_dir):
 
     with pytest.raises(ValueError, match="--planner cem: planning needs a world-model"):
         load_policy(tiny_vla_dir, planner="cem")
+
+
+def test_imagine_writes_an_open_loop_video_of_real_and_imagined_frames(module, tmp_path):
+    """``vla-ray eval --imagine N``: per episode ``context`` observed + N imagined frames, each
+    real | gap | decoded side by side (64x64 LangReach pixels upscaled 2x)."""
+    import json
+
+    import imageio.v2 as imageio
+
+    from vla_ray.cli import main
+
+    module.save_to_path(tmp_path / "module")
+    video, js = tmp_path / "open_loop.mp4", tmp_path / "imagine.json"
+    argv = ["eval", "--checkpoint", str(tmp_path / "module"), "--env", "vla_ray/LangReach-v0"]
+    argv += ["--imagine", "4", "--imagine-context", "2", "--video", str(video), "--json", str(js)]
+    assert main(argv) == 0
+    out = json.loads(js.read_text())
+    frames = imageio.mimread(video)
+    assert out["frames"] == len(frames) == 6
+    assert frames[0].shape == tuple(out["frame_shape"]) == (128, 128 + 16 + 128, 3)
+    assert len(out["image_mse_by_step"]) == len(out["reward_abs_error_by_step"]) == 4
+    # the strip over the decoded image: green while observed, red once imagined
+    assert tuple(frames[1][0, -10]) != tuple(frames[2][0, -10])
+
+
+def test_imagine_is_refused_without_a_world_model_or_an_image_decoder(
+    tiny_vla_dir, langreach_spaces, tmp_path
+):
+    from vla_ray.evaluate import Policy, load_policy
+    from vla_ray.world_model.diagnostics import imagine_video
+    from vla_ray.world_model.policy import LatentPolicy
+
+    with pytest.raises(ValueError, match="--imagine: open-loop prediction needs a world-model"):
+        imagine_video(load_policy(tiny_vla_dir), tmp_path / "v.mp4", horizon=3)
+    obs_space, act_space = langreach_spaces
+    latent = dict(TINY_MODEL, world_model=dict(TINY_MODEL["world_model"], objective="latent"))
+    cls = get_algorithm("dreamer").module_class()
+    m = cls(observation_space=obs_space, action_space=act_space, model_config=latent)
+    runner = LatentPolicy(m)
+    policy = Policy(runner, {"env": "vla_ray/LangReach-v0"}, "rllib", context=runner)
+    with pytest.raises(ValueError, match="no image decoder.*objective 'latent'"):
+        imagine_video(policy, tmp_path / "v.mp4", horizon=3)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "name, image, decoded",
+    [("halfcheetah-pixels-dreamer", True, {"image"}), ("hopper-dreamer", False, {"state"})],
+)
+def test_locomotion_dreamer_presets_build_their_config_and_module(name, image, decoded):
+    """The pixel preset decodes the image alone (no state in its observations), the Hopper one
+    the state with a state-only VLA; both resolve to a dreamer AlgorithmConfig."""
+    import gymnasium as gym
+
+    from vla_ray.train import build_algorithm_config, resolve
+
+    spec = resolve(name)
+    cfg = build_algorithm_config(spec)
+    assert cfg.env == spec.env and cfg.batch_length_T == 32 and cfg.updates_per_iteration == 2
+    # the env's observation spaces, without rendering (pixels: 64x64 image, no state)
+    tokens = {
+        "instruction": gym.spaces.Box(0, 139, (16,), np.int64),
+        "instruction_mask": gym.spaces.Box(0, 1, (16,), np.int64),
+    }
+    extra = (
+        {"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)}
+        if image
+        else {"state": gym.spaces.Box(-np.inf, np.inf, (11,), np.float32)}
+    )
+    assert spec.settings["env_config"].get("include_state", True) is not image
+    action_dim = 6 if image else 3
+    m = cfg.get_default_rl_module_spec().module_class(
+        observation_space=gym.spaces.Dict({**tokens, **extra}),
+        action_space=gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32),
+        model_config=spec.settings["model"],
+    )
+    assert set(m.world_model.decoders) == decoded
+    assert (m.vla_config.vision != "none") is image
+    assert m.world_model.action_dim == action_dim and m.wm_config.deter == 128

@@ -188,6 +188,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.safety:  # the safety layer's rules, on top of the training env config
         env_config = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
         env_config["safety"] = str(Path(args.safety).resolve())
+    if args.imagine is not None:  # the world model's open-loop prediction video, no eval
+        from vla_ray.world_model.diagnostics import imagine_video
+
+        result = imagine_video(
+            policy,
+            args.video or "imagine.mp4",
+            horizon=args.imagine,
+            context=args.imagine_context,
+            env_id=args.env,
+            env_config=env_config,
+            episodes=args.imagine_episodes,
+            seed=args.seed,
+        )
+        mse = ", ".join(f"{v:.4f}" for v in result["image_mse_by_step"])
+        rew = ", ".join(f"{v:.3f}" for v in result["reward_abs_error_by_step"])
+        print(
+            f"open-loop video: {result['video']} ({result['frames']} frames, "
+            f"{result['context']} observed + up to {result['horizon']} imagined per episode)"
+        )
+        print(f"  image MSE by step ahead: {mse}\n  reward |error| by step ahead: {rew}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = evaluate(
         policy,
         env_id=args.env,
@@ -746,7 +770,8 @@ vla-ray tune tune_configs/ppo_langreach.yaml --num-samples 2 --stop-iters 1 --cp
 vla-ray tune tune_configs/ppo_langreach.yaml --output runs/tune-ppo --resume""",
     "eval": """\
 vla-ray eval --checkpoint runs/lr/checkpoints/best --episodes 100 --video eval.mp4
-vla-ray eval --checkpoint runs/lr/checkpoints/best/vla --json eval.json""",
+vla-ray eval --checkpoint runs/lr/checkpoints/best/vla --json eval.json
+vla-ray eval --checkpoint runs/dreamer/checkpoints/last --imagine 15 --video open_loop.mp4""",
     "collect": """\
 vla-ray collect --env vla_ray/LangReach-v0 --policy expert --episodes 500 --output data/lr-expert
 vla-ray collect --env vla_ray/Hopper-v5 --policy random --episodes 100 --format d4rl \\
@@ -984,6 +1009,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="world-model checkpoints (dreamer): plan over the latent dynamics, warm-started "
         "from the actor",
     )
+    e.add_argument(
+        "--imagine",
+        type=int,
+        metavar="N",
+        help="world-model checkpoints with an image decoder: instead of evaluating, write an "
+        "open-loop prediction video (--video, default imagine.mp4): real vs decoded frames, "
+        "--imagine-context observed steps then N imagined from the real actions",
+    )
+    e.add_argument(
+        "--imagine-context",
+        type=int,
+        default=5,
+        help="--imagine: steps the world model observes before imagining",
+    )
+    e.add_argument("--imagine-episodes", type=int, default=1, help="--imagine: episodes")
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser(

@@ -218,6 +218,17 @@ def _context_policy(
     return Policy(runner, meta, "rllib", model=None, context=runner)
 
 
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 10) -> Path:
+    """Write ``frames`` (uint8 H x W x 3 each, all the same size) as a video at ``path`` (the
+    format from its suffix, e.g. mp4 or gif); returns the path."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(str(path), frames, fps=fps)
+    return path
+
+
 def _chunk_size(policy: Policy, chunks: dict[str, Any]) -> int:
     """The policy's chunk size: its VLA's config, else the run's ``action_chunk.size``."""
     config = getattr(policy.model, "config", None)
@@ -324,10 +335,7 @@ def evaluate(
     finally:
         env.close()
     if video:
-        import imageio.v2 as imageio
-
-        Path(video).parent.mkdir(parents=True, exist_ok=True)
-        imageio.mimsave(str(video), frames, fps=env.metadata.get("render_fps", 10))
+        write_video(video, frames, fps=env.metadata.get("render_fps", 10))
     result: dict[str, Any] = dict(
         env=env_id,
         episodes=episodes,

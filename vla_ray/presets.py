@@ -504,6 +504,55 @@ PRESETS["langreach-dreamer"] = Preset(
     env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
     stop=dict(timesteps=100_000),
 )
+# Locomotion from pixels alone (the DMC-vision setting of DreamerV3): 64x64 renders of
+# HalfCheetah, no proprioception in the observation, so the world model decodes only the image.
+PRESETS["halfcheetah-pixels-dreamer"] = Preset(
+    name="halfcheetah-pixels-dreamer",
+    algorithm="dreamer",
+    env="vla_ray/HalfCheetahPixels-v5",
+    description="VLA-Dreamer on HalfCheetah from 64x64 pixels only (image decoder; not tuned)",
+    env_config={"image_size": [64, 64], "include_state": False},
+    model=dict(
+        TINY_VLA,
+        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15, decode=["image"]),
+    ),
+    training=dict(
+        lr=3e-4,
+        actor_lr=3e-5,
+        critic_lr=3e-5,
+        batch_size_B=16,
+        batch_length_T=32,
+        train_batch_size_per_learner=64,
+        updates_per_iteration=2,
+    ),
+    env_runners=dict(num_env_runners=1, num_envs_per_env_runner=4),
+    stop=dict(timesteps=500_000),
+    eval_episodes=10,
+)
+# The state-only variant: Hopper from proprioception + instruction (vision="none" is automatic
+# for a state-only env); the world model decodes the state (symlog MSE) and predicts Hopper's
+# terminations with its continuation head.
+PRESETS["hopper-dreamer"] = Preset(
+    name="hopper-dreamer",
+    algorithm="dreamer",
+    env="vla_ray/Hopper-v5",
+    description="VLA-Dreamer on Hopper-v5 from state + instruction (state decoder; not tuned)",
+    model=dict(
+        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15, decode=["state"])
+    ),
+    training=dict(
+        lr=3e-4,
+        actor_lr=3e-5,
+        critic_lr=3e-5,
+        batch_size_B=16,
+        batch_length_T=32,
+        train_batch_size_per_learner=64,
+        updates_per_iteration=2,
+    ),
+    env_runners=dict(num_env_runners=1, num_envs_per_env_runner=4),
+    stop=dict(timesteps=500_000),
+    eval_episodes=10,
+)
 
 
 # --- environments at scale (issue 3): MuJoCo state-only PPO, PushT, highway-env, CARLA ----------

@@ -1,0 +1,304 @@
+"""Benchmark: VLA-Dreamer on LangReach, against PPO at equal env steps, and planning vs the actor.
+
+Stages (each reads what the ones before wrote under ``--runs``):
+
+- ``learn``: trains ``langreach-dreamer`` and ``langreach-ppo`` for ``--steps`` env steps each
+  (or ``--max-minutes``), one run per ``--seeds`` seed; a learning run (its success does not
+  depend on speed, so no cpu.lock);
+- ``plan``: evaluates each run's last checkpoint on ``--episodes`` held-out seeds: PPO's policy,
+  Dreamer's actor alone and with the CEM and MPPI planners;
+- ``latency``: milliseconds per action of the actor, CEM and MPPI on the first Dreamer run's
+  checkpoint (timed: run it under ``flock /work/cpu.lock``);
+- ``throughput``: training env steps per second of each algorithm over ``--seconds`` (timed:
+  under ``flock /work/cpu.lock``), the wall-clock axis at equal load;
+- ``report``: prints the table, writes ``OUT/world_model.json`` and ``OUT/world_model.png``
+  (training success vs env steps and vs wall-clock, both algorithms, with the documented
+  30-minute ``langreach-ppo`` curve from ``--ppo-reference``).
+
+    python bench/world_model.py learn --algos dreamer --seeds 0 1 --steps 16000 --runs RUNS
+    python bench/world_model.py learn --algos ppo --seeds 0 1 --steps 16000 --runs RUNS
+    python bench/world_model.py plan --runs RUNS --episodes 20
+    flock /work/cpu.lock python bench/world_model.py latency --runs RUNS
+    flock /work/cpu.lock python bench/world_model.py throughput --runs RUNS --seconds 150
+    python bench/world_model.py report --runs RUNS --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+PRESETS = {"dreamer": "langreach-dreamer", "ppo": "langreach-ppo"}
+
+
+def learn(
+    algo: str, seed: int, steps: int, runs: Path, runners: int, max_minutes: float | None
+) -> dict[str, Any]:
+    """Train ``algo``'s LangReach preset for ``steps`` env steps (or ``max_minutes``, whichever
+    comes first); returns its summary."""
+    from vla_ray.train import resolve, train
+
+    run_dir = runs / f"{algo}_seed{seed}"
+    overrides = {"seed": seed, "env_runners": {"num_env_runners": runners}}
+    spec = resolve(PRESETS[algo], overrides)
+    t0 = time.time()
+    seconds = None if max_minutes is None else 60.0 * max_minutes
+    summary = train(spec, run_dir, stop_timesteps=steps, stop_seconds=seconds, progress=False)
+    summary["bench_wall_s"] = round(time.time() - t0, 1)
+    summary["bench_overrides"] = overrides
+    (run_dir / "bench_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def curve(run_dir: Path) -> list[dict[str, Any]]:
+    """Per-iteration env steps, wall time and training success of a run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        dict(
+            env_steps=r["env_steps"],
+            time_s=r["time_s"],
+            success_rate=r.get("success_rate"),
+            episodes=r.get("episodes_this_iter", r.get("num_episodes")),
+        )
+        for r in rows
+    ]
+
+
+PLANNERS = ("none", "cem", "mppi")
+
+
+def _checkpoint(run_dir: Path) -> str:
+    return json.loads((run_dir / "bench_summary.json").read_text())["last_checkpoint"]
+
+
+def plan_eval(run_dir: Path, episodes: int, planners: tuple[str, ...]) -> dict[str, Any]:
+    """Held-out success, return and length of one checkpoint's policy alone ("none") and with
+    each planner (CEM, MPPI: Dreamer's checkpoints only)."""
+    from vla_ray.evaluate import evaluate, load_policy
+
+    ckpt = _checkpoint(run_dir)
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "episodes": episodes}
+    for planner in planners:
+        result = evaluate(load_policy(ckpt, planner=planner), episodes=episodes, progress=False)
+        out[planner] = {k: result[k] for k in ("success_rate", "mean_return", "mean_length")}
+        print(run_dir.name, planner, out[planner], flush=True)
+    return out
+
+
+def latency(run_dir: Path, steps: int) -> dict[str, Any]:
+    """Seconds per action of the actor alone, CEM and MPPI (one observation at a time, the
+    env's step excluded; ``steps`` timed actions after 3 untimed ones)."""
+    import gymnasium as gym
+    import numpy as np
+
+    import vla_ray.envs  # noqa: F401
+    from vla_ray.evaluate import load_policy
+
+    ckpt = _checkpoint(run_dir)
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "steps": steps}
+    for planner in PLANNERS:
+        policy = load_policy(ckpt, planner=planner)
+        env = gym.make(policy.meta["env"], **policy.meta.get("env_config", {}))
+        obs, _ = env.reset(seed=123_456)
+        policy.reset()
+        times = []
+        for i in range(steps + 3):
+            batch = {k: np.asarray(v)[None] for k, v in obs.items()}
+            t0 = time.perf_counter()
+            action = policy(batch)[0]
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+            obs, _, term, trunc, _ = env.step(action)
+            if term or trunc:
+                obs, _ = env.reset()
+                policy.reset()
+        env.close()
+        out[planner] = dict(
+            ms_median=round(1000 * float(np.median(times)), 2),
+            ms_p90=round(1000 * float(np.percentile(times, 90)), 2),
+        )
+        print(run_dir.name, planner, out[planner], flush=True)
+    return out
+
+
+def throughput(algo: str, seconds: float, runners: int) -> dict[str, Any]:
+    """Env steps per second of training (sampling + updates; the first iteration, which
+    includes start-up, excluded) over ``seconds`` of ``algo``'s preset."""
+    import tempfile
+
+    from vla_ray.train import resolve, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = resolve(PRESETS[algo], {"env_runners": {"num_env_runners": runners}})
+        train(spec, Path(tmp) / "run", stop_seconds=seconds, progress=False)
+        rows = curve(Path(tmp) / "run")
+    first, last = rows[0], rows[-1]
+    rate = (last["env_steps"] - first["env_steps"]) / max(1e-9, last["time_s"] - first["time_s"])
+    out = dict(
+        algo=algo,
+        iterations=len(rows),
+        env_steps=last["env_steps"],
+        seconds=last["time_s"],
+        env_steps_per_s=round(rate, 2),
+    )
+    print(out, flush=True)
+    return out
+
+
+BIN = 2048  # env steps per point of the curves (PPO's batch)
+
+
+def binned(rows: list[dict[str, Any]], width: int = BIN) -> list[dict[str, float]]:
+    """Training success averaged over bins of ``width`` env steps (iterations that ended no
+    episode skipped): the bin's last env steps and wall time, and the mean success."""
+    bins: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        bins.setdefault((r["env_steps"] - 1) // width, []).append(r)
+    out = []
+    for _, group in sorted(bins.items()):
+        ys = [r["success_rate"] for r in group if r["success_rate"] is not None]
+        if ys:
+            last = group[-1]
+            out.append(
+                dict(env_steps=last["env_steps"], time_s=last["time_s"], success=sum(ys) / len(ys))
+            )
+    return out
+
+
+def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
+    """Table + JSON + PNG from the runs under ``runs``."""
+    results: dict[str, Any] = {
+        "machine": "2-core AMD EPYC CPU, no GPU (shared with other sessions; see docs)",
+        "python": platform.python_version(),
+        "runs": {},
+    }
+    for run_dir in sorted(p for p in runs.iterdir() if (p / "bench_summary.json").is_file()):
+        summary = json.loads((run_dir / "bench_summary.json").read_text())
+        entry: dict[str, Any] = dict(
+            env_steps=summary.get("env_steps"),
+            wall_s=summary.get("bench_wall_s"),
+            overrides=summary.get("bench_overrides"),
+            # a run whose metrics.jsonl is missing keeps its summary and evaluations
+            curve=curve(run_dir) if (run_dir / "metrics.jsonl").is_file() else [],
+        )
+        if (run_dir / "plan_eval.json").is_file():
+            entry["plan_eval"] = json.loads((run_dir / "plan_eval.json").read_text())
+        results["runs"][run_dir.name] = entry
+    for name in ("latency", "throughput"):
+        if (runs / f"{name}.json").is_file():
+            results[name] = json.loads((runs / f"{name}.json").read_text())
+    if ppo_reference is not None and ppo_reference.is_file():
+        ref = json.loads(ppo_reference.read_text())
+        variants = ref.get("variants") or ref.get("results") or []
+        inst = next((v for v in variants if v.get("variant") == "instruction"), None)
+        if inst is not None:
+            results["ppo_reference"] = dict(
+                source=str(ppo_reference),
+                curve=[
+                    dict(
+                        env_steps=c["env_steps"], time_s=c["time_s"], success_rate=c["success_rate"]
+                    )
+                    for c in inst["curve"]
+                ],
+            )
+    print(
+        f"{'run':<16} {'env steps':>9} {'wall s':>7} {'train success, last bin':>24}  "
+        "held-out eval (success / return) by planner"
+    )
+    for name, entry in results["runs"].items():
+        entry["binned"] = binned(entry["curve"])
+        last = entry["binned"][-1]["success"] if entry["binned"] else None
+        entry["train_success_last_bin"] = last
+        evals = "  ".join(
+            f"{planner} {row['success_rate']:.2f} / {row['mean_return']:.2f}"
+            for planner, row in (entry.get("plan_eval") or {}).items()
+            if isinstance(row, dict)
+        )
+        shown = "-" if last is None else f"{last:.3f}"
+        print(f"{name:<16} {entry['env_steps']:>9} {entry['wall_s']:>7} {shown:>24}  {evals}")
+    for planner, row in (results.get("latency") or {}).items():
+        if isinstance(row, dict):
+            print(f"latency {planner:<5} median {row['ms_median']} ms  p90 {row['ms_p90']} ms")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "world_model.json").write_text(json.dumps(results, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return results
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"dreamer": "tab:blue", "ppo": "tab:orange"}
+    for name, entry in results["runs"].items():
+        algo = name.split("_")[0]
+        for ax, x in zip(axes, ("env_steps", "time_s"), strict=True):
+            pts = [(b[x], b["success"]) for b in entry["binned"]]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=colors.get(algo), label=name, alpha=0.8)
+    ref = results.get("ppo_reference")
+    if ref:
+        max_steps = max(e["env_steps"] or 0 for e in results["runs"].values())
+        pts = [(c["env_steps"], c["success_rate"]) for c in ref["curve"]]
+        near = [(x, y) for x, y in pts if x <= 1.5 * max_steps]
+        if near:
+            axes[0].plot(*zip(*near, strict=True), "k--", label="langreach-ppo 2026-12-05 (docs)")
+    axes[0].set_xlabel("env steps")
+    axes[1].set_xlabel("wall-clock s (shared 2-core CPU, unlocked: load-sensitive)")
+    for ax in axes:
+        ax.set_ylabel(f"training success (mean per {BIN} env steps)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    fig.suptitle("LangReach: VLA-Dreamer vs PPO at equal env steps")
+    fig.tight_layout()
+    fig.savefig(out / "world_model.png", dpi=90)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("learn", "plan", "latency", "throughput", "report"))
+    parser.add_argument("--runs", type=Path, required=True, help="folder of the training runs")
+    parser.add_argument("--algos", nargs="+", default=["dreamer", "ppo"], choices=list(PRESETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=16_000, help="env steps per run")
+    parser.add_argument("--runners", type=int, default=0, help="EnvRunners per run")
+    parser.add_argument("--max-minutes", type=float, help="learn: stop a run after this long")
+    parser.add_argument("--episodes", type=int, default=20, help="plan: episodes per planner")
+    parser.add_argument("--latency-steps", type=int, default=30, help="latency: timed actions")
+    parser.add_argument("--glob", default="*_seed*", help="plan: which runs under --runs")
+    parser.add_argument("--seconds", type=float, default=150, help="throughput: per algorithm")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--ppo-reference", type=Path, default=Path("docs/bench/langreach_ppo.json"))
+    args = parser.parse_args()
+    if args.stage == "learn":
+        for algo in args.algos:
+            for seed in args.seeds:
+                summary = learn(algo, seed, args.steps, args.runs, args.runners, args.max_minutes)
+                print(algo, seed, summary.get("env_steps"), summary["bench_wall_s"], flush=True)
+    elif args.stage == "plan":
+        for run_dir in sorted(args.runs.glob(args.glob)):
+            planners = PLANNERS if run_dir.name.startswith("dreamer") else ("none",)
+            result = plan_eval(run_dir, args.episodes, planners)
+            (run_dir / "plan_eval.json").write_text(json.dumps(result, indent=2))
+    elif args.stage == "latency":
+        run_dir = sorted(args.runs.glob("dreamer_seed*"))[0]
+        (args.runs / "latency.json").write_text(
+            json.dumps(latency(run_dir, args.latency_steps), indent=2)
+        )
+    elif args.stage == "throughput":
+        rows = [throughput(algo, args.seconds, args.runners) for algo in args.algos]
+        (args.runs / "throughput.json").write_text(json.dumps(rows, indent=2))
+    else:
+        report(args.runs, args.out, args.ppo_reference)
+
+
+if __name__ == "__main__":
+    main()
