@@ -504,6 +504,17 @@ PRESETS["langreach-dreamer"] = Preset(
     env_runners=dict(num_env_runners=2, num_envs_per_env_runner=4),
     stop=dict(timesteps=100_000),
 )
+# the two locomotion Dreamer presets' learning settings (DreamerV3's learning rates; not tuned)
+DREAMER_LOCOMOTION_TRAINING = dict(
+    lr=3e-4,
+    actor_lr=3e-5,
+    critic_lr=3e-5,
+    batch_size_B=16,
+    batch_length_T=32,
+    train_batch_size_per_learner=64,
+    updates_per_iteration=2,
+)
+DREAMER_LOCOMOTION_WORLD_MODEL = dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15)
 # Locomotion from pixels alone (the DMC-vision setting of DreamerV3): 64x64 renders of
 # HalfCheetah, no proprioception in the observation, so the world model decodes only the image.
 PRESETS["halfcheetah-pixels-dreamer"] = Preset(
@@ -514,17 +525,9 @@ PRESETS["halfcheetah-pixels-dreamer"] = Preset(
     env_config={"image_size": [64, 64], "include_state": False},
     model=dict(
         TINY_VLA,
-        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15, decode=["image"]),
+        world_model=dict(DREAMER_LOCOMOTION_WORLD_MODEL, decode=["image"]),
     ),
-    training=dict(
-        lr=3e-4,
-        actor_lr=3e-5,
-        critic_lr=3e-5,
-        batch_size_B=16,
-        batch_length_T=32,
-        train_batch_size_per_learner=64,
-        updates_per_iteration=2,
-    ),
+    training=dict(DREAMER_LOCOMOTION_TRAINING),
     env_runners=dict(num_env_runners=1, num_envs_per_env_runner=4),
     stop=dict(timesteps=500_000),
     eval_episodes=10,
@@ -537,18 +540,8 @@ PRESETS["hopper-dreamer"] = Preset(
     algorithm="dreamer",
     env="vla_ray/Hopper-v5",
     description="VLA-Dreamer on Hopper-v5 from state + instruction (state decoder; not tuned)",
-    model=dict(
-        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15, decode=["state"])
-    ),
-    training=dict(
-        lr=3e-4,
-        actor_lr=3e-5,
-        critic_lr=3e-5,
-        batch_size_B=16,
-        batch_length_T=32,
-        train_batch_size_per_learner=64,
-        updates_per_iteration=2,
-    ),
+    model=dict(world_model=dict(DREAMER_LOCOMOTION_WORLD_MODEL, decode=["state"])),
+    training=dict(DREAMER_LOCOMOTION_TRAINING),
     env_runners=dict(num_env_runners=1, num_envs_per_env_runner=4),
     stop=dict(timesteps=500_000),
     eval_episodes=10,
