@@ -41,7 +41,7 @@ from vla_ray.algorithm_spec import VLAAlgorithmConfig
 from vla_ray.algorithms.bc import VLABCLearner
 from vla_ray.config import ACTION_HEADS
 from vla_ray.data.chunks import chunk_episode, with_chunk_actions
-from vla_ray.env_factory import EnvWrapper
+from vla_ray.env_factory import EXPERT_MIXING_WRAPPER, EnvWrapper
 from vla_ray.envs.chunking import EXPERT_CHUNK_KEY, EXPERT_MASK_KEY
 
 EXPERT_LABEL = "expert_action"
@@ -65,9 +65,7 @@ class DAggerConfig(VLAAlgorithmConfig, AlgorithmConfig):
     # steps)
     ACTION_CHUNKS: ClassVar[bool] = True
     # ``env.expert_beta`` wraps the env in ExpertMixing (``env.expert`` names its expert)
-    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = (
-        EnvWrapper(("expert_beta", "expert"), "vla_ray.envs.experts:ExpertMixing"),
-    )
+    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = (EXPERT_MIXING_WRAPPER,)
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or DAgger)

@@ -84,7 +84,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from vla_ray.algorithm_spec import VLAAlgorithmConfig
-from vla_ray.env_factory import EnvWrapper
+from vla_ray.env_factory import GROUP_SEEDING_WRAPPER, EnvWrapper
 from vla_ray.learner import TrainableParametersMixin
 from vla_ray.models.lora import (
     adapters_disabled,
@@ -97,7 +97,7 @@ from vla_ray.models.lora import (
 REWARD_KINDS = ("return", "success")
 ADVANTAGES = ("outcome", "process")
 KL_ESTIMATORS = ("analytic", "k3")
-GROUP_SEEDING = "group_seeding"  # env_config flag: wrap each sub-env in GroupSeeding
+GROUP_SEEDING = GROUP_SEEDING_WRAPPER.keys[0]  # env_config flag: wrap each sub-env in GroupSeeding
 GROUP_KEY = "grpo_group"  # reset info: the episode's group id (-1: padding)
 SEED_KEY = "grpo_seed"  # reset info: the episode's reset seed
 ADVANTAGE_KEY = "grpo_advantage"  # episode.custom_data: the episode's group advantage
@@ -369,9 +369,7 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
     # ``model.chunk_size`` K > 1: a chunk is one macro-action (``vla_ray.envs.chunking``)
     ACTION_CHUNKS: ClassVar[bool] = True
     # ``env.group_seeding`` wraps each sub-env in GroupSeeding (resets from a seed schedule)
-    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = (
-        EnvWrapper((GROUP_SEEDING,), "vla_ray.algorithms.grpo:group_seeding"),
-    )
+    ENV_WRAPPERS: ClassVar[tuple[EnvWrapper, ...]] = (GROUP_SEEDING_WRAPPER,)
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GRPO)

@@ -27,8 +27,8 @@ import gymnasium as gym
 import numpy as np
 
 from vla_ray.config import ConfigError
+from vla_ray.env_factory import CHUNK_CONFIG_KEY  # noqa: F401  (re-exported)
 
-CHUNK_CONFIG_KEY = "action_chunk"
 CHUNK_SETTINGS = ("size", "execute", "gamma")
 # info keys of a macro-step: env steps executed, their undiscounted reward sum, and (when the
 # env labels its states with an expert action, e.g. for DAgger) the expert's action at each

@@ -11,6 +11,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from vla_ray.algorithm_spec import OfflineVLAAlgorithmConfig, VLAAlgorithmConfig
 from vla_ray.algorithms import ALGORITHMS, get_algorithm
 from vla_ray.config import ACTION_HEADS, ConfigError
+from vla_ray.env_factory import ALGORITHM_WRAPPERS
 from vla_ray.presets import PRESETS
 from vla_ray.setting_keys import ENV_FACTORY_KEYS, known_setting_keys
 from vla_ray.train import resolve
@@ -106,6 +107,7 @@ def test_declared_env_wrappers_import_and_their_keys_are_env_settings(name):
         module, _, attr = wrapper.wrap.partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
         assert set(wrapper.keys) <= set(ENV_FACTORY_KEYS)  # ``--set env.KEY`` takes them
+        assert wrapper in ALGORITHM_WRAPPERS  # declared once, in the env factory
 
 
 def test_env_factory_applies_an_algorithms_wrapper_only_when_its_key_is_set():

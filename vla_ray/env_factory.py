@@ -30,6 +30,19 @@ class EnvWrapper:
         return getattr(importlib.import_module(module), name)(env, **options)
 
 
+# The wrappers of the algorithms that need one (each algorithm's config lists its own in
+# ``ENV_WRAPPERS``), declared here so that their keys are known without importing the algorithms.
+EXPERT_MIXING_WRAPPER = EnvWrapper(("expert_beta", "expert"), "vla_ray.envs.experts:ExpertMixing")
+GROUP_SEEDING_WRAPPER = EnvWrapper(("group_seeding",), "vla_ray.algorithms.grpo:group_seeding")
+ALGORITHM_WRAPPERS = (EXPERT_MIXING_WRAPPER, GROUP_SEEDING_WRAPPER)
+# training-time keys (DAgger's expert mixing, GRPO's group seeding): evaluation, export and data
+# conversion of a policy drop them
+ALGORITHM_WRAPPER_KEYS = tuple(k for w in ALGORITHM_WRAPPERS for k in w.keys)
+SAFETY_KEY = "safety"  # a safety rules file: the shield (SafetyWrapper), innermost
+CHUNK_CONFIG_KEY = "action_chunk"  # the model's action chunks: ExecuteChunk, outermost
+# every env config key the factory takes itself (none is an env argument)
+FACTORY_KEYS = (*ALGORITHM_WRAPPER_KEYS, SAFETY_KEY, CHUNK_CONFIG_KEY)
+
 # the algorithm wrappers registered in this process (by ``register_envs``), in order
 _WRAPPERS: dict[EnvWrapper, None] = {}
 

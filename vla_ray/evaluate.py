@@ -13,6 +13,7 @@ import torch
 
 from vla_ray.callbacks import episode_goal
 from vla_ray.checkpoint import META_NAME, MODULE_SUBDIR
+from vla_ray.env_factory import ALGORITHM_WRAPPER_KEYS
 from vla_ray.envs.chunking import (
     CHUNK_CONFIG_KEY,
     RETURN_KEY,
@@ -273,7 +274,7 @@ def evaluate(
         raise ValueError("env: the checkpoint names no env (no vla_ray_meta.json); pass --env")
     cfg = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
     # training-only wrappers (DAgger's expert mixing): the policy is evaluated alone
-    for key in ("expert_beta", "expert", "group_seeding"):
+    for key in ALGORITHM_WRAPPER_KEYS:
         cfg.pop(key, None)
     chunks = dict(cfg.pop(CHUNK_CONFIG_KEY, None) or {})
     size = _chunk_size(policy, chunks)

@@ -25,9 +25,10 @@ import inspect
 from typing import Any
 
 from vla_ray.config import ConfigError
+from vla_ray.env_factory import FACTORY_KEYS
 
 # keys the env factory (vla_ray.env_factory) consumes itself: wrappers, not env arguments
-ENV_FACTORY_KEYS = ("expert_beta", "expert", "group_seeding", "safety", "action_chunk")
+ENV_FACTORY_KEYS = FACTORY_KEYS
 # keys vla_ray.train takes out of a section before RLlib sees it
 SECTION_EXTRA_KEYS = {"env_runners": ("inference",)}  # the shared inference actors
 STOP_KEYS = ("iters", "timesteps", "seconds")

@@ -38,6 +38,7 @@ from vla_ray.data.rllib_format import (
     dataset_files,
     read_episodes,
 )
+from vla_ray.env_factory import FACTORY_KEYS
 from vla_ray.fsutil import check_output, replace_dir, temp_path
 
 READERS = {
@@ -244,9 +245,8 @@ def offline_input(
     fmt = detect_format(data)
     if fmt == RLLIB:
         return dataset_files(data)
-    # wrapper options (DAgger's expert mixing, ExecuteChunk) are not env arguments
-    wrappers = ("expert_beta", "action_chunk")
-    env_config = {k: v for k, v in (env_config or {}).items() if k not in wrappers}
+    # the env factory's wrapper options (expert mixing, the shield, chunks) are not env arguments
+    env_config = {k: v for k, v in (env_config or {}).items() if k not in FACTORY_KEYS}
     name = Path(str(data)).name.replace(".", "_") or "data"
     target = cache_dir() / f"{name}-{fmt}-{_fingerprint(data, fmt, env_id, env_config)}"
     if (target / META_NAME).is_file():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vla_ray.config import ConfigError
+from vla_ray.env_factory import ALGORITHM_WRAPPER_KEYS
 
 CONTEXT_COLOR = (0, 200, 0)
 IMAGINED_COLOR = (220, 0, 0)
@@ -141,7 +142,7 @@ def imagine_video(
     if not env_id:
         raise ValueError("env: the checkpoint names no env (no vla_ray_meta.json); pass --env")
     cfg = dict(policy.meta.get("env_config", {}) if env_config is None else env_config)
-    for key in ("expert_beta", "expert", "group_seeding", CHUNK_CONFIG_KEY):
+    for key in (*ALGORITHM_WRAPPER_KEYS, CHUNK_CONFIG_KEY):
         cfg.pop(key, None)  # training-only wrappers; a world model acts one step at a time
     env = make_env(env_id, cfg)
     frames: list[np.ndarray] = []
