@@ -104,11 +104,12 @@ class VLAPreLearner(OfflinePreLearner):
 
 
 def close_offline_data(offline_data: OfflineData | None) -> None:
-    """Stop ``offline_data``'s batch stream now: Ray Data's streaming executor and its
-    prefetch threads. RLlib keeps the stream's generator for the algorithm's life and never
-    closes it; its threads, still running when Ray shuts down, call into the shut-down core
-    worker, which ends the process with exit status 1 (after a run that succeeded). Safe to
-    call twice, and with ``None`` (an online algorithm)."""
+    """Stop ``offline_data``'s batch stream now: Ray Data's streaming executor and its worker
+    threads (its block prefetcher thread stays, parked, making no Ray call). RLlib keeps the
+    stream's generator for the algorithm's life and never closes it; threads still running when
+    Ray shuts down call into the shut-down core worker, which ends the process with exit status
+    1 (after a run that succeeded). Safe to call twice, and with ``None`` (an online
+    algorithm)."""
     if offline_data is None:
         return
     iterators = offline_data.batch_iterators
