@@ -333,3 +333,18 @@ def test_quickstart_runs_demos_bc_then_ppo_from_the_bc_policy(ray_session, tmp_p
     assert (out / "report.html").is_file()  # the quickstart ends with its report
     result = json.loads((out / "eval.json").read_text())
     assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0
+
+
+def test_an_int_setting_of_a_float_training_key_is_a_float_in_the_config():
+    """``--set training.kl_coeff=0`` parses as the int 0; PPO's adaptive KL update then failed
+    after the first iteration ("result type Float can't be cast to ... Int")."""
+    from vla_ray.run_spec import parse_overrides
+    from vla_ray.train import build_algorithm_config, resolve
+
+    overrides = parse_overrides(["training.kl_coeff=0", "training.num_epochs=2"])
+    assert overrides["training"]["kl_coeff"] == 0 and isinstance(
+        overrides["training"]["kl_coeff"], int
+    )
+    cfg = build_algorithm_config(resolve("langreach-state-ppo", overrides, local=True))
+    assert isinstance(cfg.kl_coeff, float) and cfg.kl_coeff == 0.0
+    assert isinstance(cfg.num_epochs, int) and cfg.num_epochs == 2  # ints stay ints

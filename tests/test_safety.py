@@ -714,6 +714,32 @@ def test_ppo_lag_preset_resolves_with_the_rules_inline():
     assert [r["id"] for r in rules] == ["keep_out_centre"] and rules[0]["mode"] == "monitor"
 
 
+def test_highway_near_miss_cost_counts_ttc_under_1_5_s_and_leaves_the_action():
+    """envs/safety/highway_cost.yaml: TTC = x / closing speed in highway-env's normalised units
+    (x / 200 m, vx / 80 m/s), so 0.6 is 1.5 s; monitor mode never changes the action."""
+    from vla_ray.train import resolve
+
+    rules = RuleSet.from_config(
+        "envs/safety/highway_cost.yaml", gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    )
+    action = np.array([[0.7, 0.1]], np.float32)
+
+    def cost(x_m: float, closing_m_s: float) -> int:
+        state = np.zeros(38, np.float32)
+        state[11], state[13] = x_m / 200.0, -closing_m_s / 80.0
+        result = rules.apply(action, state)
+        np.testing.assert_array_equal(result.actions, action)
+        return result.counts["near_miss"]
+
+    assert cost(10.0, 10.0) == 1  # 1.0 s
+    assert cost(20.0, 10.0) == 0  # 2.0 s
+    assert cost(-5.0, 10.0) == 0  # behind
+    assert cost(10.0, -3.0) == 0  # pulling away
+    spec = resolve("highway-state-ppo-lag", {}, local=True)
+    assert spec.algorithm == "ppo_lag" and spec.env == "vla_ray/HighwayState-v0"
+    assert spec.settings["env_config"]["safety"]["rules"][0]["id"] == "near_miss"
+
+
 def test_ppo_lag_learner_pipeline_starts_with_the_cost_penalty(langreach_spaces):
     from vla_ray.algorithms.ppo_lag import CostPenalty, PPOLagConfig, PPOLagLearner
 

@@ -699,6 +699,28 @@ _SCALE_PRESETS = [
 ]
 PRESETS.update({p.name: p for p in _SCALE_PRESETS})
 
+# Constrained driving (issue 29): highway-env from kinematics + instruction, near misses (time to
+# collision under 1.5 s with the nearest car) counted as a safety cost; plain PPO and
+# PPO-Lagrangian keeping the near misses per episode under cost_limit.
+PRESETS["highway-state-ppo"] = replace(
+    PRESETS["highway-ppo"],
+    name="highway-state-ppo",
+    env="vla_ray/HighwayState-v0",
+    description="PPO driving on highway-env from kinematics + instruction (state-only VLA)",
+    model=dict(vision="none", head="gaussian", head_config={"init_log_std": -1.0}),
+    training=copy.deepcopy(PRESETS["highway-ppo"].training),
+    env_runners=copy.deepcopy(PRESETS["highway-ppo"].env_runners),
+    stop=dict(timesteps=100_000),
+)
+PRESETS["highway-state-ppo-lag"] = replace(
+    PRESETS["highway-state-ppo"],
+    name="highway-state-ppo-lag",
+    algorithm="ppo_lag",
+    description="PPO-Lagrangian on highway-env (kinematics): near misses as the safety cost",
+    env_config={"safety": "envs/safety/highway_cost.yaml"},
+    training=dict(copy.deepcopy(PRESETS["highway-ppo"].training), cost_limit=1.0),
+)
+
 
 # --- language-routed driving (issue 26): LangDrive, waypoint actions, fused sensors -----------
 # The env acts in waypoint space: 4 ego-frame (x, y) waypoints + a target speed, turned into

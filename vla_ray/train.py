@@ -50,6 +50,21 @@ _export_vla = export_vla  # the former private name (tests, benchmarks)
 _EnvCreator = EnvFactory  # the former name of the env factory (tests)
 
 
+def float_settings(cfg: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each int made a float where the config's value is a float: ``--set
+    training.kl_coeff=0`` parses as the int 0, and RLlib keeps the dtype (PPO's KL coefficient
+    became an int tensor that its adaptive update cannot scale by 1.5)."""
+    out = dict(settings)
+    for key, value in settings.items():
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and isinstance(getattr(cfg, key, None), float)
+        ):
+            out[key] = float(value)
+    return out
+
+
 def build_algorithm_config(spec: RunSpec):
     """The RLlib AlgorithmConfig for ``spec`` (VLAModule, runners, fault tolerance, metrics)."""
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -91,7 +106,7 @@ def build_algorithm_config(spec: RunSpec):
                 model_config=s["model"],
             )
         )
-        .training(**s["training"])
+        .training(**float_settings(cfg, s["training"]))
         .callbacks(SuccessRateCallback)
         .fault_tolerance(**fault_tolerance_settings(s))
         .debugging(seed=s["seed"])

@@ -1,0 +1,210 @@
+"""Benchmark: PPO-Lagrangian vs plain PPO, violations per episode at equal return, several seeds.
+
+Per seed, through the code of the CLI commands (``vla-ray train`` / ``vla-ray eval``):
+
+1. the start: ``--ppo-preset`` from scratch for ``--start-steps`` env steps, the safety rules
+   (``--rules``, monitor mode) counting the cost;
+2. two fine-tuning arms from the start's weights (``model.pretrained_path``), the same
+   ``--finetune-steps`` each: ``ppo`` (plain PPO, the control) and ``ppo_lag``
+   (``--lag-preset`` with ``--cost-limit``, ``--lagrangian-lr``, ``--lagrangian-init``);
+3. ``--eval-episodes`` deterministic episodes (reset seeds 100000+) of the start and of each
+   arm's last checkpoint, with the rules counting: success, return, cost per episode.
+
+Writes ``OUT/NAME.json`` and prints a table per seed and arm. The start and the arms stay in
+``--workdir``; a rerun reuses a finished stage whose settings match (nothing is lost when a later
+stage fails). The defaults are LangReach with the keep-out disc (docs/benchmarks.md):
+
+    python bench/ppo_lag.py --seeds 0 1 2 --workdir runs/ppo_lag --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
+ARMS = ("ppo", "ppo_lag")
+# both fine-tuning arms: no KL penalty and a larger step than the from-scratch preset (the
+# start's saturated action means move by ~0.07 per iteration under kl_target 0.02)
+FINETUNE_SET = ("training.kl_coeff=0", "training.lr=1e-3")
+
+
+def evaluate_checkpoint(checkpoint: Path, rules: str, episodes: int) -> dict[str, Any]:
+    """``vla-ray eval --checkpoint CHECKPOINT --safety RULES --episodes N`` (deterministic)."""
+    from vla_ray.evaluate import evaluate, load_policy
+
+    result = evaluate(
+        load_policy(checkpoint), env_config={"safety": rules}, episodes=episodes, progress=False
+    )
+    keep = (
+        "success_rate",
+        "mean_return",
+        "mean_length",
+        "mean_episode_cost",
+        "success_by_target",
+        "episodes",
+    )
+    return {k: result[k] for k in keep if k in result}
+
+
+def read_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """Per iteration: env steps, return, success, episode cost and multiplier (training)."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.append(
+            {
+                "iteration": r.get("iteration"),
+                "env_steps": r.get("env_steps"),
+                "return": r.get("episode_return_mean"),
+                "success": r.get("success_rate"),
+                "episode_cost": r.get("episode_cost"),
+                "lagrange_multiplier": (r.get("learner") or {}).get("lagrange_multiplier"),
+            }
+        )
+    return rows
+
+
+def _stage(
+    run_dir: Path, settings: dict[str, Any], build: Any, rules: str, episodes: int
+) -> dict[str, Any]:
+    """Train (unless a finished run of the same settings is there), then evaluate."""
+    done = run_dir / "stage.json"
+    if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+        return json.loads(done.read_text())["record"]
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # an unfinished or differently-set earlier try
+    t0 = time.time()
+    summary = build(run_dir)
+    record = {
+        "seconds": round(time.time() - t0),
+        "env_steps": summary.get("env_steps"),
+        "curve": read_curve(run_dir),
+        "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
+    }
+    done.write_text(json.dumps({"settings": settings, "record": record}, indent=2))
+    return record
+
+
+def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The start and both arms for one seed; settings, timings, curves and evaluations."""
+    from vla_ray.train import _merge, parse_overrides, resolve, train
+
+    def run(preset: str, steps: int, overrides: dict[str, Any]):
+        base = {
+            "seed": seed,
+            "env_config": {"safety": args.rules},
+            "eval_every": NEVER,
+            "checkpoint_every": NEVER,
+        }
+        spec = resolve(preset, _merge(base, copy.deepcopy(overrides)))
+        return lambda out: train(spec, out, stop_timesteps=steps, progress=False)
+
+    start_settings = {"preset": args.ppo_preset, "steps": args.start_steps, "rules": args.rules}
+    start_dir = workdir / f"start{seed}"
+    record: dict[str, Any] = {"seed": seed}
+    record["start"] = _stage(
+        start_dir,
+        {**start_settings, "eval_episodes": args.eval_episodes},
+        run(args.ppo_preset, args.start_steps, {}),
+        args.rules,
+        args.eval_episodes,
+    )
+    print(f"seed {seed}: start {record['start']['eval']}", flush=True)
+    weights = {"model": {"pretrained_path": str(start_dir / "checkpoints" / "last" / "vla")}}
+    lag = {
+        "cost_limit": args.cost_limit,
+        "lagrangian_lr": args.lagrangian_lr,
+        "lagrangian_init": args.lagrangian_init,
+    }
+    for arm in ARMS:
+        preset = args.ppo_preset if arm == "ppo" else args.lag_preset
+        # --set applies to both arms (the same PPO settings; ppo_lag adds the constraint)
+        shared = _merge(copy.deepcopy(weights), parse_overrides(args.set))
+        overrides = shared if arm == "ppo" else _merge(shared, {"training": dict(lag)})
+        settings = {
+            "start": start_settings,
+            "preset": preset,
+            "steps": args.finetune_steps,
+            "overrides": overrides,
+            "eval_episodes": args.eval_episodes,
+        }
+        record[arm] = _stage(
+            workdir / f"{arm}{seed}",
+            settings,
+            run(preset, args.finetune_steps, overrides),
+            args.rules,
+            args.eval_episodes,
+        )
+        print(f"seed {seed}: {arm} {record[arm]['eval']}", flush=True)
+    return record
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown table: per seed and stage, eval success / return / cost and the multiplier."""
+    lines = [
+        "| seed | run | eval success | eval return | eval cost / episode "
+        "| train cost / episode (last 5 it.) | lambda at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rec in records:
+        for stage in ("start", *ARMS):
+            r = rec[stage]
+            ev, curve = r["eval"], r["curve"][-5:]
+            costs = [c["episode_cost"] for c in curve if c["episode_cost"] is not None]
+            lam = curve[-1]["lagrange_multiplier"] if curve else None
+            lines.append(
+                f"| {rec['seed']} | {stage} | {ev['success_rate']:.2f} | {ev['mean_return']:.2f} "
+                f"| {ev.get('mean_episode_cost', float('nan')):.2f} "
+                f"| {sum(costs) / max(1, len(costs)):.2f} "
+                f"| {'-' if lam is None else f'{lam:.2f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ppo-preset", default="langreach-state-ppo")
+    p.add_argument("--lag-preset", default="langreach-state-ppo-lag")
+    p.add_argument("--rules", default="envs/safety/langreach_keepout.yaml")
+    p.add_argument("--start-steps", type=int, default=200_000)
+    p.add_argument("--finetune-steps", type=int, default=100_000)
+    p.add_argument("--cost-limit", type=float, default=0.25)
+    p.add_argument("--lagrangian-lr", type=float, default=0.2)
+    p.add_argument("--lagrangian-init", type=float, default=1.0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=list(FINETUNE_SET),
+        metavar="KEY=VALUE",
+        help="a setting of both fine-tuning arms (repeatable; default: %(default)s)",
+    )
+    p.add_argument("--eval-episodes", type=int, default=100)
+    p.add_argument("--workdir", default="runs/ppo_lag")
+    p.add_argument("--out", default="docs/bench")
+    p.add_argument("--name", default="ppo_lag_langreach_keepout")
+    args = p.parse_args()
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    records = [run_seed(s, args, workdir) for s in args.seeds]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    path.write_text(json.dumps({"settings": vars(args), "seeds": records}, indent=2))
+    print(table(records))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
