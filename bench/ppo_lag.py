@@ -31,9 +31,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 ARMS = ("ppo", "ppo_lag")
-# both fine-tuning arms: no KL penalty and a larger step than the from-scratch preset (the
-# start's saturated action means move by ~0.07 per iteration under kl_target 0.02)
-FINETUNE_SET = ("training.kl_coeff=0", "training.lr=1e-3")
+# settings of both fine-tuning arms beyond the presets' (none by default; --set adds some)
+FINETUNE_SET: tuple[str, ...] = ()
 
 
 def evaluate_checkpoint(checkpoint: Path, rules: str, episodes: int) -> dict[str, Any]:
