@@ -468,15 +468,28 @@ PRESETS["langreach-state-ppo"] = Preset(
     env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
     stop=dict(timesteps=200_000),
 )
+
+
+def lagrangian_variant(base: str, rules: str, description: str, cost_limit: float = 1.0) -> Preset:
+    """Preset ``BASE-lag``: ``base`` (a PPO preset) as PPO-Lagrangian, the ``rules`` file's
+    interventions as the safety cost kept under ``cost_limit`` per episode."""
+    p = PRESETS[base]
+    return replace(
+        p,
+        name=f"{base}-lag",
+        algorithm="ppo_lag",
+        description=description,
+        env_config={**copy.deepcopy(p.env_config), "safety": rules},
+        training=dict(copy.deepcopy(p.training), cost_limit=cost_limit),
+    )
+
+
 # The same with a keep-out disc at the arena's centre counted as a safety cost (monitor mode:
 # actions unchanged) and PPO-Lagrangian keeping the cost per episode under cost_limit.
-PRESETS["langreach-state-ppo-lag"] = replace(
-    PRESETS["langreach-state-ppo"],
-    name="langreach-state-ppo-lag",
-    algorithm="ppo_lag",
-    description="PPO-Lagrangian on state LangReach with a keep-out disc (safety cost)",
-    env_config={"safety": "envs/safety/langreach_keepout.yaml"},
-    training=dict(copy.deepcopy(PRESETS["langreach-ppo"].training), cost_limit=1.0),
+PRESETS["langreach-state-ppo-lag"] = lagrangian_variant(
+    "langreach-state-ppo",
+    "envs/safety/langreach_keepout.yaml",
+    "PPO-Lagrangian on state LangReach with a keep-out disc (safety cost)",
 )
 
 # Model-based RL (issue 27): DreamerV3-style world model whose encoder is the VLA trunk (the
@@ -712,13 +725,10 @@ PRESETS["highway-state-ppo"] = replace(
     env_runners=copy.deepcopy(PRESETS["highway-ppo"].env_runners),
     stop=dict(timesteps=100_000),
 )
-PRESETS["highway-state-ppo-lag"] = replace(
-    PRESETS["highway-state-ppo"],
-    name="highway-state-ppo-lag",
-    algorithm="ppo_lag",
-    description="PPO-Lagrangian on highway-env (kinematics): near misses as the safety cost",
-    env_config={"safety": "envs/safety/highway_cost.yaml"},
-    training=dict(copy.deepcopy(PRESETS["highway-ppo"].training), cost_limit=1.0),
+PRESETS["highway-state-ppo-lag"] = lagrangian_variant(
+    "highway-state-ppo",
+    "envs/safety/highway_cost.yaml",
+    "PPO-Lagrangian on highway-env (kinematics): near misses as the safety cost",
 )
 
 
