@@ -1,7 +1,8 @@
 """LangDrive: an instruction-following policy vs a language-blind control, equal budget.
 
 Per seed and arm (``--conditions text blind``): ``--episodes`` scripted-expert episodes of
-``vla_ray/LangDriveState-v0`` (``--action`` space) are cloned (``vla_ray.clone.clone``, in
+``vla_ray/LangDriveState-v0`` (``--action`` space; the env executes the expert's action plus
+Gaussian noise of std ``--noise``, DART, while the labels stay noise-free) are cloned (``vla_ray.clone.clone``, in
 process) for ``--updates`` Adam updates; then ``--rounds`` DAgger rounds: the clone drives
 ``--round-episodes`` episodes (the expert acts instead with probability ``--beta``, halved each
 round), the env's privileged expert labels every visited state, and the clone trains
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument(
         "--noise",
         type=float,
-        default=0.0,
+        default=0.05,
         help="DART: std of the Gaussian noise added to the executed expert actions of the first "
         "frames (labels stay noise-free)",
     )
