@@ -1,7 +1,8 @@
 """LangDrive: an instruction-following policy vs a language-blind control, equal budget.
 
 Per seed and arm (``--conditions text blind``): ``--episodes`` scripted-expert episodes of
-``vla_ray/LangDriveState-v0`` (``--action`` space) are cloned (``vla_ray.clone.clone``, in
+``vla_ray/LangDriveState-v0`` (``--action`` space; the env executes the expert's action plus
+Gaussian noise of std ``--noise``, DART, while the labels stay noise-free) are cloned (``vla_ray.clone.clone``, in
 process) for ``--updates`` Adam updates; then ``--rounds`` DAgger rounds: the clone drives
 ``--round-episodes`` episodes (the expert acts instead with probability ``--beta``, halved each
 round), the env's privileged expert labels every visited state, and the clone trains
@@ -27,18 +28,23 @@ from typing import Any
 import numpy as np
 
 ENV_ID = "vla_ray/LangDriveState-v0"
-# a state-only VLA with a 1-layer hidden-32 Qwen2-style trunk (clones in a few minutes on CPU)
-MODEL: dict[str, Any] = dict(
-    vision="none",
-    head="gaussian",
-    llm_config=dict(
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    ),
-)
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The state-only VLA both arms clone: a Qwen2-style trunk of ``--layers`` layers of width
+    ``--hidden``, a Gaussian head whose log-std starts at ``--init-log-std``."""
+    return dict(
+        vision="none",
+        head="gaussian",
+        head_config={"init_log_std": args.init_log_std},
+        llm_config=dict(
+            num_hidden_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
+    )
 
 
 def blind(frames: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,8 +77,9 @@ def train(
 
     env_config = {"instruction_mode": condition, "action": args.action}
     data = expert if condition == "text" else blind(expert)
+    model = model_config(args)
     vla, rows = clone(
-        MODEL,
+        model,
         data,
         ENV_ID,
         updates=args.updates,
@@ -99,7 +106,7 @@ def train(
         )
         data = concat(data, new)
         vla, rows = clone(
-            MODEL,
+            model,
             data,
             ENV_ID,
             updates=args.round_updates,
@@ -130,6 +137,7 @@ def run(seed: int, args: argparse.Namespace, conditions: list[str]) -> dict[str,
         args.episodes,
         seed=10_000 * seed,
         progress=False,
+        noise=args.noise,
         env_config={"action": args.action},
     )
     out: dict[str, Any] = dict(
@@ -223,6 +231,18 @@ def main() -> None:
     parser.add_argument("--round-episodes", type=int, default=15, help="clone episodes a round")
     parser.add_argument("--round-updates", type=int, default=1000, help="updates a round")
     parser.add_argument("--beta", type=float, default=0.5, help="expert share, first round")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.05,
+        help="DART: std of the Gaussian noise added to the executed expert actions of the first "
+        "frames (labels stay noise-free)",
+    )
+    parser.add_argument("--hidden", type=int, default=32, help="trunk width")
+    parser.add_argument("--layers", type=int, default=1, help="trunk layers")
+    parser.add_argument(
+        "--init-log-std", type=float, default=-0.5, help="the Gaussian head's initial log-std"
+    )
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--action", choices=["controls", "waypoints"], default="waypoints")
     parser.add_argument("--out", default="docs/bench")
@@ -247,7 +267,7 @@ def main() -> None:
         return
     t0 = time.time()
     results = [run(seed, args, args.conditions) for seed in args.seeds]
-    record = dict(args=vars(args), model=MODEL, wall_s=time.time() - t0)
+    record = dict(args=vars(args), model=model_config(args), wall_s=time.time() - t0)
     summarise(results, out, record)
 
 
