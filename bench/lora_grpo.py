@@ -7,15 +7,17 @@ Per seed, the whole pipeline through the code of the CLI commands:
 2. ``vla-ray train --preset langreach-bc``: ``--bc-iters`` updates on them (a weak start);
 3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
 4. ``vla-ray train --preset langreach-lora-grpo --set model.pretrained_path=BC_CHECKPOINT``:
-   ``--grpo-iters`` iterations (LoRA r=8 on the LM, vision frozen; the start is the reference;
-   ``--set`` overrides, by default ``GRPO_SET``: success reward, outcome advantage, no KL);
+   ``--grpo-iters`` iterations (LoRA r=8 on the LM; the start is the reference; ``--set``
+   overrides the preset, by default ``GRPO_SET``: lr 3e-4, vision encoder trained, the start's
+   log-std set to -1.2);
 5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
 
-The env is LangReach's one-target variant at the CI learning tests' size (``num_targets=1``,
-32 px images, 20-step episodes: ``ENV``). Writes ``OUT/NAME.json`` and prints a table of success
+The env is LangReach's one-target variant (``num_targets=1``) with ``--image-size`` px images
+and ``--episode-steps``-step episodes (``env_config``; the 2026-12-06/07 attempts: 32 px, 20
+steps). Writes ``OUT/NAME.json`` and prints a table of success
 before and after per seed. With ``--workdir`` the demos, runs and the start's evaluation stay
 there and a later run with the same start settings reuses them (``--grpo-iters 0``: the start
-only). The defaults are the 2026-12-07 run of docs/benchmarks.md:
+only). The defaults are the 64 px run of 2026-12-07 in docs/benchmarks.md:
 
     python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench
 """
@@ -32,27 +34,45 @@ from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-ENV = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
+
+def env_config(args: argparse.Namespace) -> dict[str, Any]:
+    """LangReach's one-target variant at ``--image-size`` px with ``--episode-steps`` steps."""
+    return {
+        "num_targets": 1,
+        "image_size": args.image_size,
+        "max_episode_steps": args.episode_steps,
+    }
+
+
 # the settings that make the start (demos, BC, its evaluation); a start is reused when they match
-START_SETTINGS = ("demos", "demo_noise", "bc_iters", "bc_set", "eval_episodes")
-NEVER = 1_000_000
+START_SETTINGS = (
+    "demos",
+    "demo_noise",
+    "bc_iters",
+    "bc_set",
+    "eval_episodes",
+    "image_size",
+    "episode_steps",
+)
+NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 # settings added to this script after runs were recorded, with the value those runs used
-ADDED_SETTINGS = {"demo_noise": 0.0}
-# GRPO's overrides of langreach-lora-grpo by default: the success (binary outcome) reward of
-# SimpleVLA-RL / RIPT-VLA, one advantage per episode, no KL to the start, lr 3e-4
+ADDED_SETTINGS = {"demo_noise": 0.0, "image_size": 32, "episode_steps": 20}
+# GRPO's overrides of langreach-lora-grpo by default (the preset's process advantage on the
+# shaped return and step penalty stay): lr 3e-4; the vision encoder trains in full beside the LM's
+# adapters (frozen, it cannot learn the fine homing the BC start lacks); the BC start's log-std
+# (the spread of the noisy demos, sigma ~0.6) replaced by -1.2 (sigma 0.30) for exploration
 GRPO_SET = (
     "training.lr=3e-4",
-    "training.reward_kind=success",
-    "training.advantage=outcome",
-    "training.kl_coeff=0",
-)  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
+    "model.freeze_vision=false",
+    "model.start_log_std=-1.2",
+)
 
 
-def evaluate_checkpoint(checkpoint: Path, episodes: int) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: Path, env: dict[str, Any], episodes: int) -> dict[str, Any]:
     """``vla-ray eval --checkpoint CHECKPOINT --episodes N`` (deterministic, seeds 100000+)."""
     from vla_ray.evaluate import evaluate, load_policy
 
-    result = evaluate(load_policy(checkpoint), env_config=ENV, episodes=episodes, progress=False)
+    result = evaluate(load_policy(checkpoint), env_config=env, episodes=episodes, progress=False)
     keep = ("success_rate", "mean_return", "mean_length", "episodes")
     return {k: result[k] for k in keep if k in result}
 
@@ -70,7 +90,7 @@ def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path
         args.demos,
         demos,
         seed=1000 * seed,
-        env_config=ENV,
+        env_config=env_config(args),
         progress=False,
         noise=args.demo_noise,
     )
@@ -81,7 +101,7 @@ def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path
         "langreach-bc",
         _merge(
             {
-                "env_config": ENV,
+                "env_config": env_config(args),
                 "seed": seed,
                 "eval_every": NEVER,
                 "checkpoint_every": NEVER,
@@ -92,7 +112,9 @@ def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path
     )
     train(bc, bc_dir, stop_iters=args.bc_iters, progress=False)
     record["bc_seconds"] = round(time.time() - t0)
-    record["start"] = evaluate_checkpoint(bc_dir / "checkpoints" / "last", args.eval_episodes)
+    record["start"] = evaluate_checkpoint(
+        bc_dir / "checkpoints" / "last", env_config(args), args.eval_episodes
+    )
     return record
 
 
@@ -123,7 +145,7 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         args.preset,
         _merge(
             {
-                "env_config": ENV,
+                "env_config": env_config(args),
                 "seed": seed,
                 "model": {"pretrained_path": str(start / "vla")},
                 "checkpoint_every": NEVER,
@@ -135,7 +157,9 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     record["grpo_seconds"] = round(time.time() - t1)
     record["grpo_env_steps"] = summary.get("env_steps")
     record["grpo_curve"] = read_curve(grpo_dir)
-    record["after"] = evaluate_checkpoint(grpo_dir / "checkpoints" / "last", args.eval_episodes)
+    record["after"] = evaluate_checkpoint(
+        grpo_dir / "checkpoints" / "last", env_config(args), args.eval_episodes
+    )
     print(f"seed {seed}: after {record['after']}", flush=True)
     return record
 
@@ -163,7 +187,9 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--demos", type=int, default=400, help="expert episodes for BC")
+    parser.add_argument("--image-size", type=int, default=64, help="LangReach image side (px)")
+    parser.add_argument("--episode-steps", type=int, default=30, help="max_episode_steps")
+    parser.add_argument("--demos", type=int, default=200, help="expert episodes for BC")
     parser.add_argument(
         "--demo-noise",
         type=float,
@@ -171,8 +197,8 @@ def main() -> None:
         help="std of Gaussian noise on the expert's actions (recorded as executed: vla-ray "
         "collect --noise)",
     )
-    parser.add_argument("--bc-iters", type=int, default=300, help="BC updates (batch 256)")
-    parser.add_argument("--grpo-iters", type=int, default=30, help="0: the start only")
+    parser.add_argument("--bc-iters", type=int, default=100, help="BC updates (batch 256)")
+    parser.add_argument("--grpo-iters", type=int, default=60, help="0: the start only")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--preset", default="langreach-lora-grpo")
     parser.add_argument(
@@ -181,7 +207,7 @@ def main() -> None:
         help=f"GRPO override KEY=VALUE (default: {' '.join(GRPO_SET)})",
     )
     parser.add_argument("--bc-set", action="append", default=[], help="BC override KEY=VALUE")
-    parser.add_argument("--name", default="lora_grpo_langreach_noisy_demos_success")
+    parser.add_argument("--name", default="lora_grpo_langreach64")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--workdir", help="keep the demos and run dirs here (default: a temp dir)")
     args = parser.parse_args()
@@ -219,7 +245,7 @@ def main() -> None:
             runs[seed] = run
             record = dict(
                 bench=args.name,
-                env_config=ENV,
+                env_config=env_config(args),
                 args=settings,
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                 runs=[runs[k] for k in sorted(runs)],

@@ -245,6 +245,26 @@ def test_lora_can_be_added_to_a_full_checkpoint(langreach_spaces, langreach_obs_
     )
 
 
+def test_start_log_std_replaces_only_the_loaded_log_std(langreach_spaces, tmp_path):
+    """``start_log_std`` with ``pretrained_path``: the head's log-std is the given value, every
+    other tensor is the checkpoint's; named errors without a start or with a bad value."""
+    torch.manual_seed(0)
+    full = _module(langreach_spaces, head="gaussian", head_config={"init_log_std": -0.3}).vla
+    full.save_pretrained(tmp_path / "vla")
+    start = {"head": "gaussian", "value": "none", "pretrained_path": str(tmp_path / "vla")}
+    module = _module(langreach_spaces, **start, start_log_std=-1.5)
+    assert torch.equal(module.vla.head.log_std, torch.full_like(full.head.log_std, -1.5))
+    saved = full.state_dict()
+    loaded = module.vla.state_dict()
+    assert set(loaded) == set(saved)
+    moved = sorted(k for k in saved if not torch.equal(saved[k], loaded[k]))
+    assert moved == ["head.log_std"]
+    with pytest.raises(ConfigError, match="start_log_std.*pretrained_path"):
+        _module(langreach_spaces, head="gaussian", start_log_std=-1.0)
+    with pytest.raises(ConfigError, match=r"start_log_std: expected a float in \[-5, 2\]"):
+        _module(langreach_spaces, **start, start_log_std="small")
+
+
 def test_bf16_autocast_runs_with_float32_outputs(langreach_spaces, langreach_obs_batch):
     torch.manual_seed(0)
     fp32 = _module(langreach_spaces, head="gaussian", value="separate")

@@ -73,7 +73,7 @@ def with_aux_loss(learner: Any, module_id: str, loss: Any, fwd_out: dict[str, An
     return loss + aux
 
 
-MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path")
+MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path", "start_log_std")
 SPACE_DERIVED_KEYS = (
     "image_size",
     "state_dim",
@@ -217,8 +217,31 @@ def build_vla(
         # how the run trains the saved architecture (e.g. LoRA RL from a full BC run) is the
         # run's choice; adapters the checkpoint lacks start fresh (zero update)
         io.update({k: mc[k] for k in FINE_TUNING_KEYS if k in mc})
-        return VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
+        vla = VLA.from_pretrained(resolve_pretrained_dir(mc["pretrained_path"]), **io)
+        if mc.get("start_log_std") is not None:
+            set_log_std(vla, mc["start_log_std"])
+        return vla
+    if mc.get("start_log_std") is not None:
+        raise ConfigError(
+            "start_log_std: sets a loaded policy's log-std, so it needs pretrained_path; "
+            f"got start_log_std={mc['start_log_std']!r} without it (use "
+            "head_config.init_log_std for a fresh model)"
+        )
     return VLA(config)
+
+
+def set_log_std(vla: VLA, value: float) -> None:
+    """Set the state-independent log-std of ``vla``'s head to ``value`` in every dimension."""
+    log_std = getattr(vla.head, "log_std", None)
+    if not isinstance(log_std, torch.nn.Parameter):
+        raise ConfigError(
+            "start_log_std: needs a head with a learned state-independent log-std (e.g. "
+            f"'gaussian'), got head={vla.config.head!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -5 <= value <= 2:
+        raise ConfigError(f"start_log_std: expected a float in [-5, 2], got {value!r}")
+    with torch.no_grad():
+        log_std.fill_(float(value))
 
 
 class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
