@@ -28,8 +28,8 @@ COPY vla_ray ./vla_ray
 COPY algorithms ./algorithms
 COPY envs ./envs
 COPY serve ./serve
-# [export]: ONNX for `vla-ray export` and the quickstart's serving stage
-RUN pip install -q ".[export]"
+# [export]: ONNX for `vla-ray export` and the quickstart's serving stage; [plot]: its report
+RUN pip install -q ".[export,plot]"
 
 WORKDIR /work
 ENTRYPOINT ["vla-ray"]
