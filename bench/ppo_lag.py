@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,6 @@ def _stage(
     if done.exists() and json.loads(done.read_text()).get("settings") == settings:
         return json.loads(done.read_text())["record"]
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)  # an unfinished or differently-set earlier try
     t0 = time.time()
     summary = build(run_dir)

@@ -6,6 +6,8 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vla_ray.env_factory import SAFETY_KEY
+
 # The tiny VLA used for CPU RL: CoordConv CNN with spatial-softmax keypoint tokens ->
 # instruction-conditioned attention pooling -> 2-layer Qwen2-style LM (hidden 64).
 TINY_VLA: dict[str, Any] = dict(
@@ -479,7 +481,7 @@ def lagrangian_variant(base: str, rules: str, description: str, cost_limit: floa
         name=f"{base}-lag",
         algorithm="ppo_lag",
         description=description,
-        env_config={**copy.deepcopy(p.env_config), "safety": rules},
+        env_config={**copy.deepcopy(p.env_config), SAFETY_KEY: rules},
         training=dict(copy.deepcopy(p.training), cost_limit=cost_limit),
     )
 

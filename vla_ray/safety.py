@@ -43,6 +43,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from vla_ray.env_factory import SAFETY_KEY
+
 MODES = ("clamp", "fallback", "reject", "monitor")
 FALLBACKS = ("stop", "hold")
 _SOURCE = re.compile(r"^(-?)(?:state\[(\d+)\]|info\.([A-Za-z_][\w.]*))$")
@@ -724,7 +726,7 @@ class SafetyWrapper(gym.Wrapper):
         return obs, reward, terminated, truncated, self._annotate(info, step_cost)
 
 
-SAFETY_CONFIG_KEY = "safety"  # env_config key: the rules file (train: env.safety=PATH)
+SAFETY_CONFIG_KEY = SAFETY_KEY  # env_config key: the rules file (train: env.safety=PATH)
 
 
 def make_env(
