@@ -107,13 +107,19 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         spec = resolve(preset, _merge(base, copy.deepcopy(overrides)))
         return lambda out: train(spec, out, stop_timesteps=steps, progress=False)
 
-    start_settings = {"preset": args.ppo_preset, "steps": args.start_steps, "rules": args.rules}
+    start_set = parse_overrides(args.start_set)
+    start_settings = {
+        "preset": args.ppo_preset,
+        "steps": args.start_steps,
+        "rules": args.rules,
+        **({"overrides": start_set} if start_set else {}),
+    }
     start_dir = workdir / f"start{seed}"
     record: dict[str, Any] = {"seed": seed}
     record["start"] = _stage(
         start_dir,
         {**start_settings, "eval_episodes": args.eval_episodes},
-        run(args.ppo_preset, args.start_steps, {}),
+        run(args.ppo_preset, args.start_steps, start_set),
         args.rules,
         args.eval_episodes,
     )
@@ -186,6 +192,14 @@ def main() -> None:
         default=list(FINETUNE_SET),
         metavar="KEY=VALUE",
         help="a setting of both fine-tuning arms (repeatable; default: %(default)s)",
+    )
+    p.add_argument(
+        "--start-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the start run only (repeatable; the arms load its model, e.g. "
+        "model.head_config.squash=true)",
     )
     p.add_argument("--eval-episodes", type=int, default=100)
     p.add_argument("--workdir", default="runs/ppo_lag")

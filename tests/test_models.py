@@ -454,3 +454,28 @@ def test_state_normalisation_lives_in_the_config_and_survives_save(tmp_path):
 def test_bad_state_normalisation_names_the_fields(fields, message):
     with pytest.raises(ConfigError, match=message):
         VLAConfig(vision="none", **fields)
+
+
+def test_squashed_gaussian_mean_stays_in_bounds_and_survives_save(tmp_path):
+    """``head_config.squash``: the Gaussian's mean is tanh-squashed into the action bounds (a
+    pushed-out last layer cannot place it past a bound); without it the mean passes the bound;
+    the log-std is left as it is and the setting survives save_pretrained."""
+    from vla_ray.models.heads import GaussianHead
+
+    feats = torch.randn(16, 8)
+    heads = {s: GaussianHead(8, 2, 1, -1.0, 1.0, init_log_std=-1.2, squash=s) for s in (0, 1)}
+    for head in heads.values():
+        torch.nn.init.constant_(head.net[-1].bias, 3.0)  # a mean pushed past the bound
+    plain, squashed = (heads[s].dist_inputs(feats).chunk(2, dim=-1) for s in (0, 1))
+    assert plain[0].min() > 1.5  # unsquashed: beyond the env's bound
+    assert squashed[0].abs().max() < 1.0 and squashed[0].min() > 0.99
+    assert torch.equal(squashed[1], torch.full_like(squashed[1], -1.2))
+    assert torch.allclose(heads[1].predict(feats).flatten(1), squashed[0])
+
+    model = VLA(VLAConfig(head="gaussian", head_config={"squash": True})).eval()
+    torch.nn.init.constant_(model.head.net[-1].bias, 5.0)
+    loaded = VLA.from_pretrained(model.save_pretrained(tmp_path / "vla")).eval()
+    assert loaded.head.squash is True
+    actions = loaded.predict(make_obs())
+    assert actions.abs().max() < 1.0 and actions.min() > 0.99
+    torch.testing.assert_close(actions, model.predict(make_obs()), rtol=0, atol=0)

@@ -131,6 +131,9 @@ class GaussianHead(ActionHead):
     """Diagonal Gaussian with a learned, state-independent log-std (PPO, GRPO, BC by NLL).
 
     Distribution inputs are ``[mean, log_std]`` as RLlib's ``TorchDiagGaussian`` reads them.
+    With ``squash`` (``head_config``) the mean is tanh-squashed into the action bounds (the
+    sampled action is not: the env clips it), so a mean cannot drift past a bound where the
+    env's clipping hides every change of it from the return.
     """
 
     stochastic = True
@@ -145,15 +148,19 @@ class GaussianHead(ActionHead):
         hidden: int = 256,
         layers: int = 2,
         init_log_std: float = -0.5,
+        squash: bool = False,
     ):
         super().__init__(in_dim, action_dim, chunk_size, low, high)
         self.net = mlp(in_dim, hidden, self.out_dim, layers)
         nn.init.normal_(self.net[-1].weight, std=0.01)
         nn.init.zeros_(self.net[-1].bias)
         self.log_std = nn.Parameter(torch.full((self.out_dim,), float(init_log_std)))
+        self.squash = bool(squash)
 
     def dist_inputs(self, features: torch.Tensor) -> torch.Tensor:
         mean = self.net(features)
+        if self.squash:
+            mean = self._from_unit(torch.tanh(mean))
         return torch.cat([mean, self.log_std.expand_as(mean)], dim=-1)
 
     def predict(self, features, deterministic=True):
