@@ -14,7 +14,12 @@ Each iteration
      process supervision, section 4.1.3; needs ``reward_kind="return"``) every step reward is
      normalised by the mean and std of all step rewards of its group, and a step's advantage is
      the sum of the normalised rewards from that step to the episode's end: per-step credit for
-     envs with dense rewards, still without a value function;
+     envs with dense rewards, still without a value function. ``advantage="return_to_go"``
+     (also needs ``reward_kind="return"``): a step's return-to-go minus the mean return-to-go
+     of its group's episodes still running at the same step index (a per-step baseline, as
+     RLOO's per-prompt one), scaled by the group's std of these differences: the process
+     advantage's sum carries a term ``-(T - t) * mean`` shared by every episode of the group,
+     which adds variance and no signal;
   4. minimises ``-mean(min(r A, clip(r, 1 - clip_param, 1 + clip_param) A)) + kl_coeff * KL``
      over ``num_epochs`` passes of minibatches, with ``r = pi(a|s) / pi_old(a|s)`` and KL the
      divergence of the policy from a frozen reference policy. No value function (the module is
@@ -95,7 +100,7 @@ from vla_ray.models.lora import (
 )
 
 REWARD_KINDS = ("return", "success")
-ADVANTAGES = ("outcome", "process")
+ADVANTAGES = ("outcome", "process", "return_to_go")
 KL_ESTIMATORS = ("analytic", "k3")
 GROUP_SEEDING = GROUP_SEEDING_WRAPPER.keys[0]  # env_config flag: wrap each sub-env in GroupSeeding
 GROUP_KEY = "grpo_group"  # reset info: the episode's group id (-1: padding)
@@ -230,6 +235,39 @@ def group_process_advantages(
     return out
 
 
+def group_return_to_go_advantages(
+    rewards: list[np.ndarray] | list[list[float]], groups: list[Any]
+) -> list[np.ndarray]:
+    """Per-step advantages with a per-step group baseline: a step's return-to-go (undiscounted)
+    minus the mean return-to-go of the group's episodes still running at the same step index,
+    divided by the std of these differences over all steps of the group. Zero for groups of one
+    episode, for steps where only one episode of the group is still running, and for groups
+    whose differences are all zero."""
+    idx_of_groups = _group_members(groups, len(rewards), "episode")
+    rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards]
+    rtg = [np.cumsum(r[::-1])[::-1] for r in rewards]
+    out = [np.zeros(len(r), np.float32) for r in rewards]
+    for idx in idx_of_groups:
+        if len(idx) < 2:
+            continue
+        horizon = max(len(rtg[i]) for i in idx)
+        total, count = np.zeros(horizon), np.zeros(horizon)
+        for i in idx:
+            total[: len(rtg[i])] += rtg[i]
+            count[: len(rtg[i])] += 1
+        diffs = {}
+        for i in idx:
+            n = len(rtg[i])
+            # a step with no other running episode has no baseline: advantage 0
+            diffs[i] = np.where(count[:n] > 1, rtg[i] - total[:n] / count[:n], 0.0)
+        std = np.concatenate(list(diffs.values())).std()
+        if std <= 1e-8:
+            continue
+        for i in idx:
+            out[i] = (diffs[i] / (std + 1e-6)).astype(np.float32)
+    return out
+
+
 class AddGroupAdvantages(ConnectorV2):
     """Learner connector: the steps' advantages (``Postprocessing.ADVANTAGES``), read from
     ``episode.custom_data``: one group advantage for every step, or one per step (process)."""
@@ -247,6 +285,13 @@ class AddGroupAdvantages(ConnectorV2):
                 single_agent_episode=ep,
             )
         return batch
+
+
+# per-step advantages from the step rewards (``advantage``'s name -> function)
+STEP_ADVANTAGES = {
+    "process": group_process_advantages,
+    "return_to_go": group_return_to_go_advantages,
+}
 
 
 # -- loss ---------------------------------------------------------------------------------------
@@ -443,9 +488,9 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
             )
         if self.advantage not in ADVANTAGES:
             self._value_error(f"advantage: expected one of {ADVANTAGES}, got {self.advantage!r}")
-        if self.advantage == "process" and self.reward_kind != "return":
+        if self.advantage in STEP_ADVANTAGES and self.reward_kind != "return":
             self._value_error(
-                "advantage: 'process' scores every step reward, so it needs "
+                f"advantage: {self.advantage!r} scores every step reward, so it needs "
                 f"reward_kind='return', got reward_kind={self.reward_kind!r}"
             )
         if not 0.0 < float(self.clip_param) < 1.0:
@@ -510,9 +555,10 @@ class GRPO(Algorithm):
         # group ids are unique within an iteration; the seed guards against a stale schedule
         keys = [(ep.get_infos(0)[GROUP_KEY], ep.get_infos(0)[SEED_KEY]) for ep in episodes]
         scores = [episode_score(ep, cfg.reward_kind) for ep in episodes]
-        if cfg.advantage == "process":
+        if cfg.advantage in STEP_ADVANTAGES:
             rewards = [np.asarray(ep.get_rewards(), np.float64) for ep in episodes]
-            for ep, adv in zip(episodes, group_process_advantages(rewards, keys), strict=True):
+            step_advantages = STEP_ADVANTAGES[cfg.advantage](rewards, keys)
+            for ep, adv in zip(episodes, step_advantages, strict=True):
                 ep.custom_data[ADVANTAGE_KEY] = adv
         else:
             for ep, adv in zip(episodes, group_advantages(scores, keys), strict=True):

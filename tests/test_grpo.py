@@ -17,6 +17,7 @@ from vla_ray.algorithms.grpo import (
     episode_score,
     group_advantages,
     group_process_advantages,
+    group_return_to_go_advantages,
     group_seeds,
 )
 from vla_ray.train import build_algorithm_config, resolve, train
@@ -50,6 +51,31 @@ def test_group_advantages_normalise_within_each_group():
     np.testing.assert_allclose(shuffled, adv[order], atol=1e-6)
     with pytest.raises(ValueError, match="groups"):
         group_advantages([1.0, 2.0], ["a"])
+
+
+def test_return_to_go_advantages_subtract_the_groups_mean_at_each_step():
+    # group a: returns-to-go (3, 2), (1,) and (4, 4): step 0 mean 8/3, step 1 mean 3 (2 running)
+    rewards = [[1.0, 2.0], [1.0], [0.0, 4.0], [5.0, 5.0], [7.0]]
+    adv = group_return_to_go_advantages(rewards, ["a", "a", "a", "b", "c"])
+    diffs = [np.array([3 - 8 / 3, 2 - 3.0]), np.array([1 - 8 / 3]), np.array([4 - 8 / 3, 4 - 3.0])]
+    std = np.concatenate(diffs).std()
+    for got, want in zip(adv[:3], diffs, strict=True):
+        np.testing.assert_allclose(got, want / std, atol=1e-5)
+    # b and c: groups of one episode
+    np.testing.assert_array_equal(adv[3], [0.0, 0.0])
+    np.testing.assert_array_equal(adv[4], [0.0])
+    # a step where one episode of the group is still running has no baseline: 0
+    late = group_return_to_go_advantages([[1.0, 1.0, 1.0], [4.0]], ["a", "a"])
+    assert late[0][1] == 0.0 and late[0][2] == 0.0 and late[0][0] < 0.0 < late[1][0]
+    # invariant to the scale of the rewards and to an offset on every step of equal-length
+    # episodes (the per-step baseline absorbs it)
+    same_len = [[1.0, 2.0], [0.0, 4.0], [2.0, 2.0]]
+    base = group_return_to_go_advantages(same_len, ["a"] * 3)
+    shifted = group_return_to_go_advantages([np.array(r) * 3 - 1 for r in same_len], ["a"] * 3)
+    for x, y in zip(shifted, base, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        group_return_to_go_advantages(rewards, ["a"])
 
 
 def test_process_advantages_sum_group_normalised_step_rewards_to_the_end():
@@ -122,6 +148,10 @@ def test_config_refuses_bad_settings():
         (dict(step_kl_coeff=-0.1), "step_kl_coeff"),
         (dict(advantage="value"), "advantage"),
         (dict(advantage="process", reward_kind="success"), "advantage: 'process'.*reward_kind"),
+        (
+            dict(advantage="return_to_go", reward_kind="success"),
+            "advantage: 'return_to_go'.*reward_kind",
+        ),
     ):
         cfg = GRPOConfig().environment(LANGREACH).training(**bad)
         with pytest.raises(ValueError, match=field):
