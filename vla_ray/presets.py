@@ -496,7 +496,9 @@ PRESETS["langreach-state-ppo-lag"] = lagrangian_variant(
 
 # Model-based RL (issue 27): DreamerV3-style world model whose encoder is the VLA trunk (the
 # langreach-ppo model's vision/projector/LM), imagination actor-critic; 32x32 pixels keep the
-# image decoder cheap on CPU. Not yet tuned for learning (docs/benchmarks.md).
+# image decoder cheap on CPU. The targets are ~7 pixels of 32x32: with the plain pixel loss the
+# decoder reproduces the grey floor alone, so their pixels weigh 20x (image_fg_weight). Not yet
+# tuned for learning (docs/benchmarks.md).
 PRESETS["langreach-dreamer"] = Preset(
     name="langreach-dreamer",
     algorithm="dreamer",
@@ -505,7 +507,9 @@ PRESETS["langreach-dreamer"] = Preset(
     env_config={"image_size": 32},
     model=dict(
         TINY_VLA,
-        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15),
+        world_model=dict(
+            deter=128, stoch=16, classes=16, hidden=128, horizon=15, image_fg_weight=20.0
+        ),
     ),
     training=dict(
         lr=3e-4,

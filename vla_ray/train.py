@@ -205,6 +205,8 @@ LEARNER_KEYS = (
     "dyn_loss",
     "rep_loss",
     "image_mse",
+    "image_fg_mse",
+    "image_bg_mse",
     "state_mse",
     "latent_loss",
     "reward_mae",

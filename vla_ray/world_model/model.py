@@ -24,7 +24,7 @@ from torch import nn
 from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.models.vla import build_trunk, expected_obs_shapes, load_vla_tokenizer, run_trunk
 from vla_ray.world_model.config import WorldModelConfig
-from vla_ray.world_model.losses import TwoHotHead, kl_balance, symlog
+from vla_ray.world_model.losses import TwoHotHead, kl_balance, symlog, weighted_image_error
 from vla_ray.world_model.rssm import RSSM, RSSMState
 
 
@@ -215,9 +215,12 @@ class WorldModel(nn.Module):
         for key, decoder in self.decoders.items():
             pred = decoder(feat)
             if key == "image":
-                err = (pred - image_target(obs["image"])) ** 2
-                metrics["image_mse"] = mean(err.flatten(2).mean(-1)).item()
-                total = total + mean(err.flatten(2).sum(-1))
+                img = weighted_image_error(
+                    pred, image_target(obs["image"]), self.config.image_fg_weight
+                )
+                for part in ("mse", "fg_mse", "bg_mse", "fg_fraction"):
+                    metrics[f"image_{part}"] = mean(img[part]).item()
+                total = total + mean(img["loss"])
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
