@@ -435,16 +435,18 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
     if ppo_reference is not None and ppo_reference.is_file():
         ref = json.loads(ppo_reference.read_text())
         variants = ref.get("variants") or ref.get("results") or []
-        inst = next((v for v in variants if v.get("variant") == "instruction"), None)
-        if inst is not None:
-            results["ppo_reference"] = dict(
-                source=str(ppo_reference),
-                curve=[
-                    dict(
-                        env_steps=c["env_steps"], time_s=c["time_s"], success_rate=c["success_rate"]
-                    )
-                    for c in inst["curve"]
-                ],
+        # the documented PPO run and its language-blind control
+        for variant, key in (("instruction", "ppo_reference"), ("blind", "ppo_reference_blind")):
+            ref = next((v for v in variants if v.get("variant") == variant), None)
+            if ref is None:
+                continue
+            rows = [
+                dict(env_steps=c["env_steps"], time_s=c["time_s"], success_rate=c["success_rate"])
+                for c in ref["curve"]
+            ]
+            first_80 = next((r["env_steps"] for r in rows if r["success_rate"] >= 0.8), None)
+            results[key] = dict(
+                source=str(ppo_reference), first_80pct_env_steps=first_80, curve=rows
             )
     print(
         f"{'run':<16} {'env steps':>9} {'wall s':>7} {'train success, last bin':>24}  "
@@ -486,13 +488,16 @@ def report(runs: Path, out: Path, ppo_reference: Path | None) -> dict[str, Any]:
             pts = [(b[x], b["success"]) for b in entry["binned"]]
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=colors.get(algo), label=name, alpha=0.8)
-    ref = results.get("ppo_reference")
-    if ref:
-        max_steps = max(e["env_steps"] or 0 for e in results["runs"].values())
-        pts = [(c["env_steps"], c["success_rate"]) for c in ref["curve"]]
+    max_steps = max([e["env_steps"] or 0 for e in results["runs"].values()] or [0])
+    for key, style, label in (
+        ("ppo_reference", "k--", "langreach-ppo 2026-12-05 (docs)"),
+        ("ppo_reference_blind", "k:", "langreach-ppo blind control (docs)"),
+    ):
+        ref = results.get(key)
+        pts = [(c["env_steps"], c["success_rate"]) for c in (ref or {}).get("curve", [])]
         near = [(x, y) for x, y in pts if x <= 1.5 * max_steps]
         if near:
-            axes[0].plot(*zip(*near, strict=True), "k--", label="langreach-ppo 2026-12-05 (docs)")
+            axes[0].plot(*zip(*near, strict=True), style, label=label, alpha=0.7)
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock s (shared 2-core CPU, unlocked: load-sensitive)")
     for ax in axes:

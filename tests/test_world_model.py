@@ -179,6 +179,27 @@ def test_foreground_weighted_image_error_matches_hand_computed_values():
         WorldModelConfig(image_fg_weight=0.5)
 
 
+def test_keypoint_reconstruction_loss_reaches_the_encoder_decoder():
+    torch.manual_seed(0)
+    wm = WorldModel(
+        VLAConfig(
+            image_size=(16, 16),
+            state_dim=2,
+            instruction_max_length=8,
+            vision="cnn",
+            vision_config={"tokens": "keypoints", "recon_coeff": 1.0},
+            llm_config=dict(num_hidden_layers=1),
+        ),
+        WorldModelConfig(**TINY, image_fg_weight=5.0),
+    )
+    loss, metrics, _ = wm.loss(scene_batch(B=2, T=3))
+    loss.backward()
+    assert metrics["keypoint_recon"] > 0
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in wm.trunk.vision.recon.parameters()
+    )
+
+
 def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
     batch = scene_batch(B=2, T=4)

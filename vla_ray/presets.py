@@ -507,6 +507,13 @@ PRESETS["langreach-dreamer"] = Preset(
     env_config={"image_size": 32},
     model=dict(
         TINY_VLA,
+        # an 8x8 keypoint grid at 32x32 (langreach-ppo's at 64x64) and its keypoint
+        # reconstruction loss, which keeps every target in the keypoints
+        vision_config={
+            "tokens": "keypoints",
+            "layers": [[32, 4, 2], [32, 3, 2], [32, 3, 1]],
+            "recon_coeff": 10.0,
+        },
         world_model=dict(
             deter=128, stoch=16, classes=16, hidden=128, horizon=15, image_fg_weight=20.0
         ),

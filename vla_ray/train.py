@@ -207,6 +207,7 @@ LEARNER_KEYS = (
     "image_mse",
     "image_fg_mse",
     "image_bg_mse",
+    "keypoint_recon",
     "state_mse",
     "latent_loss",
     "reward_mae",

@@ -40,7 +40,8 @@ class WorldModelConfig:
     # loss weight of the image pixels that differ from the batch's static background (the
     # per-pixel median of its frames) relative to background pixels: small objects on a plain
     # background (LangReach's targets, a few pixels of 32x32) are otherwise left out by the
-    # decoder, which reproduces the background alone. 1 = DreamerV3's plain summed MSE.
+    # decoder, which reproduces the background alone. It assumes a background shared by the
+    # batch's episodes (a fixed scene); 1 = DreamerV3's plain summed MSE.
     image_fg_weight: float = 1.0
     # loss weight of the self-predictive latent loss (objective="latent")
     latent_scale: float = 1.0

@@ -225,6 +225,14 @@ class WorldModel(nn.Module):
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
                 total = total + mean(err.sum(-1))
+        vision = getattr(self.trunk, "vision", None)
+        if getattr(vision, "recon", None) is not None and "image" in obs:
+            # the keypoint encoder's own reconstruction loss (vision_config.recon_coeff): a short
+            # gradient path that keeps every object in the keypoints
+            images = obs["image"]
+            aux = vision.reconstruction_loss(images.reshape(-1, *images.shape[-3:]))
+            metrics["keypoint_recon"] = aux.item()
+            total = total + aux
         if self.latent_head is not None:
             target = nn.functional.layer_norm(embed.detach(), embed.shape[-1:])
             err = ((self.latent_head(post_state.h) - target) ** 2).mean(-1)
