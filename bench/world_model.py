@@ -208,11 +208,12 @@ def collect(
 
 
 def _ridge_r2(x_train, y_train, x_test, y_test, alpha: float = 10.0) -> float:
-    """Held-out R^2 (mean over outputs) of a ridge regression on standardised features."""
+    """Held-out R^2 (mean over outputs) of a ridge regression on centred features (not
+    scaled: near-constant one-hot columns would blow up)."""
     import torch
 
-    mu, sd = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
-    a, b = (x_train - mu) / sd, (x_test - mu) / sd
+    mu = x_train.mean(0)
+    a, b = x_train - mu, x_test - mu
     a = torch.cat([a, torch.ones(len(a), 1)], 1)
     b = torch.cat([b, torch.ones(len(b), 1)], 1)
     eye = torch.eye(a.shape[1])
