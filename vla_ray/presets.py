@@ -496,9 +496,11 @@ PRESETS["langreach-state-ppo-lag"] = lagrangian_variant(
 
 # Model-based RL (issue 27): DreamerV3-style world model whose encoder is the VLA trunk (the
 # langreach-ppo model's vision/projector/LM), imagination actor-critic; 32x32 pixels keep the
-# image decoder cheap on CPU. The targets are ~7 pixels of 32x32: with the plain pixel loss the
-# decoder reproduces the grey floor alone, so their pixels weigh 20x (image_fg_weight). Not yet
-# tuned for learning (docs/benchmarks.md).
+# image decoder cheap on CPU. The targets are ~7 pixels of 32x32 and the plain pixel loss left
+# them out of the decoder; the target-pixel weight (image_fg_weight), the 8x8 keypoint grid and
+# the keypoint reconstruction loss below are the settings benchmarked on 2026-12-07: they did
+# NOT make the model represent the targets within ~9k env steps, and the 20x weight kept the
+# state decoder from learning (docs/benchmarks.md, "VLA-Dreamer: the decoder collapse").
 PRESETS["langreach-dreamer"] = Preset(
     name="langreach-dreamer",
     algorithm="dreamer",
@@ -508,7 +510,7 @@ PRESETS["langreach-dreamer"] = Preset(
     model=dict(
         TINY_VLA,
         # an 8x8 keypoint grid at 32x32 (langreach-ppo's at 64x64) and its keypoint
-        # reconstruction loss, which keeps every target in the keypoints
+        # reconstruction loss (what keeps every target in langreach-ppo's keypoints)
         vision_config={
             "tokens": "keypoints",
             "layers": [[32, 4, 2], [32, 3, 2], [32, 3, 1]],
