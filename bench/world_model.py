@@ -11,12 +11,17 @@ Stages (each reads what the ones before wrote under ``--runs``):
   checkpoint (timed: run it under ``flock /work/cpu.lock``);
 - ``throughput``: training env steps per second of each algorithm over ``--seconds`` (timed:
   under ``flock /work/cpu.lock``), the wall-clock axis at equal load;
+- ``probe``: whether a world model represents the targets: its decoded image's error on target
+  (foreground) and background pixels, and ridge probes of target and agent positions from the
+  latent, on held-out episodes (offline-trained with ``--fg-weights``, or ``--checkpoints``);
 - ``report``: prints the table, writes ``OUT/world_model.json`` and ``OUT/world_model.png``
   (training success vs env steps and vs wall-clock, both algorithms, with the documented
   30-minute ``langreach-ppo`` curve from ``--ppo-reference``).
 
     python bench/world_model.py learn --algos dreamer --seeds 0 1 --steps 16000 --runs RUNS
     python bench/world_model.py learn --algos ppo --seeds 0 1 --steps 16000 --runs RUNS
+    python bench/world_model.py learn --algos dreamer --seeds 0 --blind --steps 16000 --runs RUNS
+    python bench/world_model.py probe --runs P --checkpoints RUNS/dreamer_seed0/checkpoints/last
     python bench/world_model.py plan --runs RUNS --episodes 20
     flock /work/cpu.lock python bench/world_model.py latency --runs RUNS
     flock /work/cpu.lock python bench/world_model.py throughput --runs RUNS --seconds 150
