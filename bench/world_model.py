@@ -51,16 +51,19 @@ def learn(
     runners: int,
     max_minutes: float | None,
     blind: bool = False,
+    settings: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``algo``'s LangReach preset for ``steps`` env steps (or ``max_minutes``, whichever
     comes first); ``blind``: the language-blind control (``instruction_mode=blind``, as
-    ``bench/langreach_ppo.py``'s), in ``RUNS/<algo>-blind_seed<seed>``. Returns its summary."""
-    from vla_ray.train import resolve, train
+    ``bench/langreach_ppo.py``'s), in ``RUNS/<algo>-blind_seed<seed>``; ``settings``: ``--set``
+    style ``KEY=VALUE`` overrides of the preset. Returns its summary."""
+    from vla_ray.train import _merge, parse_overrides, resolve, train
 
     run_dir = runs / f"{algo}{'-blind' if blind else ''}_seed{seed}"
     overrides: dict[str, Any] = {"seed": seed, "env_runners": {"num_env_runners": runners}}
     if blind:
         overrides["env_config"] = {"instruction_mode": "blind"}
+    overrides = _merge(overrides, parse_overrides(settings or []))
     spec = resolve(PRESETS[algo], overrides)
     t0 = time.time()
     seconds = None if max_minutes is None else 60.0 * max_minutes
@@ -546,13 +549,27 @@ def main() -> None:
     parser.add_argument(
         "--checkpoints", nargs="+", help="probe: trained runs' checkpoints instead of training"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="learn: a setting of the preset, as `vla-ray train --set` (repeatable)",
+    )
     parser.add_argument("--ppo-reference", type=Path, default=Path("docs/bench/langreach_ppo.json"))
     args = parser.parse_args()
     if args.stage == "learn":
         for algo in args.algos:
             for seed in args.seeds:
                 summary = learn(
-                    algo, seed, args.steps, args.runs, args.runners, args.max_minutes, args.blind
+                    algo,
+                    seed,
+                    args.steps,
+                    args.runs,
+                    args.runners,
+                    args.max_minutes,
+                    args.blind,
+                    args.set,
                 )
                 print(algo, seed, summary.get("env_steps"), summary["bench_wall_s"], flush=True)
     elif args.stage == "plan":

@@ -496,11 +496,7 @@ PRESETS["langreach-state-ppo-lag"] = lagrangian_variant(
 
 # Model-based RL (issue 27): DreamerV3-style world model whose encoder is the VLA trunk (the
 # langreach-ppo model's vision/projector/LM), imagination actor-critic; 32x32 pixels keep the
-# image decoder cheap on CPU. The targets are ~7 pixels of 32x32 and the plain pixel loss left
-# them out of the decoder; the target-pixel weight (image_fg_weight), the 8x8 keypoint grid and
-# the keypoint reconstruction loss below are the settings benchmarked on 2026-12-07: they did
-# NOT make the model represent the targets within ~9k env steps, and the 20x weight kept the
-# state decoder from learning (docs/benchmarks.md, "VLA-Dreamer: the decoder collapse").
+# image decoder cheap on CPU. Not yet tuned for learning (docs/benchmarks.md).
 PRESETS["langreach-dreamer"] = Preset(
     name="langreach-dreamer",
     algorithm="dreamer",
@@ -509,16 +505,7 @@ PRESETS["langreach-dreamer"] = Preset(
     env_config={"image_size": 32},
     model=dict(
         TINY_VLA,
-        # an 8x8 keypoint grid at 32x32 (langreach-ppo's at 64x64) and its keypoint
-        # reconstruction loss (what keeps every target in langreach-ppo's keypoints)
-        vision_config={
-            "tokens": "keypoints",
-            "layers": [[32, 4, 2], [32, 3, 2], [32, 3, 1]],
-            "recon_coeff": 10.0,
-        },
-        world_model=dict(
-            deter=128, stoch=16, classes=16, hidden=128, horizon=15, image_fg_weight=20.0
-        ),
+        world_model=dict(deter=128, stoch=16, classes=16, hidden=128, horizon=15),
     ),
     training=dict(
         lr=3e-4,
