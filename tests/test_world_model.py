@@ -9,7 +9,7 @@ import pytest
 import torch
 from ray.rllib.utils.torch_utils import symlog, two_hot
 
-from vla_ray.config import VLAConfig
+from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.tokenizer import encode_instructions
 from vla_ray.world_model import RSSM, WorldModel, WorldModelConfig, WorldModelInputError
 from vla_ray.world_model.imagination import (
@@ -21,8 +21,10 @@ from vla_ray.world_model.imagination import (
 from vla_ray.world_model.losses import (
     ReturnNormalizer,
     TwoHotHead,
+    foreground_mask,
     kl_balance,
     lambda_returns,
+    weighted_image_error,
 )
 from vla_ray.world_model.planner import PlannerConfig, latent_objective, plan
 
@@ -146,6 +148,56 @@ def test_lambda_returns_two_hot_and_return_scale():
         exact = head.loss(torch.zeros(1, 1), torch.tensor([target])).item()
         head.linear.bias.data = torch.zeros(255)
         assert head.loss(torch.zeros(1, 1), torch.tensor([target])).item() > exact + 1.0
+
+
+def test_foreground_weighted_image_error_matches_hand_computed_values():
+    # 3 frames of 4x4: grey floor, a black static border column, one bright pixel per frame
+    # at a different place (an object that moves): the per-pixel median is the floor + border
+    target = torch.full((3, 4, 4, 3), -0.2)
+    target[:, :, 0] = -0.5
+    for i, (y, x) in enumerate([(1, 1), (2, 3), (3, 2)]):
+        target[i, y, x] = torch.tensor([0.5, -0.5, -0.5])
+    fg = foreground_mask(target)
+    assert fg.shape == (3, 4, 4)
+    assert fg.sum().item() == 3 and fg[0, 1, 1] == fg[1, 2, 3] == fg[2, 3, 2] == 1
+    pred = torch.full_like(target, -0.2)  # the floor everywhere: right on 12 of 16 pixels
+    # per-pixel channel-mean errors: border 0.09, object (0.49 + 0.09 + 0.09) / 3
+    border, obj = 0.3**2, (0.7**2 + 2 * 0.3**2) / 3
+    out = weighted_image_error(pred, target, fg_weight=10.0)
+    assert torch.allclose(out["loss"], torch.full((3,), 3 * (10 * obj + 4 * border)))
+    assert torch.allclose(out["fg_mse"], torch.full((3,), obj))
+    assert torch.allclose(out["bg_mse"], torch.full((3,), 4 * border / 15))
+    assert torch.allclose(out["mse"], torch.full((3,), (obj + 4 * border) / 16))
+    assert torch.allclose(out["fg_fraction"], torch.full((3,), 1 / 16))
+    # fg_weight=1 is the plain summed squared error
+    plain = weighted_image_error(pred, target)["loss"]
+    assert torch.allclose(plain, ((pred - target) ** 2).sum((1, 2, 3)))
+    # an explicit background overrides the batch median: the object pixels of frame 0 only
+    bg = target[1].clone()
+    assert foreground_mask(target[:1], background=bg).sum().item() == 2
+    with pytest.raises(ConfigError, match="world_model.image_fg_weight.*got 0.5"):
+        WorldModelConfig(image_fg_weight=0.5)
+
+
+def test_keypoint_reconstruction_loss_reaches_the_encoder_decoder():
+    torch.manual_seed(0)
+    wm = WorldModel(
+        VLAConfig(
+            image_size=(16, 16),
+            state_dim=2,
+            instruction_max_length=8,
+            vision="cnn",
+            vision_config={"tokens": "keypoints", "recon_coeff": 1.0},
+            llm_config=dict(num_hidden_layers=1),
+        ),
+        WorldModelConfig(**TINY, image_fg_weight=5.0),
+    )
+    loss, metrics, _ = wm.loss(scene_batch(B=2, T=3))
+    loss.backward()
+    assert metrics["keypoint_recon"] > 0
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in wm.trunk.vision.recon.parameters()
+    )
 
 
 def test_world_model_overfits_a_tiny_fixed_dataset():

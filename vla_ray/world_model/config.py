@@ -37,6 +37,12 @@ class WorldModelConfig:
     objective: str = "reconstruction"
     # observation fields decoded with objective="reconstruction" (those the env has)
     decode: tuple[str, ...] = ("image", "state")
+    # loss weight of the image pixels that differ from the batch's static background (the
+    # per-pixel median of its frames) relative to background pixels: small objects on a plain
+    # background (LangReach's targets, a few pixels of 32x32) are otherwise left out by the
+    # decoder, which reproduces the background alone. It assumes a background shared by the
+    # batch's episodes (a fixed scene); 1 = DreamerV3's plain summed MSE.
+    image_fg_weight: float = 1.0
     # loss weight of the self-predictive latent loss (objective="latent")
     latent_scale: float = 1.0
     predict_reward: bool = True
@@ -66,6 +72,10 @@ class WorldModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"world_model.{name}: expected an integer >= 1, got {value!r}")
+        if not self.image_fg_weight >= 1.0:
+            raise ConfigError(
+                f"world_model.image_fg_weight: expected a number >= 1, got {self.image_fg_weight!r}"
+            )
         if self.num_buckets < 2:
             raise ConfigError(f"world_model.num_buckets: expected >= 2, got {self.num_buckets}")
         if not 0.0 <= self.unimix < 1.0:

@@ -11,14 +11,59 @@ from ray.rllib.utils.torch_utils import inverse_symlog, symlog, two_hot
 from torch import nn
 
 __all__ = [
+    "FG_THRESHOLD",
     "ReturnNormalizer",
     "TwoHotHead",
     "categorical_kl",
+    "foreground_mask",
     "kl_balance",
     "lambda_returns",
     "symlog",
     "inverse_symlog",
+    "weighted_image_error",
 ]
+
+# a pixel is foreground when one channel differs from the background by more than this
+# (images in [-0.5, 0.5]: 0.1 = 25 of 255 grey levels, above anti-aliasing noise)
+FG_THRESHOLD = 0.1
+
+
+def foreground_mask(
+    image: torch.Tensor, background: torch.Tensor | None = None, threshold: float = FG_THRESHOLD
+) -> torch.Tensor:
+    """1 where a pixel of the (..., H, W, C) images differs from ``background`` (H, W, C) by
+    more than ``threshold`` in some channel, else 0 -> (..., H, W). The default background is
+    the per-pixel median over all the images (what stays put across a batch of episodes: the
+    floor and borders, not the objects that move or change place between episodes)."""
+    if background is None:
+        background = image.reshape(-1, *image.shape[-3:]).median(dim=0).values
+    return ((image - background).abs().amax(-1) > threshold).to(image.dtype)
+
+
+def weighted_image_error(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    fg_weight: float = 1.0,
+    background: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Squared error of (..., H, W, C) images: ``loss`` (...,) sums it over pixels and channels
+    with weight ``fg_weight`` on the :func:`foreground_mask` pixels of ``target`` and 1
+    elsewhere; ``mse``, ``fg_mse`` and ``bg_mse`` (...,) are the unweighted mean errors over all,
+    foreground and background pixels (0 where an image has none of that kind), ``fg_fraction``
+    the share of foreground pixels."""
+    err = ((pred - target) ** 2).mean(-1)  # (..., H, W), mean over channels
+    fg = foreground_mask(target, background)
+    weight = 1.0 + (fg_weight - 1.0) * fg
+    n_fg = fg.sum((-1, -2))
+    n_bg = (1 - fg).sum((-1, -2))
+    return {
+        # x C: the sum over pixels and channels, the plain summed MSE with fg_weight=1
+        "loss": target.shape[-1] * (weight * err).sum((-1, -2)),
+        "mse": err.mean((-1, -2)),
+        "fg_mse": (fg * err).sum((-1, -2)) / n_fg.clamp(min=1.0),
+        "bg_mse": ((1 - fg) * err).sum((-1, -2)) / n_bg.clamp(min=1.0),
+        "fg_fraction": fg.mean((-1, -2)),
+    }
 
 
 class TwoHotHead(nn.Module):

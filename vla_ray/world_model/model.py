@@ -24,7 +24,7 @@ from torch import nn
 from vla_ray.config import ConfigError, VLAConfig
 from vla_ray.models.vla import build_trunk, expected_obs_shapes, load_vla_tokenizer, run_trunk
 from vla_ray.world_model.config import WorldModelConfig
-from vla_ray.world_model.losses import TwoHotHead, kl_balance, symlog
+from vla_ray.world_model.losses import TwoHotHead, kl_balance, symlog, weighted_image_error
 from vla_ray.world_model.rssm import RSSM, RSSMState
 
 
@@ -215,13 +215,24 @@ class WorldModel(nn.Module):
         for key, decoder in self.decoders.items():
             pred = decoder(feat)
             if key == "image":
-                err = (pred - image_target(obs["image"])) ** 2
-                metrics["image_mse"] = mean(err.flatten(2).mean(-1)).item()
-                total = total + mean(err.flatten(2).sum(-1))
+                img = weighted_image_error(
+                    pred, image_target(obs["image"]), self.config.image_fg_weight
+                )
+                for part in ("mse", "fg_mse", "bg_mse", "fg_fraction"):
+                    metrics[f"image_{part}"] = mean(img[part]).item()
+                total = total + mean(img["loss"])
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
                 total = total + mean(err.sum(-1))
+        vision = getattr(self.trunk, "vision", None)
+        if getattr(vision, "recon", None) is not None and "image" in obs:
+            # the keypoint encoder's own reconstruction loss (vision_config.recon_coeff): a short
+            # gradient path that keeps every object in the keypoints
+            images = obs["image"]
+            aux = vision.reconstruction_loss(images.reshape(-1, *images.shape[-3:]))
+            metrics["keypoint_recon"] = aux.item()
+            total = total + aux
         if self.latent_head is not None:
             target = nn.functional.layer_norm(embed.detach(), embed.shape[-1:])
             err = ((self.latent_head(post_state.h) - target) ** 2).mean(-1)
