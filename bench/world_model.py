@@ -337,12 +337,13 @@ def probe(
 
     from vla_ray.world_model.losses import weighted_image_error
 
+    frames = image_target(torch.as_tensor(np.concatenate([ep["obs"]["image"] for ep in train_eps])))
+    mean_frame = frames.mean(0)
+    # the training data's static background (one episode alone would count its targets)
+    background = frames.median(0).values
+
     def features(eps: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float]]:
         feats, errs = [], []
-        frames = torch.as_tensor(np.concatenate([ep["obs"]["image"] for ep in train_eps]))
-        mean_frame = image_target(frames).mean(0)
-        # the training data's static background (one episode alone would count its targets)
-        background = image_target(frames).median(0).values
         for ep in eps:  # one at a time: episodes that end on success are shorter
             batch = _episode_batch([ep])
             target = image_target(batch["obs"]["image"])
