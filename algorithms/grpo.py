@@ -19,7 +19,9 @@ Each iteration
      of its group's episodes still running at the same step index (a per-step baseline, as
      RLOO's per-prompt one), scaled by the group's std of these differences: the process
      advantage's sum carries a term ``-(T - t) * mean`` shared by every episode of the group,
-     which adds variance and no signal;
+     which adds variance and no signal. ``advantage_gamma`` < 1 discounts both per-step sums
+     (``sum_k gamma^(k-t) ...``; default 1, undiscounted): a shorter credit horizon for a step's
+     action, as PPO's ``gamma`` on a shaped reward;
   4. minimises ``-mean(min(r A, clip(r, 1 - clip_param, 1 + clip_param) A)) + kl_coeff * KL``
      over ``num_epochs`` passes of minibatches, with ``r = pi(a|s) / pi_old(a|s)`` and KL the
      divergence of the policy from a frozen reference policy. No value function (the module is
@@ -213,12 +215,23 @@ def group_advantages(scores: list[float] | np.ndarray, groups: list[Any]) -> np.
     return out.astype(np.float32)
 
 
+def discounted_return_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """``G_t = sum_{k >= t} gamma^(k - t) r_k`` for every step ``t`` of one episode."""
+    out = np.zeros(len(rewards), np.float64)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = float(rewards[t]) + gamma * running
+        out[t] = running
+    return out
+
+
 def group_process_advantages(
-    rewards: list[np.ndarray] | list[list[float]], groups: list[Any]
+    rewards: list[np.ndarray] | list[list[float]], groups: list[Any], gamma: float = 1.0
 ) -> list[np.ndarray]:
     """Per-step advantages (process supervision): each step reward normalised by the mean and
-    std of all step rewards of its group, summed from that step to the episode's end. Zero for
-    groups of one episode and for groups whose step rewards are all equal."""
+    std of all step rewards of its group, summed (discounted by ``gamma``) from that step to
+    the episode's end. Zero for groups of one episode and for groups whose step rewards are all
+    equal."""
     idx_of_groups = _group_members(groups, len(rewards), "episode")
     rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards]
     out = [np.zeros(len(r), np.float32) for r in rewards]
@@ -231,21 +244,21 @@ def group_process_advantages(
             continue
         for i in idx:
             normed = (rewards[i] - pooled.mean()) / (std + 1e-6)
-            out[i] = np.cumsum(normed[::-1])[::-1].astype(np.float32)
+            out[i] = discounted_return_to_go(normed, gamma).astype(np.float32)
     return out
 
 
 def group_return_to_go_advantages(
-    rewards: list[np.ndarray] | list[list[float]], groups: list[Any]
+    rewards: list[np.ndarray] | list[list[float]], groups: list[Any], gamma: float = 1.0
 ) -> list[np.ndarray]:
-    """Per-step advantages with a per-step group baseline: a step's return-to-go (undiscounted)
-    minus the mean return-to-go of the group's episodes still running at the same step index,
+    """Per-step advantages with a per-step group baseline: a step's return-to-go (discounted by
+    ``gamma``; 1: undiscounted) minus the mean return-to-go of the group's episodes still running at the same step index,
     divided by the std of these differences over all steps of the group. Zero for groups of one
     episode, for steps where only one episode of the group is still running, and for groups
     whose differences are all zero."""
     idx_of_groups = _group_members(groups, len(rewards), "episode")
     rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards]
-    rtg = [np.cumsum(r[::-1])[::-1] for r in rewards]
+    rtg = [discounted_return_to_go(r, gamma) for r in rewards]
     out = [np.zeros(len(r), np.float32) for r in rewards]
     for idx in idx_of_groups:
         if len(idx) < 2:
@@ -430,6 +443,7 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
             kl_estimator="analytic",
             step_kl_coeff=0.0,
             advantage="outcome",
+            advantage_gamma=1.0,
             num_epochs=4,
             minibatch_size=256,
         )
@@ -451,6 +465,7 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
         kl_estimator: str = NotProvided,
         step_kl_coeff: float = NotProvided,
         advantage: str = NotProvided,
+        advantage_gamma: float = NotProvided,
         **kwargs,
     ) -> GRPOConfig:
         super().training(**kwargs)
@@ -463,6 +478,7 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
             kl_estimator=kl_estimator,
             step_kl_coeff=step_kl_coeff,
             advantage=advantage,
+            advantage_gamma=advantage_gamma,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -492,6 +508,13 @@ class GRPOConfig(VLAAlgorithmConfig, AlgorithmConfig):
             self._value_error(
                 f"advantage: {self.advantage!r} scores every step reward, so it needs "
                 f"reward_kind='return', got reward_kind={self.reward_kind!r}"
+            )
+        if not 0.0 < float(self.advantage_gamma) <= 1.0:
+            self._value_error(f"advantage_gamma: must be in (0, 1], got {self.advantage_gamma}")
+        if float(self.advantage_gamma) != 1.0 and self.advantage not in STEP_ADVANTAGES:
+            self._value_error(
+                f"advantage_gamma: discounts the per-step advantages {tuple(STEP_ADVANTAGES)}; "
+                f"got advantage_gamma={self.advantage_gamma} with advantage={self.advantage!r}"
             )
         if not 0.0 < float(self.clip_param) < 1.0:
             self._value_error(f"clip_param: must be in (0, 1), got {self.clip_param}")
@@ -557,7 +580,9 @@ class GRPO(Algorithm):
         scores = [episode_score(ep, cfg.reward_kind) for ep in episodes]
         if cfg.advantage in STEP_ADVANTAGES:
             rewards = [np.asarray(ep.get_rewards(), np.float64) for ep in episodes]
-            step_advantages = STEP_ADVANTAGES[cfg.advantage](rewards, keys)
+            step_advantages = STEP_ADVANTAGES[cfg.advantage](
+                rewards, keys, gamma=float(cfg.advantage_gamma)
+            )
             for ep, adv in zip(episodes, step_advantages, strict=True):
                 ep.custom_data[ADVANTAGE_KEY] = adv
         else:

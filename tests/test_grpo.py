@@ -78,6 +78,23 @@ def test_return_to_go_advantages_subtract_the_groups_mean_at_each_step():
         group_return_to_go_advantages(rewards, ["a"])
 
 
+def test_advantage_gamma_discounts_the_per_step_sums():
+    # group a: discounted returns-to-go at gamma 0.5: (1 + 0.5*2, 2) = (2, 2) and (0 + 0.5*4, 4)
+    # = (2, 4); step means (2, 3); differences (0, -1) and (0, 1)
+    rewards = [[1.0, 2.0], [0.0, 4.0]]
+    adv = group_return_to_go_advantages(rewards, ["a", "a"], gamma=0.5)
+    std = np.array([0.0, -1.0, 0.0, 1.0]).std()
+    np.testing.assert_allclose(adv[0], [0.0, -1.0 / std], atol=1e-5)
+    np.testing.assert_allclose(adv[1], [0.0, 1.0 / std], atol=1e-5)
+    # undiscounted, the first step differs: (3 vs 4)
+    assert group_return_to_go_advantages(rewards, ["a", "a"])[0][0] < 0.0
+    # process: the normalised rewards (z-scores of {1, 2, 0, 4}) summed with weights 1, 0.5
+    z = (np.array([1.0, 2.0, 0.0, 4.0]) - 1.75) / np.array([1.0, 2.0, 0.0, 4.0]).std()
+    proc = group_process_advantages(rewards, ["a", "a"], gamma=0.5)
+    np.testing.assert_allclose(proc[0], [z[0] + 0.5 * z[1], z[1]], atol=1e-5)
+    np.testing.assert_allclose(proc[1], [z[2] + 0.5 * z[3], z[3]], atol=1e-5)
+
+
 def test_process_advantages_sum_group_normalised_step_rewards_to_the_end():
     # group a: all step rewards {1, 2, 3}: mean 2, population std sqrt(2/3)
     rewards = [[1.0, 2.0], [3.0], [5.0, 5.0], [5.0], [4.0, 0.0]]
@@ -147,6 +164,9 @@ def test_config_refuses_bad_settings():
         (dict(kl_coeff=-1.0), "kl_coeff"),
         (dict(step_kl_coeff=-0.1), "step_kl_coeff"),
         (dict(advantage="value"), "advantage"),
+        (dict(advantage="return_to_go", advantage_gamma=0.0), "advantage_gamma: must be"),
+        (dict(advantage="return_to_go", advantage_gamma=1.5), "advantage_gamma: must be"),
+        (dict(advantage="outcome", advantage_gamma=0.9), "advantage_gamma: discounts"),
         (dict(advantage="process", reward_kind="success"), "advantage: 'process'.*reward_kind"),
         (
             dict(advantage="return_to_go", reward_kind="success"),
