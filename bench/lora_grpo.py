@@ -1,25 +1,31 @@
-"""Benchmark: GRPO with LoRA from a weak BC start on one-target LangReach, several seeds.
+"""Benchmark: GRPO with LoRA from a weak BC start on LangReach, several seeds.
 
 Per seed, the whole pipeline through the code of the CLI commands:
 
 1. ``vla-ray collect --noise``: ``--demos`` expert episodes (reset seeds ``1000 * seed + i``),
    Gaussian noise of std ``--demo-noise`` on every action, recorded as executed;
-2. ``vla-ray train --preset langreach-bc``: ``--bc-iters`` updates on them (a weak start);
+2. ``vla-ray train --preset langreach-bc`` (``langreach-state-bc`` with ``--observation
+   state``): ``--bc-iters`` updates on them (a weak start);
 3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
-4. ``vla-ray train --preset langreach-lora-grpo --set model.pretrained_path=BC_CHECKPOINT``:
-   ``--grpo-iters`` iterations (LoRA r=8 on the LM; the start is the reference; ``--set``
-   overrides the preset, by default ``GRPO_SET``: lr 3e-4, vision encoder trained, the start's
-   log-std set to -1.2);
+4. ``vla-ray train --preset langreach-lora-grpo`` (``langreach-state-lora-grpo``) ``--set
+   model.pretrained_path=BC_CHECKPOINT``: ``--grpo-iters`` iterations (LoRA r=8 on the LM; the
+   start is the reference; ``--set`` overrides the preset, by default ``GRPO_SET`` for pixels:
+   lr 3e-4, vision encoder trained, the start's log-std set to -1.2; ``GRPO_SET_STATE`` for
+   state: the log-std only);
 5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
 
-The env is LangReach's one-target variant (``num_targets=1``) with ``--image-size`` px images
-and ``--episode-steps``-step episodes (``env_config``; the 2026-12-06/07 attempts: 32 px, 20
-steps). Writes ``OUT/NAME.json`` and prints a table of success
-before and after per seed. With ``--workdir`` the demos, runs and the start's evaluation stay
-there and a later run with the same start settings reuses them (``--grpo-iters 0``: the start
-only). The defaults are the 64 px run of 2026-12-07 in docs/benchmarks.md:
+The env: ``--observation pixels`` (LangReach-v0 at ``--image-size`` px) or ``state``
+(LangReachState-v0: the targets' positions in the state, so the policy has to ground the colour
+word), ``--targets`` targets, ``--episode-steps``-step episodes (``env_config``; the
+2026-12-06/07 pixel attempts: one target, 32 then 64 px). Writes ``OUT/NAME.json`` and prints a
+table of success before and after per seed. With ``--workdir`` the demos, runs and the start's
+evaluation stay there and a later run with the same start settings reuses them (``--grpo-iters
+0``: the start only). The defaults are the 64 px run of 2026-12-07 in docs/benchmarks.md; the
+state run of 2026-12-07:
 
     python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench
+    python bench/lora_grpo.py --observation state --targets 3 --grpo-iters 100 --seeds 0 1 2 \
+        --workdir runs/lora_grpo_state --out docs/bench --name lora_grpo_langreach_state
 """
 
 from __future__ import annotations
@@ -35,13 +41,20 @@ from typing import Any
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+# --observation: LangReach's env id and the BC / GRPO presets for it
+OBSERVATIONS = {
+    "pixels": ("vla_ray/LangReach-v0", "langreach-bc", "langreach-lora-grpo"),
+    "state": ("vla_ray/LangReachState-v0", "langreach-state-bc", "langreach-state-lora-grpo"),
+}
+
+
 def env_config(args: argparse.Namespace) -> dict[str, Any]:
-    """LangReach's one-target variant at ``--image-size`` px with ``--episode-steps`` steps."""
-    return {
-        "num_targets": 1,
-        "image_size": args.image_size,
-        "max_episode_steps": args.episode_steps,
-    }
+    """LangReach with ``--targets`` targets and ``--episode-steps``-step episodes, at
+    ``--image-size`` px for pixels."""
+    config = {"num_targets": args.targets, "max_episode_steps": args.episode_steps}
+    if args.observation == "pixels":
+        config["image_size"] = args.image_size
+    return config
 
 
 # the settings that make the start (demos, BC, its evaluation); a start is reused when they match
@@ -53,10 +66,18 @@ START_SETTINGS = (
     "eval_episodes",
     "image_size",
     "episode_steps",
+    "observation",
+    "targets",
 )
 NEVER = 1_000_000  # eval_every / checkpoint_every that never fires (the last checkpoint is kept)
 # settings added to this script after runs were recorded, with the value those runs used
-ADDED_SETTINGS = {"demo_noise": 0.0, "image_size": 32, "episode_steps": 20}
+ADDED_SETTINGS = {
+    "demo_noise": 0.0,
+    "image_size": 32,
+    "episode_steps": 20,
+    "observation": "pixels",
+    "targets": 1,
+}
 # GRPO's overrides of langreach-lora-grpo by default (the preset's process advantage on the
 # shaped return and step penalty stay): lr 3e-4; the vision encoder trains in full beside the LM's
 # adapters (frozen, it cannot learn the fine homing the BC start lacks); the BC start's log-std
@@ -66,6 +87,9 @@ GRPO_SET = (
     "model.freeze_vision=false",
     "model.start_log_std=-1.2",
 )
+
+# the same for --observation state (no vision encoder; the preset has the rest of the recipe)
+GRPO_SET_STATE = ("model.start_log_std=-1.2",)
 
 
 def evaluate_checkpoint(checkpoint: Path, env: dict[str, Any], episodes: int) -> dict[str, Any]:
@@ -84,8 +108,9 @@ def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path
 
     t0 = time.time()
     demos = workdir / f"demos{seed}"
+    env_id, bc_preset, _ = OBSERVATIONS[args.observation]
     summary = collect(
-        "vla_ray/LangReach-v0",
+        env_id,
         "expert",
         args.demos,
         demos,
@@ -98,7 +123,7 @@ def build_start(seed: int, args: argparse.Namespace, workdir: Path, bc_dir: Path
         "demos": {k: summary.get(k) for k in ("episodes", "mean_return", "success_rate")}
     }
     bc = resolve(
-        "langreach-bc",
+        bc_preset,
         _merge(
             {
                 "env_config": env_config(args),
@@ -189,6 +214,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--image-size", type=int, default=64, help="LangReach image side (px)")
     parser.add_argument("--episode-steps", type=int, default=30, help="max_episode_steps")
+    parser.add_argument(
+        "--observation",
+        choices=sorted(OBSERVATIONS),
+        default="pixels",
+        help="pixels: LangReach-v0 (langreach-bc, langreach-lora-grpo); state: the targets' "
+        "positions in the state, LangReachState-v0 (langreach-state-bc, "
+        "langreach-state-lora-grpo)",
+    )
+    parser.add_argument("--targets", type=int, default=1, help="num_targets")
     parser.add_argument("--demos", type=int, default=200, help="expert episodes for BC")
     parser.add_argument(
         "--demo-noise",
@@ -200,7 +234,7 @@ def main() -> None:
     parser.add_argument("--bc-iters", type=int, default=100, help="BC updates (batch 256)")
     parser.add_argument("--grpo-iters", type=int, default=60, help="0: the start only")
     parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--preset", default="langreach-lora-grpo")
+    parser.add_argument("--preset", help="GRPO preset (default: the --observation's)")
     parser.add_argument(
         "--set",
         action="append",
@@ -211,8 +245,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--workdir", help="keep the demos and run dirs here (default: a temp dir)")
     args = parser.parse_args()
+    if args.preset is None:
+        args.preset = OBSERVATIONS[args.observation][2]
     if args.set is None:
-        args.set = list(GRPO_SET)
+        args.set = list(GRPO_SET if args.observation == "pixels" else GRPO_SET_STATE)
 
     import platform
 

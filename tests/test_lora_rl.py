@@ -188,6 +188,47 @@ def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray
         algo.stop()
 
 
+def test_state_lora_grpo_preset_trains_adapters_from_a_state_bc_save(ray_session, tmp_path):
+    """langreach-state-lora-grpo from a langreach-state-bc policy: LoRA on the LM, its base
+    weights bit-identical after an update, the adapters and the head moved."""
+    import gymnasium as gym
+
+    from vla_ray.presets import get_preset
+
+    env = gym.make("vla_ray/LangReachState-v0", max_episode_steps=8)
+    bc = VLAModule(
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=get_preset("langreach-state-bc").model,
+    ).vla
+    env.close()
+    bc.save_pretrained(tmp_path / "bc")
+    small = {k: v for k, v in GRPO_SMALL.items() if k not in ("model", "env_config")}
+    overrides = {
+        **small,
+        "env_config": {"max_episode_steps": 8},
+        "model": {"pretrained_path": str(tmp_path / "bc"), "start_log_std": -1.2},
+    }
+    algo = build_algorithm_config(
+        resolve("langreach-state-lora-grpo", overrides, num_env_runners=0)
+    ).build_algo()
+    try:
+        learner = _learner(algo)
+        module = learner.module["default_policy"].unwrapped()
+        assert module.vla.config.lora == {"r": 8} and module.vla.config.vision == "none"
+        _check_optimizer_holds_trainable_only(learner, module)
+        before = _state(module)
+        algo.train()
+        after = module.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        lm_base = [k for k in before if ".lm." in k and not is_adapter_param(k)]
+        assert lm_base and not changed & set(lm_base)
+        assert any(".lm." in k and "lora_B" in k for k in changed)
+        assert any(k.startswith("vla.head.") for k in changed)
+    finally:
+        algo.stop()
+
+
 def _module(spaces, **mc) -> VLAModule:
     obs_space, act_space = spaces
     return VLAModule(observation_space=obs_space, action_space=act_space, model_config=mc)

@@ -460,15 +460,48 @@ PRESETS["langreach-lora-grpo"] = replace(
 
 # The language half of LangReach alone: the target positions are in the state, so PPO only has
 # to ground the colour word (the pixel preset's diagnostic; learns in about a minute on CPU).
+_STATE_GAUSSIAN = dict(STATE_VLA, head="gaussian", head_config={"init_log_std": -1.0})
 PRESETS["langreach-state-ppo"] = Preset(
     name="langreach-state-ppo",
     algorithm="ppo",
     env="vla_ray/LangReachState-v0",
     description="PPO on three-target LangReach from state + instruction (no pixels; ~1 min)",
-    model=dict(STATE_VLA, head="gaussian", head_config={"init_log_std": -1.0}, value="shared"),
+    model=dict(_STATE_GAUSSIAN, value="shared"),
     training=copy.deepcopy(PRESETS["langreach-ppo"].training),
     env_runners=dict(num_env_runners=2, num_envs_per_env_runner=8),
     stop=dict(timesteps=200_000),
+)
+
+
+# LoRA RL on the same language half (issue 25): with the targets' positions in the state,
+# reaching the instructed target is grounding the colour word, which is what the LM (and so its
+# LoRA adapters) carries. A weak start is a short BC run on noisy demos (langreach-state-bc);
+# GRPO then trains the adapters, projector, state projection, query tokens and head.
+PRESETS["langreach-state-bc"] = replace(
+    PRESETS["langreach-bc"],
+    name="langreach-state-bc",
+    env="vla_ray/LangReachState-v0",
+    description="behaviour cloning of three-target LangReach demos from state + instruction",
+    model=dict(_STATE_GAUSSIAN, value="none"),
+)
+PRESETS["langreach-state-lora-grpo"] = replace(
+    PRESETS["langreach-lora-grpo"],
+    name="langreach-state-lora-grpo",
+    env="vla_ray/LangReachState-v0",
+    description="GRPO with LoRA adapters on the LM, three-target LangReach from state + "
+    "instruction; start from a BC run with --set model.pretrained_path=RUN_DIR",
+    model=dict(_STATE_GAUSSIAN, value="none", lora={"r": 8}),
+    # a short credit horizon (advantage_gamma 0.5: the shaped reward scores each step's
+    # progress) and many small groups (2 episodes x 32 reset seeds: 32 layouts and instructions
+    # an iteration instead of 8): docs/benchmarks.md, "GRPO with LoRA ... state"
+    training=dict(
+        copy.deepcopy(PRESETS["langreach-lora-grpo"].training),
+        lr=3e-4,
+        advantage="return_to_go",
+        advantage_gamma=0.5,
+        group_size=2,
+        groups_per_iteration=32,
+    ),
 )
 
 
