@@ -17,7 +17,9 @@ one of two forms (``training.cost_critic``):
   with lambda.
 - ``True`` (the baselines' and OmniSafe's form): a separate cost value function ``V_c``
   (the module's ``cost_value`` head), the cost advantage ``A_c`` and the cost value targets by
-  GAE with PPO's ``gamma`` and ``lambda_`` on the step costs (``CostAdvantages``, after PPO's
+  GAE on the step costs with ``cost_gamma`` and ``cost_lambda`` (default: PPO's ``gamma`` and
+  ``lambda_``; ``cost_gamma=1`` matches the constraint, which is on the undiscounted episode
+  cost: with a discount, postponing a violation looks cheaper) (``CostAdvantages``, after PPO's
   GAE), the policy surrogate on ``(A_r - lambda * A_c) / (1 + lambda)`` with ``A_r`` PPO's
   standardised reward advantage and ``A_c`` centred; the cost value loss (clipped as PPO's, times
   ``cost_vf_loss_coeff``, default ``vf_loss_coeff``) is added to PPO's loss.
@@ -51,7 +53,10 @@ LAGRANGIAN_DEFAULTS: dict[str, float] = dict(
 )
 # the form of the penalised advantage (module docstring) and the cost value loss's weight
 # (None: vf_loss_coeff)
-COST_CRITIC_DEFAULTS: dict[str, Any] = dict(cost_critic=False, cost_vf_loss_coeff=None)
+# cost_gamma / cost_lambda: the cost GAE's discount and lambda (None: PPO's gamma / lambda_)
+COST_CRITIC_DEFAULTS: dict[str, Any] = dict(
+    cost_critic=False, cost_vf_loss_coeff=None, cost_gamma=None, cost_lambda=None
+)
 MULTIPLIER_KEY = "lagrange_multiplier"
 # batch columns of the cost critic (CostAdvantages)
 COST_ADVANTAGES = "cost_advantages"
@@ -258,7 +263,10 @@ class PPOLagLearner(VLAPPOLearner):
         # ... and PPO's learner appends its GAE: the cost advantages come after it
         critic = pipeline is not None and getattr(self.config, "cost_critic", False)
         if critic and _piece(pipeline, CostAdvantages) is None:
-            pipeline.append(CostAdvantages(gamma=self.config.gamma, lambda_=self.config.lambda_))
+            cfg = self.config
+            gamma = cfg.gamma if cfg.cost_gamma is None else cfg.cost_gamma
+            lambda_ = cfg.lambda_ if cfg.cost_lambda is None else cfg.cost_lambda
+            pipeline.append(CostAdvantages(gamma=gamma, lambda_=lambda_))
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         # RLlib's Learner state holds the module, optimiser and metrics, not the learner
@@ -345,6 +353,8 @@ class PPOLagConfig(VLAPPOConfig):
         lagrangian_init: float = NotProvided,
         cost_critic: bool = NotProvided,
         cost_vf_loss_coeff: float | None = NotProvided,
+        cost_gamma: float | None = NotProvided,
+        cost_lambda: float | None = NotProvided,
         **kwargs: Any,
     ) -> PPOLagConfig:
         super().training(**kwargs)
@@ -354,6 +364,8 @@ class PPOLagConfig(VLAPPOConfig):
             lagrangian_init=lagrangian_init,
             cost_critic=cost_critic,
             cost_vf_loss_coeff=cost_vf_loss_coeff,
+            cost_gamma=cost_gamma,
+            cost_lambda=cost_lambda,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -372,6 +384,10 @@ class PPOLagConfig(VLAPPOConfig):
         coeff = self.cost_vf_loss_coeff
         if coeff is not None and (isinstance(coeff, bool) or not coeff >= 0):
             self._value_error(f"cost_vf_loss_coeff: expected a number >= 0 or null, got {coeff!r}")
+        for name in ("cost_gamma", "cost_lambda"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not 0 <= v <= 1):
+                self._value_error(f"{name}: expected a number in [0, 1] or null, got {v!r}")
 
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:

@@ -11,9 +11,10 @@ Per seed, through the code of the CLI commands (``vla-ray train`` / ``vla-ray ev
    arm's last checkpoint, with the rules counting: success, return, cost per episode.
 
 Variants: ``--lag-set KEY=VALUE`` sets the ppo_lag arm only (``training.cost_critic=true``: the
-separate cost critic), ``--lag-rules`` the rules it trains with, ``--lag-tag`` names its
-directory (variants from the same starts side by side), ``--arms`` the arms to run,
-``--also-eval RULES`` more rules every stage is evaluated with, ``--start-only`` the start only.
+separate cost critic), ``--lag-rules`` the rules it trains with, ``--lag-tag`` / ``--ppo-tag``
+name the arms' directories (variants from the same starts side by side), ``--arms`` the arms
+to run, ``--also-eval RULES`` more rules every stage is evaluated with, ``--start-only`` the
+start only.
 
 Writes ``OUT/NAME.json`` and prints a table per seed and arm. The start and the arms stay in
 ``--workdir``; a rerun reuses a finished stage whose settings match (nothing is lost when a later
@@ -174,7 +175,7 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         if arm == "ppo_lag" and lag_rules != args.rules:
             settings["rules"] = train_rules = lag_rules
         record[arm] = _stage(
-            workdir / f"{arm}{args.lag_tag if arm == 'ppo_lag' else ''}{seed}",
+            workdir / f"{arm}{args.lag_tag if arm == 'ppo_lag' else args.ppo_tag}{seed}",
             settings,
             run(preset, args.finetune_steps, overrides, train_rules),
             args.rules,
@@ -251,6 +252,11 @@ def main() -> None:
         default="",
         help="a suffix of the ppo_lag arm's directory (ppo_lagTAGSEED), so that variants "
         "from the same starts do not replace each other",
+    )
+    p.add_argument(
+        "--ppo-tag",
+        default="",
+        help="a suffix of the ppo arm's directory (ppoTAGSEED), e.g. for another --set",
     )
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument(

@@ -175,6 +175,22 @@ def test_ppo_lag_cost_critic_switch(langreach_spaces):
         PPOLagConfig().training(cost_critic="yes").validate()
     with pytest.raises(ValueError, match="cost_vf_loss_coeff: expected a number >= 0"):
         PPOLagConfig().training(cost_vf_loss_coeff=-1.0).validate()
+    with pytest.raises(ValueError, match=r"cost_gamma: expected a number in \[0, 1\] or null"):
+        PPOLagConfig().training(cost_gamma=1.5).validate()
+
+
+def test_undiscounted_cost_gae_counts_a_later_violation_in_full():
+    """cost_gamma = 1 (the constraint's undiscounted episode cost): with V_c = 0 and
+    lambda = 1 the cost advantage of each step is the cost still to come, however late."""
+    from vla_ray.algorithms.ppo_lag import cost_value_targets
+
+    costs = np.array([0.0, 0.0, 0.0, 1.0, 0.0])  # 4 steps, terminated, + the bootstrap row
+    term = np.array([0, 0, 0, 1, 0], np.float32)
+    zeros = np.zeros(5, np.float32)
+    _, undiscounted = cost_value_targets(zeros, costs, term, zeros, gamma=1.0, lambda_=1.0)
+    np.testing.assert_allclose(undiscounted[:4], [1.0, 1.0, 1.0, 1.0])
+    _, discounted = cost_value_targets(zeros, costs, term, zeros, gamma=0.9, lambda_=1.0)
+    np.testing.assert_allclose(discounted[:4], [0.729, 0.81, 0.9, 1.0], rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -200,6 +216,7 @@ def test_ppo_lag_with_cost_critic_trains_and_restores_multiplier_and_cost_head(
         "training.cost_limit": 0.0,
         "training.lagrangian_lr": 0.1,
         "training.cost_critic": "true",
+        "training.cost_gamma": 1.0,
         "env_runners.num_envs_per_env_runner": 2,
         "env.max_episode_steps": 10,
         "env.safety": json.dumps(always),
@@ -216,6 +233,7 @@ def test_ppo_lag_with_cost_critic_trains_and_restores_multiplier_and_cost_head(
         pipeline = learner._learner_connector.connectors
         assert isinstance(pipeline[0], CostPenalty) and pipeline[0].multiplier == pytest.approx(2.0)
         assert isinstance(pipeline[-1], CostAdvantages)
+        assert (pipeline[-1].gamma, pipeline[-1].lambda_) == (1.0, 0.8)  # cost_gamma; lambda_
         restored = learner.module["default_policy"].cvf.state_dict()
     finally:
         algo.stop()
