@@ -10,6 +10,12 @@ Per seed, through the code of the CLI commands (``vla-ray train`` / ``vla-ray ev
 3. ``--eval-episodes`` deterministic episodes (reset seeds 100000+) of the start and of each
    arm's last checkpoint, with the rules counting: success, return, cost per episode.
 
+Variants: ``--lag-set KEY=VALUE`` sets the ppo_lag arm only (``training.cost_critic=true``: the
+separate cost critic), ``--lag-rules`` the rules it trains with, ``--lag-tag`` / ``--ppo-tag``
+name the arms' directories (variants from the same starts side by side), ``--arms`` the arms
+to run, ``--also-eval RULES`` more rules every stage is evaluated with, ``--start-only`` the
+start only.
+
 Writes ``OUT/NAME.json`` and prints a table per seed and arm. The start and the arms stay in
 ``--workdir``; a rerun reuses a finished stage whose settings match (nothing is lost when a later
 stage fails). The defaults are LangReach with the keep-out disc (docs/benchmarks.md):
@@ -73,22 +79,36 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _stage(
-    run_dir: Path, settings: dict[str, Any], build: Any, rules: str, episodes: int
+    run_dir: Path,
+    settings: dict[str, Any],
+    build: Any,
+    rules: str,
+    episodes: int,
+    also_eval: list[str] = (),
 ) -> dict[str, Any]:
-    """Train (unless a finished run of the same settings is there), then evaluate."""
+    """Train (unless a finished run of the same settings is there), then evaluate (with
+    ``rules``, and with each of ``also_eval`` under ``record["also_eval"][RULES]``; an evaluation
+    a finished stage lacks is added to it)."""
     done = run_dir / "stage.json"
     if done.exists() and json.loads(done.read_text()).get("settings") == settings:
-        return json.loads(done.read_text())["record"]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished or differently-set earlier try
-    t0 = time.time()
-    summary = build(run_dir)
-    record = {
-        "seconds": round(time.time() - t0),
-        "env_steps": summary.get("env_steps"),
-        "curve": read_curve(run_dir),
-        "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
-    }
+        record = json.loads(done.read_text())["record"]
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished or differently-set earlier try
+        t0 = time.time()
+        summary = build(run_dir)
+        record = {
+            "seconds": round(time.time() - t0),
+            "env_steps": summary.get("env_steps"),
+            "curve": read_curve(run_dir),
+            "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
+        }
+    extra = record.setdefault("also_eval", {})
+    for other in also_eval:
+        if other not in extra:
+            extra[other] = evaluate_checkpoint(run_dir / "checkpoints" / "last", other, episodes)
+    if not extra:
+        record.pop("also_eval")
     done.write_text(json.dumps({"settings": settings, "record": record}, indent=2))
     return record
 
@@ -97,10 +117,10 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     """The start and both arms for one seed; settings, timings, curves and evaluations."""
     from vla_ray.train import _merge, parse_overrides, resolve, train
 
-    def run(preset: str, steps: int, overrides: dict[str, Any]):
+    def run(preset: str, steps: int, overrides: dict[str, Any], rules: str = args.rules):
         base = {
             "seed": seed,
-            "env_config": {"safety": args.rules},
+            "env_config": {"safety": rules},
             "eval_every": NEVER,
             "checkpoint_every": NEVER,
         }
@@ -122,19 +142,28 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         run(args.ppo_preset, args.start_steps, start_set),
         args.rules,
         args.eval_episodes,
+        args.also_eval,
     )
     print(f"seed {seed}: start {record['start']['eval']}", flush=True)
+    if args.start_only:
+        return record
     weights = {"model": {"pretrained_path": str(start_dir / "checkpoints" / "last" / "vla")}}
     lag = {
         "cost_limit": args.cost_limit,
         "lagrangian_lr": args.lagrangian_lr,
         "lagrangian_init": args.lagrangian_init,
     }
-    for arm in ARMS:
+    lag_rules = args.lag_rules or args.rules
+    for arm in args.arms:
         preset = args.ppo_preset if arm == "ppo" else args.lag_preset
-        # --set applies to both arms (the same PPO settings; ppo_lag adds the constraint)
+        # --set applies to both arms (the same PPO settings; ppo_lag adds the constraint and
+        # --lag-set)
         shared = _merge(copy.deepcopy(weights), parse_overrides(args.set))
-        overrides = shared if arm == "ppo" else _merge(shared, {"training": dict(lag)})
+        overrides = (
+            shared
+            if arm == "ppo"
+            else _merge(_merge(shared, {"training": dict(lag)}), parse_overrides(args.lag_set))
+        )
         settings = {
             "start": start_settings,
             "preset": preset,
@@ -142,12 +171,16 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
             "overrides": overrides,
             "eval_episodes": args.eval_episodes,
         }
+        train_rules = args.rules
+        if arm == "ppo_lag" and lag_rules != args.rules:
+            settings["rules"] = train_rules = lag_rules
         record[arm] = _stage(
-            workdir / f"{arm}{seed}",
+            workdir / f"{arm}{args.lag_tag if arm == 'ppo_lag' else args.ppo_tag}{seed}",
             settings,
-            run(preset, args.finetune_steps, overrides),
+            run(preset, args.finetune_steps, overrides, train_rules),
             args.rules,
             args.eval_episodes,
+            args.also_eval,
         )
         print(f"seed {seed}: {arm} {record[arm]['eval']}", flush=True)
     return record
@@ -162,6 +195,8 @@ def table(records: list[dict[str, Any]]) -> str:
     ]
     for rec in records:
         for stage in ("start", *ARMS):
+            if stage not in rec:
+                continue
             r = rec[stage]
             ev, curve = r["eval"], r["curve"][-5:]
             costs = [c["episode_cost"] for c in curve if c["episode_cost"] is not None]
@@ -172,6 +207,12 @@ def table(records: list[dict[str, Any]]) -> str:
                 f"| {sum(costs) / max(1, len(costs)):.2f} "
                 f"| {'-' if lam is None else f'{lam:.2f}'} |"
             )
+            for other, ev2 in (r.get("also_eval") or {}).items():
+                lines.append(
+                    f"| {rec['seed']} | {stage} (eval with {other}) | {ev2['success_rate']:.2f} "
+                    f"| {ev2['mean_return']:.2f} "
+                    f"| {ev2.get('mean_episode_cost', float('nan')):.2f} | | |"
+                )
     return "\n".join(lines)
 
 
@@ -194,12 +235,49 @@ def main() -> None:
         help="a setting of both fine-tuning arms (repeatable; default: %(default)s)",
     )
     p.add_argument(
+        "--lag-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the ppo_lag arm only (repeatable; e.g. training.cost_critic=true)",
+    )
+    p.add_argument(
+        "--lag-rules",
+        default=None,
+        help="the safety rules the ppo_lag arm trains with (default: --rules; every "
+        "evaluation uses --rules and --also-eval)",
+    )
+    p.add_argument(
+        "--lag-tag",
+        default="",
+        help="a suffix of the ppo_lag arm's directory (ppo_lagTAGSEED), so that variants "
+        "from the same starts do not replace each other",
+    )
+    p.add_argument(
+        "--ppo-tag",
+        default="",
+        help="a suffix of the ppo arm's directory (ppoTAGSEED), e.g. for another --set",
+    )
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument(
+        "--also-eval",
+        action="append",
+        default=[],
+        metavar="RULES",
+        help="more rules files every stage is also evaluated with (repeatable)",
+    )
+    p.add_argument(
         "--start-set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="a setting of the start run only (repeatable; the arms load its model, e.g. "
         "model.head_config.squash=true)",
+    )
+    p.add_argument(
+        "--start-only",
+        action="store_true",
+        help="train and evaluate the start only (the arms can run later from it)",
     )
     p.add_argument("--eval-episodes", type=int, default=100)
     p.add_argument("--workdir", default="runs/ppo_lag")
@@ -214,7 +292,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
     path.write_text(json.dumps({"settings": vars(args), "seeds": records}, indent=2))
-    print(table(records))
+    if not args.start_only:
+        print(table(records))
     print(f"wrote {path}")
 
 

@@ -12,6 +12,8 @@ Plug it into any RLlib algorithm config::
   ``value_input`` gives: the trunk features, or for SmolVLA / pi0 the VLM's pooled prefix
   states), ``"separate"`` (its own trunk) or ``"none"`` (no value function, e.g. GRPO);
 - ``vf_hidden``: hidden width of the value MLP (256);
+- ``cost_value``: also a cost value function ``V_c`` (PPO-Lagrangian's cost critic, on the
+  same input as the value function; ``compute_cost_values``); False by default;
 - ``pretrained_path``: the policy to initialise from: a ``VLA.save_pretrained`` directory, a
   vla-ray checkpoint (its ``vla/`` export) or a vla-ray run directory (``checkpoints/best``,
   else ``last``), e.g. a BC or PPO run to continue with PPO or GRPO; its architecture wins,
@@ -73,7 +75,14 @@ def with_aux_loss(learner: Any, module_id: str, loss: Any, fwd_out: dict[str, An
     return loss + aux
 
 
-MODULE_ONLY_KEYS = ("value", "vf_hidden", "pretrained_path", "vlm_path", "start_log_std")
+MODULE_ONLY_KEYS = (
+    "value",
+    "vf_hidden",
+    "cost_value",
+    "pretrained_path",
+    "vlm_path",
+    "start_log_std",
+)
 SPACE_DERIVED_KEYS = (
     "image_size",
     "state_dim",
@@ -270,6 +279,15 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.vf = mlp(self.vla.trunk.feature_dim, int(mc.get("vf_hidden", 256)), 1)
         elif not self.inference_only and value == "shared":
             self.vf = mlp(self.vla.head.value_dim, int(mc.get("vf_hidden", 256)), 1)
+        self.cost_value = bool(mc.get("cost_value", False))
+        if self.cost_value and value == "none":
+            raise ConfigError(
+                "cost_value: the cost value function reads the value function's input; "
+                "expected value='shared' or 'separate', got value='none'"
+            )
+        if not self.inference_only and self.cost_value:
+            width = self.vf[0].in_features
+            self.cvf = mlp(width, int(mc.get("vf_hidden", 256)), 1)
         if self.temporal is not None:
             if value == "separate":
                 raise ConfigError(
@@ -376,9 +394,27 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             value_input = self._per_row(self.vla.head.value_input, embeddings)
         return self.vf(value_input).squeeze(-1)
 
+    def compute_cost_values(
+        self, batch: dict[str, Any], embeddings: Any | None = None
+    ) -> torch.Tensor:
+        """The cost value function ``V_c`` (``cost_value=True``) per row: the expected
+        discounted safety cost from each observation, on the value function's input."""
+        if not self.cost_value:
+            raise ConfigError(
+                "cost_value: this VLAModule was built without a cost value function; "
+                "build it with cost_value=True (ppo_lag: training.cost_critic=true)"
+            )
+        if self.value_mode == "separate":
+            value_input = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
+        else:
+            if embeddings is None:
+                embeddings = self._features(batch)[0]
+            value_input = self._per_row(self.vla.head.value_input, embeddings)
+        return self.cvf(value_input).squeeze(-1)
+
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["vf", "vf_trunk"]  # RLlib skips the ones this value mode does not build
+        return ["vf", "vf_trunk", "cvf"]  # RLlib skips the ones this module does not build
 
     # ---- action distributions -----------------------------------------------------------------
     def _dist_cls(self):

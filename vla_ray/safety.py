@@ -320,9 +320,15 @@ class JointLimits(Workspace):
 
 class KeepOut(Workspace):
     """A ball (``center``, ``radius``) the position must not enter: within ``radius + margin``
-    of the centre, the action component pointing at the centre is removed."""
+    of the centre, the action component pointing at the centre is removed.
+
+    ``count`` says which steps break the rule (are counted, cost 1): ``inward`` (default) a
+    step within ``radius + margin`` whose action points at the centre (the steps the clamp
+    changes); ``inside`` every step that starts within ``radius + margin``, whatever the
+    action (presence in the zone: in ``monitor`` mode, the number of steps spent inside)."""
 
     kind = "keep_out"
+    COUNTS = ("inward", "inside")
 
     def setup(self, p: _Params, low: np.ndarray, high: np.ndarray) -> None:
         n = self._setup_indices(p)
@@ -331,13 +337,24 @@ class KeepOut(Workspace):
         self.margin = p.number("margin", 0.0)
         if self.margin < 0:
             raise SafetyConfigError(self.id, "margin", "a number >= 0", self.margin)
+        self.count = p.choice("count", self.COUNTS, "inward")
         self.describe_extra = {
             "state_indices": self.state_idx.tolist(),
             "action_indices": self.action_idx.tolist(),
             "center": self.center.tolist(),
             "radius": self.radius,
             "margin": self.margin,
+            "count": self.count,
         }
+
+    def check(self, action: np.ndarray, ctx: Context) -> bool:
+        if self.count == "inward":
+            return super().check(action, ctx)
+        pos = self._positions(ctx)
+        if pos is None:
+            return False
+        dist = float(np.linalg.norm(self.center - pos.astype(np.float64)))
+        return dist <= self.radius + self.margin
 
     def fix(self, action: np.ndarray, ctx: Context) -> np.ndarray:
         pos = self._positions(ctx)

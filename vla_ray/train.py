@@ -189,6 +189,8 @@ LEARNER_KEYS = (
     # PPO-Lagrangian (ppo_lag): the multiplier and the batch's mean episode cost
     "lagrange_multiplier",
     "batch_episode_cost",
+    "cost_vf_loss",  # ... with training.cost_critic: the cost value function's loss
+    "cost_vf_explained_var",
     # SAC family (sac, cql, iql)
     "qf_loss",
     "qf_mean",
