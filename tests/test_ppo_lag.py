@@ -193,6 +193,50 @@ def test_undiscounted_cost_gae_counts_a_later_violation_in_full():
     np.testing.assert_allclose(discounted[:4], [0.729, 0.81, 0.9, 1.0], rtol=1e-6)
 
 
+# a monitor rule every step breaks: cost 1 per step
+ALWAYS = {"rules": [{"id": "always", "kind": "speed_limit", "max": 1e-6, "mode": "monitor"}]}
+
+
+def _train_with_a_rule_broken_every_step(out, extra_sets: dict) -> list[dict]:
+    """``vla-ray train --preset langreach-state-ppo-lag --local --stop-iters 2`` with ALWAYS
+    as the safety rules, 10-step episodes, cost_limit 0 and lagrangian_lr 0.1 (so lambda is
+    1.0 after the first batch and 2.0 after the second); its metrics.jsonl rows."""
+    from vla_ray.cli import main
+
+    args = ["train", "--preset", "langreach-state-ppo-lag", "--local", "--stop-iters", "2"]
+    sets = {
+        "training.train_batch_size_per_learner": 128,
+        "training.minibatch_size": 64,
+        "training.num_epochs": 1,
+        "training.cost_limit": 0.0,
+        "training.lagrangian_lr": 0.1,
+        "env_runners.num_envs_per_env_runner": 2,
+        "env.max_episode_steps": 10,
+        "env.safety": json.dumps(ALWAYS),
+        **extra_sets,
+    }
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert main([*args, "--output", str(out), "--quiet"]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ppo_lag_trains_with_the_safety_cost_and_raises_its_multiplier(ray_session, tmp_path):
+    """Two local iterations of ``ppo_lag`` (the default penalty form) with a monitor rule that
+    every step breaks (cost 1 per step, 10-step episodes) and cost_limit 0: the multiplier
+    rises above 0 and metrics.jsonl reports the interventions per episode and the episode
+    cost."""
+    rows = _train_with_a_rule_broken_every_step(tmp_path / "run", {})
+    assert len(rows) == 2
+    for row in rows:
+        assert row["safety"] == {"always": pytest.approx(10.0)}
+        assert row["episode_cost"] == pytest.approx(10.0)
+    # lambda = 0.1 * (10 - 0) after the first batch, 2.0 after the second
+    assert rows[0]["learner"]["lagrange_multiplier"] == pytest.approx(1.0)
+    assert rows[1]["learner"]["lagrange_multiplier"] == pytest.approx(2.0)
+
+
 @pytest.mark.slow
 def test_ppo_lag_with_cost_critic_trains_and_restores_multiplier_and_cost_head(
     ray_session, tmp_path
@@ -204,27 +248,11 @@ def test_ppo_lag_with_cost_critic_trains_and_restores_multiplier_and_cost_head(
 
     from vla_ray.algorithms.ppo_lag import CostAdvantages, CostPenalty
     from vla_ray.checkpoint import MODULE_SUBDIR
-    from vla_ray.cli import main
 
-    always = {"rules": [{"id": "always", "kind": "speed_limit", "max": 1e-6, "mode": "monitor"}]}
     out = tmp_path / "run"
-    args = ["train", "--preset", "langreach-state-ppo-lag", "--local", "--stop-iters", "2"]
-    sets = {
-        "training.train_batch_size_per_learner": 128,
-        "training.minibatch_size": 64,
-        "training.num_epochs": 1,
-        "training.cost_limit": 0.0,
-        "training.lagrangian_lr": 0.1,
-        "training.cost_critic": "true",
-        "training.cost_gamma": 1.0,
-        "env_runners.num_envs_per_env_runner": 2,
-        "env.max_episode_steps": 10,
-        "env.safety": json.dumps(always),
-    }
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    assert main([*args, "--output", str(out), "--quiet"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _train_with_a_rule_broken_every_step(
+        out, {"training.cost_critic": "true", "training.cost_gamma": 1.0}
+    )
     assert [r["learner"]["lagrange_multiplier"] for r in rows] == pytest.approx([1.0, 2.0])
     assert all(r["learner"]["cost_vf_loss"] > 0 for r in rows)
     algo = Algorithm.from_checkpoint(str(out / "checkpoints" / "last"))

@@ -772,39 +772,6 @@ def test_serve_session_rate_limits_from_its_last_answer(client, body, monkeypatc
     np.testing.assert_allclose(anon[1], first, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_ppo_lag_trains_with_the_safety_cost_and_raises_its_multiplier(ray_session, tmp_path):
-    """Two local iterations of ``ppo_lag`` with a monitor rule that every step breaks (cost 1
-    per step, 10-step episodes) and cost_limit 0: the multiplier rises above 0 and
-    metrics.jsonl reports the interventions per episode and the episode cost."""
-    from vla_ray.cli import main
-
-    always = {"rules": [{"id": "always", "kind": "speed_limit", "max": 1e-6, "mode": "monitor"}]}
-    out = tmp_path / "run"
-    args = ["train", "--preset", "langreach-state-ppo-lag", "--local", "--stop-iters", "2"]
-    sets = {
-        "training.train_batch_size_per_learner": 128,
-        "training.minibatch_size": 64,
-        "training.num_epochs": 1,
-        "training.cost_limit": 0.0,
-        "training.lagrangian_lr": 0.1,
-        "env_runners.num_envs_per_env_runner": 2,
-        "env.max_episode_steps": 10,
-        "env.safety": json.dumps(always),
-    }
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    assert main([*args, "--output", str(out), "--quiet"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    for row in rows:
-        assert row["safety"] == {"always": pytest.approx(10.0)}
-        assert row["episode_cost"] == pytest.approx(10.0)
-    # lambda = 0.1 * (10 - 0) after the first batch, 2.0 after the second
-    assert rows[0]["learner"]["lagrange_multiplier"] == pytest.approx(1.0)
-    assert rows[1]["learner"]["lagrange_multiplier"] == pytest.approx(2.0)
-
-
 def test_cli_serve_safety_file_errors_name_the_rule(onnx_export, tmp_path, capsys):
     from vla_ray.cli import main
 
