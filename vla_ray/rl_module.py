@@ -383,16 +383,23 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
                 "use value='shared' or 'separate' for PPO/APPO/MARWIL"
             )
         if self.value_mode == "separate":
-            embeddings = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
-            return self.vf(embeddings).squeeze(-1)
+            return self.vf(self._vf_input(batch, embeddings)).squeeze(-1)
+        cached, self._value_input = self._value_input, None
+        return self.vf(self._vf_input(batch, embeddings, cached)).squeeze(-1)
+
+    def _vf_input(
+        self, batch: dict[str, Any], embeddings: Any | None, cached: Any | None = None
+    ) -> torch.Tensor:
+        """What the value functions (``vf``, ``cvf``) read: the separate trunk's features, or
+        the head's value input from the policy's ``embeddings`` (``cached``: a forward's
+        ``(embeddings, value_input)``, used when it is for these embeddings)."""
+        if self.value_mode == "separate":
+            return run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
         if embeddings is None:
             embeddings = self._features(batch)[0]
-        cached, self._value_input = self._value_input, None
         if cached is not None and cached[0] is embeddings:
-            value_input = cached[1]
-        else:
-            value_input = self._per_row(self.vla.head.value_input, embeddings)
-        return self.vf(value_input).squeeze(-1)
+            return cached[1]
+        return self._per_row(self.vla.head.value_input, embeddings)
 
     def compute_cost_values(
         self, batch: dict[str, Any], embeddings: Any | None = None
@@ -404,13 +411,7 @@ class VLAModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
                 "cost_value: this VLAModule was built without a cost value function; "
                 "build it with cost_value=True (ppo_lag: training.cost_critic=true)"
             )
-        if self.value_mode == "separate":
-            value_input = run_trunk(self.vf_trunk, self.vla.config, batch[Columns.OBS])
-        else:
-            if embeddings is None:
-                embeddings = self._features(batch)[0]
-            value_input = self._per_row(self.vla.head.value_input, embeddings)
-        return self.cvf(value_input).squeeze(-1)
+        return self.cvf(self._vf_input(batch, embeddings)).squeeze(-1)
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
