@@ -9,9 +9,8 @@ Per seed, the whole pipeline through the code of the CLI commands:
 3. ``vla-ray eval``: ``--eval-episodes`` deterministic episodes of the start (seeds 100000+);
 4. ``vla-ray train --preset langreach-lora-grpo`` (``langreach-state-lora-grpo``) ``--set
    model.pretrained_path=BC_CHECKPOINT``: ``--grpo-iters`` iterations (LoRA r=8 on the LM; the
-   start is the reference; ``--set`` overrides the preset, by default ``GRPO_SET`` for pixels:
-   lr 3e-4, vision encoder trained, the start's log-std set to -1.2; ``GRPO_SET_STATE`` for
-   state: the log-std only);
+   start is the reference; ``--set`` overrides the preset, by default ``GRPO_SET``: the start's
+   log-std set to -1.2);
 5. ``vla-ray eval`` of GRPO's last checkpoint on the same episodes.
 
 The env: ``--observation pixels`` (LangReach-v0 at ``--image-size`` px) or ``state``
@@ -20,10 +19,11 @@ word), ``--targets`` targets, ``--episode-steps``-step episodes (``env_config``;
 2026-12-06/07 pixel attempts: one target, 32 then 64 px). Writes ``OUT/NAME.json`` and prints a
 table of success before and after per seed. With ``--workdir`` the demos, runs and the start's
 evaluation stay there and a later run with the same start settings reuses them (``--grpo-iters
-0``: the start only). The defaults are the 64 px run of 2026-12-07 in docs/benchmarks.md; the
-state run of 2026-12-07:
+0``: the start only). The defaults are the 64 px run of 2026-12-07 in docs/benchmarks.md ("fifth
+attempt"); that run and the state run of 2026-12-07:
 
-    python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench
+    python bench/lora_grpo.py --seeds 0 1 2 --workdir runs/lora_grpo --out docs/bench \
+        --name lora_grpo_langreach64_g05
     python bench/lora_grpo.py --observation state --targets 3 --grpo-iters 100 --seeds 0 1 2 \
         --workdir runs/lora_grpo_state --out docs/bench --name lora_grpo_langreach_state
 """
@@ -78,18 +78,10 @@ ADDED_SETTINGS = {
     "observation": "pixels",
     "targets": 1,
 }
-# GRPO's overrides of langreach-lora-grpo by default (the preset's process advantage on the
-# shaped return and step penalty stay): lr 3e-4; the vision encoder trains in full beside the LM's
-# adapters (frozen, it cannot learn the fine homing the BC start lacks); the BC start's log-std
-# (the spread of the noisy demos, sigma ~0.6) replaced by -1.2 (sigma 0.30) for exploration
-GRPO_SET = (
-    "training.lr=3e-4",
-    "model.freeze_vision=false",
-    "model.start_log_std=-1.2",
-)
-
-# the same for --observation state (no vision encoder; the preset has the rest of the recipe)
-GRPO_SET_STATE = ("model.start_log_std=-1.2",)
+# GRPO's overrides of the preset by default: the BC start's log-std (the spread of the noisy
+# demos, sigma ~0.6) replaced by -1.2 (sigma 0.30) for exploration; the presets carry the rest of
+# the recipe (lr 3e-4, discounted return-to-go advantages, 2 x 32 groups, the CNN trained)
+GRPO_SET = ("model.start_log_std=-1.2",)
 
 
 def evaluate_checkpoint(checkpoint: Path, env: dict[str, Any], episodes: int) -> dict[str, Any]:
@@ -248,7 +240,7 @@ def main() -> None:
     if args.preset is None:
         args.preset = OBSERVATIONS[args.observation][2]
     if args.set is None:
-        args.set = list(GRPO_SET if args.observation == "pixels" else GRPO_SET_STATE)
+        args.set = list(GRPO_SET)
 
     import platform
 

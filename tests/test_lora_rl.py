@@ -129,8 +129,9 @@ def test_lora_grpo_reference_is_the_adapters_off_start_without_a_second_copy(ray
     ).vla
     env.close()
     full.save_pretrained(tmp_path / "bc")
-    overrides = {**GRPO_SMALL, "model": {"pretrained_path": str(tmp_path / "bc")}}
-    spec = resolve("langreach-lora-grpo", overrides, num_env_runners=0)
+    # the CNN frozen too: its weights must stay bit-identical through the update below
+    model = {"pretrained_path": str(tmp_path / "bc"), "freeze_vision": True}
+    spec = resolve("langreach-lora-grpo", {**GRPO_SMALL, "model": model}, num_env_runners=0)
     algo = build_algorithm_config(spec).build_algo()
     try:
         learner = _learner(algo)
