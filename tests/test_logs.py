@@ -2,6 +2,7 @@
 
 import logging
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -60,3 +61,48 @@ def test_quiet_logs_send_ray_worker_output_to_the_run_log(ray_session, tmp_path,
             time.sleep(0.2)
     assert "worker stderr line" in log.read_text()
     assert "worker stderr line" not in capfd.readouterr().err
+
+
+# Two workers print the same line: Ray's log deduplication forwards the first at once and holds
+# the repeat for up to 5 s, so the repeat came after the block (as a short `vla-ray train` run's
+# second EnvRunner's RLlib deprecation notice did)
+LATE_LINES = """
+import sys
+import time
+
+import ray
+
+from vla_ray.logs import quiet_logs
+from vla_ray.train import init_ray
+
+with quiet_logs(sys.argv[1]) as log:
+    init_ray(num_cpus=1)  # started inside the block, as `vla-ray train` starts it
+
+    @ray.remote(num_cpus=0)
+    class Noisy:
+        def say(self):
+            print("the same worker line", file=sys.stderr, flush=True)
+
+    actors = [Noisy.remote() for _ in range(2)]
+    ray.get([a.say.remote() for a in actors])
+    deadline = time.time() + 30
+    while "the same worker line" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+print("after the block", ray.is_initialized())
+"""
+
+
+def test_ray_started_inside_the_block_ends_with_it_and_its_late_lines_stay_off_the_console(
+    tmp_path,
+):
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_LINES, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "after the block False" in done.stdout
+    assert "the same worker line" not in done.stdout + done.stderr
+    assert "the same worker line" in (tmp_path / LOG_NAME).read_text()

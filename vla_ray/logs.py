@@ -78,7 +78,11 @@ def _ray_driver_prints_to(log: TextIO) -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_logs(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path | None]:
     """Send Ray's, RLlib's and Ray Data's output to ``run_dir/LOG_NAME`` for the block (see the
-    module doc); yields the log path (``None`` with ``verbose`` or inside another block)."""
+    module doc); yields the log path (``None`` with ``verbose`` or inside another block).
+
+    Ray started inside the block is shut down at its end: its workers' last lines (Ray forwards
+    them with a delay) would otherwise reach the console after the block. Ray running before
+    the block keeps running."""
     global _log_file, _handler
     if verbose or _log_file is not None:
         yield None
@@ -87,6 +91,8 @@ def quiet_logs(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Pa
     # those handlers exist and are routed below
     import ray.data
     import ray.rllib  # noqa: F401
+
+    started_inside = not ray.is_initialized()
 
     path = Path(run_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +116,11 @@ def quiet_logs(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Pa
     ctx.enable_progress_bars = False  # Ray Data's bars: the run has its own
     try:
         with _ray_driver_prints_to(log):
-            yield path
+            try:
+                yield path
+            finally:
+                if started_inside and ray.is_initialized():
+                    ray.shutdown()
     finally:
         ctx.enable_progress_bars = old_bars
         logging.captureWarnings(False)
