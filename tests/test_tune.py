@@ -175,6 +175,9 @@ def test_two_trial_search_reports_best_trial_with_wandb_offline(
     code = main(["tune", str(config), "--output", str(out), "--quiet", "--wandb", "vla-ray-test"])
     printed = capsys.readouterr().out
     assert code == 0
+    # Ray's and the trials' lines went to the search's log, Tune's tables to the console
+    assert "VLATrainable pid=" in (out / "ray.log").read_text()
+    assert "VLATrainable pid=" not in printed
 
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["trials"]) == 2

@@ -115,17 +115,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume and not args.output:
         raise ValueError("--resume needs --output DIR, the directory of the search to continue")
     print(f"tune {args.config}: {spec.name} -> {output}")
-    summary = run_tune(
-        spec,
-        output,
-        num_samples=args.num_samples,
-        stop_iters=args.stop_iters,
-        resume=args.resume,
-        callbacks=tune_callbacks(
-            wandb_project=args.wandb, mlflow_uri=args.mlflow, experiment=spec.name
-        ),
-        verbose=0 if args.quiet else 1,
-    )
+    from vla_ray.logs import quiet_logs
+
+    with quiet_logs(output, verbose=args.verbose) as log:
+        if log:
+            print(f"Ray's, RLlib's and the trials' log: {log} (--verbose shows it here)")
+        summary = run_tune(
+            spec,
+            output,
+            num_samples=args.num_samples,
+            stop_iters=args.stop_iters,
+            resume=args.resume,
+            callbacks=tune_callbacks(
+                wandb_project=args.wandb, mlflow_uri=args.mlflow, experiment=spec.name
+            ),
+            verbose=0 if args.quiet else 1,
+        )
     print()
     print(format_table(summary))
     print(f"summary: {Path(summary['output']) / 'summary.json'}")
@@ -968,6 +973,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--num-gpus-per-learner", type=float, help="GPUs per trial's learner")
     u.add_argument("--quiet", action="store_true", help="no progress display")
+    u.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, RLlib's and the trials' log lines and warnings here (default: OUTPUT/"
+        "ray.log)",
+    )
     _add_tracking_flags(u)
     u.set_defaults(fn=cmd_tune)
 

@@ -50,6 +50,7 @@ from ray.tune.logger import LoggerCallback
 from vla_ray.checkpoint import META_NAME, restore_algorithm, run_checkpoints, write_checkpoint
 from vla_ray.data.lerobot_format import is_hub_id
 from vla_ray.data.validation import SCALAR_METRICS, iteration_metrics
+from vla_ray.logs import LOG_NAME
 from vla_ray.run_spec import TOP_LEVEL_KEYS, RunSpec, override_path, resolve, set_override
 from vla_ray.setting_keys import known_setting_keys, setting_problem
 from vla_ray.train import build_algorithm_config, summarize
@@ -871,7 +872,7 @@ def run_tune(
     out = Path(output).resolve()
     if resume and not tune.Tuner.can_restore(str(out)):
         raise FileNotFoundError(f"--resume: {str(out)!r} holds no Tune experiment to resume")
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.exists() and any(p.name != LOG_NAME for p in out.iterdir()):
         raise ValueError(f"--output {str(out)!r} is not empty; use --resume or a new directory")
     init_ray(num_cpus)
     if os.environ.get("RAY_ADDRESS"):
