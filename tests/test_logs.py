@@ -106,3 +106,26 @@ def test_ray_started_inside_the_block_ends_with_it_and_its_late_lines_stay_off_t
     assert "after the block False" in done.stdout
     assert "the same worker line" not in done.stdout + done.stderr
     assert "the same worker line" in (tmp_path / LOG_NAME).read_text()
+
+
+def test_only_rllib_s_own_deprecation_notices_are_dropped(caplog):
+    from ray._common.deprecation import deprecation_warning
+
+    from vla_ray.logs import drop_rllib_own_deprecation_notices
+
+    lg = logging.getLogger("ray._common.deprecation")
+    drop_rllib_own_deprecation_notices()
+    drop_rllib_own_deprecation_notices()  # idempotent: one filter
+    assert sum(type(f).__name__ == "_DropRLlibOwnNotices" for f in lg.filters) == 1
+    lg.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root
+    try:
+        # what RLModule.__init__ raises for every module (RLlib builds an RLModuleConfig)
+        deprecation_warning(
+            old="RLModule(config=[RLModuleConfig object])",
+            new="RLModule(observation_space=.., action_space=.., inference_only=.., "
+            "model_config=.., catalog_class=..)",
+        )
+        deprecation_warning(old="some_user_call()", new="another_call()")
+    finally:
+        lg.removeHandler(caplog.handler)
+    assert "RLModuleConfig" not in caplog.text and "some_user_call()" in caplog.text

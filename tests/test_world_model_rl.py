@@ -188,6 +188,46 @@ def test_eval_runs_a_world_model_checkpoint_with_a_planner(module, tmp_path, pla
     assert result["episodes"] == 1 and result["mean_length"] == 4
 
 
+LOAD_IN_A_FRESH_PROCESS = """
+import sys
+from vla_ray.evaluate import load_policy
+
+policy = load_policy(sys.argv[1])
+print(type(policy.context).__name__, "ray.rllib.algorithms.dreamerv3" in sys.modules)
+"""
+
+
+def test_eval_imports_the_world_model_only_for_its_checkpoints(module, langreach_spaces, tmp_path):
+    """Importing RLlib's DreamerV3 builds a debugging env that prints gymnasium warnings: a VLA
+    checkpoint loads without it, a world-model checkpoint still loads as one."""
+    import subprocess
+    import sys
+
+    from vla_ray.presets import get_preset
+    from vla_ray.rl_module import VLAModule
+
+    obs_space, act_space = langreach_spaces
+    vla = VLAModule(
+        observation_space=obs_space,
+        action_space=act_space,
+        model_config=get_preset("langreach-ppo").model,
+    )
+    vla.save_to_path(tmp_path / "vla")
+    module.save_to_path(tmp_path / "world_model")
+    printed = {}
+    for name in ("vla", "world_model"):
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        printed[name] = done.stdout.split()[-2:]
+    assert printed["vla"] == ["NoneType", "False"]
+    assert printed["world_model"] == ["LatentPolicy", "True"]
+
+
 def test_planner_needs_a_world_model_checkpoint(tiny_vla_dir):
     from vla_ray.evaluate import load_policy
 

@@ -1322,6 +1322,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vla-ray`` console script."""
     args = build_parser().parse_args(argv)
+    from vla_ray.logs import drop_rllib_own_deprecation_notices
+
+    drop_rllib_own_deprecation_notices()
     try:
         return int(args.fn(args) or 0)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:

@@ -158,9 +158,11 @@ def load_policy(
         _no_planner(planner, path, module)
         return _context_policy(module, meta, path, target_return)
     _no_target_return(target_return, path)
-    from vla_ray.world_model.rl_module import WorldModelModule
-
-    if isinstance(module, WorldModelModule):
+    # a world-model checkpoint has imported its class while loading; importing it here for
+    # every other checkpoint would import RLlib's DreamerV3, which builds a debugging env at
+    # import and prints gymnasium's warnings about it
+    world_model = sys.modules.get("vla_ray.world_model.rl_module")
+    if world_model is not None and isinstance(module, world_model.WorldModelModule):
         from vla_ray.world_model.policy import LatentPolicy
 
         runner = LatentPolicy(module, planner or "none")

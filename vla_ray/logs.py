@@ -50,6 +50,25 @@ def route_ray_loggers() -> None:
         lg.addHandler(_handler)
 
 
+# RLlib 2.60's RLModule.__init__ builds the deprecated RLModuleConfig for every module, however it
+# is constructed: a notice no caller can act on (vla-ray's modules pass no config)
+_RLLIB_OWN_NOTICES = ("`RLModule(config=[RLModuleConfig object])` has been deprecated",)
+
+
+class _DropRLlibOwnNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in _RLLIB_OWN_NOTICES)
+
+
+def drop_rllib_own_deprecation_notices() -> None:
+    """Drop, in this process, the deprecation notices that RLlib raises from its own code
+    (``_RLLIB_OWN_NOTICES``); every other notice still shows. Idempotent."""
+    lg = logging.getLogger("ray._common.deprecation")
+    if not any(isinstance(f, _DropRLlibOwnNotices) for f in lg.filters):
+        lg.addFilter(_DropRLlibOwnNotices())
+
+
 @contextlib.contextmanager
 def _ray_driver_prints_to(log: TextIO) -> Iterator[None]:
     """Ray prints the workers' output and the raylet's error messages on the driver through
