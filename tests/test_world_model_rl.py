@@ -192,8 +192,9 @@ LOAD_IN_A_FRESH_PROCESS = """
 import sys
 from vla_ray.evaluate import load_policy
 
-policy = load_policy(sys.argv[1])
-print(type(policy.context).__name__, "ray.rllib.algorithms.dreamerv3" in sys.modules)
+for path in sys.argv[1:]:
+    policy = load_policy(path)
+    print(type(policy.context).__name__, "ray.rllib.algorithms.dreamerv3" in sys.modules)
 """
 
 
@@ -214,18 +215,19 @@ def test_eval_imports_the_world_model_only_for_its_checkpoints(module, langreach
     )
     vla.save_to_path(tmp_path / "vla")
     module.save_to_path(tmp_path / "world_model")
-    printed = {}
-    for name in ("vla", "world_model"):
-        done = subprocess.run(
-            [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        printed[name] = done.stdout.split()[-2:]
-    assert printed["vla"] == ["NoneType", "False"]
-    assert printed["world_model"] == ["LatentPolicy", "True"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_IN_A_FRESH_PROCESS,
+            *(str(tmp_path / n) for n in ("vla", "world_model")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-4:] == ["NoneType", "False", "LatentPolicy", "True"]
 
 
 def test_planner_needs_a_world_model_checkpoint(tiny_vla_dir):
