@@ -16,6 +16,17 @@ name the arms' directories (variants from the same starts side by side), ``--arm
 to run, ``--also-eval RULES`` more rules every stage is evaluated with, ``--start-only`` the
 start only.
 
+``--start-steps 0``: no start; both arms train from scratch for ``--finetune-steps`` (the same
+env-step budget each). Other tasks: ``--ppo-preset`` / ``--lag-preset`` / ``--rules``; the driving
+task (near misses on highway-env, docs/benchmarks.md)::
+
+    python bench/ppo_lag.py --ppo-preset highway-state-ppo --lag-preset highway-state-ppo-lag \
+        --rules envs/safety/highway_cost.yaml --start-steps 0 --finetune-steps 30000 \
+        --set env_runners.sample_timeout_s=600 --seeds 0 --name ppo_lag_highway
+
+A driving env's evaluation adds ``driving`` (route completion, collision rate, mean speed) and
+every evaluation ``safety_per_episode`` (interventions per episode by rule id).
+
 Writes ``OUT/NAME.json`` and prints a table per seed and arm. The start and the arms stay in
 ``--workdir``; a rerun reuses a finished stage whose settings match (nothing is lost when a later
 stage fails). The defaults are LangReach with the keep-out disc (docs/benchmarks.md):
@@ -54,6 +65,8 @@ def evaluate_checkpoint(checkpoint: Path, rules: str, episodes: int) -> dict[str
         "mean_return",
         "mean_length",
         "mean_episode_cost",
+        "safety_per_episode",
+        "driving",
         "success_by_target",
         "episodes",
     )
@@ -73,6 +86,7 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
                 "success": r.get("success_rate"),
                 "episode_cost": r.get("episode_cost"),
                 "lagrange_multiplier": (r.get("learner") or {}).get("lagrange_multiplier"),
+                **({"driving": r["driving"]} if r.get("driving") else {}),
             }
         )
     return rows
@@ -136,18 +150,25 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     }
     start_dir = workdir / f"start{seed}"
     record: dict[str, Any] = {"seed": seed}
-    record["start"] = _stage(
-        start_dir,
-        {**start_settings, "eval_episodes": args.eval_episodes},
-        run(args.ppo_preset, args.start_steps, start_set),
-        args.rules,
-        args.eval_episodes,
-        args.also_eval,
-    )
-    print(f"seed {seed}: start {record['start']['eval']}", flush=True)
+    if args.start_steps == 0:  # both arms from scratch
+        start_settings = {"from_scratch": True}
+    else:
+        record["start"] = _stage(
+            start_dir,
+            {**start_settings, "eval_episodes": args.eval_episodes},
+            run(args.ppo_preset, args.start_steps, start_set),
+            args.rules,
+            args.eval_episodes,
+            args.also_eval,
+        )
+        print(f"seed {seed}: start {record['start']['eval']}", flush=True)
     if args.start_only:
         return record
-    weights = {"model": {"pretrained_path": str(start_dir / "checkpoints" / "last" / "vla")}}
+    weights = (
+        {"model": {"pretrained_path": str(start_dir / "checkpoints" / "last" / "vla")}}
+        if args.start_steps
+        else {}
+    )
     lag = {
         "cost_limit": args.cost_limit,
         "lagrangian_lr": args.lagrangian_lr,
@@ -190,8 +211,8 @@ def table(records: list[dict[str, Any]]) -> str:
     """Markdown table: per seed and stage, eval success / return / cost and the multiplier."""
     lines = [
         "| seed | run | eval success | eval return | eval cost / episode "
-        "| train cost / episode (last 5 it.) | lambda at the end |",
-        "|---|---|---|---|---|---|---|",
+        "| train cost / episode (last 5 it.) | lambda at the end | eval collisions / speed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
         for stage in ("start", *ARMS):
@@ -201,17 +222,23 @@ def table(records: list[dict[str, Any]]) -> str:
             ev, curve = r["eval"], r["curve"][-5:]
             costs = [c["episode_cost"] for c in curve if c["episode_cost"] is not None]
             lam = curve[-1]["lagrange_multiplier"] if curve else None
+            drive = ev.get("driving") or {}
+            crash = (
+                f"{drive['collision_rate']:.2f} / {drive.get('mean_speed', float('nan')):.1f} m/s"
+                if drive
+                else "-"
+            )
             lines.append(
                 f"| {rec['seed']} | {stage} | {ev['success_rate']:.2f} | {ev['mean_return']:.2f} "
                 f"| {ev.get('mean_episode_cost', float('nan')):.2f} "
                 f"| {sum(costs) / max(1, len(costs)):.2f} "
-                f"| {'-' if lam is None else f'{lam:.2f}'} |"
+                f"| {'-' if lam is None else f'{lam:.2f}'} | {crash} |"
             )
             for other, ev2 in (r.get("also_eval") or {}).items():
                 lines.append(
                     f"| {rec['seed']} | {stage} (eval with {other}) | {ev2['success_rate']:.2f} "
                     f"| {ev2['mean_return']:.2f} "
-                    f"| {ev2.get('mean_episode_cost', float('nan')):.2f} | | |"
+                    f"| {ev2.get('mean_episode_cost', float('nan')):.2f} | | | |"
                 )
     return "\n".join(lines)
 
@@ -222,7 +249,12 @@ def main() -> None:
     p.add_argument("--ppo-preset", default="langreach-state-ppo")
     p.add_argument("--lag-preset", default="langreach-state-ppo-lag")
     p.add_argument("--rules", default="envs/safety/langreach_keepout.yaml")
-    p.add_argument("--start-steps", type=int, default=200_000)
+    p.add_argument(
+        "--start-steps",
+        type=int,
+        default=200_000,
+        help="env steps of the PPO start (0: no start, both arms from scratch)",
+    )
     p.add_argument("--finetune-steps", type=int, default=100_000)
     p.add_argument("--cost-limit", type=float, default=0.25)
     p.add_argument("--lagrangian-lr", type=float, default=0.2)
@@ -284,6 +316,10 @@ def main() -> None:
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--name", default="ppo_lag_langreach_keepout")
     args = p.parse_args()
+    if args.start_steps < 0 or (args.start_only and args.start_steps == 0):
+        p.error(
+            f"--start-steps: expected > 0 with --start-only, >= 0 otherwise, got {args.start_steps}"
+        )
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

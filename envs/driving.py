@@ -30,7 +30,10 @@ The episode terminates on a collision, when the car leaves the road (``offroad_t
 when the route is complete (``route_progress`` reaches 1); highway-env truncates it after
 ``duration`` seconds. ``info`` carries ``collision`` (bool), ``route_progress`` (distance
 travelled / ``route_length``, in ``[0, 1]``), ``is_success`` (route complete without a collision),
-``speed``, ``lane_offset`` and ``on_road``.
+``speed``, ``lane_offset`` and ``on_road``, and the driving metrics' keys
+(``vla_ray.driving.metrics``: ``route_completion`` = ``route_progress``, ``distance`` in metres
+and ``mean_speed`` in m/s over the episode's steps so far), so that training and ``vla-ray eval``
+report route completion, collision rate and mean speed.
 
 Registered ids: ``vla_ray/Highway-v0`` (image + state) and ``vla_ray/HighwayState-v0`` (state only,
 for state-only VLAs and fast tests). Any other highway-env setting goes in ``highway_config``.
@@ -159,6 +162,8 @@ class HighwayDrivingEnv(gym.Env):
         self._inst = self._instructions[0]
         self._x0 = 0.0
         self._x_prev = 0.0
+        self._speed_sum = 0.0
+        self._steps = 0
 
     # -- helpers -------------------------------------------------------------------------------
     def _lane_geometry(self) -> tuple[float, float, float]:
@@ -207,11 +212,16 @@ class HighwayDrivingEnv(gym.Env):
         self.instruction = self._inst[0]
         _, _, x = self._lane_geometry()
         self._x0 = self._x_prev = x
+        self._speed_sum, self._steps = 0.0, 0
+        speed = float(self._env.vehicle.speed)
         info = dict(
             collision=False,
             route_progress=0.0,
+            route_completion=0.0,
+            distance=0.0,
+            mean_speed=speed,
             is_success=False,
-            speed=float(self._env.vehicle.speed),
+            speed=speed,
             instruction=self.instruction,
         )
         return self._obs(kin), info
@@ -231,12 +241,17 @@ class HighwayDrivingEnv(gym.Env):
         reward -= self.collision_penalty * float(collided)
         route_progress = float(np.clip((x - self._x0) / self.route_length, 0.0, 1.0))
         success = route_progress >= 1.0 and not collided
+        self._speed_sum += float(vehicle.speed)
+        self._steps += 1
         terminated = bool(terminated or collided or success)
         if self.offroad_terminal and not on_road:
             terminated = True
         info = dict(
             collision=collided,
             route_progress=route_progress,
+            route_completion=route_progress,
+            distance=float(x - self._x0),
+            mean_speed=self._speed_sum / self._steps,
             is_success=bool(success),
             speed=float(vehicle.speed),
             lane_offset=float(offset),

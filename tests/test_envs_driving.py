@@ -118,6 +118,26 @@ def test_highway_reward_progress_and_collision():
     env.close()
 
 
+def test_highway_info_has_the_driving_metrics_keys():
+    from vla_ray.driving.metrics import aggregate, episode_metrics
+
+    env = gym.make("vla_ray/HighwayState-v0", duration=10)
+    _, info = env.reset(seed=1)
+    assert info["route_completion"] == 0.0 and info["distance"] == 0.0
+    speeds = []
+    for _ in range(3):
+        _, _, terminated, _, info = env.step(np.array([0.0, 0.0]))
+        assert not terminated
+        speeds.append(info["speed"])
+    assert info["route_completion"] == info["route_progress"] > 0
+    assert info["distance"] == pytest.approx(info["route_progress"] * env.unwrapped.route_length)
+    assert info["mean_speed"] == pytest.approx(np.mean(speeds))
+    metrics = aggregate([episode_metrics(info)])
+    assert metrics["route_completion"] == info["route_completion"]
+    assert metrics["collision_rate"] == 0.0 and metrics["mean_speed"] == info["mean_speed"]
+    env.close()
+
+
 # -- CARLA --------------------------------------------------------------------------------------
 def _closed_port() -> int:
     with socket.socket() as s:
