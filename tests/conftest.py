@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# One torch thread in the test process and the subprocesses it starts (Ray's workers get one
+# from vla_ray.train.init_ray): on 2 cores a second thread waits on the first whenever anything
+# else runs. Measured 2026-12-07 (the PPO learning test of test_rl_module at load ~10: over
+# 900 s with torch's default of 2 threads, 158 s with 1; quiet: the SmolVLM PPO test 203 s -> 150 s,
+# the SAC one 78 s -> 76 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Serve gives its HTTP proxy 5-10 s to report ready; on a loaded 2-core machine that is not
 # always enough. Read by the Serve controller, which inherits this environment.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
@@ -15,6 +21,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vla_ray.envs  # noqa: E402, F401  (registers env ids)
+
+if os.environ["OMP_NUM_THREADS"] == "1":  # also when torch was imported before this file
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
 
 LANGREACH = "vla_ray/LangReach-v0"
 

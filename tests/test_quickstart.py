@@ -46,12 +46,16 @@ def recorded(monkeypatch, tmp_path):
 def test_quickstart_default_clones_the_expert_and_evaluates_the_clone(recorded, tmp_path, capsys):
     out = tmp_path / "qs"
     argv = ["quickstart", "--seed", "3", "--no-serve", "--quiet", "--output", str(out)]
-    threads = torch.get_num_threads()
-    assert cli.main(argv) == 0
-    # one torch thread while cloning (a second one waits on the first beside other work), then
-    # the caller's setting back
-    assert recorded["clone_threads"] == cli.QUICKSTART_TORCH_THREADS == 1
-    assert torch.get_num_threads() == threads
+    session_threads = torch.get_num_threads()  # 1 under the test suite (conftest)
+    torch.set_num_threads(2)  # the torch default on a 2-core machine
+    try:
+        assert cli.main(argv) == 0
+        # one torch thread while cloning (a second one waits on the first beside other work),
+        # then the caller's setting back
+        assert recorded["clone_threads"] == cli.QUICKSTART_TORCH_THREADS == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(session_threads)
     clone = recorded["clone"]
     assert clone["output"] == out / "bc" and clone["env"] == "vla_ray/LangReach-v0"
     assert clone["episodes"] == cli.QUICKSTART_DEMOS and clone["noise"] == cli.QUICKSTART_NOISE
