@@ -264,9 +264,11 @@ def probe(
     test_episodes: int,
     seed: int,
     checkpoint: str | None = None,
+    settings: list[str] | None = None,
 ) -> dict[str, Any]:
     """Whether a world model represents LangReach's targets: the ``langreach-dreamer`` world
-    model (``image_fg_weight`` = ``fg_weight``) trained offline for ``updates`` updates (the
+    model (``image_fg_weight`` = ``fg_weight``; ``settings``: ``--set`` style ``model.KEY=VALUE``
+    overrides of the preset's model) trained offline for ``updates`` updates (the
     preset's B x T windows and learning rate) on behaviour episodes, or a trained run's
     ``checkpoint`` as it is; then, on held-out episodes, the posterior reconstruction's error on
     foreground (target and agent) and background pixels, and the held-out R^2 of ridge probes
@@ -278,6 +280,7 @@ def probe(
 
     import vla_ray.envs  # noqa: F401
     from vla_ray.presets import PRESETS
+    from vla_ray.train import _merge, parse_overrides
     from vla_ray.world_model.model import image_target
     from vla_ray.world_model.replay import SequenceReplay
     from vla_ray.world_model.rl_module import WorldModelModule
@@ -286,7 +289,11 @@ def probe(
     size = preset.env_config["image_size"]
     torch.manual_seed(seed)
     env = gym.make(preset.env, **preset.env_config)
-    model = dict(preset.model)
+    overrides = parse_overrides(settings or [])
+    unknown = sorted(set(overrides) - {"model"})
+    if unknown:
+        raise ValueError(f"probe --set: only model.* settings apply, got sections {unknown}")
+    model = _merge(dict(preset.model), overrides.get("model", {}))
     model["world_model"] = {**model["world_model"], "image_fg_weight": fg_weight}
     if checkpoint is None:
         module = WorldModelModule(
@@ -370,6 +377,7 @@ def probe(
 
     out = dict(
         checkpoint=checkpoint,
+        settings=settings or [],
         image_fg_weight=fg_weight,
         updates=updates,
         train_episodes=train_episodes,
@@ -555,7 +563,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="learn: a setting of the preset, as `vla-ray train --set` (repeatable)",
+        help="learn, probe (model.* only): a setting of the preset, as `vla-ray train --set`",
     )
     parser.add_argument("--ppo-reference", type=Path, default=Path("docs/bench/langreach_ppo.json"))
     args = parser.parse_args()
@@ -589,7 +597,9 @@ def main() -> None:
     elif args.stage == "probe":
         args.runs.mkdir(parents=True, exist_ok=True)
         rows = [
-            probe(w, args.updates, args.train_episodes, args.episodes, args.seeds[0], ckpt)
+            probe(
+                w, args.updates, args.train_episodes, args.episodes, args.seeds[0], ckpt, args.set
+            )
             for w in args.fg_weights
             for ckpt in (args.checkpoints or [None])
         ]

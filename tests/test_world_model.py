@@ -200,6 +200,41 @@ def test_keypoint_reconstruction_loss_reaches_the_encoder_decoder():
     )
 
 
+def test_cnn_image_encoder_gives_the_posterior_a_direct_pixel_path():
+    torch.manual_seed(0)
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    wm = WorldModel(vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4))
+    assert wm.image_encoder is not None
+    # the trunk's features, then the CNN's: 16 -> 8 -> 4 pixels, 4 then 8 channels, flattened
+    E = wm.trunk.feature_dim + 8 * 4 * 4
+    batch = scene_batch(B=2, T=3)
+    embed = wm.encode(batch["obs"])
+    assert embed.shape == (2, 3, E)
+    # a few pixels changed (a small object moved) change the CNN's features
+    moved = {k: v.clone() for k, v in batch["obs"].items()}
+    moved["image"][0, 0, :3, :3] = 255 - moved["image"][0, 0, :3, :3]
+    diff = (wm.encode(moved) - embed)[0, 0, wm.trunk.feature_dim :]
+    assert diff.abs().max() > 1e-3
+    loss, _, _ = wm.loss(batch)
+    loss.backward()
+    conv = wm.image_encoder.net[0]
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    with pytest.raises(
+        ConfigError, match="image_encoder: unknown name 'cnn'; valid names are trunk, trunk\\+cnn"
+    ):
+        WorldModelConfig(image_encoder="cnn")
+    with pytest.raises(ConfigError, match="image_encoder: 'trunk\\+cnn' needs an 'image'"):
+        WorldModel(
+            VLAConfig(vision="none", state_dim=2, instruction_max_length=8),
+            WorldModelConfig(**TINY, decode=("state",), image_encoder="trunk+cnn"),
+        )
+
+
 def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
     batch = scene_batch(B=2, T=4)

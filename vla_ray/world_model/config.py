@@ -13,6 +13,10 @@ from vla_ray.config import ConfigError, check_choice
 OBJECTIVES = ("reconstruction", "latent")
 # observation fields a reconstruction decoder can predict
 DECODE_KEYS = ("image", "state")
+# the image encoders whose features the RSSM posterior reads: "trunk" (the VLA trunk's features
+# alone) or "trunk+cnn" (beside them, DreamerV3's convolutional image encoder, flattened: a
+# direct pixel path; small objects that the trunk's pooled features drop still reach the latent)
+IMAGE_ENCODERS = ("trunk", "trunk+cnn")
 # how the actor's loss reaches its parameters: "reinforce" (score function, imagined states
 # detached) or "dynamics" (backpropagation through the frozen world model's dynamics)
 ACTOR_GRADS = ("reinforce", "dynamics")
@@ -43,6 +47,10 @@ class WorldModelConfig:
     # decoder, which reproduces the background alone. It assumes a background shared by the
     # batch's episodes (a fixed scene); 1 = DreamerV3's plain summed MSE.
     image_fg_weight: float = 1.0
+    # "trunk" or "trunk+cnn" (IMAGE_ENCODERS) and the CNN's channels in its first layer
+    # (doubling per layer, as DreamerV3's encoder)
+    image_encoder: str = "trunk"
+    cnn_depth: int = 16
     # loss weight of the self-predictive latent loss (objective="latent")
     latent_scale: float = 1.0
     predict_reward: bool = True
@@ -65,10 +73,11 @@ class WorldModelConfig:
     def __post_init__(self) -> None:
         check_choice("world_model.objective", self.objective, OBJECTIVES)
         check_choice("world_model.actor_grad", self.actor_grad, ACTOR_GRADS)
+        check_choice("world_model.image_encoder", self.image_encoder, IMAGE_ENCODERS)
         self.decode = tuple(self.decode)
         for key in self.decode:
             check_choice("world_model.decode", key, DECODE_KEYS)
-        for name in ("deter", "stoch", "classes", "hidden", "horizon"):
+        for name in ("deter", "stoch", "classes", "hidden", "horizon", "cnn_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"world_model.{name}: expected an integer >= 1, got {value!r}")

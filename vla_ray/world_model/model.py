@@ -4,6 +4,9 @@ latent loss), reward and continuation predictors, and DreamerV3's world-model lo
 The encoder is the VLA trunk (vision + instruction + state through the language model, with the
 instruction-prefix cache: every step of an episode shares its instruction, so the prefix is
 encoded once per distinct instruction in a batch), so the dynamics are language-conditioned.
+With ``image_encoder='trunk+cnn'`` DreamerV3's convolutional image encoder runs beside the trunk
+and its flattened features are appended to the trunk's: the tiny trunk's pooled features carry
+no trace of LangReach's few-pixel targets (docs/benchmarks.md, issue 27, third session).
 
 A batch is batch-major sequences (B, T): ``obs`` (a dict of (B, T, ...) fields the trunk reads),
 ``prev_actions`` (B, T, A: the action that led to ``obs[:, t]``, zero where ``is_first``),
@@ -67,6 +70,36 @@ class ImageDecoder(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(*lead, *y.shape[2:], 3)
 
 
+class ImageEncoder(nn.Module):
+    """DreamerV3's image encoder: (..., H, W, 3) uint8 -> flat features. Convolutions (kernel 4,
+    stride 2, GroupNorm, SiLU) halve the image down to 4x4 (H = W = 4 * 2^k); the channels start
+    at ``depth`` and double per layer (at most 8 * depth)."""
+
+    def __init__(self, image_size: tuple[int, int], depth: int = 16):
+        super().__init__()
+        h, w = image_size
+        k = int(round(math.log2(h / 4))) if h >= 8 else -1
+        if h != w or k < 1 or 4 * 2**k != h:
+            raise ConfigError(
+                f"world_model.image_encoder: the CNN encoder needs a square image of side "
+                f"4 * 2^k (8, 16, 32, 64, ...), got image_size {tuple(image_size)}; use "
+                "image_encoder='trunk'"
+            )
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i in range(k):
+            c = depth * 2 ** min(i, 3)
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GroupNorm(1, c), nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        self.out_dim = c_in * 16
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        lead = image.shape[:-3]
+        x = image_target(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2)
+        return self.net(x).reshape(*lead, self.out_dim)
+
+
 def image_target(image: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [-0.5, 0.5] (the decoder's target)."""
     return image.float() / 255.0 - 0.5
@@ -89,6 +122,15 @@ class WorldModel(nn.Module):
         self.trunk = trunk
         self.obs_shapes = expected_obs_shapes(vla_config)
         embed_dim = int(trunk.feature_dim)
+        self.image_encoder: ImageEncoder | None = None
+        if config.image_encoder == "trunk+cnn":
+            if "image" not in self.obs_shapes:
+                raise ConfigError(
+                    f"world_model.image_encoder: 'trunk+cnn' needs an 'image' observation field, "
+                    f"this model has {sorted(self.obs_shapes)}; use image_encoder='trunk'"
+                )
+            self.image_encoder = ImageEncoder(vla_config.image_size, config.cnn_depth)
+            embed_dim += self.image_encoder.out_dim
         A = vla_config.action_dim * vla_config.chunk_size
         self.action_dim = A
         self.rssm = RSSM(
@@ -164,10 +206,14 @@ class WorldModel(nn.Module):
                 )
 
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Trunk features of (B, T, ...) observations -> (B, T, E)."""
+        """Trunk features of (B, T, ...) observations (and, with ``image_encoder='trunk+cnn'``,
+        the CNN's image features after them) -> (B, T, E)."""
         B, T = obs["instruction"].shape[:2]
         flat = {k: v.reshape(B * T, *v.shape[2:]) for k, v in obs.items() if k in self.obs_shapes}
-        return run_trunk(self.trunk, self.vla_config, flat).reshape(B, T, -1)
+        embed = run_trunk(self.trunk, self.vla_config, flat).reshape(B, T, -1)
+        if self.image_encoder is None:
+            return embed
+        return torch.cat([embed, self.image_encoder(obs["image"])], dim=-1)
 
     # ---- heads ----------------------------------------------------------------------------
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
