@@ -257,6 +257,24 @@ def _episode_batch(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
+def offline_update(wm, opt, replay, B: int, T: int, rng: Any) -> dict[str, float]:
+    """One world-model update (Adam ``opt``) on (B, T) windows drawn from ``replay`` with the
+    numpy generator ``rng``, gradients clipped at 100; the loss's metrics."""
+    import torch
+
+    sample = replay.sample(B, T, rng)
+    batch = {
+        k: ({kk: torch.as_tensor(vv) for kk, vv in v.items()} if k == "obs" else torch.as_tensor(v))
+        for k, v in sample.items()
+    }
+    loss, metrics, _ = wm.loss(batch)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(wm.parameters(), 100.0)
+    opt.step()
+    return metrics
+
+
 def probe(
     fg_weight: float,
     updates: int,
@@ -322,20 +340,7 @@ def probe(
     t0 = time.time()
     log = []
     for i in range(updates):
-        sample = replay.sample(B, T, rng)
-        batch = {
-            k: (
-                {kk: torch.as_tensor(vv) for kk, vv in v.items()}
-                if k == "obs"
-                else torch.as_tensor(v)
-            )
-            for k, v in sample.items()
-        }
-        loss, metrics, _ = wm.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(wm.parameters(), 100.0)
-        opt.step()
+        metrics = offline_update(wm, opt, replay, B, T, rng)
         if (i + 1) % 50 == 0 or i == 0:
             row = {"update": i + 1, "s": round(time.time() - t0, 1)}
             row.update({k: round(v, 5) for k, v in metrics.items() if k.startswith("image")})

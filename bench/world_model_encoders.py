@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_model import _episode_batch, _ridge_r2, collect  # noqa: E402
+from world_model import _episode_batch, _ridge_r2, collect, offline_update  # noqa: E402
 
 
 def dataset(out: Path, size: int, train: int, test: int, seed: int) -> dict[str, list]:
@@ -201,20 +201,7 @@ def main() -> None:
             B = args.B or preset.training["batch_size_B"]
             T = args.T or preset.training["batch_length_T"]
             for i in range(args.updates):
-                sample = replay.sample(B, T, rng)
-                batch = {
-                    k: (
-                        {kk: torch.as_tensor(vv) for kk, vv in v.items()}
-                        if k == "obs"
-                        else torch.as_tensor(v)
-                    )
-                    for k, v in sample.items()
-                }
-                loss, metrics, _ = wm.loss(batch)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(wm.parameters(), 100.0)
-                opt.step()
+                metrics = offline_update(wm, opt, replay, B, T, rng)
                 if (i + 1) % 100 == 0:
                     row = {"update": i + 1, "s": round(time.time() - t0)}
                     row.update({k: round(v, 4) for k, v in metrics.items()})
