@@ -38,20 +38,29 @@ class WorldModelInputError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def _doublings(image_size: tuple[int, int], what: str, fix: str) -> int:
+    """k for a square image of side 4 * 2^k (k >= 1); ConfigError naming ``what`` otherwise."""
+    h, w = image_size
+    k = int(round(math.log2(h / 4))) if h >= 8 else -1
+    if h != w or k < 1 or 4 * 2**k != h:
+        raise ConfigError(
+            f"{what} needs a square image of side 4 * 2^k (8, 16, 32, 64, ...), got image_size "
+            f"{tuple(image_size)}; {fix}"
+        )
+    return k
+
+
 class ImageDecoder(nn.Module):
     """Features -> image (H, W, 3) in [-0.5, 0.5]: a linear layer to a 4x4 map, then
     transposed convolutions doubling the size (H = W = 4 * 2^k)."""
 
     def __init__(self, in_dim: int, image_size: tuple[int, int], depth: int = 16):
         super().__init__()
-        h, w = image_size
-        k = int(round(math.log2(h / 4))) if h >= 8 else -1
-        if h != w or k < 1 or 4 * 2**k != h:
-            raise ConfigError(
-                f"world_model.decode: the image decoder needs a square image of side 4 * 2^k "
-                f"(8, 16, 32, 64, ...), got image_size {tuple(image_size)}; decode 'state' only "
-                "or use objective='latent'"
-            )
+        k = _doublings(
+            image_size,
+            "world_model.decode: the image decoder",
+            "decode 'state' only or use objective='latent'",
+        )
         chans = [depth * 2 ** min(i, 3) for i in reversed(range(k))]
         self.c0 = chans[0]
         self.linear = nn.Linear(in_dim, self.c0 * 16)
@@ -77,14 +86,9 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, image_size: tuple[int, int], depth: int = 16):
         super().__init__()
-        h, w = image_size
-        k = int(round(math.log2(h / 4))) if h >= 8 else -1
-        if h != w or k < 1 or 4 * 2**k != h:
-            raise ConfigError(
-                f"world_model.image_encoder: the CNN encoder needs a square image of side "
-                f"4 * 2^k (8, 16, 32, 64, ...), got image_size {tuple(image_size)}; use "
-                "image_encoder='trunk'"
-            )
+        k = _doublings(
+            image_size, "world_model.image_encoder: the CNN encoder", "use image_encoder='trunk'"
+        )
         layers: list[nn.Module] = []
         c_in = 3
         for i in range(k):
