@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray instance per test session, LangReach spaces, sample observations."""
+"""Shared fixtures: one Ray instance per test process (each pytest-xdist worker), LangReach spaces,
+sample observations."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ LANGREACH = "vla_ray/LangReach-v0"
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray started once for the whole session (2 CPUs, no dashboard)."""
+    """Ray started once per test process (2 CPUs, no dashboard)."""
     import ray
 
     from vla_ray.train import init_ray
