@@ -3,9 +3,12 @@
 Trains the ``langreach-ppo`` preset for ``--minutes`` of wall-clock time, then trains the same
 model with ``env.instruction_mode=blind`` (the instruction never names the colour), and evaluates
 each run's best checkpoint on ``--eval-episodes`` held-out seeds. Prints a table, writes
-``OUT/langreach_ppo.json`` and the curve ``OUT/langreach_ppo.png``.
+``OUT/NAME.json`` (after every run) and the curves ``OUT/NAME.png`` (NAME: ``--name``).
 
     python bench/langreach_ppo.py --minutes 30 --out docs/bench
+    # the 5-seed check (the blind control with the first seed); runs can be split across days:
+    # a finished run (OUT/runs/instruction_sS/summary.json) is evaluated again, not retrained
+    python bench/langreach_ppo.py --minutes 30 --seeds 0 1 2 3 4 --reuse --out OUT
 """
 
 from __future__ import annotations
@@ -101,6 +104,17 @@ def main() -> None:
         action="store_true",
         help="evaluate finished runs in OUT/runs instead of retraining",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one instruction run per seed (runs/instruction_sS); the blind control runs with "
+        "the first seed only (default: one run with the preset's seed, runs/instruction)",
+    )
+    parser.add_argument(
+        "--name", default="langreach_ppo", help="OUT/NAME.json and OUT/NAME.png (the results)"
+    )
     args = parser.parse_args()
     from vla_ray.train import parse_overrides
 
@@ -108,53 +122,91 @@ def main() -> None:
         common = parse_overrides(args.set)
     except ValueError as err:
         parser.error(str(err))
+    if args.seeds is not None and "seed" in common:
+        parser.error(f"--set seed={common['seed']} and --seeds {args.seeds}: give one of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    variants = [("instruction", copy.deepcopy(common))]
-    if not args.skip_blind:
-        env_config = {**common.get("env_config", {}), "instruction_mode": "blind"}
-        variants.append(("blind", {**copy.deepcopy(common), "env_config": env_config}))
+    variants = plan_variants(common, args.seeds, blind=not args.skip_blind)
+    command = (
+        f"python bench/langreach_ppo.py --minutes {args.minutes:g} --out {args.out}"
+        + (" --skip-blind" if args.skip_blind else "")
+        + ("" if args.seeds is None else " --seeds " + " ".join(map(str, args.seeds)))
+        + "".join(f" --set {item}" for item in args.set)
+    )
     results = []
     for name, overrides in variants:
         results.append(
             run_variant(name, overrides, args.minutes, out, args.eval_episodes, args.reuse)
         )
         print(f"{name}: done", flush=True)
+        record = dict(
+            bench="langreach_ppo",
+            command=command,
+            machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+            minutes_per_variant=args.minutes,
+            results=results,
+            instruction_runs_at_80pct=summary_line(results),
+        )
+        (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
 
     import ray
 
     ray.shutdown()
-    record = dict(
-        bench="langreach_ppo",
-        command=(
-            f"python bench/langreach_ppo.py --minutes {args.minutes:g} --out {args.out}"
-            + (" --skip-blind" if args.skip_blind else "")
-            + "".join(f" --set {item}" for item in args.set)
-        ),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        minutes_per_variant=args.minutes,
-        results=results,
-    )
-    (out / "langreach_ppo.json").write_text(json.dumps(record, indent=2))
-    plot(results, out / "langreach_ppo.png")
+    plot(results, out / f"{args.name}.png")
     print(
-        f"\n{'variant':<12} {'env steps':>10} {'eval success':>13} {'mean return':>12} {'min to 80%':>11}"
+        f"\n{'variant':<16} {'env steps':>10} {'eval success':>13} {'mean return':>12} "
+        f"{'min to 80%':>11}  per target (red / green / blue)"
     )
     for r in results:
         m80 = r["minutes_to_80pct_train_success"]
-        print(
-            f"{r['variant']:<12} {r['env_steps']:>10} {r['eval']['success_rate']:>13.2f} "
-            f"{r['eval']['mean_return']:>12.2f} {('-' if m80 is None else m80):>11}"
-        )
-    for r in results:
         by_target = r["eval"].get("success_by_target") or {}
-        counts = r["eval"].get("episodes_by_target") or {}
         print(
-            f"{r['variant']} eval per target: "
-            + "  ".join(f"{t} {v:.2f} ({counts.get(t)} eps)" for t, v in by_target.items())
+            f"{r['variant']:<16} {r['env_steps']:>10} {r['eval']['success_rate']:>13.2f} "
+            f"{r['eval']['mean_return']:>12.2f} {('-' if m80 is None else m80):>11}  "
+            + " / ".join(f"{by_target[t]:.2f}" if t in by_target else "-" for t in TARGETS)
         )
-    print(f"\nwrote {out / 'langreach_ppo.json'} and {out / 'langreach_ppo.png'}")
+    print(f"\n{summary_line(results)}")
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
+
+
+TARGETS = ("red", "green", "blue")
+
+
+def plan_variants(
+    common: dict, seeds: list[int] | None, blind: bool = True
+) -> list[tuple[str, dict]]:
+    """(run name, overrides) of every run: the instruction run per seed, then the blind control
+    (first seed). Without seeds: the two runs of the preset's seed, named as before."""
+
+    def blinded(overrides: dict) -> dict:
+        env_config = {**overrides.get("env_config", {}), "instruction_mode": "blind"}
+        return {**overrides, "env_config": env_config}
+
+    if seeds is None:
+        variants = [("instruction", copy.deepcopy(common))]
+        return variants + ([("blind", blinded(copy.deepcopy(common)))] if blind else [])
+    variants = [(f"instruction_s{s}", {**copy.deepcopy(common), "seed": s}) for s in seeds]
+    if blind:
+        variants.append(
+            (f"blind_s{seeds[0]}", blinded({**copy.deepcopy(common), "seed": seeds[0]}))
+        )
+    return variants
+
+
+def summary_line(results: list[dict], threshold: float = 0.8, colour_floor: float = 0.6) -> str:
+    """How many instruction runs reach ``threshold`` eval success with every colour at least
+    ``colour_floor`` (issue 30's bar for the headline)."""
+    runs = [r for r in results if r["variant"].startswith("instruction")]
+    ok = [
+        r
+        for r in runs
+        if r["eval"]["success_rate"] >= threshold
+        and all(v >= colour_floor for v in (r["eval"].get("success_by_target") or {}).values())
+    ]
+    return (
+        f"instruction runs with eval success >= {threshold} and every colour >= {colour_floor}: "
+        f"{len(ok)} of {len(runs)}"
+    )
 
 
 if __name__ == "__main__":
