@@ -374,3 +374,30 @@ def test_latent_planning_returns_an_action_in_bounds(state_wm):
     for name in ("cem", "mppi"):
         out = plan(name, objective, 2, -1.0, 1.0, cfg, warm_start=warm)
         assert out.shape == (4, 2) and out.abs().max() <= 1.0
+
+
+def test_image_scale_weights_only_the_image_term_of_the_loss():
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    batch = scene_batch(B=2, T=3)
+    totals = {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        wm = WorldModel(vla, WorldModelConfig(**TINY, image_scale=scale))
+        loss, metrics, _ = wm.loss(batch, generator=torch.Generator().manual_seed(1))
+        totals[scale] = (loss.item(), metrics)
+    (l1, m1), (lq, mq) = totals[1.0], totals[0.25]
+    assert m1["image_mse"] == pytest.approx(mq["image_mse"])  # same model, same error
+    assert m1["state_mse"] == pytest.approx(mq["state_mse"])
+    # the image term is the summed error: 16 x 16 pixels x 3 channels x the mean squared error
+    image_term = 16 * 16 * 3 * m1["image_mse"]
+    assert l1 - lq == pytest.approx(0.75 * image_term, rel=1e-4)
+    for bad in (0, -1.0, "1"):
+        with pytest.raises(
+            ConfigError, match=f"world_model.image_scale: expected a number > 0, got {bad!r}"
+        ):
+            WorldModelConfig(image_scale=bad)

@@ -47,6 +47,10 @@ class WorldModelConfig:
     # decoder, which reproduces the background alone. It assumes a background shared by the
     # batch's episodes (a fixed scene); 1 = DreamerV3's plain summed MSE.
     image_fg_weight: float = 1.0
+    # weight of the image term in the world-model loss (1 = DreamerV3); the image error sums
+    # over pixels and is ~100x the state's, so with a direct pixel path (image_encoder=
+    # "trunk+cnn") it takes the gradient the state needs: a smaller value gives the state back
+    image_scale: float = 1.0
     # "trunk" or "trunk+cnn" (IMAGE_ENCODERS) and the CNN's channels in its first layer
     # (doubling per layer, as DreamerV3's encoder)
     image_encoder: str = "trunk"
@@ -84,6 +88,10 @@ class WorldModelConfig:
         if not self.image_fg_weight >= 1.0:
             raise ConfigError(
                 f"world_model.image_fg_weight: expected a number >= 1, got {self.image_fg_weight!r}"
+            )
+        if not (isinstance(self.image_scale, (int, float)) and self.image_scale > 0):
+            raise ConfigError(
+                f"world_model.image_scale: expected a number > 0, got {self.image_scale!r}"
             )
         if self.num_buckets < 2:
             raise ConfigError(f"world_model.num_buckets: expected >= 2, got {self.num_buckets}")

@@ -270,7 +270,7 @@ class WorldModel(nn.Module):
                 )
                 for part in ("mse", "fg_mse", "bg_mse", "fg_fraction"):
                     metrics[f"image_{part}"] = mean(img[part]).item()
-                total = total + mean(img["loss"])
+                total = total + self.config.image_scale * mean(img["loss"])
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
