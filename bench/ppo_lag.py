@@ -14,7 +14,9 @@ Variants: ``--lag-set KEY=VALUE`` sets the ppo_lag arm only (``training.cost_cri
 separate cost critic), ``--lag-rules`` the rules it trains with, ``--lag-tag`` / ``--ppo-tag``
 name the arms' directories (variants from the same starts side by side), ``--arms`` the arms
 to run, ``--also-eval RULES`` more rules every stage is evaluated with, ``--start-only`` the
-start only.
+start only, ``--start-from DIR`` an existing run as the start (``{seed}`` in DIR replaced by the
+seed; it is not trained, and its ``stage.json`` evaluation is reused when it has
+``--eval-episodes`` episodes).
 
 ``--start-steps 0``: no start; both arms train from scratch for ``--finetune-steps`` (the same
 env-step budget each). Other tasks: ``--ppo-preset`` / ``--lag-preset`` / ``--rules``; the driving
@@ -92,6 +94,54 @@ def read_curve(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def resolve_start(pattern: str, seed: int) -> Path:
+    """The ``--start-from`` run directory for ``seed`` (``{seed}`` in ``pattern`` replaced by it);
+    raises ``FileNotFoundError`` naming the flag and the path when the directory or its
+    ``checkpoints/last/vla`` weights are missing."""
+    run_dir = Path(pattern.replace("{seed}", str(seed)))
+    weights = run_dir / "checkpoints" / "last" / "vla"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"--start-from: expected a run directory for seed {seed}, got {str(run_dir)!r} "
+            "(no such directory)"
+        )
+    if not weights.is_dir():
+        raise FileNotFoundError(
+            f"--start-from: expected the run's last checkpoint at {str(weights)!r} "
+            f"(seed {seed}), got none (run {str(run_dir)!r})"
+        )
+    return run_dir
+
+
+def start_from_record(
+    run_dir: Path, rules: str, episodes: int, also_eval: list[str] = ()
+) -> dict[str, Any]:
+    """The record of an existing start run: its ``stage.json`` record when that was evaluated
+    over ``episodes`` episodes, else a new evaluation of its last checkpoint (nothing is written
+    into ``run_dir``)."""
+    done = run_dir / "stage.json"
+    record: dict[str, Any] = {}
+    if done.exists():
+        stage = json.loads(done.read_text())
+        if stage.get("settings", {}).get("eval_episodes") == episodes and "eval" in stage.get(
+            "record", {}
+        ):
+            record = copy.deepcopy(stage["record"])
+    if not record:
+        record = {
+            "curve": read_curve(run_dir) if (run_dir / "metrics.jsonl").exists() else [],
+            "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
+        }
+    extra = record.setdefault("also_eval", {})
+    for other in also_eval:
+        if other not in extra:
+            extra[other] = evaluate_checkpoint(run_dir / "checkpoints" / "last", other, episodes)
+    if not extra:
+        record.pop("also_eval")
+    record["from"] = str(run_dir)
+    return record
+
+
 def _stage(
     run_dir: Path,
     settings: dict[str, Any],
@@ -150,7 +200,14 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     }
     start_dir = workdir / f"start{seed}"
     record: dict[str, Any] = {"seed": seed}
-    if args.start_steps == 0:  # both arms from scratch
+    if args.start_from:  # an existing run, not trained here
+        start_dir = resolve_start(args.start_from, seed)
+        start_settings = {"from": str(start_dir)}
+        record["start"] = start_from_record(
+            start_dir, args.rules, args.eval_episodes, args.also_eval
+        )
+        print(f"seed {seed}: start {start_dir} {record['start']['eval']}", flush=True)
+    elif args.start_steps == 0:  # both arms from scratch
         start_settings = {"from_scratch": True}
     else:
         record["start"] = _stage(
@@ -166,7 +223,7 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         return record
     weights = (
         {"model": {"pretrained_path": str(start_dir / "checkpoints" / "last" / "vla")}}
-        if args.start_steps
+        if args.start_steps or args.start_from
         else {}
     )
     lag = {
@@ -307,6 +364,15 @@ def main() -> None:
         "model.head_config.squash=true)",
     )
     p.add_argument(
+        "--start-from",
+        default=None,
+        metavar="DIR",
+        help="fine-tune from an existing run (a directory with checkpoints/last/vla, e.g. an "
+        "earlier start or a --start-steps 0 arm) instead of training the start; {seed} in DIR "
+        "is replaced by the seed (e.g. runs/ppo_lag/start{seed}); --start-steps / --start-set "
+        "are not used",
+    )
+    p.add_argument(
         "--start-only",
         action="store_true",
         help="train and evaluate the start only (the arms can run later from it)",
@@ -320,6 +386,15 @@ def main() -> None:
         p.error(
             f"--start-steps: expected > 0 with --start-only, >= 0 otherwise, got {args.start_steps}"
         )
+
+    if args.start_from:
+        if args.start_only:
+            p.error(f"--start-from: expected no --start-only with it, got {args.start_from!r}")
+        for seed in args.seeds:  # every seed's start checked before anything trains
+            try:
+                resolve_start(args.start_from, seed)
+            except FileNotFoundError as e:
+                p.error(str(e))
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
