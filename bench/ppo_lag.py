@@ -113,6 +113,19 @@ def resolve_start(pattern: str, seed: int) -> Path:
     return run_dir
 
 
+def add_also_eval(
+    record: dict[str, Any], run_dir: Path, also_eval: list[str], episodes: int
+) -> None:
+    """Evaluate ``run_dir``'s last checkpoint with each rules file of ``also_eval`` that
+    ``record["also_eval"]`` lacks (no such key when there are none)."""
+    extra = record.setdefault("also_eval", {})
+    for other in also_eval:
+        if other not in extra:
+            extra[other] = evaluate_checkpoint(run_dir / "checkpoints" / "last", other, episodes)
+    if not extra:
+        record.pop("also_eval")
+
+
 def start_from_record(
     run_dir: Path, rules: str, episodes: int, also_eval: list[str] = ()
 ) -> dict[str, Any]:
@@ -132,12 +145,7 @@ def start_from_record(
             "curve": read_curve(run_dir) if (run_dir / "metrics.jsonl").exists() else [],
             "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
         }
-    extra = record.setdefault("also_eval", {})
-    for other in also_eval:
-        if other not in extra:
-            extra[other] = evaluate_checkpoint(run_dir / "checkpoints" / "last", other, episodes)
-    if not extra:
-        record.pop("also_eval")
+    add_also_eval(record, run_dir, also_eval, episodes)
     record["from"] = str(run_dir)
     return record
 
@@ -167,12 +175,7 @@ def _stage(
             "curve": read_curve(run_dir),
             "eval": evaluate_checkpoint(run_dir / "checkpoints" / "last", rules, episodes),
         }
-    extra = record.setdefault("also_eval", {})
-    for other in also_eval:
-        if other not in extra:
-            extra[other] = evaluate_checkpoint(run_dir / "checkpoints" / "last", other, episodes)
-    if not extra:
-        record.pop("also_eval")
+    add_also_eval(record, run_dir, also_eval, episodes)
     done.write_text(json.dumps({"settings": settings, "record": record}, indent=2))
     return record
 
