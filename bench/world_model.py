@@ -275,6 +275,20 @@ def offline_update(wm, opt, replay, B: int, T: int, rng: Any) -> dict[str, float
     return metrics
 
 
+def model_with_settings(model: dict[str, Any], settings: list[str] | None) -> dict[str, Any]:
+    """A copy of a preset's ``model`` dict with ``--set`` style ``model.KEY=VALUE`` settings
+    merged in (the preset's dict is not changed); ValueError naming any other section."""
+    import copy
+
+    from vla_ray.train import _merge, parse_overrides
+
+    overrides = parse_overrides(settings or [])
+    unknown = sorted(set(overrides) - {"model"})
+    if unknown:
+        raise ValueError(f"--set: only model.* settings apply here, got sections {unknown}")
+    return _merge(copy.deepcopy(model), overrides.get("model", {}))
+
+
 def probe(
     fg_weight: float,
     updates: int,
@@ -298,7 +312,6 @@ def probe(
 
     import vla_ray.envs  # noqa: F401
     from vla_ray.presets import PRESETS
-    from vla_ray.train import _merge, parse_overrides
     from vla_ray.world_model.model import image_target
     from vla_ray.world_model.replay import SequenceReplay
     from vla_ray.world_model.rl_module import WorldModelModule
@@ -307,11 +320,7 @@ def probe(
     size = preset.env_config["image_size"]
     torch.manual_seed(seed)
     env = gym.make(preset.env, **preset.env_config)
-    overrides = parse_overrides(settings or [])
-    unknown = sorted(set(overrides) - {"model"})
-    if unknown:
-        raise ValueError(f"probe --set: only model.* settings apply, got sections {unknown}")
-    model = _merge(dict(preset.model), overrides.get("model", {}))
+    model = model_with_settings(preset.model, settings)
     model["world_model"] = {**model["world_model"], "image_fg_weight": fg_weight}
     if checkpoint is None:
         module = WorldModelModule(

@@ -36,7 +36,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_model import _episode_batch, _ridge_r2, collect, offline_update  # noqa: E402
+from world_model import (  # noqa: E402
+    _episode_batch,
+    _ridge_r2,
+    collect,
+    model_with_settings,
+    offline_update,
+)
 
 
 def dataset(out: Path, size: int, train: int, test: int, seed: int) -> dict[str, list]:
@@ -120,13 +126,12 @@ def main() -> None:
 
         import vla_ray.envs  # noqa: F401
         from vla_ray.presets import PRESETS
-        from vla_ray.train import _merge, parse_overrides
         from vla_ray.world_model.replay import SequenceReplay
         from vla_ray.world_model.rl_module import WorldModelModule
 
         preset = PRESETS["langreach-dreamer"]
         env = gym.make(preset.env, **{**preset.env_config, "image_size": args.size})
-        model = _merge(dict(preset.model), parse_overrides(args.set).get("model", {}))
+        model = model_with_settings(preset.model, args.set)
         module = WorldModelModule(
             observation_space=env.observation_space,
             action_space=env.action_space,
