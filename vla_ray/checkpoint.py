@@ -35,6 +35,7 @@ __all__ = [
     "MODULE_SUBDIR",
     "VLA_DIR",
     "ResumeError",
+    "copy_checkpoint",
     "export_vla",
     "kept_name",
     "prepare_run_dir",
@@ -107,6 +108,18 @@ def save_checkpoint(algo, spec: RunSpec, target: Path, info: dict[str, Any]) -> 
     tmp = temp_path(target)
     try:
         write_checkpoint(algo, spec, tmp, info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, target)
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """Copy the finished checkpoint ``source`` to ``target``, replacing it atomically: a
+    checkpoint of the same iteration as one just written is copied, not serialised again."""
+    tmp = temp_path(target)
+    try:
+        shutil.copytree(source, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

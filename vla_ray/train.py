@@ -22,6 +22,7 @@ from vla_ray.checkpoint import (  # noqa: F401  (re-exported)
     META_NAME,
     MODULE_SUBDIR,
     ResumeError,
+    copy_checkpoint,
     export_vla,
     kept_name,
     prepare_run_dir,
@@ -359,14 +360,19 @@ def train(
                 or (stop_seconds is not None and now - t0 >= stop_seconds)
             )
             info = dict(iteration=it, env_steps=steps, time_s=row["time_s"], metric=metric)
+            saved = None  # this iteration's checkpoint, once written: the others copy it
             if value is not None and value > best_value:
                 best_value = value
-                save_checkpoint(algo, spec, ckpt_dir / BEST, {**info, "best_value": best_value})
+                meta = {**info, "best_value": best_value}
+                saved = save_checkpoint(algo, spec, ckpt_dir / BEST, meta)
             if done or it % int(spec.settings["checkpoint_every"]) == 0:
-                save_checkpoint(algo, spec, ckpt_dir / LAST, {**info, "best_value": best_value})
+                if saved is None:
+                    meta = {**info, "best_value": best_value}
+                    saved = save_checkpoint(algo, spec, ckpt_dir / LAST, meta)
+                else:
+                    copy_checkpoint(saved, ckpt_dir / LAST)
                 if spec.settings["keep_checkpoints"]:
-                    kept = ckpt_dir / kept_name(it)
-                    save_checkpoint(algo, spec, kept, {**info, "best_value": best_value})
+                    copy_checkpoint(saved, ckpt_dir / kept_name(it))
             if done:
                 break
         summary = dict(row, output=str(out), last_checkpoint=str(ckpt_dir / LAST))
