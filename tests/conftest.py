@@ -4,6 +4,7 @@ sample observations."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 # One torch thread in the test process and the subprocesses it starts (Ray's workers get one
@@ -96,23 +97,44 @@ def tiny_vla(langreach_spaces):
     return vla
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory ``name`` that ``build(path)`` writes, built once per test run: the
+    pytest-xdist workers share it (the first to ask builds it under a file lock, the others wait
+    and reuse it). Only for outputs that do not depend on the worker (seeded builds)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, above the workers' own
+    out = root / name
+    with FileLock(f"{out}.lock"):
+        if not out.exists():
+            tmp = root / f".{name}.tmp-{os.getpid()}"
+            build(tmp)
+            os.replace(tmp, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_vla_dir(tiny_vla, tmp_path_factory):
-    """``tiny_vla`` as a save_pretrained directory."""
-    return tiny_vla.save_pretrained(tmp_path_factory.mktemp("tiny") / "vla")
+    """``tiny_vla`` as a save_pretrained directory (one per test run)."""
+    return built_once(tmp_path_factory, "tiny_vla", tiny_vla.save_pretrained)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_vla_dir, tmp_path_factory):
-    """``tiny_vla`` exported to every format (openvino when the package is installed)."""
+    """``tiny_vla`` exported to every format (openvino when the package is installed), once per
+    test run."""
     import importlib.util
 
     from vla_ray.export import EXPORT_FORMATS, export
 
     formats = [f for f in EXPORT_FORMATS if f != "openvino" or importlib.util.find_spec("openvino")]
-    out = tmp_path_factory.mktemp("export") / "export"
-    export(tiny_vla_dir, formats, out, progress=None)
-    return out
+    return built_once(
+        tmp_path_factory,
+        "tiny_export",
+        lambda out: export(tiny_vla_dir, formats, out, progress=None),
+    )
 
 
 # one-target LangReach: no colour to ground, small images, short episodes (the PPO learning tests)
@@ -121,7 +143,9 @@ EASY_LANGREACH = {"num_targets": 1, "image_size": 32, "max_episode_steps": 20}
 
 def ppo_one_target_returns(preset: str, run_dir, iters: int) -> tuple[float, float]:
     """Mean eval return (32 episodes) of ``preset``'s PPO on one-target LangReach after one
-    iteration (close to the initial policy) and after ``iters``; 2 EnvRunners x 4 envs."""
+    iteration (close to the initial policy) and after ``iters``, of one run (its kept
+    iteration-1 checkpoint and its last); 2 EnvRunners x 4 envs."""
+    from vla_ray.checkpoint import CHECKPOINTS_DIR, LAST, kept_name
     from vla_ray.evaluate import evaluate, load_policy
     from vla_ray.train import resolve, train
 
@@ -132,21 +156,19 @@ def ppo_one_target_returns(preset: str, run_dir, iters: int) -> tuple[float, flo
             "training": {"train_batch_size_per_learner": 1024, "minibatch_size": 256},
             "env_runners": {"num_envs_per_env_runner": 4},
             "checkpoint_every": 1,
+            "keep_checkpoints": True,
         },
         num_env_runners=2,
     )
-    last = run_dir / "checkpoints" / "last"
 
-    def score() -> float:
-        policy = load_policy(last)
+    def score(name: str) -> float:
+        policy = load_policy(run_dir / CHECKPOINTS_DIR / name)
         return evaluate(policy, env_config=EASY_LANGREACH, episodes=32, progress=False)[
             "mean_return"
         ]
 
-    train(spec, run_dir, stop_iters=1, progress=False)
-    before = score()
-    train(spec, run_dir, stop_iters=iters, resume=True, progress=False)
-    return before, score()
+    train(spec, run_dir, stop_iters=iters, progress=False)
+    return score(kept_name(1)), score(LAST)
 
 
 def live_stream_threads() -> set:
