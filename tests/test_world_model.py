@@ -235,6 +235,48 @@ def test_cnn_image_encoder_gives_the_posterior_a_direct_pixel_path():
         )
 
 
+def test_cnn_embed_dim_projects_and_normalises_the_cnn_features():
+    torch.manual_seed(0)
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    batch = scene_batch(B=2, T=3)
+    flat = WorldModel(vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4))
+    assert flat.cnn_proj is None  # the default: the CNN's 8 x 4 x 4 flat features as they are
+    assert flat.encode(batch["obs"]).shape == (2, 3, flat.trunk.feature_dim + 128)
+    wm = WorldModel(
+        vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4, cnn_embed_dim=5)
+    )
+    D = wm.trunk.feature_dim
+    embed = wm.encode(batch["obs"])
+    assert embed.shape == (2, 3, D + 5)
+    assert wm.rssm.post_mlp._net[0].in_features == 32 + D + 5  # deter + embed
+    # the projected CNN features are layer-normed: zero mean, unit variance per step
+    cnn = embed[..., D:]
+    assert cnn.mean(-1).abs().max() < 1e-4
+    assert cnn.var(-1, unbiased=False).sub(1).abs().max() < 1e-2
+    # the loss's gradient reaches the CNN through the projection
+    loss, _, _ = wm.loss(batch)
+    loss.backward()
+    assert wm.image_encoder.net[0].weight.grad.abs().sum() > 0
+    assert wm.cnn_proj[0].weight.grad.abs().sum() > 0
+    for bad in (-1, 2.5, "8"):
+        with pytest.raises(
+            ConfigError,
+            match=f"world_model.cnn_embed_dim: expected an integer >= 0, got {bad!r}",
+        ):
+            WorldModelConfig(image_encoder="trunk+cnn", cnn_embed_dim=bad)
+    with pytest.raises(
+        ConfigError,
+        match="world_model.cnn_embed_dim: projects the CNN's features, expected 0 with "
+        "image_encoder='trunk' \\(or image_encoder='trunk\\+cnn'\\), got 8",
+    ):
+        WorldModelConfig(cnn_embed_dim=8)
+
+
 def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
     batch = scene_batch(B=2, T=4)

@@ -55,6 +55,10 @@ class WorldModelConfig:
     # (doubling per layer, as DreamerV3's encoder)
     image_encoder: str = "trunk"
     cnn_depth: int = 16
+    # with "trunk+cnn": 0 = the CNN's flat features (64 * cnn_depth values at 32x32: 1,024) go
+    # to the posterior as they are; N >= 1 = a linear projection to N features and a
+    # LayerNorm first, so that they do not outnumber the trunk's (the agent's state among them)
+    cnn_embed_dim: int = 0
     # loss weight of the self-predictive latent loss (objective="latent")
     latent_scale: float = 1.0
     predict_reward: bool = True
@@ -85,6 +89,17 @@ class WorldModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"world_model.{name}: expected an integer >= 1, got {value!r}")
+        dim = self.cnn_embed_dim
+        if isinstance(dim, bool) or not (isinstance(dim, int) and dim >= 0):
+            raise ConfigError(
+                f"world_model.cnn_embed_dim: expected an integer >= 0, got {self.cnn_embed_dim!r}"
+            )
+        if self.cnn_embed_dim and self.image_encoder != "trunk+cnn":
+            raise ConfigError(
+                f"world_model.cnn_embed_dim: projects the CNN's features, expected 0 with "
+                f"image_encoder={self.image_encoder!r} (or image_encoder='trunk+cnn'), "
+                f"got {self.cnn_embed_dim!r}"
+            )
         if not self.image_fg_weight >= 1.0:
             raise ConfigError(
                 f"world_model.image_fg_weight: expected a number >= 1, got {self.image_fg_weight!r}"
