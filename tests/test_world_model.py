@@ -443,3 +443,30 @@ def test_image_scale_weights_only_the_image_term_of_the_loss():
             ConfigError, match=f"world_model.image_scale: expected a number > 0, got {bad!r}"
         ):
             WorldModelConfig(image_scale=bad)
+
+
+def test_state_scale_weights_only_the_state_term_of_the_loss():
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    batch = scene_batch(B=2, T=3)
+    totals = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        wm = WorldModel(vla, WorldModelConfig(**TINY, state_scale=scale))
+        loss, metrics, _ = wm.loss(batch, generator=torch.Generator().manual_seed(1))
+        totals[scale] = (loss.item(), metrics)
+    (l1, m1), (l10, m10) = totals[1.0], totals[10.0]
+    assert m1["state_mse"] == pytest.approx(m10["state_mse"])  # same model, same error
+    assert m1["image_mse"] == pytest.approx(m10["image_mse"])
+    # the state term sums the symlog error over the state's 2 dimensions
+    state_term = 2 * m1["state_mse"]
+    assert l10 - l1 == pytest.approx(9 * state_term, rel=1e-4)
+    for bad in (0, -1.0, "1", True):
+        with pytest.raises(
+            ConfigError, match=f"world_model.state_scale: expected a number > 0, got {bad!r}"
+        ):
+            WorldModelConfig(state_scale=bad)

@@ -51,6 +51,10 @@ class WorldModelConfig:
     # over pixels and is ~100x the state's, so with a direct pixel path (image_encoder=
     # "trunk+cnn") it takes the gradient the state needs: a smaller value gives the state back
     image_scale: float = 1.0
+    # weight of the state term (1 = DreamerV3). Unlike a smaller image_scale, a larger one keeps
+    # the image's weight relative to the KL (the posterior still pays for the image's detail)
+    # while the state's gradient is no longer ~100x smaller than the image's
+    state_scale: float = 1.0
     # "trunk" or "trunk+cnn" (IMAGE_ENCODERS) and the CNN's channels in its first layer
     # (doubling per layer, as DreamerV3's encoder)
     image_encoder: str = "trunk"
@@ -104,10 +108,10 @@ class WorldModelConfig:
             raise ConfigError(
                 f"world_model.image_fg_weight: expected a number >= 1, got {self.image_fg_weight!r}"
             )
-        if not (isinstance(self.image_scale, (int, float)) and self.image_scale > 0):
-            raise ConfigError(
-                f"world_model.image_scale: expected a number > 0, got {self.image_scale!r}"
-            )
+        for name in ("image_scale", "state_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"world_model.{name}: expected a number > 0, got {value!r}")
         if self.num_buckets < 2:
             raise ConfigError(f"world_model.num_buckets: expected >= 2, got {self.num_buckets}")
         if not 0.0 <= self.unimix < 1.0:

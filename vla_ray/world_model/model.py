@@ -285,7 +285,7 @@ class WorldModel(nn.Module):
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
-                total = total + mean(err.sum(-1))
+                total = total + self.config.state_scale * mean(err.sum(-1))
         vision = getattr(self.trunk, "vision", None)
         if getattr(vision, "recon", None) is not None and "image" in obs:
             # the keypoint encoder's own reconstruction loss (vision_config.recon_coeff): a short
