@@ -235,6 +235,48 @@ def test_cnn_image_encoder_gives_the_posterior_a_direct_pixel_path():
         )
 
 
+def test_cnn_embed_dim_projects_and_normalises_the_cnn_features():
+    torch.manual_seed(0)
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    batch = scene_batch(B=2, T=3)
+    flat = WorldModel(vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4))
+    assert flat.cnn_proj is None  # the default: the CNN's 8 x 4 x 4 flat features as they are
+    assert flat.encode(batch["obs"]).shape == (2, 3, flat.trunk.feature_dim + 128)
+    wm = WorldModel(
+        vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4, cnn_embed_dim=5)
+    )
+    D = wm.trunk.feature_dim
+    embed = wm.encode(batch["obs"])
+    assert embed.shape == (2, 3, D + 5)
+    assert wm.rssm.post_mlp._net[0].in_features == 32 + D + 5  # deter + embed
+    # the projected CNN features are layer-normed: zero mean, unit variance per step
+    cnn = embed[..., D:]
+    assert cnn.mean(-1).abs().max() < 1e-4
+    assert cnn.var(-1, unbiased=False).sub(1).abs().max() < 1e-2
+    # the loss's gradient reaches the CNN through the projection
+    loss, _, _ = wm.loss(batch)
+    loss.backward()
+    assert wm.image_encoder.net[0].weight.grad.abs().sum() > 0
+    assert wm.cnn_proj[0].weight.grad.abs().sum() > 0
+    for bad in (-1, 2.5, "8"):
+        with pytest.raises(
+            ConfigError,
+            match=f"world_model.cnn_embed_dim: expected an integer >= 0, got {bad!r}",
+        ):
+            WorldModelConfig(image_encoder="trunk+cnn", cnn_embed_dim=bad)
+    with pytest.raises(
+        ConfigError,
+        match="world_model.cnn_embed_dim: projects the CNN's features, expected 0 with "
+        "image_encoder='trunk' \\(or image_encoder='trunk\\+cnn'\\), got 8",
+    ):
+        WorldModelConfig(cnn_embed_dim=8)
+
+
 def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
     batch = scene_batch(B=2, T=4)
@@ -401,3 +443,30 @@ def test_image_scale_weights_only_the_image_term_of_the_loss():
             ConfigError, match=f"world_model.image_scale: expected a number > 0, got {bad!r}"
         ):
             WorldModelConfig(image_scale=bad)
+
+
+def test_state_scale_weights_only_the_state_term_of_the_loss():
+    vla = VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+    batch = scene_batch(B=2, T=3)
+    totals = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        wm = WorldModel(vla, WorldModelConfig(**TINY, state_scale=scale))
+        loss, metrics, _ = wm.loss(batch, generator=torch.Generator().manual_seed(1))
+        totals[scale] = (loss.item(), metrics)
+    (l1, m1), (l10, m10) = totals[1.0], totals[10.0]
+    assert m1["state_mse"] == pytest.approx(m10["state_mse"])  # same model, same error
+    assert m1["image_mse"] == pytest.approx(m10["image_mse"])
+    # the state term sums the symlog error over the state's 2 dimensions
+    state_term = 2 * m1["state_mse"]
+    assert l10 - l1 == pytest.approx(9 * state_term, rel=1e-4)
+    for bad in (0, -1.0, "1", True):
+        with pytest.raises(
+            ConfigError, match=f"world_model.state_scale: expected a number > 0, got {bad!r}"
+        ):
+            WorldModelConfig(state_scale=bad)

@@ -51,10 +51,18 @@ class WorldModelConfig:
     # over pixels and is ~100x the state's, so with a direct pixel path (image_encoder=
     # "trunk+cnn") it takes the gradient the state needs: a smaller value gives the state back
     image_scale: float = 1.0
+    # weight of the state term (1 = DreamerV3). Unlike a smaller image_scale, a larger one keeps
+    # the image's weight relative to the KL (the posterior still pays for the image's detail)
+    # while the state's gradient is no longer ~100x smaller than the image's
+    state_scale: float = 1.0
     # "trunk" or "trunk+cnn" (IMAGE_ENCODERS) and the CNN's channels in its first layer
     # (doubling per layer, as DreamerV3's encoder)
     image_encoder: str = "trunk"
     cnn_depth: int = 16
+    # with "trunk+cnn": 0 = the CNN's flat features (64 * cnn_depth values at 32x32: 1,024) go
+    # to the posterior as they are; N >= 1 = a linear projection to N features and a
+    # LayerNorm first, so that they do not outnumber the trunk's (the agent's state among them)
+    cnn_embed_dim: int = 0
     # loss weight of the self-predictive latent loss (objective="latent")
     latent_scale: float = 1.0
     predict_reward: bool = True
@@ -85,14 +93,25 @@ class WorldModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"world_model.{name}: expected an integer >= 1, got {value!r}")
+        dim = self.cnn_embed_dim
+        if isinstance(dim, bool) or not (isinstance(dim, int) and dim >= 0):
+            raise ConfigError(
+                f"world_model.cnn_embed_dim: expected an integer >= 0, got {self.cnn_embed_dim!r}"
+            )
+        if self.cnn_embed_dim and self.image_encoder != "trunk+cnn":
+            raise ConfigError(
+                f"world_model.cnn_embed_dim: projects the CNN's features, expected 0 with "
+                f"image_encoder={self.image_encoder!r} (or image_encoder='trunk+cnn'), "
+                f"got {self.cnn_embed_dim!r}"
+            )
         if not self.image_fg_weight >= 1.0:
             raise ConfigError(
                 f"world_model.image_fg_weight: expected a number >= 1, got {self.image_fg_weight!r}"
             )
-        if not (isinstance(self.image_scale, (int, float)) and self.image_scale > 0):
-            raise ConfigError(
-                f"world_model.image_scale: expected a number > 0, got {self.image_scale!r}"
-            )
+        for name in ("image_scale", "state_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"world_model.{name}: expected a number > 0, got {value!r}")
         if self.num_buckets < 2:
             raise ConfigError(f"world_model.num_buckets: expected >= 2, got {self.num_buckets}")
         if not 0.0 <= self.unimix < 1.0:

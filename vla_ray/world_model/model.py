@@ -127,6 +127,7 @@ class WorldModel(nn.Module):
         self.obs_shapes = expected_obs_shapes(vla_config)
         embed_dim = int(trunk.feature_dim)
         self.image_encoder: ImageEncoder | None = None
+        self.cnn_proj: nn.Module | None = None  # world_model.cnn_embed_dim >= 1
         if config.image_encoder == "trunk+cnn":
             if "image" not in self.obs_shapes:
                 raise ConfigError(
@@ -134,7 +135,13 @@ class WorldModel(nn.Module):
                     f"this model has {sorted(self.obs_shapes)}; use image_encoder='trunk'"
                 )
             self.image_encoder = ImageEncoder(vla_config.image_size, config.cnn_depth)
-            embed_dim += self.image_encoder.out_dim
+            cnn_dim = self.image_encoder.out_dim
+            if config.cnn_embed_dim:
+                self.cnn_proj = nn.Sequential(
+                    nn.Linear(cnn_dim, config.cnn_embed_dim), nn.LayerNorm(config.cnn_embed_dim)
+                )
+                cnn_dim = config.cnn_embed_dim
+            embed_dim += cnn_dim
         A = vla_config.action_dim * vla_config.chunk_size
         self.action_dim = A
         self.rssm = RSSM(
@@ -211,13 +218,17 @@ class WorldModel(nn.Module):
 
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Trunk features of (B, T, ...) observations (and, with ``image_encoder='trunk+cnn'``,
-        the CNN's image features after them) -> (B, T, E)."""
+        the CNN's image features after them, projected to ``cnn_embed_dim`` if set) ->
+        (B, T, E)."""
         B, T = obs["instruction"].shape[:2]
         flat = {k: v.reshape(B * T, *v.shape[2:]) for k, v in obs.items() if k in self.obs_shapes}
         embed = run_trunk(self.trunk, self.vla_config, flat).reshape(B, T, -1)
         if self.image_encoder is None:
             return embed
-        return torch.cat([embed, self.image_encoder(obs["image"])], dim=-1)
+        cnn = self.image_encoder(obs["image"])
+        if self.cnn_proj is not None:
+            cnn = self.cnn_proj(cnn)
+        return torch.cat([embed, cnn], dim=-1)
 
     # ---- heads ----------------------------------------------------------------------------
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -274,7 +285,7 @@ class WorldModel(nn.Module):
             else:
                 err = (pred - symlog(obs[key].float())) ** 2
                 metrics[f"{key}_mse"] = mean(err.mean(-1)).item()
-                total = total + mean(err.sum(-1))
+                total = total + self.config.state_scale * mean(err.sum(-1))
         vision = getattr(self.trunk, "vision", None)
         if getattr(vision, "recon", None) is not None and "image" in obs:
             # the keypoint encoder's own reconstruction loss (vision_config.recon_coeff): a short
