@@ -418,7 +418,16 @@ def test_latent_planning_returns_an_action_in_bounds(state_wm):
         assert out.shape == (4, 2) and out.abs().max() <= 1.0
 
 
-def test_image_scale_weights_only_the_image_term_of_the_loss():
+# each loss weight, a value other than 1, its term's metric and the term per unit of that metric:
+# the image term sums the error over 16 x 16 pixels x 3 channels, the state term over its 2 values
+LOSS_WEIGHTS = [
+    ("image_scale", 0.25, "image_mse", 16 * 16 * 3, "state_mse"),
+    ("state_scale", 10.0, "state_mse", 2, "image_mse"),
+]
+
+
+@pytest.mark.parametrize(("name", "scale", "metric", "size", "other"), LOSS_WEIGHTS)
+def test_a_loss_weight_scales_only_its_own_term(name, scale, metric, size, other):
     vla = VLAConfig(
         image_size=(16, 16),
         state_dim=2,
@@ -427,46 +436,17 @@ def test_image_scale_weights_only_the_image_term_of_the_loss():
     )
     batch = scene_batch(B=2, T=3)
     totals = {}
-    for scale in (1.0, 0.25):
+    for value in (1.0, scale):
         torch.manual_seed(0)
-        wm = WorldModel(vla, WorldModelConfig(**TINY, image_scale=scale))
+        wm = WorldModel(vla, WorldModelConfig(**TINY, **{name: value}))
         loss, metrics, _ = wm.loss(batch, generator=torch.Generator().manual_seed(1))
-        totals[scale] = (loss.item(), metrics)
-    (l1, m1), (lq, mq) = totals[1.0], totals[0.25]
-    assert m1["image_mse"] == pytest.approx(mq["image_mse"])  # same model, same error
-    assert m1["state_mse"] == pytest.approx(mq["state_mse"])
-    # the image term is the summed error: 16 x 16 pixels x 3 channels x the mean squared error
-    image_term = 16 * 16 * 3 * m1["image_mse"]
-    assert l1 - lq == pytest.approx(0.75 * image_term, rel=1e-4)
-    for bad in (0, -1.0, "1"):
-        with pytest.raises(
-            ConfigError, match=f"world_model.image_scale: expected a number > 0, got {bad!r}"
-        ):
-            WorldModelConfig(image_scale=bad)
-
-
-def test_state_scale_weights_only_the_state_term_of_the_loss():
-    vla = VLAConfig(
-        image_size=(16, 16),
-        state_dim=2,
-        instruction_max_length=8,
-        llm_config=dict(num_hidden_layers=1),
-    )
-    batch = scene_batch(B=2, T=3)
-    totals = {}
-    for scale in (1.0, 10.0):
-        torch.manual_seed(0)
-        wm = WorldModel(vla, WorldModelConfig(**TINY, state_scale=scale))
-        loss, metrics, _ = wm.loss(batch, generator=torch.Generator().manual_seed(1))
-        totals[scale] = (loss.item(), metrics)
-    (l1, m1), (l10, m10) = totals[1.0], totals[10.0]
-    assert m1["state_mse"] == pytest.approx(m10["state_mse"])  # same model, same error
-    assert m1["image_mse"] == pytest.approx(m10["image_mse"])
-    # the state term sums the symlog error over the state's 2 dimensions
-    state_term = 2 * m1["state_mse"]
-    assert l10 - l1 == pytest.approx(9 * state_term, rel=1e-4)
+        totals[value] = (loss.item(), metrics)
+    (l1, m1), (ls, ms) = totals[1.0], totals[scale]
+    assert m1[metric] == pytest.approx(ms[metric])  # same model, same error
+    assert m1[other] == pytest.approx(ms[other])
+    assert ls - l1 == pytest.approx((scale - 1) * size * m1[metric], rel=1e-4)
     for bad in (0, -1.0, "1", True):
         with pytest.raises(
-            ConfigError, match=f"world_model.state_scale: expected a number > 0, got {bad!r}"
+            ConfigError, match=f"world_model.{name}: expected a number > 0, got {bad!r}"
         ):
-            WorldModelConfig(state_scale=bad)
+            WorldModelConfig(**{name: bad})
