@@ -369,16 +369,20 @@ def train(
                 or (stop_timesteps is not None and steps >= stop_timesteps)
                 or (stop_seconds is not None and now - t0 >= stop_seconds)
             )
-            info = dict(iteration=it, env_steps=steps, time_s=row["time_s"], metric=metric)
-            saved = None  # this iteration's checkpoint, once written: the others copy it
-            if value is not None and value > best_value:
-                best_value = value
-                meta = {**info, "best_value": best_value}
-                saved = save_checkpoint(algo, spec, ckpt_dir / BEST, meta)
+            improved = value is not None and value > best_value
+            best_value = value if improved else best_value
+            info = dict(
+                iteration=it,
+                env_steps=steps,
+                time_s=row["time_s"],
+                metric=metric,
+                best_value=best_value,
+            )
+            # this iteration's checkpoint is serialised once; the others are copies of it
+            saved = save_checkpoint(algo, spec, ckpt_dir / BEST, info) if improved else None
             if done or it % int(spec.settings["checkpoint_every"]) == 0:
                 if saved is None:
-                    meta = {**info, "best_value": best_value}
-                    saved = save_checkpoint(algo, spec, ckpt_dir / LAST, meta)
+                    saved = save_checkpoint(algo, spec, ckpt_dir / LAST, info)
                 else:
                     copy_checkpoint(saved, ckpt_dir / LAST)
                 if spec.settings["keep_checkpoints"]:
