@@ -31,6 +31,16 @@ from vla_ray.world_model.planner import PlannerConfig, latent_objective, plan
 TINY = dict(deter=32, stoch=4, classes=4, hidden=32)
 
 
+def small_vla() -> VLAConfig:
+    """A 16 x 16-image VLA with a 2-value state and a one-layer LM."""
+    return VLAConfig(
+        image_size=(16, 16),
+        state_dim=2,
+        instruction_max_length=8,
+        llm_config=dict(num_hidden_layers=1),
+    )
+
+
 def scene_batch(B: int = 4, T: int = 5, S: int = 16, seed: int = 0) -> dict:
     """A moving bright square on a per-sequence background; reward a linear function of the
     square's position (so it is predictable from the latent state)."""
@@ -202,12 +212,7 @@ def test_keypoint_reconstruction_loss_reaches_the_encoder_decoder():
 
 def test_cnn_image_encoder_gives_the_posterior_a_direct_pixel_path():
     torch.manual_seed(0)
-    vla = VLAConfig(
-        image_size=(16, 16),
-        state_dim=2,
-        instruction_max_length=8,
-        llm_config=dict(num_hidden_layers=1),
-    )
+    vla = small_vla()
     wm = WorldModel(vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4))
     assert wm.image_encoder is not None
     # the trunk's features, then the CNN's: 16 -> 8 -> 4 pixels, 4 then 8 channels, flattened
@@ -237,12 +242,7 @@ def test_cnn_image_encoder_gives_the_posterior_a_direct_pixel_path():
 
 def test_cnn_embed_dim_projects_and_normalises_the_cnn_features():
     torch.manual_seed(0)
-    vla = VLAConfig(
-        image_size=(16, 16),
-        state_dim=2,
-        instruction_max_length=8,
-        llm_config=dict(num_hidden_layers=1),
-    )
+    vla = small_vla()
     batch = scene_batch(B=2, T=3)
     flat = WorldModel(vla, WorldModelConfig(**TINY, image_encoder="trunk+cnn", cnn_depth=4))
     assert flat.cnn_proj is None  # the default: the CNN's 8 x 4 x 4 flat features as they are
@@ -281,12 +281,7 @@ def test_world_model_overfits_a_tiny_fixed_dataset():
     torch.manual_seed(0)
     batch = scene_batch(B=2, T=4)
     wm = WorldModel(
-        VLAConfig(
-            image_size=(16, 16),
-            state_dim=2,
-            instruction_max_length=8,
-            llm_config=dict(num_hidden_layers=1),
-        ),
+        small_vla(),
         WorldModelConfig(**TINY),
     )
     g = torch.Generator().manual_seed(0)
@@ -428,12 +423,7 @@ LOSS_WEIGHTS = [
 
 @pytest.mark.parametrize(("name", "scale", "metric", "size", "other"), LOSS_WEIGHTS)
 def test_a_loss_weight_scales_only_its_own_term(name, scale, metric, size, other):
-    vla = VLAConfig(
-        image_size=(16, 16),
-        state_dim=2,
-        instruction_max_length=8,
-        llm_config=dict(num_hidden_layers=1),
-    )
+    vla = small_vla()
     batch = scene_batch(B=2, T=3)
     totals = {}
     for value in (1.0, scale):
