@@ -328,6 +328,53 @@ def test_keypoint_reconstruction_loss_is_relative_error_and_learns():
         CNNEncoder((40, 40), tokens="keypoints", recon_coeff=1.0)
 
 
+def test_reconstruction_loss_reuses_the_training_forwards_cnn_pass():
+    import copy
+
+    from vla_ray.models.vision import CNNEncoder
+
+    torch.manual_seed(0)
+    enc = CNNEncoder((64, 64), tokens="keypoints", recon_coeff=0.5)
+    passes = []
+    enc.net.register_forward_hook(lambda *_: passes.append(1))
+    images = blob_scenes(8, seed=3)
+
+    def step(reuse: bool) -> tuple[float, list[torch.Tensor]]:
+        enc.zero_grad()
+        tokens = enc(images)
+        if not reuse:
+            enc._last_keypoints = None  # what the loss did before: a second CNN pass
+        loss = tokens.square().mean() + enc.reconstruction_loss(images.reshape(-1, 64, 64, 3))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]
+
+    fresh_loss, fresh_grads = step(reuse=False)
+    assert len(passes) == 2
+    passes.clear()
+    loss, grads = step(reuse=True)
+    assert len(passes) == 1  # the reshaped view of the same images: one pass
+    assert loss == pytest.approx(fresh_loss, rel=1e-6)
+    for a, b in zip(grads, fresh_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # other images, images changed in place, eval mode or no grad: a pass of their own
+    for case in ("other", "in_place", "eval", "no_grad"):
+        passes.clear()
+        enc.train(case != "eval")
+        imgs = images.clone()
+        with torch.set_grad_enabled(case != "no_grad"):
+            enc(imgs)
+            if case == "in_place":
+                imgs[:, :8] = 0
+            target = blob_scenes(8, seed=4) if case == "other" else imgs
+            expected = CNNEncoder.reconstruction_loss(copy.deepcopy(enc), target)
+            assert enc.reconstruction_loss(target).item() == pytest.approx(expected.item())
+        assert len(passes) == 3, case  # the forward, the copy's loss and this loss: no reuse
+    enc.train()
+    enc(images)
+    assert enc._last_keypoints is not None
+    assert copy.deepcopy(enc)._last_keypoints is None  # one step's graph is never copied
+
+
 @pytest.mark.parametrize("projector", ["attention", "perceiver"])
 def test_query_projectors_are_instruction_conditioned(projector):
     torch.manual_seed(0)

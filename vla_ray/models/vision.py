@@ -54,6 +54,17 @@ def images_to_float(images: torch.Tensor, family: str) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
+def _same_contents(a: torch.Tensor, key: tuple) -> bool:
+    """Whether ``a`` views the same storage, layout and version as the tensor ``key`` was made
+    from (``key`` holds that tensor, so its storage cannot have been reused meanwhile)."""
+    return key[1:] == _tensor_key(a)[1:] and key[0].data_ptr() == a.data_ptr()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """The tensor itself (kept alive) and its shape, strides, dtype and in-place version."""
+    return (t, tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
 RECON_SIZE = 16  # side of the image the keypoint decoder reconstructs (recon_coeff > 0)
 
 
@@ -141,6 +152,7 @@ class CNNEncoder(nn.Module):
             self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
         self.recon_coeff = float(recon_coeff)
         self.recon: nn.Module | None = None
+        self._last_keypoints: tuple[tuple, torch.Tensor] | None = None
         if self.recon_coeff:
             if h % RECON_SIZE or w % RECON_SIZE:
                 raise ValueError(
@@ -175,13 +187,25 @@ class CNNEncoder(nn.Module):
         attn = flat.softmax(-1)
         return attn, attn @ self.grid_xy, flat.amax(-1, keepdim=True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the kept keypoints belong to one step's autograd graph: never copied or pickled
+        return {**super().__getstate__(), "_last_keypoints": None}
+
     def reconstruction_loss(self, images: torch.Tensor) -> torch.Tensor:
         """``recon_coeff`` x the keypoints' reconstruction error of the (B, H, W, 3) images at
-        16x16, mean image of the batch subtracted, relative to predicting that mean image."""
+        16x16, mean image of the batch subtracted, relative to predicting that mean image.
+
+        The keypoints of a training-mode ``forward`` on these same images (same storage, shape
+        and strides) are reused, so a learner's policy pass and this loss share one CNN pass."""
         if self.recon is None:
             raise ValueError("reconstruction_loss: this encoder has recon_coeff=0 (no decoder)")
-        _, xy, peak = self.spatial_keypoints(self.feature_map(images))
-        pred = self.recon(torch.cat([xy, peak], -1).flatten(1))
+        last, self._last_keypoints = self._last_keypoints, None
+        if last is not None and _same_contents(images, last[0]) and torch.is_grad_enabled():
+            keypoints = last[1]
+        else:
+            _, xy, peak = self.spatial_keypoints(self.feature_map(images))
+            keypoints = torch.cat([xy, peak], -1)
+        pred = self.recon(keypoints.flatten(1))
         x = images_to_float(images, "cnn")
         target = nn.functional.adaptive_avg_pool2d(x, RECON_SIZE).flatten(1)
         target = target - target.mean(0, keepdim=True)
@@ -194,7 +218,11 @@ class CNNEncoder(nn.Module):
         if self.tokens == "patches":
             return x.flatten(2).transpose(1, 2) + self.pos
         _, xy, peak = self.spatial_keypoints(x)
-        return self.kp_proj(torch.cat([xy, peak], -1)) + self.pos
+        keypoints = torch.cat([xy, peak], -1)
+        if self.recon is not None and self.training and torch.is_grad_enabled():
+            # kept for this batch's reconstruction_loss (a learner's next call), in the same graph
+            self._last_keypoints = (_tensor_key(images), keypoints)
+        return self.kp_proj(keypoints) + self.pos
 
 
 class FoldedStemCNN(nn.Module):
