@@ -458,3 +458,45 @@ def test_pusht_bc_preset_uses_the_diffusion_head():
     assert preset.env in gym.registry
     spec = resolve("pusht-bc", data="unused")
     assert spec.settings["model"]["head"] == "diffusion"
+
+
+def test_repeated_blocks_equal_from_arrow_refs_of_the_same_order(ray_session):
+    """The stream built with each distinct block's metadata computed once is the dataset
+    ``ray.data.from_arrow_refs`` makes of the same block order."""
+    import pyarrow as pa
+    import ray
+
+    from vla_ray.data.stream import repeated_blocks
+
+    refs = [ray.put(pa.table({"x": [i, 10 + i], "y": [f"e{i}"] * 2})) for i in range(3)]
+    order = [2, 0, 1, 1, 0, 2, 2]
+    got = repeated_blocks(refs, order)
+    expected = ray.data.from_arrow_refs([refs[i] for i in order])
+    assert got.num_blocks() == expected.num_blocks() == len(order)
+    assert got.count() == expected.count() == 2 * len(order)
+    assert got.schema() == expected.schema()
+    tables = [ray.get(r) for r in got.to_arrow_refs()]
+    assert tables == [ray.get(r) for r in expected.to_arrow_refs()]
+    assert [t["x"][0].as_py() for t in tables] == order
+
+
+def test_dataset_statistics_read_in_the_driver_equal_ray_datas(
+    ray_session, hopper_data, monkeypatch
+):
+    """Small local datasets are read in the driver; the statistics are those of the Ray Data
+    path (``LOCAL_READ_BYTES`` 0 forces it)."""
+    from vla_ray.data import stats
+
+    local = stats.episode_stats(hopper_data)
+    local_actions = stats.dataset_action_statistics(hopper_data)
+    episodes = read_episodes(hopper_data)
+    np.testing.assert_allclose(local["returns"], [float(np.sum(e.get_rewards())) for e in episodes])
+    assert local["lengths"].tolist() == [len(e) for e in episodes]
+    monkeypatch.setattr(stats, "LOCAL_READ_BYTES", 0)
+    remote = stats.episode_stats(hopper_data)
+    np.testing.assert_allclose(sorted(remote["returns"]), sorted(local["returns"]))
+    for key in ("state_mean", "state_std"):
+        np.testing.assert_allclose(remote[key], local[key], rtol=1e-6)
+    remote_actions = stats.dataset_action_statistics(hopper_data)
+    for key in ("mean", "std", "min", "max", "q01", "q99", "count"):
+        np.testing.assert_allclose(remote_actions[key], local_actions[key], rtol=1e-6)

@@ -1,15 +1,42 @@
 """Dataset statistics computed in the data path (``ray.data``): per-episode returns and the
 mean/std of the ``state`` observation. Only the small results reach the driver, never the
-episodes themselves."""
+episodes themselves, except for datasets of at most ``LOCAL_READ_BYTES`` of local files, which
+the driver reads directly (a Ray Data run costs seconds of task start-up)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from vla_ray.data.rllib_format import dataset_files
+
+# local datasets up to this size are read in the driver (pyarrow) instead of by Ray Data tasks
+LOCAL_READ_BYTES = 64 * 2**20
+
+
+def _map_episode_batches(
+    files: list[str], fn: Callable[[dict[str, Any]], dict[str, np.ndarray]], batch_size: int = 16
+) -> Iterator[dict[str, Any]]:
+    """The rows of ``fn`` over batches of the files' ``item`` column (packed episodes), in file
+    order: in the driver for small local datasets, else by ``ray.data``'s ``map_batches``."""
+    if all(os.path.isfile(f) for f in files) and (
+        sum(os.path.getsize(f) for f in files) <= LOCAL_READ_BYTES
+    ):
+        import pyarrow.parquet as pq
+
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["item"]):
+                out = fn({"item": batch.column("item").to_numpy(zero_copy_only=False)})
+                for values in zip(*out.values(), strict=True):
+                    yield dict(zip(out, values, strict=True))
+        return
+    import ray
+
+    ds = ray.data.read_parquet(files, columns=["item"])
+    yield from ds.map_batches(fn, batch_format="numpy", batch_size=batch_size).iter_rows()
 
 
 def _unpack_all(items: Any) -> list[Any]:
@@ -43,11 +70,8 @@ def _episode_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 def episode_stats(path: str | os.PathLike | list[str]) -> dict[str, Any]:
     """Of a dataset directory (or its list of parquet files): ``returns`` (one per episode, file order), ``lengths``, and ``state_mean``/``state_std``
     over all observations (None when the observations have no ``state``)."""
-    import ray
-
     files = list(path) if isinstance(path, (list, tuple)) else dataset_files(path)
-    ds = ray.data.read_parquet(files, columns=["item"])
-    rows = ds.map_batches(_episode_rows, batch_format="numpy", batch_size=16).take_all()
+    rows = list(_map_episode_batches(files, _episode_rows))
     if not rows:
         raise ValueError(f"data: {path} holds no episodes")
     returns = np.asarray([r["return"] for r in rows], np.float64)
@@ -138,9 +162,5 @@ def _episode_actions(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 def dataset_action_statistics(path: str | os.PathLike | list[str]) -> dict[str, list[float]]:
     """:func:`action_statistics` of an RLlib episode dataset, through ``ray.data`` (only each
     episode's actions reach the driver)."""
-    import ray
-
     files = list(path) if isinstance(path, (list, tuple)) else dataset_files(path)
-    ds = ray.data.read_parquet(files, columns=["item"])
-    rows = ds.map_batches(_episode_actions, batch_format="numpy", batch_size=16).iter_rows()
-    return action_statistics(r["actions"] for r in rows)
+    return action_statistics(r["actions"] for r in _map_episode_batches(files, _episode_actions))
