@@ -42,7 +42,8 @@ def bc_and_dagger(tmp_path: Path, seed: int = 0) -> tuple[dict, dict]:
     """BC and DAgger from the same demos; their evaluation results on the same seeds."""
     demos = tmp_path / "demos"
     collect(LANGREACH, "expert", DEMOS, demos, seed=100 * seed, env_config=EASY, progress=False)
-    common = {"seed": seed, "eval_every": 10**6}  # scored below, on the same seeds for both
+    # scored below, on the same seeds for both; only the last checkpoint is used
+    common = {"seed": seed, "eval_every": 10**6, "checkpoint_every": 10**6}
     bc = resolve(
         "langreach-bc",
         {"env_config": EASY, "training": {"train_batch_size_per_learner": BATCH}, **common},
