@@ -160,7 +160,8 @@ def _episode_actions(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def dataset_action_statistics(path: str | os.PathLike | list[str]) -> dict[str, list[float]]:
-    """:func:`action_statistics` of an RLlib episode dataset, through ``ray.data`` (only each
-    episode's actions reach the driver)."""
+    """:func:`action_statistics` of an RLlib episode dataset: read in the driver up to
+    ``LOCAL_READ_BYTES`` of local files, else through ``ray.data`` (only each episode's actions
+    reach the driver)."""
     files = list(path) if isinstance(path, (list, tuple)) else dataset_files(path)
     return action_statistics(r["actions"] for r in _map_episode_batches(files, _episode_actions))
