@@ -54,15 +54,17 @@ def images_to_float(images: torch.Tensor, family: str) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
-def _same_contents(a: torch.Tensor, key: tuple) -> bool:
-    """Whether ``a`` views the same storage, layout and version as the tensor ``key`` was made
-    from (``key`` holds that tensor, so its storage cannot have been reused meanwhile)."""
-    return key[1:] == _tensor_key(a)[1:] and key[0].data_ptr() == a.data_ptr()
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """The tensor itself (kept alive) and its shape, strides, dtype and in-place version."""
-    return (t, tuple(t.shape), t.stride(), t.dtype, t._version)
+def _same_contents(a: torch.Tensor, kept: tuple[torch.Tensor, int]) -> bool:
+    """Whether ``a`` views the storage, layout and in-place version of ``kept`` (a tensor and its
+    ``_version`` then; holding the tensor keeps its storage from being reused meanwhile)."""
+    t, version = kept
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a._version) == (
+        t.data_ptr(),
+        t.shape,
+        t.stride(),
+        t.dtype,
+        version,
+    )
 
 
 RECON_SIZE = 16  # side of the image the keypoint decoder reconstructs (recon_coeff > 0)
@@ -152,7 +154,7 @@ class CNNEncoder(nn.Module):
             self.pos = nn.Parameter(torch.randn(1, in_ch, in_ch) * 0.5)
         self.recon_coeff = float(recon_coeff)
         self.recon: nn.Module | None = None
-        self._last_keypoints: tuple[tuple, torch.Tensor] | None = None
+        self._last_keypoints: tuple[tuple[torch.Tensor, int], torch.Tensor] | None = None
         if self.recon_coeff:
             if h % RECON_SIZE or w % RECON_SIZE:
                 raise ValueError(
@@ -195,8 +197,8 @@ class CNNEncoder(nn.Module):
         """``recon_coeff`` x the keypoints' reconstruction error of the (B, H, W, 3) images at
         16x16, mean image of the batch subtracted, relative to predicting that mean image.
 
-        The keypoints of a training-mode ``forward`` on these same images (same storage, shape
-        and strides) are reused, so a learner's policy pass and this loss share one CNN pass."""
+        The keypoints of a training-mode ``forward`` on these same images (same storage, shape,
+        strides, dtype and in-place version) are reused, so a learner's policy pass and this loss share one CNN pass."""
         if self.recon is None:
             raise ValueError("reconstruction_loss: this encoder has recon_coeff=0 (no decoder)")
         last, self._last_keypoints = self._last_keypoints, None
@@ -221,7 +223,7 @@ class CNNEncoder(nn.Module):
         keypoints = torch.cat([xy, peak], -1)
         if self.recon is not None and self.training and torch.is_grad_enabled():
             # kept for this batch's reconstruction_loss (a learner's next call), in the same graph
-            self._last_keypoints = (_tensor_key(images), keypoints)
+            self._last_keypoints = ((images, images._version), keypoints)
         return self.kp_proj(keypoints) + self.pos
 
 
